@@ -1,0 +1,35 @@
+"""FedTAN for Flower: federated training whose BatchNorm uses the pooled batch of all clients.
+
+Core (no Flower): :func:`convert_batchnorm`, :class:`SyncStep`, :func:`pooled_backward`
+and the aggregation functions. Flower integration: :class:`FedTAN` (strategy) and
+:class:`FedTANClient` (client).
+"""
+
+from .aggregation import (
+    BackwardSums,
+    ForwardStats,
+    PayloadError,
+    SyncPoint,
+    aggregate_arrays,
+    pool_forward_stats,
+    sum_backward_sums,
+)
+from .batchnorm import FedTANBatchNorm, UnsupportedModelError, convert_batchnorm
+from .reference import pooled_backward
+from .step import StepProtocolError, SyncStep
+
+__all__ = [
+    "BackwardSums",
+    "FedTANBatchNorm",
+    "ForwardStats",
+    "PayloadError",
+    "StepProtocolError",
+    "SyncPoint",
+    "SyncStep",
+    "UnsupportedModelError",
+    "aggregate_arrays",
+    "convert_batchnorm",
+    "pool_forward_stats",
+    "pooled_backward",
+    "sum_backward_sums",
+]

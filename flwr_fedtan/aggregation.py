@@ -1,0 +1,269 @@
+"""Server-side arithmetic of FedTAN: pure functions on NumPy arrays, no Flower, no torch.
+
+- :func:`pool_forward_stats`: exact moments of the pooled batch from per-client moments;
+- :func:`sum_backward_sums`: sums of the backward statistics over clients;
+- :func:`aggregate_arrays`: model averaging weighted by examples, with BatchNorm running
+  statistics combined as pooled moments and integer buffers kept integers.
+
+Every function validates what it is given and raises :class:`PayloadError` naming the
+offending client, so that a bad client can be dropped before it reaches the global model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Hashable, Mapping, Sequence
+
+import numpy as np
+
+__all__ = [
+    "PayloadError",
+    "ForwardStats",
+    "BackwardSums",
+    "SyncPoint",
+    "pool_forward_stats",
+    "sum_backward_sums",
+    "aggregate_arrays",
+    "running_stat_keys",
+]
+
+
+class PayloadError(ValueError):
+    """A client's contribution is malformed.
+
+    Attributes
+    ----------
+    client : Hashable
+        The id of the offending client (a Flower node id, or a list index in-process).
+    """
+
+    def __init__(self, client: Hashable, message: str) -> None:
+        super().__init__(f"client {client}: {message}")
+        self.client = client
+
+
+@dataclass(frozen=True)
+class SyncPoint:
+    """Where a synchronised step is: ``index`` counts sync points from 0.
+
+    ``phase`` is ``"forward"`` or ``"backward"``; ``call`` is the index of the BatchNorm
+    call (in forward execution order) the point belongs to; ``channels`` its width.
+    """
+
+    index: int
+    phase: str
+    call: int
+    channels: int
+
+
+@dataclass(frozen=True)
+class ForwardStats:
+    """Per-channel moments of one BatchNorm call's input.
+
+    From a client: ``count`` values per channel (``m_k``), their ``mean`` and biased
+    ``var``, and ``num_examples`` (``n_k``, samples in the client's batch). Pooled by the
+    server: the same fields for the pooled batch (``M``, ``N``).
+    """
+
+    count: float
+    num_examples: int
+    mean: np.ndarray
+    var: np.ndarray
+
+
+@dataclass(frozen=True)
+class BackwardSums:
+    """Per-channel sums of ``g = dF/dy`` and ``g * x_hat`` of one BatchNorm call."""
+
+    sum_grad: np.ndarray
+    sum_grad_xhat: np.ndarray
+
+
+def _check_vector(client: Hashable, name: str, value: object, channels: int) -> np.ndarray:
+    if not isinstance(value, np.ndarray):
+        raise PayloadError(client, f"{name} must be a numpy array, got {type(value).__name__}")
+    if value.dtype.kind != "f":
+        raise PayloadError(client, f"{name} must be floating point, got dtype {value.dtype}")
+    if value.shape != (channels,):
+        raise PayloadError(
+            client, f"{name} has shape {value.shape}, expected ({channels},) for this layer"
+        )
+    if not np.all(np.isfinite(value)):
+        raise PayloadError(client, f"{name} contains NaN or Inf")
+    return value.astype(np.float64, copy=False)
+
+
+def _first_width(contributions: Mapping[Hashable, object], field: str) -> int:
+    if not contributions:
+        raise ValueError("no contributions to aggregate")
+    client, first = next(iter(contributions.items()))
+    value = getattr(first, field, None)
+    if not isinstance(value, np.ndarray) or value.ndim != 1:
+        raise PayloadError(client, f"{field} must be a 1-D numpy array")
+    return value.shape[0]
+
+
+def pool_forward_stats(
+    contributions: Mapping[Hashable, ForwardStats], channels: int | None = None
+) -> ForwardStats:
+    """Exact mean and biased variance of the pooled batch, for any counts.
+
+    ``mu = sum m_k mean_k / M`` and ``var = sum m_k (var_k + (mean_k - mu)^2) / M``: a sum of
+    non-negative terms in float64 (the parallel-variance formula), so no cancellation.
+
+    Parameters
+    ----------
+    contributions : Mapping[client id, ForwardStats]
+        One entry per client.
+    channels : Optional[int]
+        Expected number of channels; defaults to the first client's.
+
+    Returns
+    -------
+    ForwardStats
+        The pooled ``count`` (M), ``num_examples`` (N), ``mean`` and ``var``.
+    """
+    width = channels if channels is not None else _first_width(contributions, "mean")
+    counts, means, variances, examples = [], [], [], 0
+    for client, stats in contributions.items():
+        if not isinstance(stats, ForwardStats):
+            raise PayloadError(client, f"expected forward statistics, got {type(stats).__name__}")
+        count = float(stats.count)
+        if not np.isfinite(count) or count <= 0:
+            raise PayloadError(client, f"count must be a positive number, got {stats.count}")
+        if int(stats.num_examples) <= 0:
+            raise PayloadError(client, f"num_examples must be positive, got {stats.num_examples}")
+        mean = _check_vector(client, "mean", stats.mean, width)
+        var = _check_vector(client, "var", stats.var, width)
+        if np.any(var < 0):
+            raise PayloadError(client, f"var has negative entries (min {var.min():.3g})")
+        counts.append(count)
+        means.append(mean)
+        variances.append(var)
+        examples += int(stats.num_examples)
+    weights = np.asarray(counts)[:, None]
+    total = float(weights.sum())
+    means_arr, vars_arr = np.stack(means), np.stack(variances)
+    mu = (weights * means_arr).sum(axis=0) / total
+    var = (weights * (vars_arr + (means_arr - mu) ** 2)).sum(axis=0) / total
+    return ForwardStats(count=total, num_examples=examples, mean=mu, var=var)
+
+
+def sum_backward_sums(
+    contributions: Mapping[Hashable, BackwardSums], channels: int | None = None
+) -> BackwardSums:
+    """Sum the per-channel backward statistics over clients (in float64)."""
+    width = channels if channels is not None else _first_width(contributions, "sum_grad")
+    total_g = np.zeros(width, dtype=np.float64)
+    total_gx = np.zeros(width, dtype=np.float64)
+    for client, sums in contributions.items():
+        if not isinstance(sums, BackwardSums):
+            raise PayloadError(client, f"expected backward sums, got {type(sums).__name__}")
+        total_g += _check_vector(client, "sum_grad", sums.sum_grad, width)
+        total_gx += _check_vector(client, "sum_grad_xhat", sums.sum_grad_xhat, width)
+    return BackwardSums(sum_grad=total_g, sum_grad_xhat=total_gx)
+
+
+def running_stat_keys(keys: Sequence[str]) -> dict[str, str]:
+    """Map each ``<prefix>.running_mean`` key to its ``<prefix>.running_var`` partner.
+
+    BatchNorm layers are recognised by their ``state_dict`` naming alone, so the server
+    needs no knowledge of the model.
+    """
+    key_set = set(keys)
+    pairs = {}
+    for key in keys:
+        if key == "running_mean" or key.endswith(".running_mean"):
+            partner = key[: -len("running_mean")] + "running_var"
+            if partner in key_set:
+                pairs[key] = partner
+    return pairs
+
+
+def aggregate_arrays(
+    contributions: Mapping[Hashable, tuple[Mapping[str, np.ndarray], float]],
+    reference: Mapping[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """Average models weighted by examples, BatchNorm-aware.
+
+    - floating arrays: ``sum w_k a_k`` with ``w_k = n_k / sum n``;
+    - BatchNorm running statistics (``running_mean``/``running_var`` pairs): pooled
+      moments, ``mean = sum w_k mean_k``, ``var = sum w_k (var_k + (mean_k - mean)^2)``;
+    - integer arrays (``num_batches_tracked``): weighted mean rounded to the nearest
+      integer, dtype kept.
+
+    Parameters
+    ----------
+    contributions : Mapping[client id, (arrays, num_examples)]
+        Each client's arrays by name and its weight.
+    reference : Optional[Mapping[str, np.ndarray]]
+        The arrays sent out (the global model): every client must return exactly these
+        keys, shapes and dtypes. Defaults to the first client's.
+
+    Returns
+    -------
+    dict[str, np.ndarray]
+        The aggregated arrays, keyed and typed as ``reference``.
+    """
+    if not contributions:
+        raise ValueError("no contributions to aggregate")
+    if reference is None:
+        reference = next(iter(contributions.values()))[0]
+    weights = {}
+    for client, (arrays, num_examples) in contributions.items():
+        try:
+            weight = float(num_examples)
+        except (TypeError, ValueError):
+            raise PayloadError(client, f"num_examples is not a number: {num_examples!r}") from None
+        if not np.isfinite(weight) or weight <= 0:
+            raise PayloadError(client, f"num_examples must be positive, got {num_examples}")
+        weights[client] = weight
+        missing = set(reference) - set(arrays)
+        extra = set(arrays) - set(reference)
+        if missing or extra:
+            raise PayloadError(
+                client,
+                f"arrays do not match the global model: missing {sorted(missing)[:5]}, "
+                f"unexpected {sorted(extra)[:5]}",
+            )
+        for key, ref in reference.items():
+            value = arrays[key]
+            if not isinstance(value, np.ndarray):
+                raise PayloadError(client, f"{key} is a {type(value).__name__}, not an array")
+            if value.shape != ref.shape or value.dtype != ref.dtype:
+                raise PayloadError(
+                    client,
+                    f"{key} has shape {value.shape} and dtype {value.dtype}, expected "
+                    f"{ref.shape} and {ref.dtype}",
+                )
+            if value.dtype.kind in "fc" and not np.all(np.isfinite(value)):
+                raise PayloadError(client, f"{key} contains NaN or Inf")
+        for mean_key, var_key in running_stat_keys(list(reference)).items():
+            if np.any(arrays[var_key] < 0):
+                raise PayloadError(client, f"{var_key} has negative entries")
+    total = sum(weights.values())
+    share = {client: w / total for client, w in weights.items()}
+
+    def weighted(key: str) -> np.ndarray:
+        return sum(share[c] * arrays[key].astype(np.float64) for c, (arrays, _) in contributions.items())
+
+    result: dict[str, np.ndarray] = {}
+    stat_pairs = running_stat_keys(list(reference))
+    var_keys = set(stat_pairs.values())
+    for key, ref in reference.items():
+        if key in var_keys:
+            continue
+        if key in stat_pairs:
+            var_key = stat_pairs[key]
+            mean = weighted(key)
+            var = sum(
+                share[c] * (arrays[var_key].astype(np.float64) + (arrays[key].astype(np.float64) - mean) ** 2)
+                for c, (arrays, _) in contributions.items()
+            )
+            result[key] = mean.astype(ref.dtype)
+            result[var_key] = var.astype(reference[var_key].dtype)
+        elif ref.dtype.kind in "iub":
+            result[key] = np.rint(weighted(key)).astype(ref.dtype)
+        else:
+            result[key] = weighted(key).astype(ref.dtype)
+    return {key: result[key] for key in reference}

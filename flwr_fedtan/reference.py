@@ -1,0 +1,126 @@
+"""In-process FedTAN: K clients in one process, driven through the real step and aggregation.
+
+This is the reference the Flower integration is tested against, and the compute floor
+for benchmarks: no messages, no serialisation, just the synchronised step.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Hashable, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .aggregation import SyncPoint, pool_forward_stats, sum_backward_sums
+from .step import Aggregate, StepProtocolError, SyncRequest, SyncStep
+
+__all__ = ["pooled_backward", "aggregate_requests", "drive_steps"]
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def aggregate_requests(requests: Mapping[Hashable, SyncRequest]) -> tuple[SyncPoint, Aggregate]:
+    """Aggregate one sync point's payloads from all clients.
+
+    All clients must be at the same sync point (index, phase, BatchNorm call, width);
+    otherwise :class:`~flwr_fedtan.step.StepProtocolError` names the client that is not.
+    Payload errors raise :class:`~flwr_fedtan.aggregation.PayloadError`.
+    """
+    items = iter(requests.items())
+    first_client, (point, _) = next(items)
+    for client, (other, _) in items:
+        if other != point:
+            raise StepProtocolError(
+                f"client {client} is at sync point {other}, client {first_client} at {point}: "
+                "clients must run the same model"
+            )
+    payloads = {client: payload for client, (_, payload) in requests.items()}
+    if point.phase == "forward":
+        return point, pool_forward_stats(payloads, channels=point.channels)
+    return point, sum_backward_sums(payloads, channels=point.channels)
+
+
+def drive_steps(steps: Sequence[SyncStep]) -> int:
+    """Run K fresh steps in lockstep until all complete; return the exchanges used.
+
+    On any error every step is closed (no worker thread is left waiting) and the error
+    propagates.
+    """
+    try:
+        return _drive(steps)
+    finally:
+        for step in steps:
+            step.close()
+
+
+def _drive(steps: Sequence[SyncStep]) -> int:
+    requests = {k: step.start() for k, step in enumerate(steps)}
+    exchanges = 0
+    while True:
+        finished = [k for k, r in requests.items() if r is None]
+        if finished:
+            if len(finished) != len(requests):
+                raise StepProtocolError(
+                    f"clients {finished} finished their step while others wait at a sync "
+                    "point: clients must run the same model"
+                )
+            return exchanges
+        _, aggregate = aggregate_requests(requests)  # type: ignore[arg-type]
+        exchanges += 1
+        requests = {k: steps[k].resume(aggregate) for k in requests}
+
+
+def pooled_backward(
+    models: Sequence[nn.Module],
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    loss_fn: LossFn,
+    seeds: Optional[Sequence[int]] = None,
+) -> float:
+    """One synchronised forward/backward for K in-process clients.
+
+    Parameters
+    ----------
+    models : Sequence[nn.Module]
+        K models converted with :func:`~flwr_fedtan.convert_batchnorm`, in train mode
+        (typically K copies of one global model).
+    batches : Sequence[tuple[Tensor, Tensor]]
+        Each client's ``(inputs, targets)``; sizes may differ.
+    loss_fn : Callable[[Tensor, Tensor], Tensor]
+        ``loss_fn(outputs, targets)`` returns the *mean* loss of a batch.
+    seeds : Optional[Sequence[int]]
+        Per-client RNG seeds for stochastic layers (see :class:`SyncStep`).
+
+    Returns
+    -------
+    float
+        ``F``, the mean loss over the pooled batch.
+
+    Notes
+    -----
+    Gradients are reset first. Afterwards each model's ``.grad`` holds that client's share
+    of ``dF/dtheta``: summed over clients they equal the gradient that centralised training
+    computes on the concatenated batch. BatchNorm running statistics are updated with the
+    pooled statistics (variance unbiased with the pooled count).
+    """
+    if len(models) != len(batches):
+        raise ValueError(f"got {len(models)} models but {len(batches)} batches")
+    if not models:
+        raise ValueError("pooled_backward needs at least one client")
+    if seeds is not None and len(seeds) != len(models):
+        raise ValueError(f"got {len(seeds)} seeds for {len(models)} clients")
+    sizes = [int(inputs.shape[0]) for inputs, _ in batches]
+    total = sum(sizes)
+    steps = []
+    for k, (model, (inputs, targets)) in enumerate(zip(models, batches)):
+        model.zero_grad(set_to_none=True)
+        steps.append(
+            SyncStep(
+                model,
+                lambda m=model, x=inputs, y=targets: loss_fn(m(x), y),
+                num_examples=sizes[k],
+                total_examples=total,
+                seed=None if seeds is None else seeds[k],
+            )
+        )
+    drive_steps(steps)
+    return sum(step.loss * n / total for step, n in zip(steps, sizes))  # type: ignore[operator]

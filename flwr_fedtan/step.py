@@ -1,0 +1,506 @@
+"""A resumable synchronised training step.
+
+:class:`SyncStep` runs a client's ordinary forward code (model + loss) and pauses at every
+BatchNorm sync point, handing out the client's per-channel statistics and resuming once
+the caller feeds back the aggregate of all clients:
+
+.. code-block:: python
+
+    step = SyncStep(model, lambda: loss_fn(model(x), y), num_examples=len(x))
+    request = step.start()
+    while request is not None:
+        point, payload = request               # SyncPoint, ForwardStats | BackwardSums
+        request = step.resume(exchange(point, payload))
+    # model parameters' .grad now hold this client's share of dF/dtheta
+
+How the pauses work
+-------------------
+Forward: the forward code runs in a worker thread; each BatchNorm call that uses batch
+statistics posts its statistics and blocks until the pooled statistics arrive.
+
+Backward: nothing ever blocks inside autograd. Each synchronised BatchNorm output is
+produced by a small autograd node that *cuts* the graph: its backward only stores the
+gradient it receives. ``loss.backward()`` therefore stops at the last cuts, and the step
+then drives the backward itself, in stages, from the calling thread: for BatchNorm calls
+in reverse execution order it posts ``(sum g, sum g * x_hat)``, waits for the sums over
+clients, forms ``dF/dx`` and runs ``torch.autograd.backward`` from that call's input down
+to the cuts below it. On CUDA this keeps autograd's per-device engine thread free, so
+several steps can share one process.
+
+Fan-out cost: an activation that feeds several synchronised BatchNorm calls without an
+intervening BatchNorm (a residual stream) is backpropagated once per such call: its
+ops are traversed by more than one stage. In a ResNet these are the parameter-free adds
+and ReLUs of the skip path; convolutions are traversed once.
+
+Replay
+------
+A step is a deterministic function of (weights, batch, RNG seed, aggregates so far).
+:meth:`SyncStep.replay` rebuilds a step in a fresh process from the aggregates it had
+received and returns it paused at the first sync point whose aggregate is not known yet.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from .aggregation import BackwardSums, ForwardStats, SyncPoint
+from .batchnorm import FedTANBatchNorm, _set_active_step, check_model
+
+__all__ = ["SyncStep", "SyncRequest", "Aggregate", "StepProtocolError"]
+
+Aggregate = Union[ForwardStats, BackwardSums]
+SyncRequest = tuple[SyncPoint, Aggregate]
+
+
+class StepProtocolError(RuntimeError):
+    """The step was driven out of order, or an aggregate does not fit the sync point."""
+
+
+class _Aborted(BaseException):
+    """Raised inside the forward worker to unwind it when a step is closed early."""
+
+
+_ABORT = object()
+
+
+@dataclass
+class _BatchNormCall:
+    """What one synchronised BatchNorm call keeps for its backward stage."""
+
+    layer: FedTANBatchNorm
+    point: SyncPoint
+    input: torch.Tensor  # the graph node feeding the layer; backward starts from it
+    input_version: int
+    mean: torch.Tensor  # pooled statistics, float64, on the input's device
+    invstd: torch.Tensor
+    count: float
+    grad_output: Optional[torch.Tensor] = field(default=None)
+
+
+class _GraphCut(torch.autograd.Function):
+    """Identity-like node producing a BatchNorm output whose backward only records dF/dy.
+
+    ``anchor`` is a dummy leaf that requires grad so the output is part of the graph; the
+    output is a fresh (non-leaf, non-view) tensor, so in-place ops such as
+    ``ReLU(inplace=True)`` right after the layer keep working.
+    """
+
+    @staticmethod
+    def forward(ctx, anchor, x, scale, shift, call):  # type: ignore[override]
+        ctx.call = call
+        return torch.addcmul(shift, x, scale)
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        call: _BatchNormCall = ctx.call
+        if call.grad_output is None:
+            call.grad_output = grad_output.clone()
+        else:
+            call.grad_output = call.grad_output + grad_output
+        return None, None, None, None, None
+
+
+def _channel_shape(x: torch.Tensor) -> list[int]:
+    return [1, x.shape[1]] + [1] * (x.dim() - 2)
+
+
+def _reduce_dims(x: torch.Tensor) -> list[int]:
+    return [0] + list(range(2, x.dim()))
+
+
+def _as_tensor(values: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(values, dtype=np.float64), device=device)
+
+
+class SyncStep:
+    """One client's synchronised forward/backward pass, resumable at each sync point.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The client's model, converted with :func:`~flwr_fedtan.convert_batchnorm`.
+    forward_fn : Callable[[], torch.Tensor]
+        The client's ordinary forward code, returning the *mean* loss over its batch,
+        e.g. ``lambda: loss_fn(model(x), y)``. Do not call ``backward()`` in it.
+    num_examples : int
+        ``n_k``, the number of samples in this client's batch.
+    total_examples : Optional[int]
+        ``N``, the pooled batch size, if known in advance; otherwise it comes with the
+        first forward aggregate (a model with no synchronised BatchNorm call then uses
+        ``N = n_k``).
+    seed : Optional[int]
+        Seeds a private RNG stream for ``forward_fn`` (dropout, ...), so that a replay
+        in another process draws the same numbers. ``None`` uses the global RNG as is.
+
+    Notes
+    -----
+    Gradients accumulate into ``.grad`` like ``loss.backward()`` does; what they
+    accumulate is this client's share of ``dF/dtheta``, ``F`` being the mean loss over the
+    pooled batch, i.e. ``n_k / N`` times the gradient of the client's own mean loss
+    (:attr:`local_gradient_scale` converts back).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        forward_fn: Callable[[], torch.Tensor],
+        num_examples: int,
+        total_examples: Optional[int] = None,
+        seed: Optional[int] = None,
+    ) -> None:
+        check_model(model)
+        if int(num_examples) <= 0:
+            raise ValueError(f"num_examples must be positive, got {num_examples}")
+        self.model = model
+        self.num_examples = int(num_examples)
+        self.total_examples: Optional[int] = int(total_examples) if total_examples else None
+        self.loss: Optional[float] = None
+        self.received: list[Aggregate] = []
+        self._forward_fn = forward_fn
+        self._seed = seed
+        self._calls: list[_BatchNormCall] = []
+        self._num_points = 0
+        self._pending: Optional[SyncPoint] = None
+        self._to_worker: "queue.Queue[object]" = queue.Queue(maxsize=1)
+        self._to_driver: "queue.Queue[tuple]" = queue.Queue(maxsize=1)
+        self._worker: Optional[threading.Thread] = None
+        self._rng_states: Optional[list[torch.Tensor]] = None
+        self._devices = sorted(
+            {p.device for p in model.parameters() if p.device.type == "cuda"}, key=str
+        )
+        self._program = self._run()
+        self._started = False
+        self._finished = False
+
+    # ------------------------------------------------------------------ public driving API
+    @property
+    def done(self) -> bool:
+        """Whether the step has completed its backward pass."""
+        return self._finished
+
+    @property
+    def num_sync_points(self) -> int:
+        """Sync points reached so far (forward and backward)."""
+        return self._num_points
+
+    @property
+    def pending(self) -> Optional[SyncPoint]:
+        """The sync point waiting for an aggregate, if any."""
+        return self._pending
+
+    @property
+    def local_gradient_scale(self) -> float:
+        """``N / n_k``: turns this client's share of ``dF/dtheta`` into the gradient of its
+        own mean loss."""
+        if self.total_examples is None:
+            return 1.0
+        return self.total_examples / self.num_examples
+
+    def start(self) -> Optional[SyncRequest]:
+        """Run until the first sync point; return ``(point, payload)`` or ``None`` if done."""
+        if self._started:
+            raise StepProtocolError("step already started")
+        self._started = True
+        return self._advance(None)
+
+    def resume(self, aggregate: Aggregate) -> Optional[SyncRequest]:
+        """Feed the aggregate of the pending sync point; run to the next one.
+
+        Returns
+        -------
+        Optional[SyncRequest]
+            The next ``(point, payload)``, or ``None`` when the step is complete.
+        """
+        if self._pending is None:
+            raise StepProtocolError("no sync point is waiting for an aggregate")
+        self._check_aggregate(self._pending, aggregate)
+        self.received.append(aggregate)
+        return self._advance(aggregate)
+
+    def close(self) -> None:
+        """Abandon the step, releasing its worker thread and graph."""
+        if not self._finished:
+            self._program.close()
+            self._finished = True
+        self._calls = []
+        self._pending = None
+
+    @classmethod
+    def replay(
+        cls,
+        model: nn.Module,
+        forward_fn: Callable[[], torch.Tensor],
+        num_examples: int,
+        aggregates: Sequence[Aggregate],
+        total_examples: Optional[int] = None,
+        seed: Optional[int] = None,
+    ) -> tuple["SyncStep", Optional[SyncRequest]]:
+        """Rebuild a step from the aggregates it received, e.g. in a fresh process.
+
+        ``model`` must hold the same weights (and BatchNorm buffers) as when the original
+        step started, and ``forward_fn`` must see the same batch.
+
+        Returns
+        -------
+        tuple[SyncStep, Optional[SyncRequest]]
+            The step, paused at the first sync point with no known aggregate, and that
+            point's request (``None`` if the aggregates complete the step).
+        """
+        step = cls(model, forward_fn, num_examples, total_examples=total_examples, seed=seed)
+        request = step.start()
+        for i, aggregate in enumerate(aggregates):
+            if request is None:
+                raise StepProtocolError(
+                    f"replay log holds {len(aggregates)} aggregates but the step completed "
+                    f"after {i}: weights, batch or model differ from the original step"
+                )
+            request = step.resume(aggregate)
+        return step, request
+
+    # ------------------------------------------------------------------ internals
+    def _advance(self, value: Optional[Aggregate]) -> Optional[SyncRequest]:
+        try:
+            request = self._program.send(value)
+        except StopIteration:
+            self._pending = None
+            self._finished = True
+            return None
+        except BaseException:
+            self._pending = None
+            self._finished = True
+            raise
+        self._pending = request[0]
+        return request
+
+    def _check_aggregate(self, point: SyncPoint, aggregate: Aggregate) -> None:
+        c = point.channels
+        if point.phase == "forward":
+            if not isinstance(aggregate, ForwardStats):
+                raise StepProtocolError(f"sync point {point.index} needs ForwardStats")
+            if aggregate.mean.shape != (c,) or aggregate.var.shape != (c,):
+                raise StepProtocolError(f"sync point {point.index}: expected {c} channels")
+            if not (np.all(np.isfinite(aggregate.mean)) and np.all(np.isfinite(aggregate.var))):
+                raise StepProtocolError(f"sync point {point.index}: non-finite pooled moments")
+            if np.any(aggregate.var < 0):
+                raise StepProtocolError(f"sync point {point.index}: negative pooled variance")
+            if aggregate.count < 1 or aggregate.num_examples < self.num_examples:
+                raise StepProtocolError(
+                    f"sync point {point.index}: pooled count {aggregate.count} / examples "
+                    f"{aggregate.num_examples} smaller than this client's own"
+                )
+            if self.total_examples is not None and aggregate.num_examples != self.total_examples:
+                raise StepProtocolError(
+                    f"sync point {point.index}: pooled batch has {aggregate.num_examples} "
+                    f"examples, expected {self.total_examples}"
+                )
+        else:
+            if not isinstance(aggregate, BackwardSums):
+                raise StepProtocolError(f"sync point {point.index} needs BackwardSums")
+            if aggregate.sum_grad.shape != (c,) or aggregate.sum_grad_xhat.shape != (c,):
+                raise StepProtocolError(f"sync point {point.index}: expected {c} channels")
+            if not (
+                np.all(np.isfinite(aggregate.sum_grad))
+                and np.all(np.isfinite(aggregate.sum_grad_xhat))
+            ):
+                raise StepProtocolError(f"sync point {point.index}: non-finite backward sums")
+
+    def _new_point(self, phase: str, call: int, channels: int) -> SyncPoint:
+        point = SyncPoint(index=self._num_points, phase=phase, call=call, channels=channels)
+        self._num_points += 1
+        return point
+
+    # RNG: the forward code draws from a private stream, swapped in while it runs.
+    def _swap_rng(self) -> None:
+        """Exchange the global RNG states with the step's private ones (seeding at first)."""
+        if self._seed is None:
+            return
+        current = [torch.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in self._devices]
+        if self._rng_states is None:
+            torch.random.default_generator.manual_seed(self._seed)
+            for d in self._devices:
+                with torch.cuda.device(d):
+                    torch.cuda.manual_seed(self._seed)
+        else:
+            torch.set_rng_state(self._rng_states[0])
+            for d, state in zip(self._devices, self._rng_states[1:]):
+                torch.cuda.set_rng_state(state, d)
+        self._rng_states = current
+
+    @contextmanager
+    def _private_rng(self) -> Iterator[None]:
+        self._swap_rng()
+        try:
+            yield
+        finally:
+            self._swap_rng()
+
+    def _forward_worker(self) -> None:
+        _set_active_step(self)
+        try:
+            with torch.enable_grad(), self._private_rng():
+                loss = self._forward_fn()
+            self._to_driver.put(("done", loss))
+        except _Aborted:
+            pass
+        except BaseException as error:  # handed to the driving thread
+            self._to_driver.put(("error", error))
+        finally:
+            _set_active_step(None)
+
+    def _wait_in_worker(self, point: SyncPoint, payload: Aggregate) -> Aggregate:
+        self._swap_rng()
+        self._to_driver.put(("sync", point, payload))
+        reply = self._to_worker.get()
+        self._swap_rng()
+        if reply is _ABORT:
+            raise _Aborted()
+        return reply  # type: ignore[return-value]
+
+    def sync_forward(self, layer: FedTANBatchNorm, x: torch.Tensor) -> torch.Tensor:
+        """Forward of one synchronised BatchNorm call (runs in the worker thread)."""
+        with torch.no_grad():
+            var, mean = torch.var_mean(x.detach(), dim=_reduce_dims(x), correction=0)
+        count = x.numel() // x.shape[1]
+        point = self._new_point("forward", len(self._calls), x.shape[1])
+        payload = ForwardStats(
+            count=float(count),
+            num_examples=self.num_examples,
+            mean=mean.to(torch.float64).cpu().numpy(),
+            var=var.to(torch.float64).cpu().numpy(),
+        )
+        pooled: ForwardStats = self._wait_in_worker(point, payload)  # type: ignore[assignment]
+        if self.total_examples is None:
+            self.total_examples = int(pooled.num_examples)
+        total = float(pooled.count)
+        if layer.training and layer.track_running_stats and total <= 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel in the pooled batch when training, "
+                f"got input size {tuple(x.shape)} and pooled count {total:g}"
+            )
+        mu = _as_tensor(pooled.mean, x.device)
+        pooled_var = _as_tensor(pooled.var, x.device)
+        invstd = torch.rsqrt(pooled_var + layer.eps)
+        self._update_running_stats(layer, mu, pooled_var, total)
+
+        if layer.affine:
+            gamma = layer.weight.detach().to(torch.float64)
+            beta = layer.bias.detach().to(torch.float64)
+        else:
+            gamma = torch.ones_like(mu)
+            beta = torch.zeros_like(mu)
+        shape = _channel_shape(x)
+        scale = (gamma * invstd).to(x.dtype).view(shape)
+        shift = (beta - mu * gamma * invstd).to(x.dtype).view(shape)
+        call = _BatchNormCall(layer, point, x, x._version, mu, invstd, total)
+        self._calls.append(call)
+        if not torch.is_grad_enabled():
+            return torch.addcmul(shift, x.detach(), scale)
+        anchor = torch.empty(0, device=x.device, requires_grad=True)
+        return _GraphCut.apply(anchor, x.detach(), scale, shift, call)
+
+    @staticmethod
+    def _update_running_stats(
+        layer: FedTANBatchNorm, mean: torch.Tensor, var: torch.Tensor, count: float
+    ) -> None:
+        if not (layer.training and layer.track_running_stats):
+            return
+        with torch.no_grad():
+            layer.num_batches_tracked.add_(1)
+            if layer.momentum is None:
+                factor = 1.0 / float(layer.num_batches_tracked)
+            else:
+                factor = layer.momentum
+            unbiased = var * (count / (count - 1))
+            rm, rv = layer.running_mean, layer.running_var
+            rm.copy_((rm.to(torch.float64) * (1 - factor) + mean * factor).to(rm.dtype))
+            rv.copy_((rv.to(torch.float64) * (1 - factor) + unbiased * factor).to(rv.dtype))
+
+    def _run(self) -> Iterator[SyncRequest]:
+        """The step as a generator: yields requests, receives aggregates."""
+        worker = threading.Thread(target=self._forward_worker, name="fedtan-forward", daemon=True)
+        self._worker = worker
+        worker.start()
+        try:
+            while True:
+                message = self._to_driver.get()
+                if message[0] == "sync":
+                    aggregate = yield message[1], message[2]
+                    self._to_worker.put(aggregate)
+                elif message[0] == "error":
+                    raise message[1]
+                else:
+                    loss = message[1]
+                    break
+        finally:
+            if worker.is_alive() and message[0] == "sync":
+                self._to_worker.put(_ABORT)
+            worker.join()
+        yield from self._backward(loss)
+
+    def _backward(self, loss: torch.Tensor) -> Iterator[SyncRequest]:
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise TypeError("forward_fn must return the mean loss as a scalar tensor")
+        if self.total_examples is None:
+            self.total_examples = self.num_examples
+        self.loss = float(loss.detach())
+        if not loss.requires_grad:
+            raise RuntimeError(
+                "the loss of a synchronised step does not require grad: do not run the "
+                "step under torch.no_grad(), and make sure the model has trainable parameters"
+            )
+        share = self.num_examples / self.total_examples
+        (loss * share).backward(retain_graph=True)
+        del loss
+        for call in reversed(self._calls):
+            yield from self._backward_stage(call)
+        self._calls = []
+
+    def _backward_stage(self, call: _BatchNormCall) -> Iterator[SyncRequest]:
+        x = call.input
+        if x._version != call.input_version:
+            raise RuntimeError(
+                f"the input of BatchNorm call {call.point.call} was modified in place after "
+                "the layer used it; FedTAN needs it unchanged for the backward pass"
+            )
+        shape = _channel_shape(x)
+        dims = _reduce_dims(x)
+        x_hat = (x.detach() - call.mean.to(x.dtype).view(shape)) * call.invstd.to(x.dtype).view(shape)
+        g = call.grad_output if call.grad_output is not None else torch.zeros_like(x_hat)
+        local = BackwardSums(
+            sum_grad=g.sum(dim=dims, dtype=torch.float64).cpu().numpy(),
+            sum_grad_xhat=(g * x_hat).sum(dim=dims, dtype=torch.float64).cpu().numpy(),
+        )
+        point = self._new_point("backward", call.point.call, x.shape[1])
+        total: BackwardSums = yield point, local  # type: ignore[misc]
+
+        layer = call.layer
+        if layer.affine:
+            self._accumulate(layer.weight, local.sum_grad_xhat)
+            self._accumulate(layer.bias, local.sum_grad)
+        if x.requires_grad:
+            gamma = layer.weight.detach().to(torch.float64) if layer.affine else 1.0
+            coef = (gamma * call.invstd).to(x.dtype).view(shape)
+            mean_g = (_as_tensor(total.sum_grad, x.device) / call.count).to(x.dtype).view(shape)
+            mean_gx = (_as_tensor(total.sum_grad_xhat, x.device) / call.count).to(x.dtype).view(shape)
+            grad_input = coef * (g - mean_g - x_hat * mean_gx)
+            torch.autograd.backward(x, grad_input, retain_graph=True)
+        call.grad_output = None
+        call.input = None  # type: ignore[assignment]
+
+    @staticmethod
+    def _accumulate(param: nn.Parameter, value: np.ndarray) -> None:
+        if not param.requires_grad:
+            return
+        grad = torch.as_tensor(value, device=param.device).to(param.dtype)
+        if param.grad is None:
+            param.grad = grad
+        else:
+            param.grad.add_(grad)
