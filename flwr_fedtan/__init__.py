@@ -15,11 +15,18 @@ from .aggregation import (
     sum_backward_sums,
 )
 from .batchnorm import FedTANBatchNorm, UnsupportedModelError, convert_batchnorm
+from .client import FedTANClient, fedtan_client_app
 from .reference import pooled_backward
 from .step import StepProtocolError, SyncStep
+from .strategy import FedTAN
+from .training import ClientRound
 
 __all__ = [
     "BackwardSums",
+    "ClientRound",
+    "FedTAN",
+    "FedTANClient",
+    "fedtan_client_app",
     "FedTANBatchNorm",
     "ForwardStats",
     "PayloadError",

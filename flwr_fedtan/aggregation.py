@@ -24,6 +24,7 @@ __all__ = [
     "pool_forward_stats",
     "sum_backward_sums",
     "aggregate_arrays",
+    "check_arrays",
     "running_stat_keys",
 ]
 
@@ -180,6 +181,53 @@ def running_stat_keys(keys: Sequence[str]) -> dict[str, str]:
     return pairs
 
 
+def check_arrays(
+    client: Hashable,
+    arrays: Mapping[str, np.ndarray],
+    num_examples: object,
+    reference: Mapping[str, np.ndarray],
+) -> float:
+    """Validate one client's model against the global one; return its weight.
+
+    Raises
+    ------
+    PayloadError
+        Naming ``client``: keys, shapes or dtypes differ from ``reference``, values are
+        not finite, a BatchNorm running variance is negative, or the weight is not a
+        positive number.
+    """
+    try:
+        weight = float(num_examples)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise PayloadError(client, f"num_examples is not a number: {num_examples!r}") from None
+    if not np.isfinite(weight) or weight <= 0:
+        raise PayloadError(client, f"num_examples must be positive, got {num_examples}")
+    missing = set(reference) - set(arrays)
+    extra = set(arrays) - set(reference)
+    if missing or extra:
+        raise PayloadError(
+            client,
+            f"arrays do not match the global model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(extra)[:5]}",
+        )
+    for key, ref in reference.items():
+        value = arrays[key]
+        if not isinstance(value, np.ndarray):
+            raise PayloadError(client, f"{key} is a {type(value).__name__}, not an array")
+        if value.shape != ref.shape or value.dtype != ref.dtype:
+            raise PayloadError(
+                client,
+                f"{key} has shape {value.shape} and dtype {value.dtype}, expected "
+                f"{ref.shape} and {ref.dtype}",
+            )
+        if value.dtype.kind in "fc" and not np.all(np.isfinite(value)):
+            raise PayloadError(client, f"{key} contains NaN or Inf")
+    for var_key in running_stat_keys(list(reference)).values():
+        if np.any(arrays[var_key] < 0):
+            raise PayloadError(client, f"{var_key} has negative entries")
+    return weight
+
+
 def aggregate_arrays(
     contributions: Mapping[Hashable, tuple[Mapping[str, np.ndarray], float]],
     reference: Mapping[str, np.ndarray] | None = None,
@@ -209,38 +257,10 @@ def aggregate_arrays(
         raise ValueError("no contributions to aggregate")
     if reference is None:
         reference = next(iter(contributions.values()))[0]
-    weights = {}
-    for client, (arrays, num_examples) in contributions.items():
-        try:
-            weight = float(num_examples)
-        except (TypeError, ValueError):
-            raise PayloadError(client, f"num_examples is not a number: {num_examples!r}") from None
-        if not np.isfinite(weight) or weight <= 0:
-            raise PayloadError(client, f"num_examples must be positive, got {num_examples}")
-        weights[client] = weight
-        missing = set(reference) - set(arrays)
-        extra = set(arrays) - set(reference)
-        if missing or extra:
-            raise PayloadError(
-                client,
-                f"arrays do not match the global model: missing {sorted(missing)[:5]}, "
-                f"unexpected {sorted(extra)[:5]}",
-            )
-        for key, ref in reference.items():
-            value = arrays[key]
-            if not isinstance(value, np.ndarray):
-                raise PayloadError(client, f"{key} is a {type(value).__name__}, not an array")
-            if value.shape != ref.shape or value.dtype != ref.dtype:
-                raise PayloadError(
-                    client,
-                    f"{key} has shape {value.shape} and dtype {value.dtype}, expected "
-                    f"{ref.shape} and {ref.dtype}",
-                )
-            if value.dtype.kind in "fc" and not np.all(np.isfinite(value)):
-                raise PayloadError(client, f"{key} contains NaN or Inf")
-        for mean_key, var_key in running_stat_keys(list(reference)).items():
-            if np.any(arrays[var_key] < 0):
-                raise PayloadError(client, f"{var_key} has negative entries")
+    weights = {
+        client: check_arrays(client, arrays, num_examples, reference)
+        for client, (arrays, num_examples) in contributions.items()
+    }
     total = sum(weights.values())
     share = {client: w / total for client, w in weights.items()}
 
@@ -266,4 +286,4 @@ def aggregate_arrays(
             result[key] = np.rint(weighted(key)).astype(ref.dtype)
         else:
             result[key] = weighted(key).astype(ref.dtype)
-    return {key: result[key] for key in reference}
+    return {key: np.asarray(result[key], dtype=reference[key].dtype) for key in reference}

@@ -1,0 +1,196 @@
+"""One client's part of a FedTAN round, resumable and replayable; no Flower here.
+
+A round on a client is ``S`` synchronised steps (each a :class:`~flwr_fedtan.step.SyncStep`
+followed by an optimiser step with the gradient of the client's own mean loss) and then
+``E - S`` ordinary local steps. Batches are drawn from a seed, so the whole round is a
+deterministic function of (starting weights, seed, aggregates received), and
+:meth:`ClientRound.replay` can rebuild it anywhere.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .step import Aggregate, SyncRequest, SyncStep
+
+__all__ = ["ClientRound", "derive_seed"]
+
+BatchSampler = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+def derive_seed(*parts: int) -> int:
+    """A 31-bit seed mixed from integers (e.g. round seed, node id, step index)."""
+    words = []
+    for part in parts:
+        part = int(part)
+        words.extend([part & 0xFFFFFFFF, (part >> 32) & 0xFFFFFFFF])
+    return int(np.random.SeedSequence(words).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+class ClientRound:
+    """A client's round: ``sync_steps`` synchronised steps, then local steps.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Converted model holding the round's starting weights.
+    sample_batch : Callable[[int], tuple[Tensor, Tensor]]
+        Returns the ``(inputs, targets)`` batch for a seed, on the model's device.
+    loss_fn : Callable[[Tensor, Tensor], Tensor]
+        Mean loss of a batch.
+    make_optimizer : Callable[[Iterable[Parameter]], Optimizer]
+        Builds the round's optimiser (a fresh one every round, as in FedAvg).
+    sync_steps : int
+        ``S``, synchronised steps at the start of the round.
+    local_steps : int
+        ``E >= S``, all steps of the round.
+    seed : int
+        The round's seed for this client; step ``s`` uses ``derive_seed(seed, s)``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sample_batch: BatchSampler,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        make_optimizer: OptimizerFactory,
+        sync_steps: int,
+        local_steps: int,
+        seed: int,
+    ) -> None:
+        if sync_steps < 0 or local_steps < sync_steps:
+            raise ValueError(
+                f"need 0 <= sync_steps <= local_steps, got sync_steps={sync_steps}, "
+                f"local_steps={local_steps}"
+            )
+        self.model = model
+        self.sample_batch = sample_batch
+        self.loss_fn = loss_fn
+        self.optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
+        self.sync_steps = sync_steps
+        self.local_steps = local_steps
+        self.seed = seed
+        self.step_index = 0
+        self.received: list[Aggregate] = []
+        self.num_examples = 0
+        self.losses: list[float] = []
+        self.sync_seconds = 0.0
+        self._step: Optional[SyncStep] = None
+        self._started = False
+
+    @property
+    def synchronised_done(self) -> bool:
+        """Whether all synchronised steps are complete."""
+        return self._started and self._step is None
+
+    def start(self) -> Optional[SyncRequest]:
+        """Start the round; return the first request, or ``None`` if no sync is needed."""
+        if self._started:
+            raise RuntimeError("round already started")
+        self._started = True
+        return self._timed(lambda: self._next_sync_step(0))
+
+    def resume(self, aggregate: Aggregate) -> Optional[SyncRequest]:
+        """Feed the pending aggregate; return the next request or ``None``."""
+        if self._step is None:
+            raise RuntimeError("no synchronised step is waiting for an aggregate")
+
+        def advance() -> Optional[SyncRequest]:
+            request = self._step.resume(aggregate)  # type: ignore[union-attr]
+            self.received.append(aggregate)
+            if request is not None:
+                return request
+            self._apply_sync_step()
+            return self._next_sync_step(self.step_index + 1)
+
+        return self._timed(advance)
+
+    def replay(self, aggregates: Sequence[Aggregate]) -> Optional[SyncRequest]:
+        """Start and feed logged aggregates; return the request now pending (if any)."""
+        request = self.start()
+        for i, aggregate in enumerate(aggregates):
+            if request is None:
+                raise RuntimeError(
+                    f"replay log holds {len(aggregates)} aggregates but the round needed {i}: "
+                    "starting weights, seed or model differ from the original round"
+                )
+            request = self.resume(aggregate)
+        return request
+
+    def finish(self) -> dict[str, float]:
+        """Run the remaining ``E - S`` local steps; return the round's metrics."""
+        if not self.synchronised_done:
+            raise RuntimeError("finish() before the synchronised steps completed")
+        start = time.perf_counter()
+        self.model.train()
+        for s in range(self.sync_steps, self.local_steps):
+            inputs, targets = self.sample_batch(derive_seed(self.seed, s))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.loss_fn(self.model(inputs), targets)
+            loss.backward()
+            self.optimizer.step()
+            self.losses.append(float(loss.detach()))
+            if self.sync_steps == 0:
+                self.num_examples += int(inputs.shape[0])
+        return {
+            "num-examples": float(self.num_examples),
+            "train-loss": float(np.mean(self.losses)) if self.losses else float("nan"),
+            "sync-seconds": self.sync_seconds,
+            "local-seconds": time.perf_counter() - start,
+        }
+
+    def close(self) -> None:
+        """Release a step still in flight (worker thread, graph)."""
+        if self._step is not None:
+            self._step.close()
+            self._step = None
+
+    # ------------------------------------------------------------------ internals
+    def _timed(self, fn: Callable[[], Optional[SyncRequest]]) -> Optional[SyncRequest]:
+        start = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            self.sync_seconds += time.perf_counter() - start
+
+    def _next_sync_step(self, index: int) -> Optional[SyncRequest]:
+        self.model.train()
+        while index < self.sync_steps:
+            step_seed = derive_seed(self.seed, index)
+            inputs, targets = self.sample_batch(step_seed)
+            self.optimizer.zero_grad(set_to_none=True)
+            model, loss_fn = self.model, self.loss_fn
+            self._step = SyncStep(
+                model,
+                lambda: loss_fn(model(inputs), targets),
+                num_examples=int(inputs.shape[0]),
+                seed=step_seed,
+            )
+            self.step_index = index
+            request = self._step.start()
+            if request is not None:
+                return request
+            self._apply_sync_step()
+            index += 1
+        self._step = None
+        self.step_index = index
+        return None
+
+    def _apply_sync_step(self) -> None:
+        step = self._step
+        assert step is not None and step.done
+        scale = step.local_gradient_scale
+        if scale != 1.0:
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        self.optimizer.step()
+        self.losses.append(float(step.loss))  # type: ignore[arg-type]
+        self.num_examples += step.num_examples
+        self._step = None

@@ -1,0 +1,74 @@
+"""Glue between the run config and the app's pieces: data partitions, models, clients."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any, Mapping
+
+import torch
+from torch.utils.data import TensorDataset
+
+from flwr_fedtan import FedTANClient
+
+from .data import load_dataset, partition_indices
+from .models import build_model
+
+DATASET_SHAPES = {"fashion-mnist": (1, 10), "mnist": (1, 10), "cifar10": (3, 10), "synthetic": (1, 10)}
+
+
+def dataset_info(name: str) -> tuple[int, int]:
+    """(input channels, classes) of a dataset name."""
+    try:
+        return DATASET_SHAPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dataset {name!r}; choose from {sorted(DATASET_SHAPES)}") from None
+
+
+def model_from_config(config: Mapping[str, Any], norm: str = "bn") -> torch.nn.Module:
+    """The model named in the run config (``model``, ``dataset``)."""
+    channels, classes = dataset_info(str(config["dataset"]))
+    return build_model(str(config["model"]), num_classes=classes, in_channels=channels, norm=norm)
+
+
+def _data_dir(config: Mapping[str, Any]) -> str | None:
+    value = str(config.get("data-dir", "") or "")
+    return value or None
+
+
+@lru_cache(maxsize=8)
+def _partitions(dataset: str, data_dir: str | None, num_partitions: int, scheme: str, seed: int,
+                classes_per_partition: int, alpha: float) -> list:
+    _, labels = load_dataset(dataset, split="train", data_dir=data_dir)
+    return partition_indices(labels, num_partitions, scheme, seed=seed,
+                             classes_per_partition=classes_per_partition, alpha=alpha)
+
+
+def client_dataset(config: Mapping[str, Any], partition_id: int, num_partitions: int) -> TensorDataset:
+    """The training partition of one client, as described by the run config."""
+    dataset, data_dir = str(config["dataset"]), _data_dir(config)
+    images, labels = load_dataset(dataset, split="train", data_dir=data_dir)
+    parts = _partitions(dataset, data_dir, int(num_partitions), str(config["partitioning"]),
+                        int(config.get("seed", 0)), int(config.get("classes-per-client", 2)),
+                        float(config.get("dirichlet-alpha", 0.5)))
+    index = torch.as_tensor(parts[int(partition_id)], dtype=torch.long)
+    return TensorDataset(images[index], labels[index])
+
+
+def test_dataset(config: Mapping[str, Any]) -> TensorDataset:
+    """The centralised test set."""
+    images, labels = load_dataset(str(config["dataset"]), split="test", data_dir=_data_dir(config))
+    return TensorDataset(images, labels)
+
+
+def make_client(config: Mapping[str, Any], node_config: Mapping[str, Any], norm: str = "bn") -> FedTANClient:
+    """A :class:`FedTANClient` for one node of the app."""
+    partition_id = int(node_config.get("partition-id", 0))
+    num_partitions = int(node_config.get("num-partitions", config.get("num-partitions", 1)))
+    return FedTANClient(
+        model_from_config(config, norm=norm),
+        client_dataset(config, partition_id, num_partitions),
+        batch_size=int(config["batch-size"]),
+        lr=float(config["lr"]),
+        local_steps=int(config["local-steps"]),
+        device=str(config.get("device", "cpu")),
+    )
