@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -119,7 +118,8 @@ class FedTAN(FedAvg):
         self.max_restarts = max_restarts
         self.poll_interval = poll_interval
         self.seed = seed
-        self._rng = random.Random(seed)
+        # Why nodes were dropped, by round: {server_round: {node_id: reason}}.
+        self.dropped: dict[int, dict[int, str]] = {}
 
     def summary(self) -> None:
         """Log the strategy's settings."""
@@ -209,6 +209,7 @@ class FedTAN(FedAvg):
     ) -> tuple[Optional[ArrayRecord], MetricRecord]:
         """One FedTAN round; returns the new global arrays (``None`` if skipped) and metrics."""
         ledger = _RoundLedger()
+        self.dropped[server_round] = ledger.dropped
         if self.fraction_train == 0.0:
             return None, MetricRecord({"fedtan-clients": 0})
         config = ConfigRecord(dict(config))
@@ -229,7 +230,8 @@ class FedTAN(FedAvg):
                 continue
             new_arrays, metrics = self._aggregate_models(outcome, reference, ledger)
             if new_arrays is not None:
-                metrics.update(self._ledger_metrics(ledger, len(outcome), time.perf_counter() - started))
+                averaged = sum(1 for n in outcome if n not in ledger.dropped)
+                metrics.update(self._ledger_metrics(ledger, averaged, time.perf_counter() - started))
                 return new_arrays, metrics
             break
         reason = "; ".join(f"node {n}: {why}" for n, why in ledger.dropped.items()) or "too few clients"

@@ -1,0 +1,287 @@
+"""FedTAN strategy + client over an in-process Grid: equivalence, replay, faults.
+
+The Grid here calls the real ClientApp in-process (tests/_grid.py); the Ray simulation and
+the deployment tests run the same code through Flower's own runtimes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp.strategy import FedAvg
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from flwr_fedtan import FedTAN, FedTANClient, aggregate_arrays, convert_batchnorm, fedtan_client_app, pooled_backward
+from flwr_fedtan import schema
+from flwr_fedtan.client import clear_live_rounds
+from flwr_fedtan.training import derive_seed
+
+from _grid import LocalGrid
+
+
+class SmallNet(nn.Module):
+    """Conv-BN-ReLU x2 with a residual add, BN1d head: 3 BatchNorm calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.fc1 = nn.Linear(6, 8)
+        self.bn3 = nn.BatchNorm1d(8)
+        self.fc2 = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = F.relu(self.bn2(self.conv2(h)) + h)
+        h = F.relu(self.bn3(self.fc1(h.mean(dim=(2, 3)))))
+        return self.fc2(h)
+
+
+NUM_BN_CALLS = 3
+BATCH_SIZES = [5, 8, 11]
+
+
+def client_data(partition: int) -> TensorDataset:
+    g = torch.Generator().manual_seed(100 + partition)
+    x = torch.randn(40, 1, 6, 6, generator=g, dtype=torch.float64) * (1 + partition) + 2 * partition
+    y = torch.randint(0, 4, (40,), generator=g) % (2 + partition)  # non-IID labels
+    return TensorDataset(x, y)
+
+
+def make_client(context, local_steps=1, lr=0.1) -> FedTANClient:
+    pid = int(context.node_config["partition-id"])
+    torch.manual_seed(999)  # the client's own init is overwritten by the global model
+    return FedTANClient(
+        SmallNet().double(), client_data(pid), batch_size=BATCH_SIZES[pid], lr=lr, local_steps=local_steps
+    )
+
+
+def initial_arrays() -> ArrayRecord:
+    torch.manual_seed(0)
+    return ArrayRecord(convert_batchnorm(SmallNet().double()).state_dict())
+
+
+def to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in arrays.items()}
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64)).max()) for k in a)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_live_rounds():
+    clear_live_rounds()
+    yield
+    clear_live_rounds()
+
+
+def reference_rounds(
+    grid: LocalGrid, strategy: FedTAN, arrays: dict, rounds: int, local_steps: int, nodes=None, attempt=0
+):
+    """FedTAN rounds computed in-process: pooled_backward + SGD + BN-aware averaging."""
+    nodes = nodes or grid.node_ids
+    for server_round in range(1, rounds + 1):
+        round_seed = derive_seed(strategy.seed, server_round, attempt)
+        clients = [make_client(grid.contexts[n], local_steps) for n in nodes]
+        seeds = [derive_seed(round_seed, n) for n in nodes]
+        for client in clients:
+            client.model.load_state_dict({k: torch.as_tensor(v) for k, v in arrays.items()})
+        batches = [c.sample_batch(derive_seed(s, 0)) for c, s in zip(clients, seeds)]
+        pooled_backward([c.model for c in clients], batches, F.cross_entropy)
+        total = sum(len(b[0]) for b in batches)
+        contributions = {}
+        for node, client, seed, (x, _) in zip(nodes, clients, seeds, batches):
+            with torch.no_grad():
+                for p in client.model.parameters():
+                    p -= 0.1 * p.grad * (total / len(x))
+            for step in range(1, local_steps):
+                xs, ys = client.sample_batch(derive_seed(seed, step))
+                client.model.zero_grad()
+                F.cross_entropy(client.model(xs), ys).backward()
+                with torch.no_grad():
+                    for p in client.model.parameters():
+                        p -= 0.1 * p.grad
+            state = {k: v.detach().numpy().copy() for k, v in client.model.state_dict().items()}
+            contributions[node] = (state, len(x))
+        arrays = aggregate_arrays(contributions, arrays)
+    return arrays
+
+
+def run_fedtan(grid, rounds=2, **kwargs):
+    strategy = FedTAN(min_available_nodes=len(grid.node_ids), fraction_evaluate=0.0, **kwargs)
+    result = strategy.start(grid, initial_arrays(), num_rounds=rounds)
+    return strategy, result
+
+
+@pytest.mark.parametrize("separate_processes", [False, True], ids=["live", "replay"])
+def test_two_rounds_equal_in_process_reference(separate_processes):
+    app = fedtan_client_app(lambda ctx: make_client(ctx, local_steps=2))
+    grid = LocalGrid(app, 3, {}, separate_processes=separate_processes)
+    strategy, result = run_fedtan(grid, rounds=2)
+    expected = reference_rounds(grid, strategy, to_numpy(initial_arrays()), rounds=2, local_steps=2)
+    assert max_diff(to_numpy(result.arrays), expected) <= 1e-10
+    metrics = result.train_metrics_clientapp[2]
+    assert metrics["fedtan-exchanges"] == 2 * NUM_BN_CALLS + 1
+    assert metrics["fedtan-clients"] == 3
+    assert metrics["fedtan-bytes-sent"] > 0 and metrics["fedtan-bytes-received"] > 0
+    # Live: every aggregate resumes the step in memory. Replay: every aggregate rebuilds it.
+    assert metrics["replays"] == (2 * NUM_BN_CALLS if separate_processes else 0)
+
+
+def test_one_round_equals_centralised_sgd_step():
+    """E=1, plain SGD: the FedTAN round is one SGD step on the pooled batch (pure PyTorch)."""
+    app = fedtan_client_app(lambda ctx: make_client(ctx, local_steps=1))
+    grid = LocalGrid(app, 3, {})
+    strategy, result = run_fedtan(grid, rounds=1)
+
+    round_seed = derive_seed(strategy.seed, 1, 0)
+    xs, ys = [], []
+    for node in grid.node_ids:
+        client = make_client(grid.contexts[node])
+        x, y = client.sample_batch(derive_seed(derive_seed(round_seed, node), 0))
+        xs.append(x)
+        ys.append(y)
+    torch.manual_seed(0)
+    central = SmallNet().double()  # same init as initial_arrays()
+    central.train()
+    F.cross_entropy(central(torch.cat(xs)), torch.cat(ys)).backward()
+    with torch.no_grad():
+        for p in central.parameters():
+            p -= 0.1 * p.grad
+    expected = {k: v.detach().numpy() for k, v in central.state_dict().items()}
+    assert max_diff(to_numpy(result.arrays), expected) <= 1e-10
+
+
+def test_replayed_and_live_runs_agree_with_multiple_sync_steps():
+    make = lambda ctx: make_client(ctx, local_steps=3)  # noqa: E731
+    outcomes = []
+    for separate in (False, True):
+        clear_live_rounds()
+        grid = LocalGrid(fedtan_client_app(make), 3, {}, separate_processes=separate)
+        _, result = run_fedtan(grid, rounds=1, sync_steps=2)
+        outcomes.append(result)
+        assert result.train_metrics_clientapp[1]["fedtan-exchanges"] == 2 * 2 * NUM_BN_CALLS + 1
+    assert max_diff(to_numpy(outcomes[0].arrays), to_numpy(outcomes[1].arrays)) <= 1e-12
+
+
+# ---------------------------------------------------------------------- fault injection
+class FaultyGrid(LocalGrid):
+    """Node ``bad`` misbehaves from the given exchange on."""
+
+    def __init__(self, *args, bad, fault, from_exchange=1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bad, self.fault, self.from_exchange = bad, fault, from_exchange
+        self.seen = 0
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        ids = super().push_messages(messages)
+        for msg, mid in zip(messages, ids):
+            if msg.metadata.dst_node_id != self.bad or msg.metadata.message_type != schema.MESSAGE_TYPE:
+                continue
+            self.seen += 1
+            if self.seen <= self.from_exchange:
+                continue
+            reply = self._replies.get(mid)
+            if self.fault == "silent":
+                self._replies.pop(mid, None)
+            elif reply is not None and not reply.has_error() and schema.STATS in reply.content.array_records:
+                stats = reply.content.array_records[schema.STATS]
+                name = next(iter(stats.keys()))
+                values = stats[name].numpy().copy()
+                if self.fault == "nan":
+                    values[0] = np.nan
+                    stats[name] = Array(values)
+                elif self.fault == "shape":
+                    stats[name] = Array(np.concatenate([values, values]))
+            elif reply is not None and not reply.has_error() and self.fault == "nan-model":
+                arrays = reply.content.array_records[schema.ARRAYS]
+                key = next(iter(arrays.keys()))
+                bad = arrays[key].numpy().copy()
+                bad.flat[0] = np.nan
+                arrays[key] = Array(bad)
+        return ids
+
+
+def raising_client_fn(bad_partition):
+    calls = {"n": 0}
+
+    def client_fn(ctx):
+        if int(ctx.node_config["partition-id"]) == bad_partition:
+            calls["n"] += 1
+            if calls["n"] > 1:  # fail after the begin message
+                raise RuntimeError("simulated client crash")
+        return make_client(ctx)
+
+    return client_fn
+
+
+@pytest.mark.parametrize("fault", ["raises", "nan", "shape", "silent", "nan-model"])
+def test_faulty_client_is_dropped_and_round_completes(fault):
+    client_fn = raising_client_fn(bad_partition=1) if fault == "raises" else make_client
+    app = fedtan_client_app(client_fn)
+    # "raises": every message rebuilds the client (as in deployment), so client_fn fails.
+    kwargs = dict(separate_processes=(fault == "raises"))
+    last = 2 * NUM_BN_CALLS if fault == "nan-model" else 1
+    grid = FaultyGrid(app, 3, {}, bad=1007, fault=fault, from_exchange=last, **kwargs)
+    strategy = FedTAN(min_available_nodes=3, min_train_nodes=2, fraction_evaluate=0.0, exchange_timeout=0.5)
+    result = strategy.start(grid, initial_arrays(), num_rounds=1)
+    final = to_numpy(result.arrays)
+    assert all(np.all(np.isfinite(v)) for v in final.values())
+    assert 1007 in strategy.dropped[1], strategy.dropped
+    reason = strategy.dropped[1][1007]
+    expected_words = {"raises": "simulated client crash", "nan": "NaN", "shape": "shape",
+                      "silent": "no reply", "nan-model": "NaN"}[fault]
+    assert expected_words in reason
+    metrics = result.train_metrics_clientapp[1]
+    survivors = [1000, 1014]
+    if fault == "nan-model":
+        # The synchronised step completed with all three; only the bad model is left out.
+        assert metrics["fedtan-clients"] == 2 and metrics["fedtan-restarts"] == 0
+    else:
+        assert metrics["fedtan-clients"] == 2 and metrics["fedtan-restarts"] == 1
+        # The restart is a fresh synchronised step of the survivors (attempt 1's seed).
+        expected = reference_rounds(grid, strategy, to_numpy(initial_arrays()), 1, 1, nodes=survivors, attempt=1)
+        assert max_diff(final, expected) <= 1e-10
+
+
+def test_round_skipped_when_too_few_clients_survive():
+    app = fedtan_client_app(make_client)
+    grid = FaultyGrid(app, 2, {}, bad=1007, fault="silent", from_exchange=0)
+    strategy = FedTAN(min_available_nodes=2, min_train_nodes=2, fraction_evaluate=0.0, exchange_timeout=0.3)
+    result = strategy.start(grid, initial_arrays(), num_rounds=1)
+    assert max_diff(to_numpy(result.arrays), to_numpy(initial_arrays())) == 0
+    assert result.train_metrics_clientapp[1]["fedtan-skipped"] == 1
+
+
+def test_schema_rejects_malformed_replies_naming_the_node():
+    content = schema.encode_request(1, 0, schema.SyncPoint(0, "forward", 0, 3),
+                                    schema.ForwardStats(4.0, 2, np.zeros(3), -np.ones(3)))
+    status = schema.decode_reply(content, 42, "num-examples")
+    with pytest.raises(Exception, match="client 42: var has negative"):
+        from flwr_fedtan.aggregation import pool_forward_stats
+        pool_forward_stats({42: status.payload})
+    del content.config_records[schema.STATUS]["count"]
+    with pytest.raises(Exception, match="client 42: .*count"):
+        schema.decode_reply(content, 42, "num-examples")
+    with pytest.raises(Exception, match="client 7: reply has no ConfigRecord"):
+        schema.decode_reply(RecordDict(), 7, "num-examples")
+
+
+def test_plain_fedavg_uses_the_same_client_app():
+    """Flower's unmodified FedAvg drives the client's ordinary ``train``/``evaluate``."""
+    app = fedtan_client_app(make_client)
+    grid = LocalGrid(app, 3, {})
+    result = FedAvg(min_available_nodes=3).start(grid, initial_arrays(), num_rounds=1)
+    final = to_numpy(result.arrays)
+    assert max_diff(final, to_numpy(initial_arrays())) > 0
+    assert all(np.all(np.isfinite(v)) for v in final.values())
+    assert "eval-accuracy" in result.evaluate_metrics_clientapp[1]
