@@ -45,7 +45,7 @@ import queue
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -53,6 +53,7 @@ from torch import nn
 
 from .aggregation import BackwardSums, ForwardStats, SyncPoint
 from .batchnorm import FedTANBatchNorm, _set_active_step, check_model
+from .staged_backward import StagedBackward
 
 __all__ = ["SyncStep", "SyncRequest", "Aggregate", "StepProtocolError"]
 
@@ -83,6 +84,8 @@ class _BatchNormCall:
     invstd: torch.Tensor
     count: float
     grad_output: Optional[torch.Tensor] = field(default=None)
+    cut_node: Any = None  # the _GraphCut autograd node producing the output
+    anchor: Optional[torch.Tensor] = None
 
 
 class _GraphCut(torch.autograd.Function):
@@ -102,7 +105,7 @@ class _GraphCut(torch.autograd.Function):
     def backward(ctx, grad_output):  # type: ignore[override]
         call: _BatchNormCall = ctx.call
         if call.grad_output is None:
-            call.grad_output = grad_output.clone()
+            call.grad_output = grad_output
         else:
             call.grad_output = call.grad_output + grad_output
         return None, None, None, None, None
@@ -163,6 +166,7 @@ class SyncStep:
         self.num_examples = int(num_examples)
         self.total_examples: Optional[int] = int(total_examples) if total_examples else None
         self.loss: Optional[float] = None
+        self.used_fallback_backward: Optional[bool] = None
         self.received: list[Aggregate] = []
         self._forward_fn = forward_fn
         self._seed = seed
@@ -404,7 +408,9 @@ class SyncStep:
         if not torch.is_grad_enabled():
             return torch.addcmul(shift, x.detach(), scale)
         anchor = torch.empty(0, device=x.device, requires_grad=True)
-        return _GraphCut.apply(anchor, x.detach(), scale, shift, call)
+        output = _GraphCut.apply(anchor, x.detach(), scale, shift, call)
+        call.cut_node, call.anchor = output.grad_fn, anchor
+        return output
 
     @staticmethod
     def _update_running_stats(
@@ -457,13 +463,22 @@ class SyncStep:
                 "step under torch.no_grad(), and make sure the model has trainable parameters"
             )
         share = self.num_examples / self.total_examples
-        (loss * share).backward(retain_graph=True)
+        calls = list(reversed(self._calls))
+        staged = StagedBackward(
+            loss,
+            [call.input if call.input.requires_grad else None for call in calls],
+            [(call.cut_node, call.anchor) for call in calls if call.cut_node is not None],
+        )
+        self.used_fallback_backward = staged.fallback
+        staged.run_loss_stage(torch.full_like(loss, share))
         del loss
-        for call in reversed(self._calls):
-            yield from self._backward_stage(call)
+        for stage, call in enumerate(calls, start=1):
+            yield from self._backward_stage(call, staged, stage)
         self._calls = []
 
-    def _backward_stage(self, call: _BatchNormCall) -> Iterator[SyncRequest]:
+    def _backward_stage(
+        self, call: _BatchNormCall, staged: StagedBackward, stage: int
+    ) -> Iterator[SyncRequest]:
         x = call.input
         if x._version != call.input_version:
             raise RuntimeError(
@@ -471,27 +486,37 @@ class SyncStep:
                 "the layer used it; FedTAN needs it unchanged for the backward pass"
             )
         shape = _channel_shape(x)
-        dims = _reduce_dims(x)
-        x_hat = (x.detach() - call.mean.to(x.dtype).view(shape)) * call.invstd.to(x.dtype).view(shape)
-        g = call.grad_output if call.grad_output is not None else torch.zeros_like(x_hat)
+        layer = call.layer
+        g = call.grad_output if call.grad_output is not None else torch.zeros_like(x)
+        mean = call.mean.to(x.dtype)
+        invstd = call.invstd.to(x.dtype)
+        # Local sums (sum g, sum g * x_hat) with x_hat from the pooled statistics: PyTorch's
+        # fused BatchNorm backward returns exactly these as grad_bias and grad_weight.
+        _, sum_gxhat, sum_g = torch.ops.aten.native_batch_norm_backward(
+            g, x.detach(), None, None, None, mean, invstd, True, layer.eps, [False, True, True]
+        )
         local = BackwardSums(
-            sum_grad=g.sum(dim=dims, dtype=torch.float64).cpu().numpy(),
-            sum_grad_xhat=(g * x_hat).sum(dim=dims, dtype=torch.float64).cpu().numpy(),
+            sum_grad=sum_g.to(torch.float64).cpu().numpy(),
+            sum_grad_xhat=sum_gxhat.to(torch.float64).cpu().numpy(),
         )
         point = self._new_point("backward", call.point.call, x.shape[1])
         total: BackwardSums = yield point, local  # type: ignore[misc]
 
-        layer = call.layer
         if layer.affine:
             self._accumulate(layer.weight, local.sum_grad_xhat)
             self._accumulate(layer.bias, local.sum_grad)
         if x.requires_grad:
+            # dF/dx = gamma * invstd * (g - S1/M - x_hat * S2/M), per channel
+            #       = a * g + b * (x - mu) + c
             gamma = layer.weight.detach().to(torch.float64) if layer.affine else 1.0
-            coef = (gamma * call.invstd).to(x.dtype).view(shape)
-            mean_g = (_as_tensor(total.sum_grad, x.device) / call.count).to(x.dtype).view(shape)
-            mean_gx = (_as_tensor(total.sum_grad_xhat, x.device) / call.count).to(x.dtype).view(shape)
-            grad_input = coef * (g - mean_g - x_hat * mean_gx)
-            torch.autograd.backward(x, grad_input, retain_graph=True)
+            a = gamma * call.invstd
+            b = -a * call.invstd * _as_tensor(total.sum_grad_xhat, x.device) / call.count
+            c = -a * _as_tensor(total.sum_grad, x.device) / call.count
+            centred = x.detach() - mean.view(shape)
+            grad_input = torch.addcmul(c.to(x.dtype).view(shape), centred, b.to(x.dtype).view(shape))
+            grad_input.addcmul_(g, a.to(x.dtype).view(shape))
+            del centred
+            staged.run_stage(stage, grad_input)
         call.grad_output = None
         call.input = None  # type: ignore[assignment]
 
