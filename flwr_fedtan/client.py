@@ -273,6 +273,13 @@ def _request_reply(msg: Message, round_no: int, round_: ClientRound, request) ->
     return Message(schema.encode_request(round_no, round_.step_index, point, payload), reply_to=msg)
 
 
+def client_seed_key(context: Context) -> int:
+    """What makes a client's batch seeds its own: its data partition when the node config
+    names one (``partition-id``, as Flower's simulation does), else its node id."""
+    partition = context.node_config.get("partition-id")
+    return int(partition) if isinstance(partition, int) else int(context.node_id)
+
+
 def _client_from(client_fn: Callable[[Context], Any], context: Context) -> FedTANClient:
     client = client_fn(context)
     client = getattr(client, "numpy_client", client)  # accept NumPyClient.to_client()
@@ -312,7 +319,7 @@ def fedtan_client_app(client_fn: Callable[[Context], FedTANClient]) -> ClientApp
         arrays = msg.content.array_records["arrays"]
         config = dict(msg.content.config_records.get("config", ConfigRecord()))
         client.load_arrays(arrays)
-        config.setdefault("seed", derive_seed(int(config.get("server-round", 0)), context.node_id))
+        config.setdefault("seed", derive_seed(int(config.get("server-round", 0)), client_seed_key(context)))
         _, num_examples, metrics = client.fit(client.get_parameters({}), config)
         record = MetricRecord({"num-examples": num_examples, **metrics})
         return Message(RecordDict({"arrays": client.arrays(), "metrics": record}), reply_to=msg)
@@ -339,7 +346,7 @@ def _handle_fedtan(msg: Message, context: Context, client_fn: Callable[[Context]
         arrays = msg.content.array_records[schema.ARRAYS]
         client.load_arrays(arrays)
         config = dict(msg.content.config_records.get(schema.CONFIG, ConfigRecord()))
-        seed = derive_seed(control.seed, context.node_id)
+        seed = derive_seed(control.seed, client_seed_key(context))
         state[REPLAY_STATE] = ConfigRecord(
             {"round": control.round, "seed": seed, "sync-steps": control.sync_steps,
              "received": 0, "replays": 0, "sync-seconds": 0.0,

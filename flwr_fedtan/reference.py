@@ -6,7 +6,9 @@ for benchmarks: no messages, no serialisation, just the synchronised step.
 
 from __future__ import annotations
 
-from typing import Callable, Hashable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Hashable, Mapping, Optional, Sequence
+
+import numpy as np
 
 import torch
 from torch import nn
@@ -14,7 +16,10 @@ from torch import nn
 from .aggregation import SyncPoint, pool_forward_stats, sum_backward_sums
 from .step import Aggregate, StepProtocolError, SyncRequest, SyncStep
 
-__all__ = ["pooled_backward", "aggregate_requests", "drive_steps"]
+if TYPE_CHECKING:
+    from .client import FedTANClient
+
+__all__ = ["pooled_backward", "aggregate_requests", "drive_steps", "fedtan_round_in_process"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -124,3 +129,51 @@ def pooled_backward(
         )
     drive_steps(steps)
     return sum(step.loss * n / total for step, n in zip(steps, sizes))  # type: ignore[operator]
+
+
+def fedtan_round_in_process(
+    clients: Sequence["FedTANClient"],
+    seed_keys: Sequence[int],
+    arrays: Mapping[str, np.ndarray],
+    round_seed: int,
+    lr: float,
+    local_steps: int = 1,
+) -> dict[str, np.ndarray]:
+    """One FedTAN round of :class:`~flwr_fedtan.FedTANClient` s computed without Flower.
+
+    The reference a Flower run is checked against: the synchronised first step through
+    :func:`pooled_backward`, each client stepping plain SGD with the gradient of its own
+    mean loss, ``local_steps - 1`` ordinary local steps, then BatchNorm-aware averaging
+    weighted by the synchronised batch sizes. Batches are drawn exactly as the clients
+    draw them in a Flower round (``seed_keys``: each client's partition id or node id;
+    ``round_seed``: the seed the strategy sends).
+    """
+    from .aggregation import aggregate_arrays
+    from .training import derive_seed
+
+    for client in clients:
+        if client.optimizer_fn is not None or client.momentum or client.weight_decay:
+            raise ValueError("the in-process reference implements plain SGD only")
+        client.model.load_state_dict({k: torch.as_tensor(v) for k, v in arrays.items()})
+    seeds = [derive_seed(round_seed, key) for key in seed_keys]
+    batches = [c.sample_batch(derive_seed(s, 0)) for c, s in zip(clients, seeds)]
+    pooled_backward([c.model for c in clients], batches, clients[0].loss_fn)
+    total = sum(len(x) for x, _ in batches)
+    contributions = {}
+    for k, (client, seed, (x, _)) in enumerate(zip(clients, seeds, batches)):
+        model = client.model
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is not None:
+                    p -= lr * p.grad * (total / len(x))
+        for step in range(1, local_steps):
+            inputs, targets = client.sample_batch(derive_seed(seed, step))
+            model.zero_grad(set_to_none=True)
+            client.loss_fn(model(inputs), targets).backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p -= lr * p.grad
+        state = {name: v.detach().cpu().numpy().copy() for name, v in model.state_dict().items()}
+        contributions[k] = (state, len(x))
+    return aggregate_arrays(contributions, dict(arrays))

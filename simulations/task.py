@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from typing import Any, Mapping
 
@@ -43,12 +44,20 @@ def _partitions(dataset: str, data_dir: str | None, num_partitions: int, scheme:
                              classes_per_partition=classes_per_partition, alpha=alpha)
 
 
+def classes_per_client(config: Mapping[str, Any], num_partitions: int) -> int:
+    """``classes-per-client`` for pathological partitions, raised if needed so that the
+    clients together hold every class (e.g. 5 with Flower's default of 2 SuperNodes)."""
+    _, classes = dataset_info(str(config["dataset"]))
+    wanted = int(config.get("classes-per-client", 2))
+    return max(wanted, math.ceil(classes / max(1, num_partitions)))
+
+
 def client_dataset(config: Mapping[str, Any], partition_id: int, num_partitions: int) -> TensorDataset:
     """The training partition of one client, as described by the run config."""
     dataset, data_dir = str(config["dataset"]), _data_dir(config)
     images, labels = load_dataset(dataset, split="train", data_dir=data_dir)
     parts = _partitions(dataset, data_dir, int(num_partitions), str(config["partitioning"]),
-                        int(config.get("seed", 0)), int(config.get("classes-per-client", 2)),
+                        int(config.get("seed", 0)), classes_per_client(config, int(num_partitions)),
                         float(config.get("dirichlet-alpha", 0.5)))
     index = torch.as_tensor(parts[int(partition_id)], dtype=torch.long)
     return TensorDataset(images[index], labels[index])
@@ -72,3 +81,29 @@ def make_client(config: Mapping[str, Any], node_config: Mapping[str, Any], norm:
         local_steps=int(config["local-steps"]),
         device=str(config.get("device", "cpu")),
     )
+
+
+def in_process_fedtan(config: Mapping[str, Any], num_partitions: int, num_rounds: int) -> dict:
+    """The app's FedTAN run computed in one process, without Flower (the reference).
+
+    Same initial model, data partitions, batch seeds and plain-SGD steps as
+    ``flwr run .`` with ``strategy = "fedtan"``; returns the final global arrays.
+    """
+    import numpy as np
+
+    from flwr_fedtan import convert_batchnorm
+    from flwr_fedtan.reference import fedtan_round_in_process
+    from flwr_fedtan.training import derive_seed
+
+    seed = int(config.get("seed", 0))
+    torch.manual_seed(seed)
+    model = convert_batchnorm(model_from_config(config))
+    arrays = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+    node_configs = [{"partition-id": p, "num-partitions": num_partitions} for p in range(num_partitions)]
+    for server_round in range(1, num_rounds + 1):
+        clients = [make_client(config, node_config) for node_config in node_configs]
+        arrays = fedtan_round_in_process(
+            clients, list(range(num_partitions)), arrays, derive_seed(seed, server_round, 0),
+            lr=float(config["lr"]), local_steps=int(config["local-steps"]),
+        )
+    return {k: np.asarray(v) for k, v in arrays.items()}

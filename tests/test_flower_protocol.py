@@ -17,7 +17,8 @@ from torch.utils.data import TensorDataset
 
 from flwr_fedtan import FedTAN, FedTANClient, aggregate_arrays, convert_batchnorm, fedtan_client_app, pooled_backward
 from flwr_fedtan import schema
-from flwr_fedtan.client import clear_live_rounds
+from flwr_fedtan.client import clear_live_rounds, client_seed_key
+from flwr_fedtan.reference import fedtan_round_in_process
 from flwr_fedtan.training import derive_seed
 
 from _grid import LocalGrid
@@ -89,29 +90,10 @@ def reference_rounds(
     """FedTAN rounds computed in-process: pooled_backward + SGD + BN-aware averaging."""
     nodes = nodes or grid.node_ids
     for server_round in range(1, rounds + 1):
-        round_seed = derive_seed(strategy.seed, server_round, attempt)
         clients = [make_client(grid.contexts[n], local_steps) for n in nodes]
-        seeds = [derive_seed(round_seed, n) for n in nodes]
-        for client in clients:
-            client.model.load_state_dict({k: torch.as_tensor(v) for k, v in arrays.items()})
-        batches = [c.sample_batch(derive_seed(s, 0)) for c, s in zip(clients, seeds)]
-        pooled_backward([c.model for c in clients], batches, F.cross_entropy)
-        total = sum(len(b[0]) for b in batches)
-        contributions = {}
-        for node, client, seed, (x, _) in zip(nodes, clients, seeds, batches):
-            with torch.no_grad():
-                for p in client.model.parameters():
-                    p -= 0.1 * p.grad * (total / len(x))
-            for step in range(1, local_steps):
-                xs, ys = client.sample_batch(derive_seed(seed, step))
-                client.model.zero_grad()
-                F.cross_entropy(client.model(xs), ys).backward()
-                with torch.no_grad():
-                    for p in client.model.parameters():
-                        p -= 0.1 * p.grad
-            state = {k: v.detach().numpy().copy() for k, v in client.model.state_dict().items()}
-            contributions[node] = (state, len(x))
-        arrays = aggregate_arrays(contributions, arrays)
+        keys = [client_seed_key(grid.contexts[n]) for n in nodes]
+        round_seed = derive_seed(strategy.seed, server_round, attempt)
+        arrays = fedtan_round_in_process(clients, keys, arrays, round_seed, lr=0.1, local_steps=local_steps)
     return arrays
 
 
@@ -146,7 +128,7 @@ def test_one_round_equals_centralised_sgd_step():
     xs, ys = [], []
     for node in grid.node_ids:
         client = make_client(grid.contexts[node])
-        x, y = client.sample_batch(derive_seed(derive_seed(round_seed, node), 0))
+        x, y = client.sample_batch(derive_seed(derive_seed(round_seed, client_seed_key(grid.contexts[node])), 0))
         xs.append(x)
         ys.append(y)
     torch.manual_seed(0)
