@@ -1,0 +1,1 @@
+"""Experiments for flwr-fedtan: models, data loading and partitioning, and the Flower app."""
