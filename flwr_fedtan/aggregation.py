@@ -129,11 +129,20 @@ def pool_forward_stats(
     for client, stats in contributions.items():
         if not isinstance(stats, ForwardStats):
             raise PayloadError(client, f"expected forward statistics, got {type(stats).__name__}")
-        count = float(stats.count)
+        try:
+            count = float(stats.count)
+        except (TypeError, ValueError):
+            count = float("nan")
         if not np.isfinite(count) or count <= 0:
-            raise PayloadError(client, f"count must be a positive number, got {stats.count}")
-        if int(stats.num_examples) <= 0:
-            raise PayloadError(client, f"num_examples must be positive, got {stats.num_examples}")
+            raise PayloadError(client, f"count must be a positive number, got {stats.count!r}")
+        try:
+            num_examples = float(stats.num_examples)
+        except (TypeError, ValueError):
+            num_examples = float("nan")
+        if not np.isfinite(num_examples) or num_examples <= 0 or num_examples != int(num_examples):
+            raise PayloadError(
+                client, f"num_examples must be a positive integer, got {stats.num_examples!r}"
+            )
         mean = _check_vector(client, "mean", stats.mean, width)
         var = _check_vector(client, "var", stats.var, width)
         if np.any(var < 0):
@@ -141,7 +150,7 @@ def pool_forward_stats(
         counts.append(count)
         means.append(mean)
         variances.append(var)
-        examples += int(stats.num_examples)
+        examples += int(num_examples)
     weights = np.asarray(counts)[:, None]
     total = float(weights.sum())
     means_arr, vars_arr = np.stack(means), np.stack(variances)

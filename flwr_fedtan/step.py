@@ -259,14 +259,18 @@ class SyncStep:
             point's request (``None`` if the aggregates complete the step).
         """
         step = cls(model, forward_fn, num_examples, total_examples=total_examples, seed=seed)
-        request = step.start()
-        for i, aggregate in enumerate(aggregates):
-            if request is None:
-                raise StepProtocolError(
-                    f"replay log holds {len(aggregates)} aggregates but the step completed "
-                    f"after {i}: weights, batch or model differ from the original step"
-                )
-            request = step.resume(aggregate)
+        try:
+            request = step.start()
+            for i, aggregate in enumerate(aggregates):
+                if request is None:
+                    raise StepProtocolError(
+                        f"replay log holds {len(aggregates)} aggregates but the step completed "
+                        f"after {i}: weights, batch or model differ from the original step"
+                    )
+                request = step.resume(aggregate)
+        except BaseException:
+            step.close()  # else its worker thread waits forever, holding the graph
+            raise
         return step, request
 
     # ------------------------------------------------------------------ internals
@@ -502,10 +506,15 @@ class SyncStep:
         point = self._new_point("backward", call.point.call, x.shape[1])
         total: BackwardSums = yield point, local  # type: ignore[misc]
 
-        if layer.affine:
+        # An output no loss reached (used under no_grad, or unused) leaves gradients
+        # untouched, as in centralised training, unless other clients' sums say otherwise.
+        reached = call.grad_output is not None
+        if layer.affine and reached:
             self._accumulate(layer.weight, local.sum_grad_xhat)
             self._accumulate(layer.bias, local.sum_grad)
-        if x.requires_grad:
+        if x.requires_grad and not (reached or np.any(total.sum_grad) or np.any(total.sum_grad_xhat)):
+            staged.run_stage(stage, None)  # still passes on what earlier stages left below
+        elif x.requires_grad:
             # dF/dx = gamma * invstd * (g - S1/M - x_hat * S2/M), per channel
             #       = a * g + b * (x - mu) + c
             gamma = layer.weight.detach().to(torch.float64) if layer.affine else 1.0
@@ -524,7 +533,7 @@ class SyncStep:
     def _accumulate(param: nn.Parameter, value: np.ndarray) -> None:
         if not param.requires_grad:
             return
-        grad = torch.as_tensor(value, device=param.device).to(param.dtype)
+        grad = torch.tensor(value, dtype=param.dtype, device=param.device)  # a copy
         if param.grad is None:
             param.grad = grad
         else:
