@@ -319,7 +319,9 @@ def fedtan_client_app(client_fn: Callable[[Context], FedTANClient]) -> ClientApp
         arrays = msg.content.array_records["arrays"]
         config = dict(msg.content.config_records.get("config", ConfigRecord()))
         client.load_arrays(arrays)
-        config.setdefault("seed", derive_seed(int(config.get("server-round", 0)), client_seed_key(context)))
+        # The same batches a FedTAN round would draw (strategy seed, round, attempt 0).
+        round_seed = derive_seed(int(config.get("seed", 0)), int(config.get("server-round", 0)), 0)
+        config["seed"] = derive_seed(round_seed, client_seed_key(context))
         _, num_examples, metrics = client.fit(client.get_parameters({}), config)
         record = MetricRecord({"num-examples": num_examples, **metrics})
         return Message(RecordDict({"arrays": client.arrays(), "metrics": record}), reply_to=msg)

@@ -1,17 +1,63 @@
-"""The app's ClientApp: one FedTANClient per node, serving FedTAN and FedAvg messages."""
+"""The app's ClientApp: one app for every method of the run-config key ``strategy``.
+
+- ``fedtan`` and ``fedavg``: :func:`flwr_fedtan.fedtan_client_app` (``train.fedtan``
+  rounds, ordinary ``train`` and ``evaluate``), unchanged;
+- ``fedbn``, ``silobn``, ``fixbn``, ``fedgn``, ``centralised``: ``train`` and ``evaluate``
+  are served by :mod:`simulations.baselines` (local BatchNorm entries in
+  ``context.state``, frozen statistics, GroupNorm model, pooled data).
+"""
 
 from __future__ import annotations
 
-from flwr.app import Context
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
 
-from flwr_fedtan import FedTANClient, fedtan_client_app
+from flwr_fedtan import FedTANClient, fedtan_client_app, schema
 
+from . import baselines
 from .task import make_client
 
 
 def client_fn(context: Context) -> FedTANClient:
     """Build the node's client from the run config and the node's partition."""
+    if "strategy" in context.run_config:
+        return baselines.make_method_client(context.run_config, context.node_config)
     return make_client(context.run_config, context.node_config)
 
 
-app = fedtan_client_app(client_fn)
+fedtan_app = fedtan_client_app(client_fn)
+"""FedTAN's own ClientApp: serves FedTAN's rounds and Flower's FedAvg, exactly as before."""
+
+app = ClientApp()
+
+
+def _served_by_baselines(context: Context) -> bool:
+    return "strategy" in context.run_config and baselines.method_spec(context.run_config).baseline_client
+
+
+@app.train(schema.ACTION)
+def fedtan_train(msg: Message, context: Context) -> Message:
+    """A FedTAN exchange (message type ``train.fedtan``)."""
+    return fedtan_app(msg, context)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local training of a round, for the method of ``context.run_config["strategy"]``."""
+    if _served_by_baselines(context):
+        return baselines.client_train(msg, context, client_fn(context))
+    return fedtan_app(msg, context)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluation: personalised models for FedBN/SiloBN, else FedTAN's client's evaluate."""
+    if _served_by_baselines(context):
+        return baselines.client_evaluate(msg, context, client_fn(context))
+    return fedtan_app(msg, context)
+
+
+@app.query("ping")
+def ping(msg: Message, context: Context) -> Message:
+    """An empty reply: the bare cost of one exchange (simulations/bench_flower.py)."""
+    return Message(RecordDict(), reply_to=msg)

@@ -6,6 +6,7 @@ import math
 from functools import lru_cache
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
@@ -60,6 +61,21 @@ def client_dataset(config: Mapping[str, Any], partition_id: int, num_partitions:
                         int(config.get("seed", 0)), classes_per_client(config, int(num_partitions)),
                         float(config.get("dirichlet-alpha", 0.5)))
     index = torch.as_tensor(parts[int(partition_id)], dtype=torch.long)
+    return TensorDataset(images[index], labels[index])
+
+
+def pooled_dataset(config: Mapping[str, Any], num_partitions: int) -> TensorDataset:
+    """The union of the training partitions of ``num_partitions`` clients, in index order.
+
+    What centralised training sees: exactly the examples the federated clients hold
+    together (the whole training set, unless a partitioner leaves some out).
+    """
+    dataset, data_dir = str(config["dataset"]), _data_dir(config)
+    images, labels = load_dataset(dataset, split="train", data_dir=data_dir)
+    parts = _partitions(dataset, data_dir, int(num_partitions), str(config["partitioning"]),
+                        int(config.get("seed", 0)), classes_per_client(config, int(num_partitions)),
+                        float(config.get("dirichlet-alpha", 0.5)))
+    index = torch.as_tensor(np.sort(np.concatenate(parts)), dtype=torch.long)
     return TensorDataset(images[index], labels[index])
 
 

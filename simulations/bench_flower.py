@@ -1,0 +1,135 @@
+"""Benchmark: a FedTAN round against a FedAvg round and an empty exchange, one federation.
+
+Run::
+
+    python -m simulations.bench_flower [--supernodes 5] [--rounds 3] [--model cnn]
+
+It runs the app once with ``mode = "bench"`` (Flower simulation, Ray backend); the
+ServerApp then measures, on the same nodes and in this order: empty exchanges (a
+``query.ping`` message to every node and the replies back), Flower FedAvg rounds and
+FedTAN rounds, all with the same model, data and ``local-steps``. It prints exchanges
+and bytes per round and the ratio
+
+    FedTAN_round / (FedAvg_round + 2L * empty_exchange)
+
+(target <= 1.2): what FedTAN costs beyond FedAvg plus the bare latency of its 2L extra
+exchanges.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any, Mapping
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from flwr_fedtan import FedTAN, convert_batchnorm
+from flwr_fedtan.schema import record_bytes
+
+PING = "query.ping"
+
+
+def _empty_exchange(grid: Grid, nodes: list[int], poll_interval: float) -> float:
+    started = time.perf_counter()
+    messages = [Message(RecordDict(), dst_node_id=n, message_type=PING) for n in nodes]
+    pending = set(grid.push_messages(messages))
+    while pending:
+        for reply in grid.pull_messages(list(pending)):
+            pending.discard(reply.metadata.reply_to_message_id)
+        if pending:
+            time.sleep(poll_interval)
+    return time.perf_counter() - started
+
+
+def run_exchange_benchmark(grid: Grid, config: Mapping[str, Any], initial: ArrayRecord) -> dict:
+    """Server side of the benchmark; returns the measurements as a dict."""
+    nodes = sorted(grid.get_node_ids())
+    rounds = int(config.get("bench-rounds", 3))
+    train_config = ConfigRecord({"lr": float(config["lr"]), "local-steps": int(config["local-steps"])})
+    fedtan = FedTAN(fraction_evaluate=0.0, min_available_nodes=len(nodes), min_train_nodes=len(nodes))
+    _empty_exchange(grid, nodes, fedtan.poll_interval)  # warm-up: actors start, imports
+    empty = [_empty_exchange(grid, nodes, fedtan.poll_interval) for _ in range(10)]
+
+    fedavg = FedAvg(fraction_evaluate=0.0, min_available_nodes=len(nodes), min_train_nodes=len(nodes))
+    fedavg.start(grid=grid, initial_arrays=initial, num_rounds=1, train_config=train_config)  # warm-up
+    started = time.perf_counter()
+    fedavg.start(grid=grid, initial_arrays=initial, num_rounds=rounds, train_config=train_config)
+    fedavg_round = (time.perf_counter() - started) / rounds
+
+    fedtan.start(grid=grid, initial_arrays=initial, num_rounds=1, train_config=train_config)  # warm-up
+    started = time.perf_counter()
+    result = fedtan.start(grid=grid, initial_arrays=initial, num_rounds=rounds, train_config=train_config)
+    fedtan_round = (time.perf_counter() - started) / rounds
+
+    last = result.train_metrics_clientapp[rounds]
+    exchanges = int(last["fedtan-exchanges"])
+    calls = (exchanges - 1) // 2
+    empty_exchange = statistics.median(empty)
+    model_bytes = record_bytes(RecordDict({"arrays": initial}))
+    return {
+        "nodes": len(nodes),
+        "bn-calls": calls,
+        "empty-exchange-seconds": empty_exchange,
+        "fedavg-round-seconds": fedavg_round,
+        "fedtan-round-seconds": fedtan_round,
+        "fedtan-exchanges-per-round": exchanges,
+        "fedavg-exchanges-per-round": 1,
+        "fedtan-bytes-per-round": int(last["fedtan-bytes-sent"]) + int(last["fedtan-bytes-received"]),
+        "fedavg-bytes-per-round": 2 * len(nodes) * model_bytes,
+        "fedtan-sync-wall-seconds": float(last["fedtan-sync-wall-seconds"]),
+        "ratio": fedtan_round / (fedavg_round + 2 * calls * empty_exchange),
+    }
+
+
+def format_report(bench: Mapping[str, Any]) -> str:
+    """The benchmark's table, as printed."""
+    rows = [
+        ("nodes", f"{bench['nodes']}"),
+        ("BatchNorm calls L", f"{bench['bn-calls']}"),
+        ("empty exchange (median of 10)", f"{bench['empty-exchange-seconds'] * 1e3:.1f} ms"),
+        ("FedAvg round", f"{bench['fedavg-round-seconds'] * 1e3:.1f} ms, 1 exchange, "
+                         f"{bench['fedavg-bytes-per-round'] / 1e6:.2f} MB"),
+        ("FedTAN round", f"{bench['fedtan-round-seconds'] * 1e3:.1f} ms, "
+                         f"{bench['fedtan-exchanges-per-round']} exchanges, "
+                         f"{bench['fedtan-bytes-per-round'] / 1e6:.2f} MB"),
+        ("FedTAN / (FedAvg + 2L x empty)", f"{bench['ratio']:.2f}  (target <= 1.2)"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--supernodes", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--model", default="cnn")
+    parser.add_argument("--dataset", default="synthetic")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--local-steps", type=int, default=1)
+    parser.add_argument("--num-cpus-per-client", type=float, default=2.0)
+    args = parser.parse_args()
+
+    from .flower_processes import run_app
+
+    summary = run_app(
+        {
+            "mode": "bench",
+            "bench-rounds": args.rounds,
+            "model": args.model,
+            "dataset": args.dataset,
+            "batch-size": args.batch_size,
+            "local-steps": args.local_steps,
+            "partitioning": "iid",
+        },
+        num_supernodes=args.supernodes,
+        num_cpus_per_client=args.num_cpus_per_client,
+    )
+    print(format_report(summary["bench"]))
+
+
+if __name__ == "__main__":
+    main()
