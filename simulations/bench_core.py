@@ -38,70 +38,14 @@ from torch import nn
 from flwr_fedtan import SyncStep, convert_batchnorm, pooled_backward
 from flwr_fedtan.reference import aggregate_requests
 
+from .models import build_model
+
 TARGET_RATIO = 1.3
 
 
-# ----------------------------------------------------------------------------- models
-class _Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.pad = cout - cin
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        short = x
-        if self.pad:  # option A: subsample, zero-pad the channels
-            short = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
-        return F.relu(out + short)
-
-
-class _ResNet20(nn.Module):
-    """CIFAR ResNet-20 (He et al. 2016), option-A shortcuts, 19 BatchNorm layers."""
-
-    def __init__(self, in_channels: int = 1, num_classes: int = 10) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
-        self.bn = nn.BatchNorm2d(16)
-        blocks, cin = [], 16
-        for stage, cout in enumerate((16, 32, 64)):
-            for i in range(3):
-                blocks.append(_Block(cin, cout, 2 if stage > 0 and i == 0 else 1))
-                cin = cout
-        self.blocks = nn.Sequential(*blocks)
-        self.fc = nn.Linear(64, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(F.relu(self.bn(self.conv(x))))
-        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
-
-
-def _vgg(in_channels: int = 1, num_classes: int = 10) -> nn.Module:
-    def block(cin: int, cout: int) -> list[nn.Module]:
-        return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
-
-    return nn.Sequential(
-        *block(in_channels, 32), *block(32, 32), nn.MaxPool2d(2),
-        *block(32, 64), *block(64, 64), nn.MaxPool2d(2),
-        nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-        nn.Linear(256, 128), nn.BatchNorm1d(128), nn.ReLU(inplace=True), nn.Dropout(0.5),
-        nn.Linear(128, num_classes),
-    )
-
-
 def build(name: str) -> tuple[nn.Module, str]:
-    """The model from simulations.models if it is there, else the local definition."""
-    try:
-        from simulations.models import build_model  # type: ignore
-
-        return build_model(name, num_classes=10, in_channels=1), "simulations.models"
-    except Exception:  # noqa: BLE001 - missing or different module: use the local copy
-        local: dict[str, Callable[[], nn.Module]] = {"resnet20": _ResNet20, "vgg": _vgg}
-        return local[name](), "local definition"
+    """The named model of simulations.models (Fashion-MNIST shaped: 1 channel, 10 classes)."""
+    return build_model(name, num_classes=10, in_channels=1), "simulations.models"
 
 
 # ----------------------------------------------------------------------------- helpers
