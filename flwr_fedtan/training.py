@@ -72,7 +72,8 @@ class ClientRound:
         self.model = model
         self.sample_batch = sample_batch
         self.loss_fn = loss_fn
-        self.optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
+        self._make_optimizer = make_optimizer
+        self._optimizer: Optional[torch.optim.Optimizer] = None
         self.sync_steps = sync_steps
         self.local_steps = local_steps
         self.seed = seed
@@ -83,6 +84,18 @@ class ClientRound:
         self.sync_seconds = 0.0
         self._step: Optional[SyncStep] = None
         self._started = False
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The round's optimiser, built on first use: a message that only replays a paused
+        step (every message in deployment) never pays for importing torch.optim."""
+        if self._optimizer is None:
+            self._optimizer = self._make_optimizer([p for p in self.model.parameters() if p.requires_grad])
+        return self._optimizer
+
+    def _clear_gradients(self) -> None:
+        for p in self.model.parameters():
+            p.grad = None
 
     @property
     def synchronised_done(self) -> bool:
@@ -131,7 +144,7 @@ class ClientRound:
         self.model.train()
         for s in range(self.sync_steps, self.local_steps):
             inputs, targets = self.sample_batch(derive_seed(self.seed, s))
-            self.optimizer.zero_grad(set_to_none=True)
+            self._clear_gradients()
             loss = self.loss_fn(self.model(inputs), targets)
             loss.backward()
             self.optimizer.step()
@@ -164,7 +177,7 @@ class ClientRound:
         while index < self.sync_steps:
             step_seed = derive_seed(self.seed, index)
             inputs, targets = self.sample_batch(step_seed)
-            self.optimizer.zero_grad(set_to_none=True)
+            self._clear_gradients()
             model, loss_fn = self.model, self.loss_fn
             self._step = SyncStep(
                 model,
