@@ -23,11 +23,11 @@ import statistics
 import time
 from typing import Any, Mapping
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from flwr_fedtan import FedTAN, convert_batchnorm
+from flwr_fedtan import FedTAN
 from flwr_fedtan.schema import record_bytes
 
 PING = "query.ping"

@@ -410,6 +410,15 @@ _session: Optional[FlowerProcesses] = None
 _session_env: dict[str, str] = {}
 
 
+def _exit_on_sigterm() -> None:
+    """Make SIGTERM exit normally, so ``atexit`` stops the processes (a runner killed with
+    ``kill`` would otherwise leave its SuperLink and Ray behind)."""
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def _simulation_session(env: Optional[Mapping[str, str]]) -> FlowerProcesses:
     """The process-wide simulation SuperLink (restarted if ``env`` changes); stopped at exit."""
     global _session, _session_env
@@ -420,6 +429,7 @@ def _simulation_session(env: Optional[Mapping[str, str]]) -> FlowerProcesses:
     if _session is None:
         session = FlowerProcesses(Path(tempfile.mkdtemp(prefix="fedtan-flwr-")), env=wanted)
         atexit.register(session.stop)
+        _exit_on_sigterm()
         session.add_connection("simulation", session.start_superlink(simulation=True, env=wanted))
         _session, _session_env = session, wanted
     return _session

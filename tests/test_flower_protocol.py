@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from flwr_fedtan import FedTAN, FedTANClient, aggregate_arrays, convert_batchnorm, fedtan_client_app, pooled_backward
+from flwr_fedtan import FedTAN, FedTANClient, convert_batchnorm, fedtan_client_app
 from flwr_fedtan import schema
 from flwr_fedtan.client import clear_live_rounds, client_seed_key
 from flwr_fedtan.reference import fedtan_round_in_process
