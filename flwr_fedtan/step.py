@@ -438,6 +438,7 @@ class SyncStep:
         worker = threading.Thread(target=self._forward_worker, name="fedtan-forward", daemon=True)
         self._worker = worker
         worker.start()
+        message: tuple = ("starting",)
         try:
             while True:
                 message = self._to_driver.get()
