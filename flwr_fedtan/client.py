@@ -356,9 +356,7 @@ def _handle_fedtan(msg: Message, context: Context, client_fn: Callable[[Context]
              **({"lr": float(config["lr"])} if "lr" in config else {})}
         )
         state[REPLAY_LOG] = ArrayRecord()
-        state[REPLAY_WEIGHTS] = ArrayRecord(
-            {k: Array(v.detach().cpu().numpy()) for k, v in client.model.state_dict().items()}
-        )
+        state[REPLAY_WEIGHTS] = client.arrays()
         round_ = client.new_round(seed, control.sync_steps, config)
         live = _LiveRound(client, round_, control.round)
         started = time.perf_counter()
