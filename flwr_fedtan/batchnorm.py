@@ -9,7 +9,7 @@ until the statistics of the pooled batch of all clients come back.
 
 from __future__ import annotations
 
-import threading
+import contextvars
 from typing import Any, Optional
 
 import torch
@@ -23,16 +23,20 @@ class UnsupportedModelError(ValueError):
     """A model or layer configuration FedTAN cannot synchronise."""
 
 
-_thread_state = threading.local()
+# A context variable, not a thread-local: a step's forward runs in its own greenlet, which
+# has its own context, on the thread of the code driving the step.
+_active_step: contextvars.ContextVar[Optional[Any]] = contextvars.ContextVar(
+    "fedtan_active_step", default=None
+)
 
 
 def active_step() -> Optional[Any]:
-    """Return the synchronised step running in this thread, or ``None``."""
-    return getattr(_thread_state, "step", None)
+    """Return the synchronised step whose forward code is running here, or ``None``."""
+    return _active_step.get()
 
 
 def _set_active_step(step: Optional[Any]) -> None:
-    _thread_state.step = step
+    _active_step.set(step)
 
 
 # Input ranks the original layer types accept; ``None`` means "any rank >= 2".
@@ -49,7 +53,7 @@ class FedTANBatchNorm(_BatchNorm):
 
     Outside a synchronised step the layer computes exactly what the layer it replaced
     computes, in training and in evaluation. Inside a synchronised step (a
-    :class:`~flwr_fedtan.step.SyncStep` running in the current thread) a call that
+    :class:`~flwr_fedtan.step.SyncStep` running its forward code) a call that
     normalises with batch statistics (training mode, or ``track_running_stats=False``)
     becomes one forward sync point and, later, one backward sync point of that step.
 

@@ -48,7 +48,7 @@ def aggregate_requests(requests: Mapping[Hashable, SyncRequest]) -> tuple[SyncPo
 def drive_steps(steps: Sequence[SyncStep]) -> int:
     """Run K fresh steps in lockstep until all complete; return the exchanges used.
 
-    On any error every step is closed (no worker thread is left waiting) and the error
+    On any error every step is closed (no paused forward is left holding its graph) and the error
     propagates.
     """
     try:

@@ -159,7 +159,7 @@ class ClientRound:
         }
 
     def close(self) -> None:
-        """Release a step still in flight (worker thread, graph)."""
+        """Release a step still in flight (paused forward, graph)."""
         if self._step is not None:
             self._step.close()
             self._step = None

@@ -5,10 +5,12 @@ from __future__ import annotations
 import copy
 import os
 import pathlib
+import gc
 import subprocess
 import sys
 import threading
 
+import greenlet
 import numpy as np
 import pytest
 import torch
@@ -38,15 +40,28 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SIZES = [7, 16, 33]
 
 
-def forward_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "fedtan-forward" and t.is_alive()]
+def _runs_step_forward(g: greenlet.greenlet) -> bool:
+    frame = g.gr_frame
+    while frame is not None:
+        if frame.f_code.co_name == "_forward_body":
+            return True
+        frame = frame.f_back
+    return False
+
+
+def paused_forwards() -> list:
+    """Step forwards (greenlets) that started and have not ended: each holds a graph."""
+    return [
+        g for g in gc.get_objects()
+        if type(g) is greenlet.greenlet and bool(g) and not g.dead and _runs_step_forward(g)
+    ]
 
 
 @pytest.fixture
 def new_threads():
-    """Alive "fedtan-forward" threads started during the test (a leak elsewhere doesn't count)."""
-    before = set(forward_threads())
-    return lambda: [t for t in forward_threads() if t not in before]
+    """Paused step forwards left by the test (a leak elsewhere doesn't count)."""
+    before = {id(g) for g in paused_forwards()}
+    return lambda: [g for g in paused_forwards() if id(g) not in before]
 
 
 def clients_for(name, sizes=SIZES, dtype=torch.float64, dropout=False):
@@ -511,3 +526,67 @@ def test_payload_arrays_not_aliased_with_gradients():
             v[...] = np.nan
     for n, p in model.named_parameters():
         assert torch.equal(p.grad, grads[n]), n
+
+
+# --------------------------------------------------------------------------- thread-local state
+def test_driver_grad_mode_and_forward_grad_mode_stay_apart():
+    """The paused forward and its driver share one OS thread: the driver may run under
+    no_grad (as Flower client code may) without the forward losing its graph, and sees its
+    own grad mode again after every pause."""
+    central, clients = clients_for("resnet20", sizes=[6, 9])
+    batches = make_batches("resnet20", [6, 9])
+    reference = [copy.deepcopy(c) for c in clients]
+    drive_steps(make_steps(reference, batches))
+
+    steps = make_steps(clients, batches)
+    with torch.no_grad():
+        requests = {i: s.start() for i, s in enumerate(steps)}
+        while requests[0] is not None:
+            assert not torch.is_grad_enabled()
+            _, agg = aggregate_requests(requests)
+            requests = {i: s.resume(agg) for i, s in enumerate(steps)}
+    assert torch.is_grad_enabled()  # the no_grad block above has ended
+    for a, b in zip(clients, reference):
+        assert_same_grads_and_buffers(a, b, tol=0)
+
+
+def test_autocast_entered_in_the_forward_does_not_leak_into_the_driver():
+    _, clients = clients_for("mlp", sizes=[8], dtype=torch.float32)
+    model = clients[0]
+    x, y = make_batches("mlp", [8], torch.float32)[0]
+
+    def forward():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        return F.cross_entropy(out.float(), y)
+
+    step = SyncStep(model, forward, num_examples=8)
+    request = step.start()
+    while request is not None:
+        assert not torch.is_autocast_enabled("cpu")
+        request = step.resume(aggregate_requests({0: request})[1])
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_resume_from_another_thread_raises_a_clear_error(new_threads):
+    _, clients = clients_for("mlp")
+    model = clients[0]
+    x, y = make_batches("mlp", [6])[0]
+    step = SyncStep(model, lambda: F.cross_entropy(model(x), y), num_examples=6)
+    request = step.start()
+    errors = []
+
+    def other_thread():
+        try:
+            step.resume(aggregate_requests({0: request})[1])
+        except StepProtocolError as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    thread.join()
+    assert len(errors) == 1 and "thread that started it" in str(errors[0])
+    assert step.pending == request[0]  # still usable from its own thread
+    step.resume(aggregate_requests({0: request})[1])
+    step.close()
+    assert not new_threads()
