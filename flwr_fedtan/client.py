@@ -7,9 +7,11 @@ process. A round in flight is therefore kept two ways:
 - in process memory (an LRU cache keyed by run and node): the live
   :class:`~flwr_fedtan.training.ClientRound`, paused inside its synchronised step; a
   message that finds it resumes it at once;
-- in ``context.state``, which Flower carries with the node: the round's seed, the
-  aggregates received so far and the round's starting weights. A message that lands in
-  a process without the live round rebuilds it with :meth:`ClientRound.replay`.
+- in ``context.state``, which Flower carries with the node: the round's seed and the
+  aggregates received so far, plus the round's starting weights or (by default) a
+  reference to a node-local copy of them (:mod:`flwr_fedtan.replay_store`). A message
+  that lands in a process without the live round rebuilds it with
+  :meth:`ClientRound.replay`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from . import schema
 from .aggregation import BackwardSums, ForwardStats
 from .batchnorm import convert_batchnorm
+from .replay_store import discard_weights, load_weights, resolve_store, save_weights
 from .step import Aggregate
 from .training import ClientRound, derive_seed
 
@@ -42,7 +45,6 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 REPLAY_STATE = "fedtan.replay"  # ConfigRecord in context.state
 REPLAY_LOG = "fedtan.log"  # ArrayRecord in context.state: aggregates of the round so far
-REPLAY_WEIGHTS = "fedtan.weights"  # ArrayRecord in context.state: the round's start
 
 
 class FedTANClient(NumPyClient):
@@ -288,7 +290,9 @@ def _client_from(client_fn: Callable[[Context], Any], context: Context) -> FedTA
     return client
 
 
-def fedtan_client_app(client_fn: Callable[[Context], FedTANClient]) -> ClientApp:
+def fedtan_client_app(
+    client_fn: Callable[[Context], FedTANClient], replay_store: Optional[str] = None
+) -> ClientApp:
     """A message-API ``ClientApp`` that serves every message FedTAN and FedAvg send.
 
     Parameters
@@ -296,6 +300,11 @@ def fedtan_client_app(client_fn: Callable[[Context], FedTANClient]) -> ClientApp
     client_fn : Callable[[Context], FedTANClient]
         Builds the node's client (model, data, settings) from the context, like the
         ``client_fn`` of a legacy ``ClientApp``.
+    replay_store : Optional[str] (default: None)
+        Where a round's starting weights are kept for replay in another process:
+        ``"disk"`` (a node-local file, the default) or ``"context"`` (``context.state``,
+        for multi-machine Ray clusters); ``None`` reads ``FEDTAN_REPLAY_STORE``. See
+        :mod:`flwr_fedtan.replay_store`.
 
     Returns
     -------
@@ -307,11 +316,12 @@ def fedtan_client_app(client_fn: Callable[[Context], FedTANClient]) -> ClientApp
     --------
     >>> app = fedtan_client_app(client_fn)
     """
+    store = resolve_store(replay_store)
     app = ClientApp()
 
     @app.train(schema.ACTION)
     def fedtan_train(msg: Message, context: Context) -> Message:
-        return _handle_fedtan(msg, context, client_fn)
+        return _handle_fedtan(msg, context, client_fn, store)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -338,7 +348,7 @@ def fedtan_client_app(client_fn: Callable[[Context], FedTANClient]) -> ClientApp
     return app
 
 
-def _handle_fedtan(msg: Message, context: Context, client_fn: Callable[[Context], Any]) -> Message:
+def _handle_fedtan(msg: Message, context: Context, client_fn: Callable[[Context], Any], store: str) -> Message:
     control = schema.decode_control(msg.content)
     key = (context.run_id, context.node_id)
     state = context.state
@@ -356,7 +366,7 @@ def _handle_fedtan(msg: Message, context: Context, client_fn: Callable[[Context]
              **({"lr": float(config["lr"])} if "lr" in config else {})}
         )
         state[REPLAY_LOG] = ArrayRecord()
-        state[REPLAY_WEIGHTS] = client.arrays()
+        save_weights(state, client.arrays(), store, context.run_id, context.node_id)
         round_ = client.new_round(seed, control.sync_steps, config)
         live = _LiveRound(client, round_, control.round)
         started = time.perf_counter()
@@ -403,8 +413,8 @@ def _handle_fedtan(msg: Message, context: Context, client_fn: Callable[[Context]
     replay = state.config_records[REPLAY_STATE]
     metrics["sync-seconds"] = float(replay["sync-seconds"])
     metrics["replays"] = float(replay["replays"])
-    for name in (REPLAY_LOG, REPLAY_WEIGHTS):
-        del state[name]
+    del state[REPLAY_LOG]
+    discard_weights(state)
     content = schema.encode_done(control.round, live.client.arrays(), MetricRecord(metrics))
     return Message(content, reply_to=msg)
 
@@ -418,7 +428,7 @@ def _rebuild(context: Context, client_fn: Callable[[Context], Any], replay: Conf
     """Rebuild the round in this process from ``context.state`` (deterministic replay)."""
     state = context.state
     client = _client_from(client_fn, context)
-    client.load_arrays(state.array_records[REPLAY_WEIGHTS])
+    client.load_arrays(load_weights(state))
     config = {"local-steps": int(replay["local-steps"])}
     if "lr" in replay:
         config["lr"] = float(replay["lr"])

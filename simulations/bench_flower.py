@@ -81,6 +81,9 @@ def run_exchange_benchmark(grid: Grid, config: Mapping[str, Any], initial: Array
         "fedtan-bytes-per-round": int(last["fedtan-bytes-sent"]) + int(last["fedtan-bytes-received"]),
         "fedavg-bytes-per-round": 2 * len(nodes) * model_bytes,
         "fedtan-sync-wall-seconds": float(last["fedtan-sync-wall-seconds"]),
+        "fedtan-final-exchange-seconds": float(last["fedtan-final-exchange-seconds"]),
+        "client-sync-seconds": float(last.get("sync-seconds", float("nan"))),
+        "client-local-seconds": float(last.get("local-seconds", float("nan"))),
         "ratio": fedtan_round / (fedavg_round + 2 * calls * empty_exchange),
     }
 
@@ -96,6 +99,10 @@ def format_report(bench: Mapping[str, Any]) -> str:
         ("FedTAN round", f"{bench['fedtan-round-seconds'] * 1e3:.1f} ms, "
                          f"{bench['fedtan-exchanges-per-round']} exchanges, "
                          f"{bench['fedtan-bytes-per-round'] / 1e6:.2f} MB"),
+        ("  first 2L exchanges (server wall)", f"{bench['fedtan-sync-wall-seconds'] * 1e3:.1f} ms"),
+        ("  last exchange (local steps, models)", f"{bench['fedtan-final-exchange-seconds'] * 1e3:.1f} ms"),
+        ("  client: synchronised step compute", f"{bench['client-sync-seconds'] * 1e3:.1f} ms (mean per client)"),
+        ("  client: local steps compute", f"{bench['client-local-seconds'] * 1e3:.1f} ms (mean per client)"),
         ("FedTAN / (FedAvg + 2L x empty)", f"{bench['ratio']:.2f}  (target <= 1.2)"),
     ]
     width = max(len(name) for name, _ in rows)

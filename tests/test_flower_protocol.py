@@ -103,9 +103,14 @@ def run_fedtan(grid, rounds=2, **kwargs):
     return strategy, result
 
 
-@pytest.mark.parametrize("separate_processes", [False, True], ids=["live", "replay"])
-def test_two_rounds_equal_in_process_reference(separate_processes):
-    app = fedtan_client_app(lambda ctx: make_client(ctx, local_steps=2))
+@pytest.mark.parametrize(
+    "separate_processes,store",
+    [(False, "disk"), (True, "disk"), (True, "context")],
+    ids=["live", "replay-disk", "replay-context"],
+)
+def test_two_rounds_equal_in_process_reference(separate_processes, store, tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDTAN_STATE_DIR", str(tmp_path))
+    app = fedtan_client_app(lambda ctx: make_client(ctx, local_steps=2), replay_store=store)
     grid = LocalGrid(app, 3, {}, separate_processes=separate_processes)
     strategy, result = run_fedtan(grid, rounds=2)
     expected = reference_rounds(grid, strategy, to_numpy(initial_arrays()), rounds=2, local_steps=2)
@@ -116,6 +121,37 @@ def test_two_rounds_equal_in_process_reference(separate_processes):
     assert metrics["fedtan-bytes-sent"] > 0 and metrics["fedtan-bytes-received"] > 0
     # Live: every aggregate resumes the step in memory. Replay: every aggregate rebuilds it.
     assert metrics["replays"] == (2 * NUM_BN_CALLS if separate_processes else 0)
+    # Where the starting weights were kept; nothing is left behind after the rounds.
+    for context in grid.contexts.values():
+        assert not any(name.startswith("fedtan.weights") for name in context.state.keys())
+    assert not list(tmp_path.rglob("*.npz"))
+
+
+def test_replay_without_the_node_local_weights_drops_the_node_with_a_clear_reason(tmp_path, monkeypatch):
+    """A message reaching a process that can see neither the live round nor the node-local
+    copy of the starting weights (another machine): the node is dropped with a reason that
+    says what to change, and the round completes with the others."""
+    monkeypatch.setenv("FEDTAN_STATE_DIR", str(tmp_path))
+    app = fedtan_client_app(make_client, replay_store="disk")
+
+    class LosesFiles(LocalGrid):
+        def push_messages(self, messages):
+            messages = list(messages)
+            for msg in messages:
+                if msg.metadata.dst_node_id == 1007 and schema.CONTROL in msg.content.config_records:
+                    if msg.content.config_records[schema.CONTROL]["phase"] != schema.PHASE_BEGIN:
+                        for path in tmp_path.rglob("node-1007.npz"):
+                            path.unlink()
+            return super().push_messages(messages)
+
+    grid = LosesFiles(app, 3, {}, separate_processes=True)
+    strategy = FedTAN(min_available_nodes=3, min_train_nodes=2, fraction_evaluate=0.0)
+    result = strategy.start(grid, initial_arrays(), num_rounds=1)
+    reason = strategy.dropped[1][1007]
+    assert "node-local store" in reason and "replay_store='context'" in reason
+    assert result.train_metrics_clientapp[1]["fedtan-clients"] == 2
+    expected = reference_rounds(grid, strategy, to_numpy(initial_arrays()), 1, 1, nodes=[1000, 1014], attempt=1)
+    assert max_diff(to_numpy(result.arrays), expected) <= 1e-10
 
 
 def test_one_round_equals_centralised_sgd_step():
