@@ -30,6 +30,8 @@ Partitioning
 from __future__ import annotations
 
 import gzip
+import hashlib
+import importlib.metadata
 import importlib.util
 import os
 import pickle
@@ -56,6 +58,7 @@ __all__ = [
     "make_synthetic",
     "partition_indices",
     "client_partition",
+    "cached_partition_indices",
     "clear_cache",
 ]
 
@@ -724,6 +727,51 @@ def partition_indices(
     return [np.sort(np.asarray(part[:]["index"], dtype=np.int64)) for part in parts]
 
 
+def _partitions_cache_dir() -> Path:
+    return Path(CACHE_ROOT) / "partitions"
+
+
+def cached_partition_indices(
+    labels: Union[np.ndarray, torch.Tensor, Sequence[int]],
+    num_partitions: int,
+    scheme: str,
+    seed: int = 0,
+    classes_per_partition: int = 2,
+    alpha: float = 0.5,
+) -> list[np.ndarray]:
+    """:func:`partition_indices`, cached on disk under ``CACHE_ROOT / "partitions"``.
+
+    Partitioning goes through ``datasets`` and ``flwr_datasets`` (seconds to import and
+    run); a process that only needs its client's share, such as every ClientApp process
+    of a deployment, reads the cached indices instead. The cache key covers the labels'
+    content, every argument and the ``flwr-datasets`` version; an unreadable entry is
+    recomputed.
+    """
+    labels_array = np.ascontiguousarray(np.asarray(labels, dtype=np.int64).reshape(-1))
+    key = hashlib.sha256(labels_array.tobytes())
+    key.update(repr((num_partitions, scheme, seed, classes_per_partition, float(alpha),
+                     importlib.metadata.version("flwr-datasets"))).encode())
+    path = _partitions_cache_dir() / f"{key.hexdigest()[:32]}.npz"
+    try:
+        with np.load(path, allow_pickle=False) as cached:
+            parts = [cached[f"p{i}"] for i in range(num_partitions)]
+        if all(p.dtype == np.int64 and p.ndim == 1 for p in parts):
+            return parts
+    except (OSError, KeyError, ValueError):
+        pass  # absent or unreadable: compute it
+    parts = partition_indices(labels_array, num_partitions, scheme, seed=seed,
+                              classes_per_partition=classes_per_partition, alpha=alpha)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.partial")
+        with open(partial, "wb") as handle:
+            np.savez(handle, **{f"p{i}": part for i, part in enumerate(parts)})
+        os.replace(partial, path)
+    except OSError as error:  # a read-only home still trains, only slower
+        warnings.warn(f"could not cache partitions in {path.parent}: {error}", stacklevel=2)
+    return parts
+
+
 def client_partition(
     dataset: str,
     partition_id: int,
@@ -765,7 +813,7 @@ def client_partition(
     key = (dataset, split, images.data_ptr(), num_partitions, scheme, seed,
            classes_per_partition, alpha)
     if key not in _PARTITIONS:
-        _PARTITIONS[key] = partition_indices(
+        _PARTITIONS[key] = cached_partition_indices(
             labels.numpy(), num_partitions, scheme, seed=seed,
             classes_per_partition=classes_per_partition, alpha=alpha,
         )

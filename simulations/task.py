@@ -12,7 +12,7 @@ from torch.utils.data import TensorDataset
 
 from flwr_fedtan import FedTANClient
 
-from .data import load_dataset, partition_indices
+from .data import cached_partition_indices, load_dataset
 from .models import build_model
 
 DATASET_SHAPES = {"fashion-mnist": (1, 10), "mnist": (1, 10), "cifar10": (3, 10), "synthetic": (1, 10)}
@@ -41,7 +41,7 @@ def _data_dir(config: Mapping[str, Any]) -> str | None:
 def _partitions(dataset: str, data_dir: str | None, num_partitions: int, scheme: str, seed: int,
                 classes_per_partition: int, alpha: float) -> list:
     _, labels = load_dataset(dataset, split="train", data_dir=data_dir)
-    return partition_indices(labels, num_partitions, scheme, seed=seed,
+    return cached_partition_indices(labels, num_partitions, scheme, seed=seed,
                              classes_per_partition=classes_per_partition, alpha=alpha)
 
 

@@ -419,6 +419,32 @@ def test_partitions_are_deterministic_for_a_seed(labels, scheme):
         assert not all(np.array_equal(a, b) for a, b in zip(first, other))
 
 
+def test_partitions_are_cached_on_disk_and_keyed_by_labels_and_arguments(labels, tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "CACHE_ROOT", tmp_path)
+    first = data.cached_partition_indices(labels, 5, "dirichlet", seed=3, alpha=0.3)
+    assert all(np.array_equal(a, b) for a, b in zip(first, data.partition_indices(labels, 5, "dirichlet", seed=3, alpha=0.3)))
+    assert len(list((tmp_path / "partitions").glob("*.npz"))) == 1
+
+    def no_partitioner(*args, **kwargs):
+        raise AssertionError("the partitioner ran although the partitions were cached")
+
+    monkeypatch.setattr(data, "partition_indices", no_partitioner)
+    again = data.cached_partition_indices(labels, 5, "dirichlet", seed=3, alpha=0.3)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    # other arguments or other labels are other entries
+    for args, kwargs, other_labels in [((5, "dirichlet"), dict(seed=4, alpha=0.3), labels),
+                                       ((5, "dirichlet"), dict(seed=3, alpha=0.3), labels[::-1].copy())]:
+        with pytest.raises(AssertionError, match="partitioner ran"):
+            data.cached_partition_indices(other_labels, *args, **kwargs)
+    # a damaged entry is recomputed, not trusted
+    monkeypatch.undo()
+    monkeypatch.setattr(data, "CACHE_ROOT", tmp_path)
+    entry = next((tmp_path / "partitions").glob("*.npz"))
+    entry.write_bytes(b"not a zip file")
+    recomputed = data.cached_partition_indices(labels, 5, "dirichlet", seed=3, alpha=0.3)
+    assert all(np.array_equal(a, b) for a, b in zip(first, recomputed))
+
+
 def test_unknown_scheme_raises(labels):
     with pytest.raises(ValueError, match="dirichlet"):
         data.partition_indices(labels, 5, "shards")
