@@ -58,7 +58,7 @@ def paused_forwards() -> list:
 
 
 @pytest.fixture
-def new_threads():
+def new_paused_forwards():
     """Paused step forwards left by the test (a leak elsewhere doesn't count)."""
     before = {id(g) for g in paused_forwards()}
     return lambda: [g for g in paused_forwards() if id(g) not in before]
@@ -214,25 +214,25 @@ def test_replay_in_process(name, dropout, seeds):
     assert_same_grads_and_buffers(live, model)
 
 
-def test_replay_too_many_aggregates_raises(new_threads):
+def test_replay_too_many_aggregates_raises(new_paused_forwards):
     _, _, batch, state, _, aggregates = _live("mlp")
     model, fn = _replay("mlp", state, batch, aggregates)
     with pytest.raises(StepProtocolError, match="replay log"):
         SyncStep.replay(model, fn, len(batch[0]), aggregates + [aggregates[-1]], sum(SIZES))
-    assert not new_threads()
+    assert not new_paused_forwards()
 
 
 @pytest.mark.parametrize("cut", ["forward", "backward"])
-def test_replay_with_a_log_that_does_not_fit_raises_and_leaves_no_thread(cut, new_threads):
+def test_replay_with_a_log_that_does_not_fit_raises_and_leaves_no_paused_forward(cut, new_paused_forwards):
     """A log that does not fit the step (here: shifted by one aggregate) raises
     StepProtocolError; the step replay built internally must not be left paused with a live
-    worker thread holding the graph (the caller never gets the step to close it)."""
+    forward (a greenlet) holding the graph (the caller never gets the step to close it)."""
     _, _, batch, state, _, aggregates = _live("mlp")
     model, fn = _replay("mlp", state, batch, aggregates)
     log = aggregates[1:3] if cut == "forward" else aggregates[:3] + aggregates[:1]
     with pytest.raises(StepProtocolError):
         SyncStep.replay(model, fn, len(batch[0]), log, sum(SIZES))
-    assert not new_threads()
+    assert not new_paused_forwards()
 
 
 def test_seeded_step_leaves_global_rng_untouched_and_is_deterministic():
@@ -313,7 +313,7 @@ class Boom(Exception):
 
 
 @pytest.mark.parametrize("when", ["before", "after"])
-def test_forward_error_propagates_and_leaves_no_thread(when, new_threads):
+def test_forward_error_propagates_and_leaves_no_paused_forward(when, new_paused_forwards):
     _, clients = clients_for("mlp")
     model = clients[0]
     x, y = make_batches("mlp", [8])[0]
@@ -336,21 +336,21 @@ def test_forward_error_propagates_and_leaves_no_thread(when, new_threads):
                 request = step.resume(aggregate_requests({0: request})[1])
     assert step.done and step.pending is None
     step.close()
-    assert not new_threads()
+    assert not new_paused_forwards()
 
 
-def test_error_in_drive_closes_every_step(new_threads):
+def test_error_in_drive_closes_every_step(new_paused_forwards):
     _, a = clients_for("mlp")
     _, b = clients_for("twice-bn")
     batches = make_batches("mlp", [5, 6])
     steps = make_steps([a[0], b[0]], batches)
     with pytest.raises((StepProtocolError, Exception)):
         drive_steps(steps)
-    assert not new_threads()
+    assert not new_paused_forwards()
 
 
 @pytest.mark.parametrize("pause", ["forward", "backward", "unstarted"])
-def test_close_paused_step_ends_worker(pause, new_threads):
+def test_close_paused_step_ends_its_forward(pause, new_paused_forwards):
     _, clients = clients_for("resnet20")
     model = clients[0]
     x, y = make_batches("resnet20", [6])[0]
@@ -361,15 +361,15 @@ def test_close_paused_step_ends_worker(pause, new_threads):
         for _ in range(target):
             request = step.resume(aggregate_requests({0: request})[1])
         assert step.pending.phase == pause
-        assert (pause == "forward") == bool(new_threads())
+        assert (pause == "forward") == bool(new_paused_forwards())
     step.close()
     assert step.done and step.pending is None
-    assert not new_threads()
+    assert not new_paused_forwards()
     with pytest.raises(StepProtocolError):
         step.resume(None)  # type: ignore[arg-type]
 
 
-def test_resume_without_pending_and_double_start(new_threads):
+def test_resume_without_pending_and_double_start(new_paused_forwards):
     _, clients = clients_for("mlp")
     model = clients[0]
     x, y = make_batches("mlp", [6])[0]
@@ -385,7 +385,7 @@ def test_resume_without_pending_and_double_start(new_threads):
     request = step.resume(aggregate_requests({0: request})[1])
     assert request[0].index == 1
     step.close()
-    assert not new_threads()
+    assert not new_paused_forwards()
 
 
 def _fake_backward(c):
@@ -568,7 +568,7 @@ def test_autocast_entered_in_the_forward_does_not_leak_into_the_driver():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-def test_resume_from_another_thread_raises_a_clear_error(new_threads):
+def test_resume_from_another_thread_raises_a_clear_error(new_paused_forwards):
     _, clients = clients_for("mlp")
     model = clients[0]
     x, y = make_batches("mlp", [6])[0]
@@ -589,4 +589,4 @@ def test_resume_from_another_thread_raises_a_clear_error(new_threads):
     assert step.pending == request[0]  # still usable from its own thread
     step.resume(aggregate_requests({0: request})[1])
     step.close()
-    assert not new_threads()
+    assert not new_paused_forwards()
