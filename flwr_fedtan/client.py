@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
@@ -211,6 +212,9 @@ class _LiveRound:
         self.client = client
         self.round = round_
         self.server_round = server_round
+        # A paused step can only be resumed on the thread that started it; a message
+        # handled on another thread (a threaded Ray actor, say) replays instead.
+        self.thread = threading.current_thread()  # the object: thread idents are reused
 
 
 _LIVE: "OrderedDict[tuple[int, int], _LiveRound]" = OrderedDict()
@@ -391,7 +395,12 @@ def _handle_fedtan(msg: Message, context: Context, client_fn: Callable[[Context]
             )
         live = _LIVE.get(key)
         started = time.perf_counter()
-        if live is None or live.server_round != control.round or len(live.round.received) != received:
+        if (
+            live is None
+            or live.server_round != control.round
+            or len(live.round.received) != received
+            or live.thread is not threading.current_thread()
+        ):
             _forget(key)
             live = _rebuild(context, client_fn, replay)
         try:

@@ -247,7 +247,7 @@ class SyncStep:
         self._pending: Optional[SyncPoint] = None
         self._forward: Optional[greenlet.greenlet] = None
         self._forward_state: Optional[_TorchThreadState] = None
-        self._thread: Optional[int] = None
+        self._thread: Optional[threading.Thread] = None  # the object: idents are reused
         self._rng_states: Optional[list[torch.Tensor]] = None
         self._devices: Optional[list[torch.device]] = None  # CUDA devices, found lazily
         self._program = self._run()
@@ -283,7 +283,7 @@ class SyncStep:
         if self._started:
             raise StepProtocolError("step already started")
         self._started = True
-        self._thread = threading.get_ident()
+        self._thread = threading.current_thread()
         return self._advance(None)
 
     def resume(self, aggregate: Aggregate) -> Optional[SyncRequest]:
@@ -304,7 +304,7 @@ class SyncStep:
     def close(self) -> None:
         """Abandon the step, releasing its paused forward and graph."""
         if not self._finished:
-            if self._thread in (None, threading.get_ident()):
+            if self._thread is None or self._thread is threading.current_thread():
                 self._program.close()
             else:  # the paused forward can only be unwound from its thread; drop it
                 self._forward = None
@@ -429,7 +429,7 @@ class SyncStep:
             self._swap_rng()
 
     def _check_thread(self) -> None:
-        if self._thread is not None and self._thread != threading.get_ident():
+        if self._thread is not None and self._thread is not threading.current_thread():
             raise StepProtocolError(
                 "a SyncStep must be resumed in the thread that started it (its paused "
                 "forward lives on that thread's stack); rebuild it with SyncStep.replay "

@@ -127,6 +127,30 @@ def test_two_rounds_equal_in_process_reference(separate_processes, store, tmp_pa
     assert not list(tmp_path.rglob("*.npz"))
 
 
+def test_messages_handled_on_other_threads_replay_and_agree():
+    """A process that handles each message on a new thread (a threaded actor) cannot resume
+    a step paused on another thread's stack: the client replays it instead."""
+    import threading
+
+    class ThreadPerMessage(LocalGrid):
+        def push_messages(self, messages):
+            out = []
+            for msg in messages:
+                thread = threading.Thread(target=lambda m=msg: out.extend(LocalGrid.push_messages(self, [m])))
+                thread.start()
+                thread.join()
+            return out
+
+    app = fedtan_client_app(lambda ctx: make_client(ctx, local_steps=2))
+    grid = ThreadPerMessage(app, 3, {})
+    strategy, result = run_fedtan(grid, rounds=1)
+    expected = reference_rounds(grid, strategy, to_numpy(initial_arrays()), rounds=1, local_steps=2)
+    assert max_diff(to_numpy(result.arrays), expected) <= 1e-10
+    metrics = result.train_metrics_clientapp[1]
+    assert metrics["fedtan-clients"] == 3 and metrics["fedtan-dropped"] == 0
+    assert metrics["replays"] == 2 * NUM_BN_CALLS
+
+
 def test_replay_without_the_node_local_weights_drops_the_node_with_a_clear_reason(tmp_path, monkeypatch):
     """A message reaching a process that can see neither the live round nor the node-local
     copy of the starting weights (another machine): the node is dropped with a reason that
