@@ -53,13 +53,21 @@ def classes_per_client(config: Mapping[str, Any], num_partitions: int) -> int:
     return max(wanted, math.ceil(classes / max(1, num_partitions)))
 
 
-def client_dataset(config: Mapping[str, Any], partition_id: int, num_partitions: int) -> TensorDataset:
-    """The training partition of one client, as described by the run config."""
+def _partitioned_train_set(
+    config: Mapping[str, Any], num_partitions: int
+) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """The training images and labels, and the clients' index arrays, per the run config."""
     dataset, data_dir = str(config["dataset"]), _data_dir(config)
     images, labels = load_dataset(dataset, split="train", data_dir=data_dir)
     parts = _partitions(dataset, data_dir, int(num_partitions), str(config["partitioning"]),
                         int(config.get("seed", 0)), classes_per_client(config, int(num_partitions)),
                         float(config.get("dirichlet-alpha", 0.5)))
+    return images, labels, parts
+
+
+def client_dataset(config: Mapping[str, Any], partition_id: int, num_partitions: int) -> TensorDataset:
+    """The training partition of one client, as described by the run config."""
+    images, labels, parts = _partitioned_train_set(config, num_partitions)
     index = torch.as_tensor(parts[int(partition_id)], dtype=torch.long)
     return TensorDataset(images[index], labels[index])
 
@@ -70,11 +78,7 @@ def pooled_dataset(config: Mapping[str, Any], num_partitions: int) -> TensorData
     What centralised training sees: exactly the examples the federated clients hold
     together (the whole training set, unless a partitioner leaves some out).
     """
-    dataset, data_dir = str(config["dataset"]), _data_dir(config)
-    images, labels = load_dataset(dataset, split="train", data_dir=data_dir)
-    parts = _partitions(dataset, data_dir, int(num_partitions), str(config["partitioning"]),
-                        int(config.get("seed", 0)), classes_per_client(config, int(num_partitions)),
-                        float(config.get("dirichlet-alpha", 0.5)))
+    images, labels, parts = _partitioned_train_set(config, num_partitions)
     index = torch.as_tensor(np.sort(np.concatenate(parts)), dtype=torch.long)
     return TensorDataset(images[index], labels[index])
 
