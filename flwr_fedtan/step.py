@@ -126,6 +126,7 @@ class _BatchNormCall:
     mean: np.ndarray  # pooled statistics, float64
     invstd: np.ndarray
     count: float
+    gamma: Union[np.ndarray, float]  # the layer's weight as the forward used it (1 if none)
     grad_output: Optional[torch.Tensor] = field(default=None)
     cut_node: Any = None  # the _GraphCut autograd node producing the output
     anchor: Optional[torch.Tensor] = None
@@ -504,7 +505,7 @@ class SyncStep:
         self._update_running_stats(layer, mu, pooled_var, total)
         gamma, beta = (_numpy(layer.weight), _numpy(layer.bias)) if layer.affine else (1.0, 0.0)
         scale, shift = _per_channel(np.stack([gamma * invstd, beta - mu * gamma * invstd]), x)
-        call = _BatchNormCall(layer, point, x, x._version, mu, invstd, total)
+        call = _BatchNormCall(layer, point, x, x._version, mu, invstd, total, gamma)
         self._calls.append(call)
         if not torch.is_grad_enabled():
             return torch.addcmul(shift, x.detach(), scale)
@@ -607,8 +608,7 @@ class SyncStep:
         elif x.requires_grad:
             # dF/dx = gamma * invstd * (g - S1/M - x_hat * S2/M), per channel
             #       = a * g + b * (x - mu) + c
-            gamma = _numpy(layer.weight) if layer.affine else 1.0
-            a = gamma * call.invstd
+            a = call.gamma * call.invstd
             b = -a * call.invstd * np.asarray(total.sum_grad_xhat, np.float64) / call.count
             c = -a * np.asarray(total.sum_grad, np.float64) / call.count
             # = a * g + b * x + (c - b * mu): one pass fewer over the activations. Folding mu
