@@ -81,6 +81,8 @@ class BackwardSums:
 
 
 def _check_vector(client: Hashable, name: str, value: object, channels: int) -> np.ndarray:
+    """Type and shape of one client's vector; finiteness is checked over all clients at once
+    (:func:`_check_finite`), as per-client NumPy calls would dominate for small layers."""
     if not isinstance(value, np.ndarray):
         raise PayloadError(client, f"{name} must be a numpy array, got {type(value).__name__}")
     if value.dtype.kind != "f":
@@ -89,9 +91,19 @@ def _check_vector(client: Hashable, name: str, value: object, channels: int) -> 
         raise PayloadError(
             client, f"{name} has shape {value.shape}, expected ({channels},) for this layer"
         )
-    if not np.all(np.isfinite(value)):
-        raise PayloadError(client, f"{name} contains NaN or Inf")
-    return value.astype(np.float64, copy=False)
+    return value
+
+
+def _stack_checked(
+    clients: Sequence[Hashable], name: str, values: Sequence[np.ndarray]
+) -> np.ndarray:
+    """The clients' vectors as one float64 (K, C) array, with the first client whose
+    vector holds NaN or Inf named in the error."""
+    stacked = np.array(values, dtype=np.float64)
+    if not np.isfinite(stacked).all():
+        bad = int(np.flatnonzero(~np.isfinite(stacked).all(axis=1))[0])
+        raise PayloadError(clients[bad], f"{name} contains NaN or Inf")
+    return stacked
 
 
 def _first_width(contributions: Mapping[Hashable, object], field: str) -> int:
@@ -102,6 +114,15 @@ def _first_width(contributions: Mapping[Hashable, object], field: str) -> int:
     if not isinstance(value, np.ndarray) or value.ndim != 1:
         raise PayloadError(client, f"{field} must be a 1-D numpy array")
     return value.shape[0]
+
+
+def _positive(value: object) -> float:
+    """``value`` as a float if it is a finite positive number, else NaN."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return float("nan")
+    return number if number > 0 and number != float("inf") else float("nan")
 
 
 def pool_forward_stats(
@@ -125,35 +146,32 @@ def pool_forward_stats(
         The pooled ``count`` (M), ``num_examples`` (N), ``mean`` and ``var``.
     """
     width = channels if channels is not None else _first_width(contributions, "mean")
-    counts, means, variances, examples = [], [], [], 0
+    clients, counts, means, variances, examples = [], [], [], [], 0
     for client, stats in contributions.items():
         if not isinstance(stats, ForwardStats):
             raise PayloadError(client, f"expected forward statistics, got {type(stats).__name__}")
-        try:
-            count = float(stats.count)
-        except (TypeError, ValueError):
-            count = float("nan")
-        if not np.isfinite(count) or count <= 0:
+        count = _positive(stats.count)
+        if count != count:
             raise PayloadError(client, f"count must be a positive number, got {stats.count!r}")
-        try:
-            num_examples = float(stats.num_examples)
-        except (TypeError, ValueError):
-            num_examples = float("nan")
-        if not np.isfinite(num_examples) or num_examples <= 0 or num_examples != int(num_examples):
+        num_examples = _positive(stats.num_examples)
+        if num_examples != num_examples or num_examples != int(num_examples):
             raise PayloadError(
                 client, f"num_examples must be a positive integer, got {stats.num_examples!r}"
             )
-        mean = _check_vector(client, "mean", stats.mean, width)
-        var = _check_vector(client, "var", stats.var, width)
-        if np.any(var < 0):
-            raise PayloadError(client, f"var has negative entries (min {var.min():.3g})")
+        clients.append(client)
         counts.append(count)
-        means.append(mean)
-        variances.append(var)
+        means.append(_check_vector(client, "mean", stats.mean, width))
+        variances.append(_check_vector(client, "var", stats.var, width))
         examples += int(num_examples)
-    weights = np.asarray(counts)[:, None]
+    means_arr = _stack_checked(clients, "mean", means)
+    vars_arr = _stack_checked(clients, "var", variances)
+    if (vars_arr < 0).any():
+        bad = int(np.flatnonzero((vars_arr < 0).any(axis=1))[0])
+        raise PayloadError(
+            clients[bad], f"var has negative entries (min {vars_arr[bad].min():.3g})"
+        )
+    weights = np.array(counts)[:, None]
     total = float(weights.sum())
-    means_arr, vars_arr = np.stack(means), np.stack(variances)
     mu = (weights * means_arr).sum(axis=0) / total
     var = (weights * (vars_arr + (means_arr - mu) ** 2)).sum(axis=0) / total
     return ForwardStats(count=total, num_examples=examples, mean=mu, var=var)
@@ -164,14 +182,17 @@ def sum_backward_sums(
 ) -> BackwardSums:
     """Sum the per-channel backward statistics over clients (in float64)."""
     width = channels if channels is not None else _first_width(contributions, "sum_grad")
-    total_g = np.zeros(width, dtype=np.float64)
-    total_gx = np.zeros(width, dtype=np.float64)
+    clients, grads, grads_xhat = [], [], []
     for client, sums in contributions.items():
         if not isinstance(sums, BackwardSums):
             raise PayloadError(client, f"expected backward sums, got {type(sums).__name__}")
-        total_g += _check_vector(client, "sum_grad", sums.sum_grad, width)
-        total_gx += _check_vector(client, "sum_grad_xhat", sums.sum_grad_xhat, width)
-    return BackwardSums(sum_grad=total_g, sum_grad_xhat=total_gx)
+        clients.append(client)
+        grads.append(_check_vector(client, "sum_grad", sums.sum_grad, width))
+        grads_xhat.append(_check_vector(client, "sum_grad_xhat", sums.sum_grad_xhat, width))
+    return BackwardSums(
+        sum_grad=_stack_checked(clients, "sum_grad", grads).sum(axis=0),
+        sum_grad_xhat=_stack_checked(clients, "sum_grad_xhat", grads_xhat).sum(axis=0),
+    )
 
 
 def running_stat_keys(keys: Sequence[str]) -> dict[str, str]:

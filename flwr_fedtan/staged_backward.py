@@ -2,20 +2,23 @@
 
 A synchronised step cuts the autograd graph at every BatchNorm output. Its backward then
 consists of stages: first from the loss, then from each BatchNorm call's input (with the
-gradient that only the server's sums complete) in reverse call order. Starting a plain
-``backward`` from each root would re-run every op shared by several roots once per root:
-in a ResNet the whole residual stream below each BatchNorm input (the *fan-out* cost).
+gradient that only the server's sums complete) in reverse call order. A stage stops at
+the cuts: the gradient arriving at a BatchNorm output is *captured* there (as an input
+``GradientEdge`` of ``torch.autograd.grad``) and the node behind it never runs.
 
-:class:`StagedBackward` runs each autograd node exactly once instead. Before the first
-stage it assigns every node to the *last* stage whose root reaches it; a stage executes
-only its own nodes, with ``torch.autograd.grad`` from its root and from the gradients
-earlier stages left at its nodes' edges, and it stops at the edges into later stages'
-nodes (``GradientEdge`` inputs), where it leaves the gradient for them. Leaves
-(parameters) and graph cuts are sinks any stage may add to.
+Starting a plain backward from each root would re-run every op shared by several roots
+once per root: in a ResNet the whole residual stream below each BatchNorm input (the
+*fan-out* cost). :class:`StagedBackward` runs each autograd node exactly once instead.
+Before the first stage it assigns every node to the *last* stage whose root reaches it; a
+stage executes only its own nodes, with ``torch.autograd.grad`` from its root and from the
+gradients earlier stages left at its nodes' edges, and it stops at the edges into later
+stages' nodes, where it leaves the gradient for them. Leaves (parameters) and cuts are
+sinks any stage may add to.
 
 Where that is not possible (a stage would have to execute another stage's node to reach
-its own sinks, as in DenseNet-like graphs), the plan falls back to one full backward per
-root, which is still exact but pays the fan-out.
+its own sinks, e.g. a weight shared across a skip connection, or DenseNet-like graphs),
+the plan falls back to one backward per root, down to the sinks that root reaches, which
+is still exact but pays the fan-out.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 __all__ = ["StagedBackward"]
 
 _EdgeKey = tuple[Any, int]  # (autograd node, output_nr)
+_Input = tuple[str, Any, Any]  # (kind, what autograd.grad gets as input, its key)
 
 
 def _is_leaf_node(node: Any) -> bool:
@@ -45,32 +49,44 @@ class StagedBackward:
         Stage ``k`` (``k = 1 .. len(roots)``) starts from ``roots[k - 1]`` with a gradient
         given to :meth:`run_stage`; ``None`` entries (nothing to backpropagate) are skipped.
         Stages run in order 0, 1, 2, ...; a later root must not depend on an earlier one
-        except through ``cut_nodes``.
-    cut_nodes : Sequence[(node, anchor)]
-        Graph-cut nodes (sinks) and the dummy leaf each hangs from; reaching a cut node
-        runs its backward (which records its gradient) and stops there.
+        except through ``cuts``.
+    cuts : Sequence[Optional[GradientEdge]]
+        Edges where the backward stops, each capturing the gradient that arrives there
+        (:meth:`cut_gradient`). Nothing may need the node behind a cut: the graph below it
+        is reached only through the stages' own roots.
     """
 
     def __init__(
         self,
         loss: torch.Tensor,
         roots: Sequence[Optional[torch.Tensor]],
-        cut_nodes: Sequence[tuple[Any, torch.Tensor]],
+        cuts: Sequence[Optional[GradientEdge]],
     ) -> None:
-        self._anchors = {node: anchor for node, anchor in cut_nodes}
+        self._cut_of: dict[_EdgeKey, int] = {
+            (edge.node, edge.output_nr): i for i, edge in enumerate(cuts) if edge is not None
+        }
+        self._cut_nodes = {node for node, _ in self._cut_of}
+        self._cut_grads: dict[int, torch.Tensor] = {}
         self._root_edges: list[Optional[GradientEdge]] = [get_gradient_edge(loss)] + [
             None if r is None or not r.requires_grad else get_gradient_edge(r) for r in roots
         ]
         self._root_tensors = [loss] + list(roots)
         self._pending: dict[int, dict[_EdgeKey, torch.Tensor]] = {}
         self._owner: dict[Any, int] = {}
-        self._stage_inputs: dict[int, list[tuple[str, Any, Any]]] = {}
+        self._stage_inputs: dict[int, list[_Input]] = {}
         self.fallback = not self._plan()
         self.nodes_planned = len(self._owner)
 
     # ------------------------------------------------------------------ planning
     def _is_sink(self, node: Any) -> bool:
-        return node in self._anchors or _is_leaf_node(node)
+        return node in self._cut_nodes or _is_leaf_node(node)
+
+    def _sink_input(self, node: Any, nr: int) -> Optional[_Input]:
+        if (node, nr) in self._cut_of:
+            return ("cut", GradientEdge(node, nr), (node, nr))
+        if _is_leaf_node(node):
+            return ("leaf", node.variable, node)
+        return None  # another output of a cut node: no gradient ever arrives there
 
     def _plan(self) -> bool:
         """Assign nodes to stages; return False if the graph needs the fallback."""
@@ -86,34 +102,63 @@ class StagedBackward:
                     continue
                 self._owner[node] = stage
                 stack.extend(child for child, _ in node.next_functions)
+        owned: dict[int, list[Any]] = {stage: [] for stage in range(len(self._root_edges))}
+        for node, stage in self._owner.items():
+            owned[stage].append(node)
+        for stage, nodes in owned.items():
+            self._stage_inputs[stage] = self._inputs_of(stage, nodes)
+        if all(self._isolated(stage) for stage in self._stage_inputs):
+            return True
         for stage in range(len(self._root_edges)):
-            self._stage_inputs[stage] = self._inputs_of(stage)
-        return all(self._isolated(stage) for stage in self._stage_inputs)
+            self._stage_inputs[stage] = self._sinks_below(stage)
+        return False
 
-    def _inputs_of(self, stage: int) -> list[tuple[str, Any, Any]]:
-        """The stage's sinks and frontier edges, as ``(kind, input, node)``."""
-        inputs: dict[Any, tuple[str, Any, Any]] = {}
-        for node, owner in self._owner.items():
-            if owner != stage:
-                continue
+    def _inputs_of(self, stage: int, nodes: Sequence[Any]) -> list[_Input]:
+        """The sinks and frontier edges of ``stage``, which owns ``nodes``."""
+        inputs: dict[Any, _Input] = {}
+        for node in nodes:
             for child, nr in node.next_functions:
                 if child is None:
                     continue
-                if child in self._anchors:
-                    inputs[child] = ("cut", self._anchors[child], child)
-                elif _is_leaf_node(child):
-                    inputs[child] = ("leaf", child.variable, child)
+                if self._is_sink(child):
+                    sink = self._sink_input(child, nr)
+                    if sink is not None:
+                        inputs[sink[2]] = sink
                 elif self._owner[child] != stage:
-                    inputs[(child, nr)] = ("edge", (child, nr), child)
+                    inputs[(child, nr)] = ("edge", GradientEdge(child, nr), (child, nr))
+        return list(inputs.values())
+
+    def _sinks_below(self, stage: int) -> list[_Input]:
+        """Fallback: every sink a plain backward from the stage's root reaches."""
+        edge = self._root_edges[stage]
+        if edge is None or self._is_sink(edge.node):
+            return []
+        inputs: dict[Any, _Input] = {}
+        seen: set = set()
+        stack = [edge.node]
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            for child, nr in node.next_functions:
+                if child is None:
+                    continue
+                if self._is_sink(child):
+                    sink = self._sink_input(child, nr)
+                    if sink is not None:
+                        inputs[sink[2]] = sink
+                else:
+                    stack.append(child)
         return list(inputs.values())
 
     def _isolated(self, stage: int) -> bool:
         """No input of ``stage`` lies below one of its frontier nodes (else it would run twice)."""
         inputs = self._stage_inputs[stage]
-        frontier = {node for kind, _, node in inputs if kind == "edge"}
+        frontier = {key[0] for kind, _, key in inputs if kind == "edge"}
         if not frontier:
             return True
-        own_inputs = {node for _, _, node in inputs}
+        own_sinks = {key if kind == "leaf" else key[0] for kind, _, key in inputs}
         seen: set = set()
         stack = [child for node in frontier for child, _ in node.next_functions]
         while stack:
@@ -121,7 +166,7 @@ class StagedBackward:
             if node is None or node in seen:
                 continue
             seen.add(node)
-            if node in own_inputs:
+            if node in own_sinks:
                 return False
             if not self._is_sink(node):
                 stack.extend(child for child, _ in node.next_functions)
@@ -134,40 +179,58 @@ class StagedBackward:
 
     def run_stage(self, stage: int, grad: Optional[torch.Tensor]) -> None:
         """Run stage ``stage`` (in order) with ``grad`` at its root."""
-        root = self._root_tensors[stage]
         edge = self._root_edges[stage]
         if self.fallback:
+            if edge is None or grad is None:
+                return
+            pending = {(edge.node, edge.output_nr): grad}
+        else:
             if edge is not None and grad is not None:
-                torch.autograd.backward(root, grad, retain_graph=True)
-            return
-        if edge is not None and grad is not None:
-            if self._is_sink(edge.node):
-                self._accumulate_leaf(root, grad)
-            else:
                 self._add_pending((edge.node, edge.output_nr), grad)
-        pending = self._pending.pop(stage, {})
-        if not pending:
-            return
+            pending = self._pending.pop(stage, {})
+        # A root that is itself a sink (a parameter, or another BatchNorm's output) takes
+        # its gradient directly.
+        for key in [key for key in pending if self._is_sink(key[0])]:
+            self._deliver(self._sink_input(*key), pending.pop(key))
         inputs = self._stage_inputs[stage]
-        if not inputs:
+        if not pending or not inputs:
             return
         grads = torch.autograd.grad(
             [GradientEdge(node, nr) for node, nr in pending],
-            [GradientEdge(*obj) if kind == "edge" else obj for kind, obj, _ in inputs],
+            [obj for _, obj, _ in inputs],
             grad_outputs=list(pending.values()),
             allow_unused=True,
+            retain_graph=self.fallback,
         )
-        for (kind, obj, _), value in zip(inputs, grads):
-            if value is None:
-                continue
-            if kind == "leaf":
-                self._accumulate_leaf(obj, value)
-            elif kind == "edge":
-                self._add_pending(obj, value)
         del pending
+        for sink, value in zip(inputs, grads):
+            if value is not None:
+                self._deliver(sink, value)
+
+    def cut_gradient(self, index: int) -> Optional[torch.Tensor]:
+        """The gradient captured at ``cuts[index]`` so far (``None`` if none arrived);
+        handed over once."""
+        return self._cut_grads.pop(index, None)
+
+    def _deliver(self, sink: Optional[_Input], grad: torch.Tensor) -> None:
+        if sink is None:
+            return
+        kind, obj, key = sink
+        if kind == "leaf":
+            self._accumulate_leaf(obj, grad)
+        elif kind == "cut":
+            index = self._cut_of[key]
+            known = self._cut_grads.get(index)
+            self._cut_grads[index] = grad if known is None else known + grad
+        else:
+            self._add_pending(key, grad)
 
     def _add_pending(self, key: _EdgeKey, grad: torch.Tensor) -> None:
-        bucket = self._pending.setdefault(self._owner[key[0]], {})
+        owner = self._owner.get(key[0])
+        if owner is None:  # a sink as a root: no stage owns it
+            self._deliver(self._sink_input(*key), grad)
+            return
+        bucket = self._pending.setdefault(owner, {})
         if key in bucket:
             bucket[key] = bucket[key] + grad
         else:

@@ -48,13 +48,14 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import greenlet
 import numpy as np
 import torch
 from torch import nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from .aggregation import BackwardSums, ForwardStats, SyncPoint
 from .batchnorm import FedTANBatchNorm, _set_active_step, check_model
@@ -127,32 +128,9 @@ class _BatchNormCall:
     invstd: np.ndarray
     count: float
     gamma: Union[np.ndarray, float]  # the layer's weight as the forward used it (1 if none)
-    grad_output: Optional[torch.Tensor] = field(default=None)
-    cut_node: Any = None  # the _GraphCut autograd node producing the output
-    anchor: Optional[torch.Tensor] = None
-
-
-class _GraphCut(torch.autograd.Function):
-    """Identity-like node producing a BatchNorm output whose backward only records dF/dy.
-
-    ``anchor`` is a dummy leaf that requires grad so the output is part of the graph; the
-    output is a fresh (non-leaf, non-view) tensor, so in-place ops such as
-    ``ReLU(inplace=True)`` right after the layer keep working.
-    """
-
-    @staticmethod
-    def forward(ctx, anchor, x, scale, shift, call):  # type: ignore[override]
-        ctx.call = call
-        return torch.addcmul(shift, x, scale)
-
-    @staticmethod
-    def backward(ctx, grad_output):  # type: ignore[override]
-        call: _BatchNormCall = ctx.call
-        if call.grad_output is None:
-            call.grad_output = grad_output
-        else:
-            call.grad_output = call.grad_output + grad_output
-        return None, None, None, None, None
+    mean_t: torch.Tensor  # ``mean`` and ``invstd`` as the forward's device tensors
+    invstd_t: torch.Tensor
+    cut: Optional[GradientEdge] = None  # where the output's gradient is captured
 
 
 def _channel_shape(x: torch.Tensor) -> list[int]:
@@ -163,10 +141,32 @@ def _reduce_dims(x: torch.Tensor) -> list[int]:
     return [0] + list(range(2, x.dim()))
 
 
+def _normalize(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` per channel, by PyTorch's fused
+    inference-mode BatchNorm kernel: one pass, several times faster on CPU than the same
+    arithmetic as broadcast elementwise ops. Not cuDNN, which rejects ``eps`` below 1e-5."""
+    return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
+
+
 def _channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel biased variance and mean of ``x`` (N, C, *), by the corrected two-pass
-    algorithm: as accurate as ``torch.var_mean`` and several times faster on CPU, where
-    ``var_mean`` over (N, H, W) runs a strided Welford reduction."""
+    """Per-channel mean and biased variance of ``x`` (N, C, *).
+
+    On CPU, PyTorch's fused BatchNorm statistics kernel (two passes, float64 accumulation
+    for float32 input). Elsewhere the corrected two-pass algorithm, which is as accurate
+    as ``torch.var_mean``. Half and bfloat16 inputs get float32 statistics, as PyTorch's
+    own BatchNorm computes them.
+    """
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    if x.device.type == "cpu":
+        return torch.batch_norm_update_stats(x, None, None, 0.0)
     dims = _reduce_dims(x)
     n = x.numel() // x.shape[1]
     with torch.no_grad():
@@ -174,26 +174,25 @@ def _channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         centred = x - mean
         residual = centred.sum(dims).div_(n)  # what rounding left of the mean
         var = centred.mul_(centred).sum(dims).div_(n).sub_(residual * residual)
-    return var.clamp_(min=0), mean.view(-1).add_(residual)
+    return mean.view(-1).add_(residual), var.clamp_(min=0)
+
+
+_NUMPY_DTYPES = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16}
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
     """A float64 NumPy copy of a (small) tensor."""
-    return t.detach().to(device="cpu", dtype=torch.float64).numpy()
+    if t.dtype not in _NUMPY_DTYPES:
+        t = t.float()
+    return t.numpy(force=True).astype(np.float64)
 
 
 def _vector(values: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    """Per-channel ``values`` as a 1-D tensor with the dtype and device of ``like``."""
+    """``values`` (per-channel, one row per quantity) as a tensor with the dtype and device
+    of ``like``: a single conversion, as small ops cost more in dispatch than in work."""
+    if like.device.type == "cpu" and like.dtype in _NUMPY_DTYPES:
+        return torch.from_numpy(values.astype(_NUMPY_DTYPES[like.dtype]))
     return torch.as_tensor(values, dtype=like.dtype, device=like.device)
-
-
-def _per_channel(values: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    """Per-channel ``values`` shaped to broadcast against ``like`` (N, C, *); rows of a 2-D
-    ``values`` become a stack of such tensors (one host-to-device copy for all)."""
-    shape = _channel_shape(like)
-    if values.ndim == 2:
-        shape = [len(values)] + shape
-    return _vector(values, like).view(shape)
 
 
 class SyncStep:
@@ -457,13 +456,14 @@ class SyncStep:
         assert forward is not None
         caller_state = _TorchThreadState.capture()
         forward.parent = greenlet.getcurrent()
-        if self._forward_state is not None:
+        if self._forward_state is not None and self._forward_state != caller_state:
             self._forward_state.restore()
         try:
             message = forward.switch(value)
         finally:
             self._forward_state = _TorchThreadState.capture() if not forward.dead else None
-            caller_state.restore()
+            if self._forward_state != caller_state:
+                caller_state.restore()
         return message
 
     def _pause_forward(self, point: SyncPoint, payload: Aggregate) -> Aggregate:
@@ -482,11 +482,11 @@ class SyncStep:
 
     def sync_forward(self, layer: FedTANBatchNorm, x: torch.Tensor) -> torch.Tensor:
         """Forward of one synchronised BatchNorm call (runs in the step's greenlet)."""
-        var, mean = _channel_moments(x.detach())
+        local = _numpy(torch.stack(_channel_moments(x.detach())))
         count = x.numel() // x.shape[1]
         point = self._new_point("forward", len(self._calls), x.shape[1])
         payload = ForwardStats(
-            count=float(count), num_examples=self.num_examples, mean=_numpy(mean), var=_numpy(var)
+            count=float(count), num_examples=self.num_examples, mean=local[0], var=local[1]
         )
         pooled: ForwardStats = self._pause_forward(point, payload)  # type: ignore[assignment]
         if self.total_examples is None:
@@ -502,34 +502,43 @@ class SyncStep:
         mu = np.asarray(pooled.mean, dtype=np.float64)
         pooled_var = np.asarray(pooled.var, dtype=np.float64)
         invstd = 1.0 / np.sqrt(pooled_var + layer.eps)
-        self._update_running_stats(layer, mu, pooled_var, total)
-        gamma, beta = (_numpy(layer.weight), _numpy(layer.bias)) if layer.affine else (1.0, 0.0)
-        scale, shift = _per_channel(np.stack([gamma * invstd, beta - mu * gamma * invstd]), x)
-        call = _BatchNormCall(layer, point, x, x._version, mu, invstd, total, gamma)
+        unbiased = pooled_var * (total / (total - 1)) if total > 1 else pooled_var
+        # In the parameters' dtype, which mixed-precision BatchNorm kernels expect.
+        mean_t, var_t, unbiased_t, invstd_t = _vector(
+            np.array([mu, pooled_var, unbiased, invstd]), layer.weight if layer.affine else x
+        ).unbind()
+        self._update_running_stats(layer, mean_t, unbiased_t)
+        if layer.affine:
+            gamma: Union[np.ndarray, float] = _numpy(layer.weight)
+            weight, bias = layer.weight.detach(), layer.bias.detach()
+        else:
+            gamma, weight, bias = 1.0, None, None
+        call = _BatchNormCall(layer, point, x, x._version, mu, invstd, total, gamma, mean_t, invstd_t)
         self._calls.append(call)
         if not torch.is_grad_enabled():
-            return torch.addcmul(shift, x.detach(), scale)
-        anchor = torch.empty(0, device=x.device, requires_grad=True)
-        output = _GraphCut.apply(anchor, x.detach(), scale, shift, call)
-        call.cut_node, call.anchor = output.grad_fn, anchor
+            return _normalize(x.detach(), weight, bias, mean_t, var_t, layer.eps)
+        # The output must be an autograd node whose incoming gradient the backward can
+        # capture (see StagedBackward), without a path back to x or the parameters: it
+        # hangs from a private leaf, the bias (or a zero bias) detached from the layer.
+        # Nothing else reaches that leaf, so the node itself never runs.
+        anchor = bias if bias is not None else torch.zeros_like(mean_t)
+        output = _normalize(x.detach(), weight, anchor.requires_grad_(), mean_t, var_t, layer.eps)
+        call.cut = get_gradient_edge(output)
         return output
 
     @staticmethod
     def _update_running_stats(
-        layer: FedTANBatchNorm, mean: np.ndarray, var: np.ndarray, count: float
+        layer: FedTANBatchNorm, mean: torch.Tensor, unbiased_var: torch.Tensor
     ) -> None:
         if not (layer.training and layer.track_running_stats):
             return
-        with torch.no_grad():
-            layer.num_batches_tracked.add_(1)
-            if layer.momentum is None:
-                factor = 1.0 / float(layer.num_batches_tracked)
-            else:
-                factor = layer.momentum
-            unbiased = var * (count / (count - 1))
-            rm, rv = layer.running_mean, layer.running_var
-            rm.mul_(1 - factor).add_(_vector(mean, rm), alpha=factor)
-            rv.mul_(1 - factor).add_(_vector(unbiased, rv), alpha=factor)
+        layer.num_batches_tracked.add_(1)
+        if layer.momentum is None:
+            factor = 1.0 / float(layer.num_batches_tracked)
+        else:
+            factor = layer.momentum
+        for running, value in ((layer.running_mean, mean), (layer.running_var, unbiased_var)):
+            running.lerp_(value.to(running.dtype), factor)
 
     def _run(self) -> Iterator[SyncRequest]:
         """The step as a generator: yields requests, receives aggregates."""
@@ -566,7 +575,7 @@ class SyncStep:
         staged = StagedBackward(
             loss,
             [call.input if call.input.requires_grad else None for call in calls],
-            [(call.cut_node, call.anchor) for call in calls if call.cut_node is not None],
+            [call.cut for call in calls],
         )
         self.used_fallback_backward = staged.fallback
         staged.run_loss_stage(torch.full_like(loss, share))
@@ -585,25 +594,27 @@ class SyncStep:
                 "the layer used it; FedTAN needs it unchanged for the backward pass"
             )
         layer = call.layer
-        g = call.grad_output if call.grad_output is not None else torch.zeros_like(x)
+        g = staged.cut_gradient(stage - 1)
+        # An output no loss reached (used under no_grad, or unused) leaves gradients
+        # untouched, as in centralised training, unless other clients' sums say otherwise.
+        reached = g is not None
+        if g is None:
+            g = torch.zeros_like(x)
         # Local sums (sum g, sum g * x_hat) with x_hat from the pooled statistics: PyTorch's
         # fused BatchNorm backward returns exactly these as grad_bias and grad_weight.
-        mean, invstd = _vector(np.stack([call.mean, call.invstd]), x)
         _, sum_gxhat, sum_g = torch.ops.aten.native_batch_norm_backward(
-            g, x.detach(), None, None, None, mean, invstd, True, layer.eps, [False, True, True]
+            g, x.detach(), None, None, None, call.mean_t, call.invstd_t, True, layer.eps,
+            [False, True, True],
         )
         sums = _numpy(torch.stack([sum_g, sum_gxhat]))
         local = BackwardSums(sum_grad=sums[0], sum_grad_xhat=sums[1])
         point = self._new_point("backward", call.point.call, x.shape[1])
         total: BackwardSums = yield point, local  # type: ignore[misc]
 
-        # An output no loss reached (used under no_grad, or unused) leaves gradients
-        # untouched, as in centralised training, unless other clients' sums say otherwise.
-        reached = call.grad_output is not None
         if layer.affine and reached:
-            self._accumulate(layer.weight, local.sum_grad_xhat)
-            self._accumulate(layer.bias, local.sum_grad)
-        if x.requires_grad and not (reached or np.any(total.sum_grad) or np.any(total.sum_grad_xhat)):
+            self._accumulate(layer.weight, sum_gxhat)
+            self._accumulate(layer.bias, sum_g)
+        if x.requires_grad and not (reached or total.sum_grad.any() or total.sum_grad_xhat.any()):
             staged.run_stage(stage, None)  # still passes on what earlier stages left below
         elif x.requires_grad:
             # dF/dx = gamma * invstd * (g - S1/M - x_hat * S2/M), per channel
@@ -614,19 +625,23 @@ class SyncStep:
             # = a * g + b * x + (c - b * mu): one pass fewer over the activations. Folding mu
             # into the constant rounds like x itself does (|b * mu| ~ |b * x|), so it is as
             # accurate as PyTorch's own BatchNorm backward in float32, whatever the mean.
-            a_, b_, c_ = _per_channel(np.stack([a, b, c - b * call.mean]), x)
-            grad_input = torch.addcmul(c_, x.detach(), b_)
-            grad_input.addcmul_(g, a_)
+            # b * x + (c - b * mu) as a BatchNorm with unit variance and eps 0 (exactly
+            # x * b + (c - b * mu) in its kernel), the fastest per-channel affine map on CPU.
+            a_, b_, c_, zero, one = _vector(
+                np.array([a, b, c - b * call.mean, np.zeros_like(a), np.ones_like(a)]), x
+            ).unbind()
+            grad_input = _normalize(x.detach(), b_, c_, zero, one, 0.0)
+            grad_input.addcmul_(g, a_.view(_channel_shape(x)))
             staged.run_stage(stage, grad_input)
-        call.grad_output = None
         call.input = None  # type: ignore[assignment]
 
     @staticmethod
-    def _accumulate(param: nn.Parameter, value: np.ndarray) -> None:
+    def _accumulate(param: nn.Parameter, value: torch.Tensor) -> None:
+        """Add ``value`` (a fresh tensor) to ``param.grad`` as autograd would."""
         if not param.requires_grad:
             return
-        grad = torch.tensor(value, dtype=param.dtype, device=param.device)  # a copy
+        value = value.to(param.dtype)
         if param.grad is None:
-            param.grad = grad
+            param.grad = value
         else:
-            param.grad.add_(grad)
+            param.grad.add_(value)

@@ -122,6 +122,7 @@ def fan_out(model: nn.Module, batch) -> tuple[int, int, object] | None:
         fallback = getattr(step, "used_fallback_backward", "n/a")
         if not calls or request is None:
             return None
+        cuts = {call.cut.node for call in calls if getattr(call, "cut", None) is not None}
         visits, unique = 0, set()
         for call in calls:
             inp = getattr(call, "input", None)
@@ -133,8 +134,8 @@ def fan_out(model: nn.Module, batch) -> tuple[int, int, object] | None:
                 if node is None or node in seen:
                     continue
                 seen.add(node)
-                if "GraphCut" in type(node).__name__:
-                    continue  # a cut: the stage stops here
+                if node in cuts:
+                    continue  # a BatchNorm output: the stage stops here
                 stack.extend(fn for fn, _ in node.next_functions)
             visits += len(seen)
             unique |= seen

@@ -2,7 +2,8 @@
 
 Models: CIFAR-style ResNet-20 (19 BatchNorm layers, option-A parameter-free shortcuts), a
 VGG-style CNN with BatchNorm and dropout, an MLP with BatchNorm1d (also on the raw input),
-a network calling one BatchNorm module twice, and a network without BatchNorm.
+a network calling one BatchNorm module twice, BatchNorm feeding BatchNorm, a network with
+tied weights across a skip (the staged backward's fallback), and one without BatchNorm.
 
 Helpers: non-IID batches of unequal sizes, a centralised reference step on the
 concatenated batch, a lockstep driver that records every request and aggregate.
@@ -148,6 +149,44 @@ class TwiceBN(nn.Module):
         return self.out(h)
 
 
+class ChainedBN(nn.Module):
+    """A BatchNorm whose input is another BatchNorm's output (a backward stage starting
+    at a graph cut); the first output also takes a skip path past the second."""
+
+    def __init__(
+        self, features: int = 12, hidden: int = 10, num_classes: int = 5, act: str = "relu"
+    ) -> None:
+        super().__init__()
+        self.act = ACTS[act][0]
+        self.lin = nn.Linear(features, hidden)
+        self.bn1 = nn.BatchNorm1d(hidden)
+        self.bn2 = nn.BatchNorm1d(hidden, affine=False)
+        self.out = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn1(self.lin(x))
+        return self.out(self.act(self.bn2(h)) + h)
+
+
+class TiedWeights(nn.Module):
+    """The input layer's weight reused by the output layer, across a skip past the
+    BatchNorm: the staged backward cannot keep its stages apart (the loss stage would run
+    the BatchNorm stage's nodes to reach the shared weight) and falls back to one backward
+    per root."""
+
+    def __init__(self, features: int = 8, act: str = "relu") -> None:
+        super().__init__()
+        self.act = ACTS[act][0]
+        self.inp = nn.Linear(features, features)
+        self.mid = nn.Linear(features, features)
+        self.bn = nn.BatchNorm1d(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        z = self.act(self.bn(self.mid(h))) + h
+        return F.linear(z, self.inp.weight)
+
+
 class NoBN(nn.Module):
     def __init__(
         self, features: int = 12, hidden: int = 16, num_classes: int = 5, act: str = "relu"
@@ -167,6 +206,8 @@ MODELS: dict[str, tuple[Callable[..., nn.Module], tuple[int, ...], int, int]] = 
     "vgg": (lambda act: VGG(3, 10, act=act), (3, 8, 8), 10, 4),
     "mlp": (lambda act: MLP(12, 16, 5, act=act), (12,), 5, 3),
     "twice-bn": (lambda act: TwiceBN(12, 10, 5, act=act), (12,), 5, 2),
+    "chained-bn": (lambda act: ChainedBN(12, 10, 5, act=act), (12,), 5, 2),
+    "tied-weights": (lambda act: TiedWeights(8, act=act), (8,), 8, 1),
     "nobn": (lambda act: NoBN(12, 16, 5, act=act), (12,), 5, 0),
 }
 

@@ -43,7 +43,9 @@ def setup(name, k, dtype, momentum=None, set_momentum=False):
 
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
 @pytest.mark.parametrize("k", [1, 3, 5])
-@pytest.mark.parametrize("name", ["resnet20", "vgg", "mlp", "twice-bn"])
+@pytest.mark.parametrize(
+    "name", ["resnet20", "vgg", "mlp", "twice-bn", "chained-bn", "tied-weights"]
+)
 def test_step_equals_centralised(name, k, dtype):
     dtype = DTYPES[dtype]
     tol = TOL[dtype]
@@ -127,7 +129,9 @@ def _call_order(model, batches):
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
-@pytest.mark.parametrize("name", ["resnet20", "vgg", "mlp", "twice-bn", "nobn"])
+@pytest.mark.parametrize(
+    "name", ["resnet20", "vgg", "mlp", "twice-bn", "chained-bn", "tied-weights", "nobn"]
+)
 def test_one_round_e1_equals_centralised_sgd(name, dtype):
     dtype = DTYPES[dtype]
     tol = TOL[dtype]

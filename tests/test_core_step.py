@@ -590,3 +590,32 @@ def test_resume_from_another_thread_raises_a_clear_error(new_paused_forwards):
     step.resume(aggregate_requests({0: request})[1])
     step.close()
     assert not new_paused_forwards()
+
+
+@pytest.mark.parametrize(
+    "name, fallback", [("resnet20", False), ("chained-bn", False), ("tied-weights", True)]
+)
+def test_staged_backward_falls_back_only_where_stages_cannot_be_kept_apart(name, fallback):
+    central, clients = clients_for(name)
+    batches = make_batches(name, SIZES)
+    centralised_step(central, batches)
+    steps = make_steps(clients, batches)
+    drive_steps(steps)
+    assert [s.used_fallback_backward for s in steps] == [fallback] * len(steps)
+    assert rel_err(grad_vector(clients), grad_vector([central])) <= 1e-10
+
+
+@pytest.mark.parametrize("name", ["mlp", "chained-bn"])
+def test_input_that_requires_grad_gets_the_centralised_input_gradient(name):
+    """A BatchNorm applied directly to a leaf input that requires grad (the mlp's first
+    layer) or to the input of a Linear: the input's gradient is a backward stage's output."""
+    central, clients = clients_for(name)
+    batches = [(x.clone().requires_grad_(), y) for x, y in make_batches(name, SIZES)]
+    pooled = torch.cat([x.detach() for x, _ in batches]).requires_grad_()
+    targets = torch.cat([y for _, y in batches])
+    central.zero_grad(set_to_none=True)
+    F.cross_entropy(central(pooled), targets).backward()
+    drive_steps(make_steps(clients, batches))
+    federated = torch.cat([x.grad for x, _ in batches])
+    assert rel_err(federated, pooled.grad) <= 1e-10
+    assert rel_err(grad_vector(clients), grad_vector([central])) <= 1e-10
