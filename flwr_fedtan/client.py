@@ -180,7 +180,9 @@ class FedTANClient(NumPyClient):
     def evaluate(self, parameters: Sequence[np.ndarray], config: dict[str, Any]) -> tuple[float, int, dict]:
         """Loss and accuracy of the given weights on ``test_data``."""
         self.set_parameters(parameters)
-        loss, accuracy, count = evaluate_model(self.model, self.test_data, self.loss_fn, self.device, self.eval_batch_size)
+        loss, accuracy, count = evaluate_model(
+            self.model, self.test_data, self.loss_fn, self.device, self.eval_batch_size
+        )
         return loss, count, {"accuracy": accuracy}
 
 
@@ -346,7 +348,9 @@ def fedtan_client_app(
         client.load_arrays(msg.content.array_records["arrays"])
         config = dict(msg.content.config_records.get("config", ConfigRecord()))
         loss, count, metrics = client.evaluate(client.get_parameters({}), config)
-        record = MetricRecord({"num-examples": count, "eval-loss": loss, **{f"eval-{k}": v for k, v in metrics.items()}})
+        record = MetricRecord(
+            {"num-examples": count, "eval-loss": loss, **{f"eval-{k}": v for k, v in metrics.items()}}
+        )
         return Message(RecordDict({"metrics": record}), reply_to=msg)
 
     return app

@@ -23,19 +23,16 @@ step gets its own OpenMP team, and K paused steps' teams spinning against each o
 more than the compute on a small machine. Torch's thread-local state (grad mode, autocast)
 is the forward's own while it runs and the caller's while it is paused.
 
-Backward: nothing ever blocks inside autograd. Each synchronised BatchNorm output is
-produced by a small autograd node that *cuts* the graph: its backward only stores the
-gradient it receives. ``loss.backward()`` therefore stops at the last cuts, and the step
-then drives the backward itself, in stages, from the calling thread: for BatchNorm calls
-in reverse execution order it posts ``(sum g, sum g * x_hat)``, waits for the sums over
-clients, forms ``dF/dx`` and runs ``torch.autograd.backward`` from that call's input down
-to the cuts below it. On CUDA this keeps autograd's per-device engine thread free, so
-several steps can share one process.
-
-Fan-out cost: an activation that feeds several synchronised BatchNorm calls without an
-intervening BatchNorm (a residual stream) is backpropagated once per such call: its
-ops are traversed by more than one stage. In a ResNet these are the parameter-free adds
-and ReLUs of the skip path; convolutions are traversed once.
+Backward: nothing ever blocks inside autograd. Each synchronised BatchNorm output is an
+autograd node with no path back to its input or the layer's parameters (it hangs from a
+private leaf), so the graph is *cut* there, and the gradient arriving at the output is
+captured at its ``GradientEdge`` without that node ever running. The step drives the
+backward itself, in stages, from the calling thread (:class:`~.staged_backward.StagedBackward`):
+from the loss down to the cuts, then for BatchNorm calls in reverse execution order it
+posts ``(sum g, sum g * x_hat)``, waits for the sums over clients, forms ``dF/dx`` and runs
+``torch.autograd.grad`` from that call's input down to the cuts below it, each graph node
+once. On CUDA this keeps autograd's per-device engine thread free, so several steps can
+share one process.
 
 Replay
 ------
@@ -158,9 +155,9 @@ def _normalize(
 def _channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and biased variance of ``x`` (N, C, *).
 
-    On CPU, PyTorch's fused BatchNorm statistics kernel (two passes, float64 accumulation
-    for float32 input). Elsewhere the corrected two-pass algorithm, which is as accurate
-    as ``torch.var_mean``. Half and bfloat16 inputs get float32 statistics, as PyTorch's
+    On CPU, the fused statistics kernel PyTorch's own BatchNorm uses in training (so the
+    same rounding as centralised training). Elsewhere the corrected two-pass algorithm,
+    which is as accurate as ``torch.var_mean``. Half and bfloat16 inputs get float32 statistics, as PyTorch's
     own BatchNorm computes them.
     """
     if x.dtype in (torch.float16, torch.bfloat16):

@@ -226,7 +226,12 @@ class FedTAN(FedAvg):
             except _Restart:
                 ledger.restarts += 1
                 participants = [n for n in participants if n not in ledger.dropped]
-                log(WARNING, "Round %d: restarting the synchronised step with %d clients", server_round, len(participants))
+                log(
+                    WARNING,
+                    "Round %d: restarting the synchronised step with %d clients",
+                    server_round,
+                    len(participants),
+                )
                 continue
             new_arrays, metrics = self._aggregate_models(outcome, reference, ledger)
             if new_arrays is not None:

@@ -321,7 +321,7 @@ def test_forward_error_propagates_and_leaves_no_paused_forward(when, new_paused_
     def fn():
         if when == "before":
             raise Boom("before any BN")
-        out = model(x)
+        model(x)
         raise Boom("after the BN calls")
 
     step = SyncStep(model, fn, num_examples=8)
