@@ -192,6 +192,17 @@ def _vector(values: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(values, dtype=like.dtype, device=like.device)
 
 
+def _parameter_like(layer: FedTANBatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """A tensor with the dtype and device that per-channel arguments of BatchNorm kernels
+    must have for input ``x``: the layer's weight, else float32 for half and bfloat16
+    inputs (the mixed-precision kernels), else ``x`` itself."""
+    if layer.affine:
+        return layer.weight
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return x.new_empty(0, dtype=torch.float32)
+    return x
+
+
 class SyncStep:
     """One client's synchronised forward/backward pass, resumable at each sync point.
 
@@ -500,9 +511,8 @@ class SyncStep:
         pooled_var = np.asarray(pooled.var, dtype=np.float64)
         invstd = 1.0 / np.sqrt(pooled_var + layer.eps)
         unbiased = pooled_var * (total / (total - 1)) if total > 1 else pooled_var
-        # In the parameters' dtype, which mixed-precision BatchNorm kernels expect.
         mean_t, var_t, unbiased_t, invstd_t = _vector(
-            np.array([mu, pooled_var, unbiased, invstd]), layer.weight if layer.affine else x
+            np.array([mu, pooled_var, unbiased, invstd]), _parameter_like(layer, x)
         ).unbind()
         self._update_running_stats(layer, mean_t, unbiased_t)
         if layer.affine:
@@ -625,7 +635,8 @@ class SyncStep:
             # b * x + (c - b * mu) as a BatchNorm with unit variance and eps 0 (exactly
             # x * b + (c - b * mu) in its kernel), the fastest per-channel affine map on CPU.
             a_, b_, c_, zero, one = _vector(
-                np.array([a, b, c - b * call.mean, np.zeros_like(a), np.ones_like(a)]), x
+                np.array([a, b, c - b * call.mean, np.zeros_like(a), np.ones_like(a)]),
+                call.mean_t,
             ).unbind()
             grad_input = _normalize(x.detach(), b_, c_, zero, one, 0.0)
             grad_input.addcmul_(g, a_.view(_channel_shape(x)))

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flwr_fedtan import aggregate_arrays, convert_batchnorm, pooled_backward
+from flwr_fedtan import SyncStep, aggregate_arrays, convert_batchnorm, pooled_backward
+from flwr_fedtan.reference import drive_steps
 
 from tests._models import (
     single_thread,  # noqa: F401 (autouse fixture)
@@ -196,3 +197,56 @@ def test_float32_is_as_accurate_as_pytorch_batchnorm(offset):
     g = grad_vector([truth])
     pytorch_error = rel_err(grad_vector([central]), g)
     assert rel_err(grad_vector(clients), g) <= 2 * pytorch_error + 1e-6
+
+
+def test_channels_last_model_and_inputs_equal_centralised():
+    """Channels-last activations take other kernels (statistics, normalisation, backward
+    sums); the result must not change."""
+    central, clients, batches = setup("resnet20", 3, torch.float64)
+    central = central.to(memory_format=torch.channels_last)
+    clients = [c.to(memory_format=torch.channels_last) for c in clients]
+    batches = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in batches]
+    loss_c, _ = centralised_step(central, batches)
+    loss_f = pooled_backward(clients, batches, F.cross_entropy)
+    assert loss_f == pytest.approx(loss_c, rel=1e-12)
+    assert rel_err(grad_vector(clients), grad_vector([central])) <= 1e-10
+    for c in clients:
+        for key, value in buffers(c).items():
+            assert torch.equal(value, buffers(central)[key]) or rel_err(value, buffers(central)[key]) <= 1e-10
+
+
+def _bf16_autocast_loss(model, x, y):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    return F.cross_entropy(out.float(), y)
+
+
+@pytest.mark.parametrize("case", ["bfloat16-model", "autocast"])
+def test_reduced_precision_matches_centralised_to_its_precision(case):
+    """bfloat16 BatchNorm inputs with bfloat16 parameters, and under CPU autocast with
+    float32 parameters (chained-bn: one affine and one non-affine layer). bfloat16 keeps 8
+    bits of mantissa, so the comparison is at that precision: a wrong formula would be off
+    by order one."""
+    central = build("chained-bn", torch.float32)
+    batches = make_batches("chained-bn", SIZES[3], torch.float32)
+    if case == "bfloat16-model":
+        central = central.to(torch.bfloat16)
+        batches = [(x.to(torch.bfloat16), y) for x, y in batches]
+    clients = [convert_batchnorm(copy.deepcopy(central)) for _ in batches]
+    x, y = torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+    central.zero_grad(set_to_none=True)
+    if case == "autocast":
+        _bf16_autocast_loss(central, x, y).backward()
+        total = len(y)
+        steps = [
+            SyncStep(m, (lambda m=m, xb=xb, yb=yb: _bf16_autocast_loss(m, xb, yb)), len(xb), total)
+            for m, (xb, yb) in zip(clients, batches)
+        ]
+        drive_steps(steps)
+    else:
+        F.cross_entropy(central(x), y).backward()
+        pooled_backward(clients, batches, F.cross_entropy)
+    fed = grad_vector(clients).double()
+    ref = grad_vector([central]).double()
+    assert torch.isfinite(fed).all()
+    assert rel_err(fed, ref) <= 0.05
