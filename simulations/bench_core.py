@@ -1,7 +1,7 @@
 """Benchmark of FedTAN's core step against centralised training (no Flower, CPU).
 
     python -m simulations.bench_core [--model resnet20|vgg] [--clients 5] [--batch 32]
-                                     [--repeats 11] [--threads N]
+                                     [--repeats 15] [--threads N]
 
 Measures, in one run, median wall times of
 
@@ -18,8 +18,8 @@ Measures, in one run, median wall times of
 
 Repetitions of (a)-(e) are interleaved so that load on the machine hits all of them alike.
 Target: (a)/(b) <= 1.3, judged on the median of the ratios of each repetition's (a) and
-(b), which ran back to back: on a shared machine that cancels most of the slow drift in
-speed that the ratio of two separate medians picks up.
+(b), which ran back to back (in alternating order): on a shared machine that cancels most
+of the slow drift in speed that the ratio of two separate medians picks up.
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=["resnet20", "vgg"], default="resnet20")
     parser.add_argument("--clients", type=int, default=5)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -210,9 +210,13 @@ def main(argv: list[str] | None = None) -> int:
 
     times: dict[str, list[float]] = {k: [] for k in "abcd"}
     phases: list[tuple[float, float, float, float]] = []
-    for _ in range(args.repeats):
-        times["a"].append(timed(run_pooled))
-        times["b"].append(timed(run_central))
+    for i in range(args.repeats):
+        if i % 2:  # alternate the order within a pair, so that drift does not favour either
+            times["b"].append(timed(run_central))
+            times["a"].append(timed(run_pooled))
+        else:
+            times["a"].append(timed(run_pooled))
+            times["b"].append(timed(run_central))
         times["c"].append(timed(run_replay))
         times["d"].append(timed(run_import))
         phases.append(staged_vs_plain(staged_model, plain_one, batches[0]))
