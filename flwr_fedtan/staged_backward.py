@@ -88,6 +88,15 @@ class StagedBackward:
             return ("leaf", node.variable, node)
         return None  # another output of a cut node: no gradient ever arrives there
 
+    def _record_sink(self, inputs: dict[Any, _Input], node: Any, nr: int) -> bool:
+        """If ``node`` is a sink, record it as an input and return True."""
+        if not self._is_sink(node):
+            return False
+        sink = self._sink_input(node, nr)
+        if sink is not None:
+            inputs[sink[2]] = sink
+        return True
+
     def _plan(self) -> bool:
         """Assign nodes to stages; return False if the graph needs the fallback."""
         # Mark from the last stage backwards: a node belongs to the last stage reaching it.
@@ -118,13 +127,9 @@ class StagedBackward:
         inputs: dict[Any, _Input] = {}
         for node in nodes:
             for child, nr in node.next_functions:
-                if child is None:
+                if child is None or self._record_sink(inputs, child, nr):
                     continue
-                if self._is_sink(child):
-                    sink = self._sink_input(child, nr)
-                    if sink is not None:
-                        inputs[sink[2]] = sink
-                elif self._owner[child] != stage:
+                if self._owner[child] != stage:
                     inputs[(child, nr)] = ("edge", GradientEdge(child, nr), (child, nr))
         return list(inputs.values())
 
@@ -142,13 +147,7 @@ class StagedBackward:
                 continue
             seen.add(node)
             for child, nr in node.next_functions:
-                if child is None:
-                    continue
-                if self._is_sink(child):
-                    sink = self._sink_input(child, nr)
-                    if sink is not None:
-                        inputs[sink[2]] = sink
-                else:
+                if child is not None and not self._record_sink(inputs, child, nr):
                     stack.append(child)
         return list(inputs.values())
 

@@ -157,8 +157,8 @@ def _channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     On CPU, the fused statistics kernel PyTorch's own BatchNorm uses in training (so the
     same rounding as centralised training). Elsewhere the corrected two-pass algorithm,
-    which is as accurate as ``torch.var_mean``. Half and bfloat16 inputs get float32 statistics, as PyTorch's
-    own BatchNorm computes them.
+    which is as accurate as ``torch.var_mean``. Half and bfloat16 inputs get float32
+    statistics, as PyTorch's own BatchNorm computes them.
     """
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
