@@ -619,3 +619,29 @@ def test_input_that_requires_grad_gets_the_centralised_input_gradient(name):
     federated = torch.cat([x.grad for x, _ in batches])
     assert rel_err(federated, pooled.grad) <= 1e-10
     assert rel_err(grad_vector(clients), grad_vector([central])) <= 1e-10
+
+
+def test_hooks_on_batchnorm_outputs_see_the_centralised_gradient():
+    """A tensor hook on a BatchNorm output (as a user's gradient probe would register)
+    fires although the step captures that gradient and never runs the output's node;
+    the clients' hooked gradients, stacked, are the centralised ones."""
+    central, clients = clients_for("resnet20")
+    batches = make_batches("resnet20", SIZES)
+
+    def probe(model):
+        seen: dict[int, torch.Tensor] = {}
+        for i, (_, m) in enumerate(bn_modules(model)):
+            def keep(mod, args, out, i=i):
+                def add(grad):
+                    seen[i] = grad.detach().clone() if i not in seen else seen[i] + grad
+                out.register_hook(add)
+            m.register_forward_hook(keep)
+        return seen
+
+    expected = probe(central)
+    centralised_step(central, batches)
+    seen = [probe(c) for c in clients]
+    drive_steps(make_steps(clients, batches))
+    assert len(expected) == MODELS["resnet20"][3]
+    for i, grad in expected.items():
+        assert rel_err(torch.cat([s[i] for s in seen]), grad) <= 1e-10, i
