@@ -184,23 +184,23 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy(force=True).astype(np.float64)
 
 
-def _vector(values: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    """``values`` (per-channel, one row per quantity) as a tensor with the dtype and device
-    of ``like``: a single conversion, as small ops cost more in dispatch than in work."""
-    if like.device.type == "cpu" and like.dtype in _NUMPY_DTYPES:
-        return torch.from_numpy(values.astype(_NUMPY_DTYPES[like.dtype]))
-    return torch.as_tensor(values, dtype=like.dtype, device=like.device)
+def _vector(values: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``values`` (per-channel, one row per quantity) as one tensor: a single conversion,
+    as small ops cost more in dispatch than in work."""
+    if device.type == "cpu" and dtype in _NUMPY_DTYPES:
+        return torch.from_numpy(values.astype(_NUMPY_DTYPES[dtype]))
+    return torch.as_tensor(values, dtype=dtype, device=device)
 
 
-def _parameter_like(layer: FedTANBatchNorm, x: torch.Tensor) -> torch.Tensor:
-    """A tensor with the dtype and device that per-channel arguments of BatchNorm kernels
-    must have for input ``x``: the layer's weight, else float32 for half and bfloat16
-    inputs (the mixed-precision kernels), else ``x`` itself."""
+def _parameter_dtype(layer: FedTANBatchNorm, x: torch.Tensor) -> torch.dtype:
+    """The dtype per-channel arguments of BatchNorm kernels must have for input ``x``: the
+    layer weight's, else float32 for half and bfloat16 inputs (the mixed-precision
+    kernels), else ``x``'s."""
     if layer.affine:
-        return layer.weight
+        return layer.weight.dtype
     if x.dtype in (torch.float16, torch.bfloat16):
-        return x.new_empty(0, dtype=torch.float32)
-    return x
+        return torch.float32
+    return x.dtype
 
 
 class SyncStep:
@@ -512,7 +512,7 @@ class SyncStep:
         invstd = 1.0 / np.sqrt(pooled_var + layer.eps)
         unbiased = pooled_var * (total / (total - 1)) if total > 1 else pooled_var
         mean_t, var_t, unbiased_t, invstd_t = _vector(
-            np.array([mu, pooled_var, unbiased, invstd]), _parameter_like(layer, x)
+            np.array([mu, pooled_var, unbiased, invstd]), _parameter_dtype(layer, x), x.device
         ).unbind()
         self._update_running_stats(layer, mean_t, unbiased_t)
         if layer.affine:
@@ -636,7 +636,8 @@ class SyncStep:
             # x * b + (c - b * mu) in its kernel), the fastest per-channel affine map on CPU.
             a_, b_, c_, zero, one = _vector(
                 np.array([a, b, c - b * call.mean, np.zeros_like(a), np.ones_like(a)]),
-                call.mean_t,
+                call.mean_t.dtype,
+                x.device,
             ).unbind()
             grad_input = _normalize(x.detach(), b_, c_, zero, one, 0.0)
             grad_input.addcmul_(g, a_.view(_channel_shape(x)))

@@ -42,7 +42,7 @@ def _partitions(dataset: str, data_dir: str | None, num_partitions: int, scheme:
                 classes_per_partition: int, alpha: float) -> list:
     _, labels = load_dataset(dataset, split="train", data_dir=data_dir)
     return cached_partition_indices(labels, num_partitions, scheme, seed=seed,
-                             classes_per_partition=classes_per_partition, alpha=alpha)
+                                    classes_per_partition=classes_per_partition, alpha=alpha)
 
 
 def classes_per_client(config: Mapping[str, Any], num_partitions: int) -> int:
