@@ -405,3 +405,35 @@ def test_server_names_a_client_with_a_different_shift_or_an_unknown_node():
     payloads = encode_all(stats, keys, roster)
     with pytest.raises(PayloadError, match="client 5: .*not in the roster"):
         server_decode({**payloads, 5: payloads[4]}, roster)
+
+
+# ---------------------------------------------------------------------- server session
+def test_server_session_keys_rosters_and_shifts_over_two_rounds():
+    session = secure.ServerSession()
+    data = client_activations(seed=13)
+    for round_ in (1, 2):
+        session.new_round(round_)
+        keys = key_pairs(seed=round_)  # fresh keys every round
+        for node, pair in keys.items():
+            session.accept_public_key(node, np.frombuffer(pair.public, dtype=np.uint8))
+        with pytest.raises(PayloadError, match="client 4: .*already sent"):
+            session.accept_public_key(4, keys[11].public)
+        with pytest.raises(PayloadError, match="client 5: public key must be 32 bytes"):
+            session.accept_public_key(5, b"abc")
+        with pytest.raises(KeyAgreementError, match=r"nodes \[6\] have no public key"):
+            session.roster([4, 6])
+        roster = session.roster(list(keys))
+        # the shifts travel to the clients and back as arrays
+        shifts = secure.shifts_from_arrays(secure.shifts_to_arrays(session.shifts))
+        shift = secure.shift_for(shifts, 0, 6)
+        assert (shift is None) == (round_ == 1)
+        stats = forward_stats({n: x + round_ for n, x in data.items()})
+        decoded = session.decode(encode_all(stats, keys, roster, round=round_, shift=shift), roster, 0,
+                                 secure.describe_point(round_, 0, "forward", 0, 0))
+        pooled = np.concatenate(list(data.values())) + round_
+        assert rel_err(decoded.mean, pooled.mean(0)) < 1e-13
+        assert rel_err(decoded.var, pooled.var(0)) < 1e-11
+        assert np.array_equal(session.shifts[0], decoded.mean)
+    assert secure.shift_for(session.shifts, 0, 5) is None  # a layer of another width: no shift
+    with pytest.raises(secure.SecureStatsError, match="malformed shift 'x'"):
+        secure.shifts_from_arrays({"x": np.zeros(2)})
