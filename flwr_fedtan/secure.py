@@ -39,6 +39,7 @@ sync point, never a silently wrong sum.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import struct
@@ -403,22 +404,31 @@ def pairwise_masks(
         ``node_id`` is not in the roster, or ``private_key`` is not the key behind its
         public key there.
     """
+    if exchange < 0 or attempt < 0:
+        raise ValueError(f"exchange and attempt must be >= 0, got {exchange}, {attempt}")
+    total = np.zeros((2, length), dtype=_U64)
+    for peer, key in _attempt_keys(bytes(private_key), int(node_id), roster, int(round), int(attempt)):
+        stream = _keystream(key, exchange, length)
+        total = _ring_add(total, stream if node_id < peer else _ring_neg(stream))
+    return total
+
+
+@functools.lru_cache(maxsize=32)
+def _attempt_keys(private_key: bytes, node_id: int, roster: Roster, round: int, attempt: int) -> tuple:
+    """``((peer, pair key), ...)`` of one attempt: X25519 and HKDF once per attempt and peer,
+    not once per exchange (a live round's process reuses them for its ``2L`` exchanges)."""
     own = _private_key(private_key, node_id)
     if _public_of(own) != roster.key_of(node_id):
         raise KeyAgreementError(
             f"node {node_id}: its private key does not match its public key in the roster "
             "(a key from another round or node; the key exchange must be redone)"
         )
-    if exchange < 0 or attempt < 0:
-        raise ValueError(f"exchange and attempt must be >= 0, got {exchange}, {attempt}")
     digest = roster.digest()
-    total = np.zeros((2, length), dtype=_U64)
-    for peer, public in zip(roster.node_ids, roster.public_keys):
-        if peer == node_id:
-            continue
-        stream = _keystream(_pair_key(own, node_id, peer, public, round, attempt, digest), exchange, length)
-        total = _ring_add(total, stream if node_id < peer else _ring_neg(stream))
-    return total
+    return tuple(
+        (peer, _pair_key(own, node_id, peer, public, round, attempt, digest))
+        for peer, public in zip(roster.node_ids, roster.public_keys)
+        if peer != node_id
+    )
 
 
 # ---------------------------------------------------------------------- payloads
