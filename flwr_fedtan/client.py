@@ -31,7 +31,7 @@ from flwr.clientapp import ClientApp
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from . import schema
+from . import schema, secure
 from .aggregation import BackwardSums, ForwardStats
 from .batchnorm import convert_batchnorm
 from .replay_store import discard_weights, load_weights, resolve_store, save_weights
@@ -46,6 +46,9 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 REPLAY_STATE = "fedtan.replay"  # ConfigRecord in context.state
 REPLAY_LOG = "fedtan.log"  # ArrayRecord in context.state: aggregates of the round so far
+SECURE_KEY = "fedtan.secure-key"  # ConfigRecord in context.state: the round's private key, attempt
+SECURE_ROSTER = "fedtan.secure-roster"  # ArrayRecord in context.state: the attempt's roster
+SECURE_SHIFTS = "fedtan.secure-shifts"  # ArrayRecord in context.state: public shifts
 
 
 class FedTANClient(NumPyClient):
@@ -276,9 +279,55 @@ def _log_read(state: RecordDict, length: int) -> list[Aggregate]:
     return out
 
 
-def _request_reply(msg: Message, round_no: int, round_: ClientRound, request) -> Message:
+def _request_reply(msg: Message, context: Context, round_no: int, round_: ClientRound, request) -> Message:
     point, payload = request
+    if SECURE_ROSTER in context.state.array_records:
+        payload = _masked(context, round_no, round_.step_index, point, payload)
     return Message(schema.encode_request(round_no, round_.step_index, point, payload), reply_to=msg)
+
+
+def _masked(context: Context, round_no: int, step: int, point, payload) -> secure.MaskedPayload:
+    """Secure statistics: the payload masked for this exchange (the number of aggregates
+    received so far in the attempt)."""
+    state = context.state
+    key = state.config_records.get(SECURE_KEY)
+    if key is None or int(key["round"]) != round_no:
+        raise secure.KeyAgreementError(
+            f"node {context.node_id}: no private key for round {round_no} (it missed the key exchange)"
+        )
+    roster = secure.Roster.from_arrays({k: v.numpy() for k, v in state.array_records[SECURE_ROSTER].items()})
+    shifts = secure.shifts_from_arrays({k: v.numpy() for k, v in state.array_records[SECURE_SHIFTS].items()})
+    forward = point.phase == schema.PHASE_FORWARD
+    return secure.client_encode(
+        payload,
+        node_id=context.node_id,
+        private_key=key["private-key"],  # type: ignore[arg-type]
+        roster=roster,
+        round=round_no,
+        attempt=int(key["attempt"]),
+        exchange=int(state.config_records[REPLAY_STATE]["received"]),
+        shift=secure.shift_for(shifts, point.index, point.channels) if forward else None,
+        where=secure.describe_point(round_no, step, point.phase, point.index, point.call),
+    )
+
+
+def _begin_secure(context: Context, control: schema.Control) -> None:
+    """Keep (or clear) the attempt's roster and shifts in ``context.state``."""
+    state = context.state
+    for name in (SECURE_ROSTER, SECURE_SHIFTS):
+        if name in state:
+            del state[name]
+    if control.roster is None:
+        return
+    key = state.config_records.get(SECURE_KEY)
+    if key is None or int(key["round"]) != control.round:
+        raise secure.KeyAgreementError(
+            f"node {context.node_id}: begin of round {control.round} with secure statistics, but this "
+            "node holds no private key for that round (it missed the key exchange)"
+        )
+    key["attempt"] = control.attempt
+    state[SECURE_ROSTER] = ArrayRecord({k: Array(v) for k, v in control.roster.to_arrays().items()})
+    state[SECURE_SHIFTS] = ArrayRecord({k: Array(v) for k, v in secure.shifts_to_arrays(control.shifts or {}).items()})
 
 
 def client_seed_key(context: Context) -> int:
@@ -360,8 +409,13 @@ def _handle_fedtan(msg: Message, context: Context, client_fn: Callable[[Context]
     control = schema.decode_control(msg.content)
     key = (context.run_id, context.node_id)
     state = context.state
+    if control.phase == schema.PHASE_KEYS:
+        pair = secure.generate_key_pair()
+        state[SECURE_KEY] = ConfigRecord({"round": control.round, "attempt": 0, "private-key": pair.private})
+        return Message(schema.encode_public_key(control.round, pair.public), reply_to=msg)
     if control.phase == schema.PHASE_BEGIN:
         _forget(key)
+        _begin_secure(context, control)
         client = _client_from(client_fn, context)
         arrays = msg.content.array_records[schema.ARRAYS]
         client.load_arrays(arrays)
@@ -419,7 +473,7 @@ def _handle_fedtan(msg: Message, context: Context, client_fn: Callable[[Context]
 
     if request is not None:
         _remember(key, live)
-        return _request_reply(msg, control.round, live.round, request)
+        return _request_reply(msg, context, control.round, live.round, request)
 
     _forget(key)
     metrics = live.round.finish()

@@ -29,6 +29,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from .aggregation import BackwardSums, ForwardStats, PayloadError, SyncPoint
+from .secure import KeyAgreementError, MaskedPayload, Roster, SecureStatsError, shifts_from_arrays, shifts_to_arrays
 
 __all__ = [
     "ACTION",
@@ -53,7 +54,10 @@ METRICS = "metrics"  # train metrics, with the weighting key (done)
 CONTROL = "fedtan.control"  # ConfigRecord, server -> client
 STATUS = "fedtan.status"  # ConfigRecord, client -> server
 STATS = "fedtan.stats"  # ArrayRecord: a client's payload or the server's aggregate
+SECURE = "fedtan.secure"  # ArrayRecord: the roster (begin) or a client's public key (keys reply)
+SHIFTS = "fedtan.shifts"  # ArrayRecord: public shifts of the forward sync points (begin, secure)
 
+PHASE_KEYS = "keys"  # secure statistics: the round's key exchange, before begin
 PHASE_BEGIN = "begin"
 PHASE_AGGREGATE = "aggregate"
 PHASE_FORWARD = "forward"
@@ -82,6 +86,9 @@ class Control:
     sync_steps: int
     seed: int
     aggregate: Optional[Payload] = None
+    attempt: int = 0
+    roster: Optional[Roster] = None  # secure statistics: the attempt's roster (begin)
+    shifts: Optional[dict] = None  # secure statistics: public shifts by sync-point index (begin)
 
 
 @dataclass(frozen=True)
@@ -95,9 +102,12 @@ class Status:
     payload: Optional[Payload] = None
     arrays: Optional[ArrayRecord] = None
     metrics: Optional[MetricRecord] = None
+    public_key: Optional[bytes] = None  # keys reply
 
 
-def _stats_record(payload: Payload) -> tuple[ArrayRecord, dict]:
+def _stats_record(payload: Union[Payload, MaskedPayload]) -> tuple[ArrayRecord, dict]:
+    if isinstance(payload, MaskedPayload):  # counts travel masked, inside the ring vector
+        return ArrayRecord({k: Array(v) for k, v in payload.to_arrays().items()}), {"masked": True}
     if isinstance(payload, ForwardStats):
         arrays = {"mean": payload.mean, "var": payload.var}
         scalars = {"count": float(payload.count), "num-examples": int(payload.num_examples)}
@@ -110,10 +120,16 @@ def _stats_record(payload: Payload) -> tuple[ArrayRecord, dict]:
 
 def _payload_from(
     sender: Hashable, phase: str, stats: Optional[ArrayRecord], scalars: ConfigRecord
-) -> Payload:
+) -> Union[Payload, MaskedPayload]:
     names = _FORWARD_ARRAYS if phase == PHASE_FORWARD else _BACKWARD_ARRAYS
     if stats is None:
         raise PayloadError(sender, f"missing ArrayRecord '{STATS}'")
+    if scalars.get("masked") is True:
+        try:
+            arrays = {name: stats[name].numpy() for name in stats.keys()}
+        except Exception as error:  # a corrupt Array
+            raise PayloadError(sender, f"'{STATS}' cannot be decoded: {error}") from None
+        return MaskedPayload.from_arrays(sender, phase, _get_int(sender, scalars, "channels"), arrays)
     if set(stats.keys()) != set(names):
         raise PayloadError(sender, f"'{STATS}' holds {sorted(stats.keys())}, expected {list(names)}")
     try:
@@ -138,15 +154,35 @@ def _get_int(sender: Hashable, record: ConfigRecord, key: str) -> int:
 
 
 # ---------------------------------------------------------------------- server -> client
+def encode_keys(round: int, sync_steps: int) -> RecordDict:
+    """Secure statistics: ask the round's clients for a fresh public key."""
+    control = ConfigRecord(
+        {"phase": PHASE_KEYS, "round": round, "step": 0, "point": -1, "sync-steps": sync_steps, "seed": 0}
+    )
+    return RecordDict({CONTROL: control})
+
+
 def encode_begin(
-    arrays: ArrayRecord, config: ConfigRecord, round: int, sync_steps: int, seed: int
+    arrays: ArrayRecord,
+    config: ConfigRecord,
+    round: int,
+    sync_steps: int,
+    seed: int,
+    attempt: int = 0,
+    roster: Optional[Roster] = None,
+    shifts: Optional[dict] = None,
 ) -> RecordDict:
-    """The first message of a round: the global model, the user's config, the control."""
+    """The first message of an attempt: the global model, the user's config, the control,
+    and with secure statistics the roster of public keys and the public shifts."""
     control = ConfigRecord(
         {"phase": PHASE_BEGIN, "round": round, "step": 0, "point": -1,
-         "sync-steps": sync_steps, "seed": seed}
+         "sync-steps": sync_steps, "seed": seed, "attempt": attempt}
     )
-    return RecordDict({ARRAYS: arrays, CONFIG: config, CONTROL: control})
+    content = RecordDict({ARRAYS: arrays, CONFIG: config, CONTROL: control})
+    if roster is not None:
+        content[SECURE] = ArrayRecord({k: Array(v) for k, v in roster.to_arrays().items()})
+        content[SHIFTS] = ArrayRecord({k: Array(v) for k, v in shifts_to_arrays(shifts or {}).items()})
+    return content
 
 
 def encode_aggregate(
@@ -179,10 +215,22 @@ def decode_control(content: RecordDict) -> Control:
         raise PayloadError(sender, f"message has no ConfigRecord '{CONTROL}'")
     phase = control.get("phase")
     fields = {k: _get_int(sender, control, k) for k in ("round", "step", "point", "sync-steps", "seed")}
-    if phase == PHASE_BEGIN:
+    roster, shifts, attempt = None, None, 0
+    if phase == PHASE_KEYS:
+        aggregate = None
+    elif phase == PHASE_BEGIN:
         if ARRAYS not in content.array_records:
             raise PayloadError(sender, f"begin message has no ArrayRecord '{ARRAYS}'")
         aggregate = None
+        attempt = _get_int(sender, control, "attempt")
+        if SECURE in content.array_records:
+            try:
+                roster = Roster.from_arrays({k: v.numpy() for k, v in content.array_records[SECURE].items()})
+                shifts = shifts_from_arrays(
+                    {k: v.numpy() for k, v in content.array_records.get(SHIFTS, ArrayRecord()).items()}
+                )
+            except (KeyAgreementError, SecureStatsError) as error:
+                raise PayloadError(sender, f"begin message: {error}") from None
     elif phase == PHASE_AGGREGATE:
         sync_phase = control.get("sync-phase")
         if sync_phase not in (PHASE_FORWARD, PHASE_BACKWARD):
@@ -193,11 +241,21 @@ def decode_control(content: RecordDict) -> Control:
     return Control(
         phase=phase, round=fields["round"], step=fields["step"], point=fields["point"],
         sync_steps=fields["sync-steps"], seed=fields["seed"], aggregate=aggregate,
+        attempt=attempt, roster=roster, shifts=shifts,
     )
 
 
 # ---------------------------------------------------------------------- client -> server
-def encode_request(round: int, step: int, point: SyncPoint, payload: Payload) -> RecordDict:
+def encode_public_key(round: int, public_key: bytes) -> RecordDict:
+    """A client's reply to the key exchange: its public key for the round."""
+    status = ConfigRecord({"phase": PHASE_KEYS, "round": round, "step": -1, "point": -1})
+    key = ArrayRecord({"public-key": Array(np.frombuffer(public_key, dtype=np.uint8).copy())})
+    return RecordDict({STATUS: status, SECURE: key})
+
+
+def encode_request(
+    round: int, step: int, point: SyncPoint, payload: Union[Payload, MaskedPayload]
+) -> RecordDict:
     """A client's reply at a sync point."""
     stats, scalars = _stats_record(payload)
     status = ConfigRecord(
@@ -221,6 +279,14 @@ def decode_reply(content: RecordDict, sender: Hashable, weighted_by_key: str) ->
     phase = status.get("phase")
     round_ = _get_int(sender, status, "round")
     step = _get_int(sender, status, "step")
+    if phase == PHASE_KEYS:
+        record = content.array_records.get(SECURE)
+        if record is None or "public-key" not in record:
+            raise PayloadError(sender, f"keys reply has no ArrayRecord '{SECURE}' with 'public-key'")
+        key = record["public-key"].numpy()
+        if key.dtype != np.uint8 or key.shape != (32,):
+            raise PayloadError(sender, f"public-key is {key.dtype} {key.shape}, expected uint8 (32,)")
+        return Status(phase=phase, round=round_, step=step, public_key=key.tobytes())
     if phase == PHASE_DONE:
         arrays = content.array_records.get(ARRAYS)
         metrics = content.metric_records.get(METRICS)

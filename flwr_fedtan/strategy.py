@@ -16,7 +16,7 @@ from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info, sample_nodes
 from flwr.supercore import log
 
-from . import schema
+from . import schema, secure
 from .aggregation import PayloadError, aggregate_arrays, check_arrays, pool_forward_stats, sum_backward_sums
 from .training import derive_seed
 
@@ -75,6 +75,11 @@ class FedTAN(FedAvg):
         3 s between pulls in deployment, which FedTAN would pay ``2L`` times a round).
     seed : int (default: 0)
         Seeds node sampling and the clients' batch sampling.
+    secure_stats : bool (default: False)
+        Secure aggregation of the BatchNorm statistics (:mod:`flwr_fedtan.secure`): one
+        extra exchange a round agrees pairwise keys, every client payload is masked, and
+        the server learns only the sums over clients. The models returned at the end of a
+        round stay in the clear.
     """
 
     # pylint: disable=too-many-arguments
@@ -96,6 +101,7 @@ class FedTAN(FedAvg):
         max_restarts: int = 2,
         poll_interval: float = 0.02,
         seed: int = 0,
+        secure_stats: bool = False,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -118,6 +124,8 @@ class FedTAN(FedAvg):
         self.max_restarts = max_restarts
         self.poll_interval = poll_interval
         self.seed = seed
+        self.secure_stats = bool(secure_stats)
+        self._secure = secure.ServerSession() if self.secure_stats else None
         # Why nodes were dropped, by round: {server_round: {node_id: reason}}.
         self.dropped: dict[int, dict[int, str]] = {}
 
@@ -126,6 +134,7 @@ class FedTAN(FedAvg):
         super().summary()
         log(INFO, "\t└──> FedTAN:")
         log(INFO, "\t\t├── Synchronised steps per round: %d", self.sync_steps)
+        log(INFO, "\t\t├── Secure statistics: %s", "on" if self.secure_stats else "off")
         log(INFO, "\t\t├── Exchange timeout: %.1fs, poll interval %.3fs", self.exchange_timeout, self.poll_interval)
         log(INFO, "\t\t└── Max restarts per round: %d", self.max_restarts)
 
@@ -217,12 +226,16 @@ class FedTAN(FedAvg):
         participants = self.sample_train_nodes(grid)
         reference = {k: v.numpy() for k, v in arrays.items()}
         started = time.perf_counter()
+        if self._secure is not None:
+            participants = self._key_exchange(grid, server_round, participants, ledger)
         for attempt in range(self.max_restarts + 1):
             if len(participants) < max(1, self.min_train_nodes):
                 break
             seed = derive_seed(self.seed, server_round, attempt)
             try:
-                outcome = self._synchronised_round(grid, server_round, arrays, config, participants, seed, ledger)
+                outcome = self._synchronised_round(
+                    grid, server_round, arrays, config, participants, seed, ledger, attempt
+                )
             except _Restart:
                 ledger.restarts += 1
                 participants = [n for n in participants if n not in ledger.dropped]
@@ -254,8 +267,13 @@ class FedTAN(FedAvg):
         participants: list[int],
         seed: int,
         ledger: _RoundLedger,
+        attempt: int = 0,
     ) -> dict[int, schema.Status]:
-        begin = schema.encode_begin(arrays, config, server_round, self.sync_steps, seed)
+        roster = None if self._secure is None else self._secure.roster(participants)
+        begin = schema.encode_begin(
+            arrays, config, server_round, self.sync_steps, seed, attempt, roster,
+            None if self._secure is None else self._secure.shifts,
+        )
         t0 = time.perf_counter()
         statuses = self._exchange(grid, {n: begin for n in participants}, ledger)
         received = 0
@@ -274,15 +292,21 @@ class FedTAN(FedAvg):
                 raise _Restart()
             point = next(iter(statuses.values())).point
             payloads = {n: s.payload for n, s in statuses.items()}
+            step = next(iter(statuses.values())).step
             try:
-                if point.phase == schema.PHASE_FORWARD:
+                if roster is not None:
+                    where = secure.describe_point(server_round, step, point.phase, point.index, point.call)
+                    aggregate = self._secure.decode(payloads, roster, point.index, where)  # type: ignore[union-attr]
+                elif point.phase == schema.PHASE_FORWARD:
                     aggregate = pool_forward_stats(payloads, channels=point.channels)
                 else:
                     aggregate = sum_backward_sums(payloads, channels=point.channels)
             except PayloadError as error:
                 ledger.dropped[error.client] = str(error)
                 raise _Restart() from None
-            step = next(iter(statuses.values())).step
+            except secure.SecureStatsError as error:  # names no client: retry with fresh masks
+                log(WARNING, "Round %d: secure statistics failed, restarting: %s", server_round, error)
+                raise _Restart() from None
             content = schema.encode_aggregate(
                 server_round, step, received, point, aggregate, self.sync_steps, seed
             )
@@ -291,6 +315,31 @@ class FedTAN(FedAvg):
             statuses = self._exchange(grid, {n: content for n in statuses}, ledger)
             ledger.final_exchange_seconds = time.perf_counter() - t_exchange
             ledger.sync_seconds = t_exchange - t0
+
+    def _key_exchange(
+        self, grid: Grid, server_round: int, participants: list[int], ledger: _RoundLedger
+    ) -> list[int]:
+        """Secure statistics: collect the round's public keys; nodes that fail are dropped
+        before any statistic is sent. Returns the nodes with a key."""
+        session = self._secure
+        assert session is not None
+        session.new_round(server_round)
+        content = schema.encode_keys(server_round, self.sync_steps)
+        for _ in range(self.max_restarts + 1):
+            participants = [n for n in participants if n not in ledger.dropped]
+            try:
+                statuses = self._exchange(grid, {n: content for n in participants}, ledger)
+            except _Restart:
+                continue
+            for node, status in statuses.items():
+                try:
+                    if status.phase != schema.PHASE_KEYS:
+                        raise PayloadError(node, f"replied {status.phase!r} to the key exchange")
+                    session.accept_public_key(node, status.public_key)
+                except PayloadError as error:
+                    ledger.dropped[node] = str(error)
+            return [n for n in participants if n in session.public_keys]
+        return []
 
     def _drop_minority(self, statuses: dict[int, schema.Status], ledger: _RoundLedger, why: str) -> None:
         done = [n for n, s in statuses.items() if s.phase == schema.PHASE_DONE]

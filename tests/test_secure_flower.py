@@ -1,0 +1,164 @@
+"""FedTAN(secure_stats=True) through the real strategy and ClientApp over an in-process Grid.
+
+References: the in-process FedTAN rounds (pooled_backward + SGD + BN-aware averaging) and
+centralised SGD; the server must see masked payloads only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from flwr.app import Array
+
+from flwr_fedtan import FedTAN, fedtan_client_app, schema
+from flwr_fedtan.client import clear_live_rounds, client_seed_key
+from flwr_fedtan.training import derive_seed
+
+from _grid import LocalGrid
+from test_flower_protocol import (
+    NUM_BN_CALLS,
+    FaultyGrid,
+    SmallNet,
+    initial_arrays,
+    make_client,
+    max_diff,
+    reference_rounds,
+    run_fedtan,
+    to_numpy,
+)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_live_rounds():
+    clear_live_rounds()
+    yield
+    clear_live_rounds()
+
+
+class RecordingGrid(LocalGrid):
+    """Keeps every reply the server pulls: what an honest-but-curious server sees."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen = []
+
+    def pull_messages(self, message_ids):
+        replies = list(super().pull_messages(message_ids))
+        self.seen.extend(replies)
+        return replies
+
+
+@pytest.mark.parametrize("separate_processes", [False, True], ids=["live", "replay"])
+def test_secure_rounds_equal_the_clear_reference_and_the_server_sees_only_masks(separate_processes):
+    app = fedtan_client_app(lambda ctx: make_client(ctx, local_steps=2))
+    grid = RecordingGrid(app, 3, {}, separate_processes=separate_processes)
+    strategy, result = run_fedtan(grid, rounds=2, secure_stats=True)
+    expected = reference_rounds(grid, strategy, to_numpy(initial_arrays()), rounds=2, local_steps=2)
+    assert max_diff(to_numpy(result.arrays), expected) <= 1e-10
+    for round_no in (1, 2):
+        metrics = result.train_metrics_clientapp[round_no]
+        assert metrics["fedtan-exchanges"] == 2 * NUM_BN_CALLS + 2  # + the key exchange
+        assert metrics["fedtan-clients"] == 3 and metrics["fedtan-restarts"] == 0
+    assert set(strategy._secure.shifts) == set(range(NUM_BN_CALLS))  # forward points 0, 1, 2
+
+    payloads = 0
+    for reply in grid.seen:
+        status = reply.content.config_records[schema.STATUS]
+        if status["phase"] in (schema.PHASE_FORWARD, schema.PHASE_BACKWARD):
+            payloads += 1
+            assert status["masked"] is True and "count" not in status and "num-examples" not in status
+            stats = reply.content.array_records[schema.STATS]
+            expected_keys = {"masked", "roster-digest"} | ({"shift"} if status["phase"] == "forward" else set())
+            assert set(stats.keys()) == expected_keys
+            assert stats["masked"].numpy().dtype == np.uint64
+    assert payloads == 3 * 2 * 2 * NUM_BN_CALLS
+
+
+def test_secure_round_with_e1_equals_centralised_sgd():
+    app = fedtan_client_app(lambda ctx: make_client(ctx, local_steps=1))
+    grid = LocalGrid(app, 3, {})
+    strategy, result = run_fedtan(grid, rounds=1, secure_stats=True)
+    round_seed = derive_seed(strategy.seed, 1, 0)
+    xs, ys = [], []
+    for node in grid.node_ids:
+        client = make_client(grid.contexts[node])
+        x, y = client.sample_batch(derive_seed(derive_seed(round_seed, client_seed_key(grid.contexts[node])), 0))
+        xs.append(x)
+        ys.append(y)
+    torch.manual_seed(0)
+    central = SmallNet().double()
+    central.train()
+    F.cross_entropy(central(torch.cat(xs)), torch.cat(ys)).backward()
+    with torch.no_grad():
+        for p in central.parameters():
+            p -= 0.1 * p.grad
+    expected = {k: v.detach().numpy() for k, v in central.state_dict().items()}
+    assert max_diff(to_numpy(result.arrays), expected) <= 1e-10
+
+
+@pytest.mark.parametrize("fault", ["silent", "raises-after-keys"])
+def test_dropout_mid_step_restarts_the_survivors_with_fresh_masks(fault):
+    calls = {"n": 0}
+
+    def client_fn(ctx):
+        if fault == "raises-after-keys" and int(ctx.node_config["partition-id"]) == 1:
+            calls["n"] += 1
+            if calls["n"] > 2:  # keys, begin, then the crash mid-step
+                raise RuntimeError("simulated client crash")
+        return make_client(ctx)
+
+    app = fedtan_client_app(client_fn)
+    # the bad node answers the key exchange and two sync points, then fails
+    grid = FaultyGrid(app, 3, {}, bad=1007, fault="silent" if fault == "silent" else "none", from_exchange=3,
+                      separate_processes=(fault != "silent"))
+    strategy = FedTAN(min_available_nodes=3, min_train_nodes=2, fraction_evaluate=0.0, exchange_timeout=0.5,
+                      secure_stats=True)
+    result = strategy.start(grid, initial_arrays(), num_rounds=1)
+    assert 1007 in strategy.dropped[1]
+    metrics = result.train_metrics_clientapp[1]
+    assert metrics["fedtan-clients"] == 2 and metrics["fedtan-restarts"] == 1
+    expected = reference_rounds(grid, strategy, to_numpy(initial_arrays()), 1, 1, nodes=[1000, 1014], attempt=1)
+    assert max_diff(to_numpy(result.arrays), expected) <= 1e-10
+
+
+class WrongKeyGrid(LocalGrid):
+    """Node 1007's public key is replaced on its way to the server (a wrong key)."""
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        ids = super().push_messages(messages)
+        for msg, mid in zip(messages, ids):
+            reply = self._replies.get(mid)
+            if (msg.metadata.dst_node_id == 1007 and reply is not None and not reply.has_error()
+                    and schema.SECURE in reply.content.array_records):
+                record = reply.content.array_records[schema.SECURE]
+                record["public-key"] = Array(np.frombuffer(bytes(range(1, 33)), dtype=np.uint8).copy())
+        return ids
+
+
+def test_a_wrong_key_drops_that_client_with_a_clear_reason_and_the_others_finish():
+    app = fedtan_client_app(lambda ctx: make_client(ctx, local_steps=1))
+    grid = WrongKeyGrid(app, 3, {})
+    strategy = FedTAN(min_available_nodes=3, min_train_nodes=2, fraction_evaluate=0.0, secure_stats=True)
+    result = strategy.start(grid, initial_arrays(), num_rounds=1)
+    assert "its private key does not match its public key in the roster" in strategy.dropped[1][1007]
+    assert result.train_metrics_clientapp[1]["fedtan-clients"] == 2
+    expected = reference_rounds(grid, strategy, to_numpy(initial_arrays()), 1, 1, nodes=[1000, 1014], attempt=1)
+    assert max_diff(to_numpy(result.arrays), expected) <= 1e-10
+
+
+def test_begin_without_the_key_exchange_is_refused_by_the_client():
+    app = fedtan_client_app(lambda ctx: make_client(ctx, local_steps=1))
+    grid = LocalGrid(app, 2, {})
+    from flwr_fedtan.secure import Roster, generate_key_pair
+
+    roster = Roster.from_keys({n: generate_key_pair().public for n in grid.node_ids})
+    begin = schema.encode_begin(initial_arrays(), schema.ConfigRecord(), 1, 1, 0, 0, roster, {})
+    from flwr.app import Message
+
+    message = Message(begin, dst_node_id=1000, message_type=schema.MESSAGE_TYPE)
+    (reply,) = grid.send_and_receive([message])
+    assert reply.has_error()
+    assert "holds no private key for that round (it missed the key exchange)" in reply.error.reason
