@@ -72,7 +72,8 @@ def make_strategy(config) -> Strategy:
     if name == "fedtan":
         return FedTAN(**common, sync_steps=int(config.get("sync-steps", 1)),
                       exchange_timeout=float(config.get("exchange-timeout", 120.0)),
-                      seed=int(config.get("seed", 0)))
+                      seed=int(config.get("seed", 0)),
+                      secure_stats=bool(config.get("secure-stats", False)))
     if name in ("fedavg", "fedgn"):
         return FedAvg(**common)
     if name == "centralised":

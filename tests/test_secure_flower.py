@@ -162,3 +162,49 @@ def test_begin_without_the_key_exchange_is_refused_by_the_client():
     (reply,) = grid.send_and_receive([message])
     assert reply.has_error()
     assert "holds no private key for that round (it missed the key exchange)" in reply.error.reason
+
+
+# ---------------------------------------------------------------------- Flower's simulation
+@pytest.mark.slow
+def test_flwr_run_simulation_two_rounds_with_secure_stats(tmp_path, capsys):
+    """``flwr run`` (Ray simulation, 3 nodes) with run-config ``secure-stats = true``: the same
+    model as the in-process clear FedTAN run, one extra exchange a round."""
+    from simulations.flower_processes import FlowerProcesses
+    from test_e2e_flower import (
+        CNN_EXCHANGES,
+        REPO,
+        TOLERANCE,
+        app_config,
+        assert_completed,
+        cli_config,
+        max_abs_diff,
+        read_results,
+        reference_model,
+        report,
+    )
+
+    flower = FlowerProcesses(tmp_path / "flower")
+    try:
+        results_file = tmp_path / "secure.json"
+        overrides = dict(dataset="synthetic", model="cnn", num_server_rounds=2, local_steps=2, batch_size=16)
+        superlink = flower.start_superlink(simulation=True)
+        flower.add_connection("e2e-secure", superlink)
+        outcome = flower.run_app(
+            REPO, connection="e2e-secure",
+            federation_config={"num-supernodes": 3, "client-resources-num-cpus": 2, "init-args-num-cpus": 2},
+            run_config=cli_config(**overrides, secure_stats=True, results_file=str(results_file)), timeout=180,
+        )
+        assert_completed(outcome, flower)
+        summary, state_dict = read_results(results_file)
+    finally:
+        flower.stop()
+        assert not flower.remaining()
+    for round_no in ("1", "2"):
+        train = summary["train"][round_no]
+        assert train["fedtan-exchanges"] == CNN_EXCHANGES + 1, train  # + the key exchange
+        assert train["fedtan-clients"] == 3 and train["fedtan-restarts"] == 0, train
+    diff = max_abs_diff(reference_model(app_config(**overrides), 3, 2), state_dict)
+    assert diff <= TOLERANCE, f"secure run differs from the clear in-process FedTAN by {diff:g}"
+    train = summary["train"]["2"]
+    report(capsys, f"simulation with secure-stats: round {train['fedtan-round-seconds']:.2f}s, "
+                   f"{train['fedtan-bytes-sent'] + train['fedtan-bytes-received']} bytes, max |diff| {diff:.2e}")
