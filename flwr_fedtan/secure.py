@@ -108,7 +108,10 @@ class FixedPointOverflowError(SecureStatsError):
 
 class MaskMismatchError(SecureStatsError):
     """The masks did not cancel: some client used other keys, another roster, round,
-    attempt or exchange index than the others, or a payload was altered."""
+    attempt or exchange index than the others (e.g. a stale payload).
+
+    Only the masks are checked: a client that encodes false statistics under the right
+    masks is outside the threat model (see the README's "Secure statistics")."""
 
 
 class MissingPayloadError(SecureStatsError):
@@ -640,7 +643,7 @@ def server_decode(
     if total[0, -1] != 0 or total[1, -1] != 0:
         raise MaskMismatchError(
             f"{where}: the masks of nodes {list(roster.node_ids)} did not cancel; some client used "
-            "another key, round, attempt or exchange index, or a payload was altered"
+            "another key, round, attempt or exchange index (a stale or replayed payload?)"
         )
     sums = decode_fixed_point(total[:, :-1], fractional_bits, where)
     channels = first.channels
