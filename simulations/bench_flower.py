@@ -13,7 +13,8 @@ and bytes per round and the ratio
     FedTAN_round / (FedAvg_round + 2L * empty_exchange)
 
 (target <= 1.2): what FedTAN costs beyond FedAvg plus the bare latency of its 2L extra
-exchanges.
+exchanges. Then the same FedTAN rounds with ``secure_stats=True`` (masked statistics, one
+extra key exchange a round): seconds and bytes per round against clear FedTAN.
 """
 
 from __future__ import annotations
@@ -65,6 +66,14 @@ def run_exchange_benchmark(grid: Grid, config: Mapping[str, Any], initial: Array
     result = fedtan.start(grid=grid, initial_arrays=initial, num_rounds=rounds, train_config=train_config)
     fedtan_round = (time.perf_counter() - started) / rounds
 
+    secure = FedTAN(fraction_evaluate=0.0, min_available_nodes=len(nodes), min_train_nodes=len(nodes),
+                    secure_stats=True)
+    secure.start(grid=grid, initial_arrays=initial, num_rounds=1, train_config=train_config)  # warm-up
+    started = time.perf_counter()
+    secure_result = secure.start(grid=grid, initial_arrays=initial, num_rounds=rounds, train_config=train_config)
+    secure_round = (time.perf_counter() - started) / rounds
+    secure_last = secure_result.train_metrics_clientapp[rounds]
+
     last = result.train_metrics_clientapp[rounds]
     exchanges = int(last["fedtan-exchanges"])
     calls = (exchanges - 1) // 2
@@ -85,6 +94,10 @@ def run_exchange_benchmark(grid: Grid, config: Mapping[str, Any], initial: Array
         "client-sync-seconds": float(last.get("sync-seconds", float("nan"))),
         "client-local-seconds": float(last.get("local-seconds", float("nan"))),
         "ratio": fedtan_round / (fedavg_round + 2 * calls * empty_exchange),
+        "secure-round-seconds": secure_round,
+        "secure-exchanges-per-round": int(secure_last["fedtan-exchanges"]),
+        "secure-bytes-per-round": int(secure_last["fedtan-bytes-sent"]) + int(secure_last["fedtan-bytes-received"]),
+        "secure-client-sync-seconds": float(secure_last.get("sync-seconds", float("nan"))),
     }
 
 
@@ -104,6 +117,13 @@ def format_report(bench: Mapping[str, Any]) -> str:
         ("  client: synchronised step compute", f"{bench['client-sync-seconds'] * 1e3:.1f} ms (mean per client)"),
         ("  client: local steps compute", f"{bench['client-local-seconds'] * 1e3:.1f} ms (mean per client)"),
         ("FedTAN / (FedAvg + 2L x empty)", f"{bench['ratio']:.2f}  (target <= 1.2)"),
+        ("FedTAN round, secure statistics", f"{bench['secure-round-seconds'] * 1e3:.1f} ms, "
+                                            f"{bench['secure-exchanges-per-round']} exchanges, "
+                                            f"{bench['secure-bytes-per-round'] / 1e6:.2f} MB"),
+        ("  client: synchronised step compute", f"{bench['secure-client-sync-seconds'] * 1e3:.1f} ms "
+                                                "(mean per client)"),
+        ("  secure / clear FedTAN", f"{bench['secure-round-seconds'] / bench['fedtan-round-seconds']:.2f} x time, "
+                                    f"{bench['secure-bytes-per-round'] / bench['fedtan-bytes-per-round']:.2f} x bytes"),
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)

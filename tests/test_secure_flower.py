@@ -208,3 +208,38 @@ def test_flwr_run_simulation_two_rounds_with_secure_stats(tmp_path, capsys):
     train = summary["train"]["2"]
     report(capsys, f"simulation with secure-stats: round {train['fedtan-round-seconds']:.2f}s, "
                    f"{train['fedtan-bytes-sent'] + train['fedtan-bytes-received']} bytes, max |diff| {diff:.2e}")
+
+
+class StaleReplyGrid(LocalGrid):
+    """Node 1007's payload of exchange 1 is replaced once by its payload of exchange 0 (a
+    stale reply: same shape, masks of another exchange), so the masks no longer cancel."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.payloads_of_bad = []
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        ids = super().push_messages(messages)
+        for msg, mid in zip(messages, ids):
+            reply = self._replies.get(mid)
+            if msg.metadata.dst_node_id != 1007 or reply is None or reply.has_error():
+                continue
+            stats = reply.content.array_records.get(schema.STATS)
+            if stats is None:
+                continue
+            self.payloads_of_bad.append(stats["masked"].numpy().copy())
+            if len(self.payloads_of_bad) == 2:
+                stats["masked"] = Array(self.payloads_of_bad[0])
+        return ids
+
+
+def test_masks_that_do_not_cancel_restart_the_step_with_fresh_masks():
+    app = fedtan_client_app(lambda ctx: make_client(ctx, local_steps=1))
+    grid = StaleReplyGrid(app, 3, {})
+    strategy = FedTAN(min_available_nodes=3, min_train_nodes=2, fraction_evaluate=0.0, secure_stats=True)
+    result = strategy.start(grid, initial_arrays(), num_rounds=1)
+    metrics = result.train_metrics_clientapp[1]
+    assert metrics["fedtan-restarts"] == 1 and metrics["fedtan-clients"] == 3 and not strategy.dropped[1]
+    expected = reference_rounds(grid, strategy, to_numpy(initial_arrays()), 1, 1, attempt=1)
+    assert max_diff(to_numpy(result.arrays), expected) <= 1e-10
