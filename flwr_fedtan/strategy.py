@@ -229,7 +229,8 @@ class FedTAN(FedAvg):
         if self._secure is not None:
             participants = self._key_exchange(grid, server_round, participants, ledger)
         for attempt in range(self.max_restarts + 1):
-            if len(participants) < max(1, self.min_train_nodes):
+            # Secure statistics need two clients: one client's statistics cannot hide in a sum.
+            if len(participants) < max(2 if self._secure is not None else 1, self.min_train_nodes):
                 break
             seed = derive_seed(self.seed, server_round, attempt)
             try:

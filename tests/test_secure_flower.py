@@ -243,3 +243,13 @@ def test_masks_that_do_not_cancel_restart_the_step_with_fresh_masks():
     assert metrics["fedtan-restarts"] == 1 and metrics["fedtan-clients"] == 3 and not strategy.dropped[1]
     expected = reference_rounds(grid, strategy, to_numpy(initial_arrays()), 1, 1, attempt=1)
     assert max_diff(to_numpy(result.arrays), expected) <= 1e-10
+
+
+def test_a_lone_survivor_skips_the_round_instead_of_sending_its_statistics():
+    app = fedtan_client_app(lambda ctx: make_client(ctx, local_steps=1))
+    grid = FaultyGrid(app, 2, {}, bad=1007, fault="silent", from_exchange=1)
+    strategy = FedTAN(min_available_nodes=2, min_train_nodes=1, fraction_evaluate=0.0, exchange_timeout=0.5,
+                      secure_stats=True)
+    result = strategy.start(grid, initial_arrays(), num_rounds=1)
+    assert result.train_metrics_clientapp[1]["fedtan-skipped"] == 1
+    assert max_diff(to_numpy(result.arrays), to_numpy(initial_arrays())) == 0.0
