@@ -30,11 +30,12 @@ With ``K`` clients every encoded value must satisfy ``|v| < 2**(126 - fractional
 (``2**62 / K``, about ``4.6e18 / K``, by default), so that the sum of ``K`` of them stays below
 ``2**126`` in magnitude, half of the ring's signed range; a decoded sum at or above ``2**126``
 can only come from masks that did not cancel or from a corrupted payload, and is refused.
-The absolute resolution is ``2**-(fractional_bits + 1)`` per client and value (``2.7e-20``
-by default): every sum above ``1e-13`` in magnitude is exact to better than ``1e-6`` relative,
-and the decoded moments agree with :func:`~flwr_fedtan.aggregation.pool_forward_stats` to
-float64 rounding. Out-of-range values raise :class:`FixedPointOverflowError` naming the
-sync point, never a silently wrong sum.
+Encoding rounds each value to the nearest multiple of ``2**-fractional_bits``, an error of
+at most ``2**-(fractional_bits + 1)`` (``2.7e-20`` by default), so a sum over ``K`` clients is
+off by at most ``K * 2.7e-20``: a sum above ``K * 3e-14`` in magnitude is exact to ``1e-6``
+relative, and the decoded moments agree with
+:func:`~flwr_fedtan.aggregation.pool_forward_stats` to float64 rounding. Out-of-range values
+raise :class:`FixedPointOverflowError` naming the sync point, never a silently wrong sum.
 """
 
 from __future__ import annotations
