@@ -106,8 +106,11 @@ class Status:
 
 
 def _stats_record(payload: Union[Payload, MaskedPayload]) -> tuple[ArrayRecord, dict]:
-    if isinstance(payload, MaskedPayload):  # counts travel masked, inside the ring vector
-        return ArrayRecord({k: Array(v) for k, v in payload.to_arrays().items()}), {"masked": True}
+    if isinstance(payload, MaskedPayload):  # sums masked; a forward payload's counts also clear
+        scalars: dict = {"masked": True}
+        if payload.count is not None:
+            scalars.update({"count": float(payload.count), "num-examples": int(payload.num_examples)})
+        return ArrayRecord({k: Array(v) for k, v in payload.to_arrays().items()}), scalars
     if isinstance(payload, ForwardStats):
         arrays = {"mean": payload.mean, "var": payload.var}
         scalars = {"count": float(payload.count), "num-examples": int(payload.num_examples)}
@@ -129,7 +132,11 @@ def _payload_from(
             arrays = {name: stats[name].numpy() for name in stats.keys()}
         except Exception as error:  # a corrupt Array
             raise PayloadError(sender, f"'{STATS}' cannot be decoded: {error}") from None
-        return MaskedPayload.from_arrays(sender, phase, _get_int(sender, scalars, "channels"), arrays)
+        return MaskedPayload.from_arrays(
+            sender, phase, _get_int(sender, scalars, "channels"), arrays,
+            count=scalars.get("count") if phase == PHASE_FORWARD else None,
+            num_examples=scalars.get("num-examples") if phase == PHASE_FORWARD else None,
+        )
     if set(stats.keys()) != set(names):
         raise PayloadError(sender, f"'{STATS}' holds {sorted(stats.keys())}, expected {list(names)}")
     try:

@@ -109,7 +109,8 @@ class FixedPointOverflowError(SecureStatsError):
 
 class MaskMismatchError(SecureStatsError):
     """The masks did not cancel: some client used other keys, another roster, round,
-    attempt or exchange index than the others (e.g. a stale payload).
+    attempt or exchange index than the others (e.g. a stale payload), or the counts sent
+    in the clear do not add up to the pooled count decoded from the masked sums.
 
     Only the masks are checked: a client that encodes false statistics under the right
     masks is outside the threat model (see the README's "Secure statistics")."""
@@ -445,6 +446,12 @@ class MaskedPayload:
     per-channel shift ``c`` of a forward payload (the same on every client). ``roster_digest``
     names the roster the masks were made with, in the clear, so that a client with other
     keys is named instead of only spoiling the sum.
+
+    ``count`` (``m_k``) and ``num_examples`` (``n_k``) of a forward payload also travel in the
+    clear: ``n_k`` is the client's averaging weight, which the server sees with its model
+    anyway, and ``m_k`` is ``n_k`` times the layer's values per example (the model's shape).
+    The server uses them to bind each client's weight to its synchronised batch and checks
+    that they add up to the pooled count decoded from the masked sums.
     """
 
     phase: str
@@ -452,6 +459,8 @@ class MaskedPayload:
     masked: np.ndarray
     roster_digest: bytes
     shift: Optional[np.ndarray] = None
+    count: Optional[float] = None
+    num_examples: Optional[int] = None
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """The payload as NumPy arrays (for an ``ArrayRecord``)."""
@@ -465,9 +474,17 @@ class MaskedPayload:
 
     @classmethod
     def from_arrays(
-        cls, sender: Hashable, phase: str, channels: int, arrays: Mapping[str, np.ndarray]
+        cls,
+        sender: Hashable,
+        phase: str,
+        channels: int,
+        arrays: Mapping[str, np.ndarray],
+        count: Optional[float] = None,
+        num_examples: Optional[int] = None,
     ) -> "MaskedPayload":
-        """Inverse of :meth:`to_arrays`; :class:`PayloadError` names ``sender`` if malformed."""
+        """Inverse of :meth:`to_arrays` (with the clear ``count`` and ``num_examples`` of a
+        forward payload, which travel as scalars); :class:`PayloadError` names ``sender`` if
+        malformed."""
         expected = {"masked", "roster-digest"} | ({"shift"} if phase == "forward" else set())
         if set(arrays) != expected:
             raise PayloadError(sender, f"masked payload holds {sorted(arrays)}, expected {sorted(expected)}")
@@ -488,7 +505,15 @@ class MaskedPayload:
                 raise PayloadError(
                     sender, f"shift must be finite float64 ({channels},), got {shift.dtype} {shift.shape}"
                 )
-        return cls(phase=phase, channels=channels, masked=masked, roster_digest=digest.tobytes(), shift=shift)
+        if phase == "forward" and count is not None:
+            if not (isinstance(count, (int, float)) and math.isfinite(count) and count >= 1):
+                raise PayloadError(sender, f"count must be a finite number >= 1, got {count!r}")
+            if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples < 1:
+                raise PayloadError(sender, f"num-examples must be an int >= 1, got {num_examples!r}")
+        return cls(
+            phase=phase, channels=channels, masked=masked, roster_digest=digest.tobytes(), shift=shift,
+            count=None if count is None else float(count), num_examples=num_examples,
+        )
 
 
 def _payload_length(phase: str, channels: int) -> int:
@@ -572,9 +597,12 @@ def client_encode(
     phase, channels, vector, shift = _plain_vector(payload, shift, where)
     encoded = encode_fixed_point(vector, len(roster), fractional_bits, where)
     masks = pairwise_masks(private_key, node_id, roster, round, attempt, exchange, vector.shape[0])
+    forward = isinstance(payload, ForwardStats)
     return MaskedPayload(
         phase=phase, channels=channels, masked=_ring_add(encoded, masks),
         roster_digest=roster.digest(), shift=shift,
+        count=float(payload.count) if forward else None,  # type: ignore[union-attr]
+        num_examples=int(payload.num_examples) if forward else None,  # type: ignore[union-attr]
     )
 
 
@@ -655,6 +683,16 @@ def server_decode(
         raise FixedPointOverflowError(
             f"{where}: pooled count {count!r} / examples {examples!r} are not positive integers"
         )
+    claimed = [payloads[n] for n in roster.node_ids]
+    if all(p.count is not None and p.num_examples is not None for p in claimed):
+        claimed_count = sum(p.count for p in claimed)  # type: ignore[misc]
+        claimed_examples = sum(p.num_examples for p in claimed)  # type: ignore[misc]
+        if claimed_count != count or claimed_examples != examples:
+            raise MaskMismatchError(
+                f"{where}: the masked sums give a pooled count of {count:g} values and {examples:g} examples, "
+                f"the clients' clear counts add up to {claimed_count:g} and {claimed_examples}: some client's "
+                "clear and masked counts disagree"
+            )
     centred_sum, square_sum = sums[2:2 + channels], sums[2 + channels:]
     centred_mean = centred_sum / count
     var = square_sum / count - centred_mean**2
