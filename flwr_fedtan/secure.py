@@ -30,11 +30,12 @@ With ``K`` clients every encoded value must satisfy ``|v| < 2**(126 - fractional
 (``2**62 / K``, about ``4.6e18 / K``, by default), so that the sum of ``K`` of them stays below
 ``2**126`` in magnitude, half of the ring's signed range; a decoded sum at or above ``2**126``
 can only come from masks that did not cancel or from a corrupted payload, and is refused.
-The absolute resolution is ``2**-(fractional_bits + 1)`` per client and value (``2.7e-20``
-by default): every sum above ``1e-13`` in magnitude is exact to better than ``1e-6`` relative,
-and the decoded moments agree with :func:`~flwr_fedtan.aggregation.pool_forward_stats` to
-float64 rounding. Out-of-range values raise :class:`FixedPointOverflowError` naming the
-sync point, never a silently wrong sum.
+Encoding rounds each value to the nearest multiple of ``2**-fractional_bits``, an error of
+at most ``2**-(fractional_bits + 1)`` (``2.7e-20`` by default), so a sum over ``K`` clients is
+off by at most ``K * 2.7e-20``: a sum above ``K * 3e-14`` in magnitude is exact to ``1e-6``
+relative, and the decoded moments agree with
+:func:`~flwr_fedtan.aggregation.pool_forward_stats` to float64 rounding. Out-of-range values
+raise :class:`FixedPointOverflowError` naming the sync point, never a silently wrong sum.
 """
 
 from __future__ import annotations
@@ -108,7 +109,11 @@ class FixedPointOverflowError(SecureStatsError):
 
 class MaskMismatchError(SecureStatsError):
     """The masks did not cancel: some client used other keys, another roster, round,
-    attempt or exchange index than the others, or a payload was altered."""
+    attempt or exchange index than the others (e.g. a stale payload), or the counts sent
+    in the clear do not add up to the pooled count decoded from the masked sums.
+
+    Only the masks are checked: a client that encodes false statistics under the right
+    masks is outside the threat model (see the README's "Secure statistics")."""
 
 
 class MissingPayloadError(SecureStatsError):
@@ -441,6 +446,12 @@ class MaskedPayload:
     per-channel shift ``c`` of a forward payload (the same on every client). ``roster_digest``
     names the roster the masks were made with, in the clear, so that a client with other
     keys is named instead of only spoiling the sum.
+
+    ``count`` (``m_k``) and ``num_examples`` (``n_k``) of a forward payload also travel in the
+    clear: ``n_k`` is the client's averaging weight, which the server sees with its model
+    anyway, and ``m_k`` is ``n_k`` times the layer's values per example (the model's shape).
+    The server uses them to bind each client's weight to its synchronised batch and checks
+    that they add up to the pooled count decoded from the masked sums.
     """
 
     phase: str
@@ -448,6 +459,8 @@ class MaskedPayload:
     masked: np.ndarray
     roster_digest: bytes
     shift: Optional[np.ndarray] = None
+    count: Optional[float] = None
+    num_examples: Optional[int] = None
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """The payload as NumPy arrays (for an ``ArrayRecord``)."""
@@ -461,9 +474,17 @@ class MaskedPayload:
 
     @classmethod
     def from_arrays(
-        cls, sender: Hashable, phase: str, channels: int, arrays: Mapping[str, np.ndarray]
+        cls,
+        sender: Hashable,
+        phase: str,
+        channels: int,
+        arrays: Mapping[str, np.ndarray],
+        count: Optional[float] = None,
+        num_examples: Optional[int] = None,
     ) -> "MaskedPayload":
-        """Inverse of :meth:`to_arrays`; :class:`PayloadError` names ``sender`` if malformed."""
+        """Inverse of :meth:`to_arrays` (with the clear ``count`` and ``num_examples`` of a
+        forward payload, which travel as scalars); :class:`PayloadError` names ``sender`` if
+        malformed."""
         expected = {"masked", "roster-digest"} | ({"shift"} if phase == "forward" else set())
         if set(arrays) != expected:
             raise PayloadError(sender, f"masked payload holds {sorted(arrays)}, expected {sorted(expected)}")
@@ -484,7 +505,15 @@ class MaskedPayload:
                 raise PayloadError(
                     sender, f"shift must be finite float64 ({channels},), got {shift.dtype} {shift.shape}"
                 )
-        return cls(phase=phase, channels=channels, masked=masked, roster_digest=digest.tobytes(), shift=shift)
+        if phase == "forward" and count is not None:
+            if not (isinstance(count, (int, float)) and math.isfinite(count) and count >= 1):
+                raise PayloadError(sender, f"count must be a finite number >= 1, got {count!r}")
+            if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples < 1:
+                raise PayloadError(sender, f"num-examples must be an int >= 1, got {num_examples!r}")
+        return cls(
+            phase=phase, channels=channels, masked=masked, roster_digest=digest.tobytes(), shift=shift,
+            count=None if count is None else float(count), num_examples=num_examples,
+        )
 
 
 def _payload_length(phase: str, channels: int) -> int:
@@ -568,9 +597,12 @@ def client_encode(
     phase, channels, vector, shift = _plain_vector(payload, shift, where)
     encoded = encode_fixed_point(vector, len(roster), fractional_bits, where)
     masks = pairwise_masks(private_key, node_id, roster, round, attempt, exchange, vector.shape[0])
+    forward = isinstance(payload, ForwardStats)
     return MaskedPayload(
         phase=phase, channels=channels, masked=_ring_add(encoded, masks),
         roster_digest=roster.digest(), shift=shift,
+        count=float(payload.count) if forward else None,  # type: ignore[union-attr]
+        num_examples=int(payload.num_examples) if forward else None,  # type: ignore[union-attr]
     )
 
 
@@ -640,7 +672,7 @@ def server_decode(
     if total[0, -1] != 0 or total[1, -1] != 0:
         raise MaskMismatchError(
             f"{where}: the masks of nodes {list(roster.node_ids)} did not cancel; some client used "
-            "another key, round, attempt or exchange index, or a payload was altered"
+            "another key, round, attempt or exchange index (a stale or replayed payload?)"
         )
     sums = decode_fixed_point(total[:, :-1], fractional_bits, where)
     channels = first.channels
@@ -651,6 +683,16 @@ def server_decode(
         raise FixedPointOverflowError(
             f"{where}: pooled count {count!r} / examples {examples!r} are not positive integers"
         )
+    claimed = [payloads[n] for n in roster.node_ids]
+    if all(p.count is not None and p.num_examples is not None for p in claimed):
+        claimed_count = sum(p.count for p in claimed)  # type: ignore[misc]
+        claimed_examples = sum(p.num_examples for p in claimed)  # type: ignore[misc]
+        if claimed_count != count or claimed_examples != examples:
+            raise MaskMismatchError(
+                f"{where}: the masked sums give a pooled count of {count:g} values and {examples:g} examples, "
+                f"the clients' clear counts add up to {claimed_count:g} and {claimed_examples}: some client's "
+                "clear and masked counts disagree"
+            )
     centred_sum, square_sum = sums[2:2 + channels], sums[2 + channels:]
     centred_mean = centred_sum / count
     var = square_sum / count - centred_mean**2

@@ -437,3 +437,24 @@ def test_server_session_keys_rosters_and_shifts_over_two_rounds():
     assert secure.shift_for(session.shifts, 0, 5) is None  # a layer of another width: no shift
     with pytest.raises(secure.SecureStatsError, match="malformed shift 'x'"):
         secure.shifts_from_arrays({"x": np.zeros(2)})
+
+
+def test_forward_counts_also_travel_in_the_clear_and_must_add_up():
+    keys = key_pairs()
+    roster = roster_of(keys)
+    stats = forward_stats(client_activations())
+    payloads = encode_all(stats, keys, roster)
+    assert {n: (p.count, p.num_examples) for n, p in payloads.items()} == {
+        n: (s.count, s.num_examples) for n, s in stats.items()
+    }
+    back = MaskedPayload.from_arrays(4, "forward", 6, payloads[4].to_arrays(), count=payloads[4].count,
+                                     num_examples=payloads[4].num_examples)
+    assert (back.count, back.num_examples) == (payloads[4].count, payloads[4].num_examples)
+    with pytest.raises(PayloadError, match="client 4: num-examples must be an int >= 1"):
+        MaskedPayload.from_arrays(4, "forward", 6, payloads[4].to_arrays(), count=3.0, num_examples=0)
+    # a client claims a bigger batch in the clear than it put into the masked sums
+    liar = payloads[23]
+    payloads[23] = MaskedPayload(liar.phase, liar.channels, liar.masked, liar.roster_digest, liar.shift,
+                                 count=liar.count + 1, num_examples=liar.num_examples + 1)
+    with pytest.raises(MaskMismatchError, match="clear counts add up to"):
+        server_decode(payloads, roster)
