@@ -442,3 +442,27 @@ def test_well_formed_aggregates_complete_the_round_after_a_rejected_one():
     reply = _deliver(app, schema.encode_aggregate(1, 0, 1, SyncPoint(1, "backward", 0, CHANNELS), sums, 1, 3),
                      context)
     assert reply.content.config_records[schema.STATUS]["phase"] == "done"
+
+
+def test_a_node_sent_a_malformed_aggregate_is_dropped_and_the_round_completes():
+    """Through the strategy: the aggregate sent to one node is corrupted in transit (float32
+    arrays). That node's handler fails, the server drops it with the client's own message
+    as the reason, and the round finishes with the other two: no hang."""
+    victim = 1007
+
+    def corrupt(node, message):
+        control = message.content.config_records.get(schema.CONTROL)
+        if node == victim and control is not None and control["phase"] == schema.PHASE_AGGREGATE:
+            stats = message.content.array_records[schema.STATS]
+            for name in list(stats.keys()):
+                stats[name] = Array(stats[name].numpy().astype(np.float32))
+        return None  # let the ClientApp handle the (altered) message
+
+    grid = LocalGrid(fedtan_client_app(make_client), 3, {}, intercept=corrupt)
+    strategy = FedTAN(min_available_nodes=3, min_train_nodes=2, fraction_evaluate=0.0)
+    result = strategy.start(grid, initial_arrays(), num_rounds=1)
+    reason = strategy.dropped[1][victim]
+    assert "invalid train.fedtan message from the server" in reason and "dtype float32" in reason
+    metrics = result.train_metrics_clientapp[1]
+    assert metrics["fedtan-clients"] == 2
+    assert all(np.isfinite(v.numpy()).all() for v in result.arrays.values())
