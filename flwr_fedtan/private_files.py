@@ -114,7 +114,7 @@ def _check_parent(folder: Path) -> None:
     try:
         info = os.stat(parent)
     except FileNotFoundError:
-        raise UnsafePathError(
+        raise FileNotFoundError(
             f"cannot create FedTAN's private folder {folder}: {parent} does not exist. "
             "Create it, or point FEDTAN_STATE_DIR to a folder of your own"
         ) from None
@@ -192,7 +192,10 @@ def private_dir(*parts: str, base: Optional[PathLike] = None) -> Path:
     ------
     UnsafePathError
         If any level exists but is a symbolic link, not a folder, owned by another user or
-        accessible to group/others; the message says what to fix.
+        accessible to group/others, or if the folder holding ``base`` lets other users
+        replace it; the message says what to fix.
+    FileNotFoundError
+        If the folder that should hold ``base`` does not exist.
     """
     folder = Path(base) if base is not None else default_base()
     if not folder.is_absolute():

@@ -466,3 +466,9 @@ def test_a_node_sent_a_malformed_aggregate_is_dropped_and_the_round_completes():
     metrics = result.train_metrics_clientapp[1]
     assert metrics["fedtan-clients"] == 2
     assert all(np.isfinite(v.numpy()).all() for v in result.arrays.values())
+
+
+def test_a_base_whose_parent_is_missing_is_not_created_blindly(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDTAN_STATE_DIR", str(tmp_path / "no" / "such" / "state"))
+    with pytest.raises(FileNotFoundError, match=r"no/such does not exist\. Create it, or point FEDTAN_STATE_DIR"):
+        a_state_with_weights()
