@@ -27,9 +27,11 @@ from torch.utils.data import TensorDataset
 from flwr_fedtan import FedTAN, FedTANClient, convert_batchnorm, fedtan_client_app, private_files, schema
 from flwr_fedtan import replay_store
 from flwr_fedtan.aggregation import BackwardSums, ForwardStats, SyncPoint
-from flwr_fedtan.client import clear_live_rounds
+from flwr_fedtan.client import clear_live_rounds, client_seed_key
 from flwr_fedtan.private_files import UnsafePathError, private_dir, read_private_file, write_private_file
+from flwr_fedtan.reference import fedtan_round_in_process
 from flwr_fedtan.replay_store import ReplayWeightsMissing, load_weights, save_weights
+from flwr_fedtan.training import derive_seed
 
 from _grid import LocalGrid
 
@@ -453,9 +455,10 @@ def test_a_node_sent_a_malformed_aggregate_is_dropped_and_the_round_completes():
     def corrupt(node, message):
         control = message.content.config_records.get(schema.CONTROL)
         if node == victim and control is not None and control["phase"] == schema.PHASE_AGGREGATE:
+            # A new content for this node only: the server shares one aggregate among nodes.
             stats = message.content.array_records[schema.STATS]
-            for name in list(stats.keys()):
-                stats[name] = Array(stats[name].numpy().astype(np.float32))
+            corrupted = ArrayRecord({k: Array(v.numpy().astype(np.float32)) for k, v in stats.items()})
+            message.content = RecordDict({schema.CONTROL: ConfigRecord(dict(control)), schema.STATS: corrupted})
         return None  # let the ClientApp handle the (altered) message
 
     grid = LocalGrid(fedtan_client_app(make_client), 3, {}, intercept=corrupt)
@@ -464,8 +467,15 @@ def test_a_node_sent_a_malformed_aggregate_is_dropped_and_the_round_completes():
     reason = strategy.dropped[1][victim]
     assert "invalid train.fedtan message from the server" in reason and "dtype float32" in reason
     metrics = result.train_metrics_clientapp[1]
-    assert metrics["fedtan-clients"] == 2
-    assert all(np.isfinite(v.numpy()).all() for v in result.arrays.values())
+    assert metrics["fedtan-clients"] == 2 and metrics["fedtan-restarts"] == 1
+    # The model is the honest pair's round (the restart's seed: attempt 1), computed without Flower.
+    survivors = [n for n in grid.node_ids if n != victim]
+    clients = [make_client(grid.contexts[n]) for n in survivors]
+    keys = [client_seed_key(grid.contexts[n]) for n in survivors]
+    start = {k: v.numpy() for k, v in initial_arrays().items()}
+    expected = fedtan_round_in_process(clients, keys, start, derive_seed(strategy.seed, 1, 1), lr=0.1)
+    final = {k: v.numpy() for k, v in result.arrays.items()}
+    assert max(float(np.abs(final[k] - expected[k]).max()) for k in expected) <= 1e-10
 
 
 def test_a_base_whose_parent_is_missing_is_not_created_blindly(tmp_path, monkeypatch):
