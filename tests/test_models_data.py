@@ -4,7 +4,10 @@ and partitions (simulations.partitions)."""
 from __future__ import annotations
 
 import gzip
+import json
+import logging
 import pickle
+import shutil
 import struct
 from pathlib import Path
 
@@ -329,6 +332,124 @@ def test_unknown_data_set_or_split_raises():
         data.load_dataset("imagenet")
     with pytest.raises(ValueError, match="test"):
         data.load_dataset("synthetic", "validation")
+
+
+# ---------------------------------------------------------------------------------------
+# The Fashion-MNIST subset shipped with the app
+# ---------------------------------------------------------------------------------------
+
+EMBEDDED_FASHION_MNIST = data.EMBEDDED_DATA_DIR / "fashion-mnist"
+
+
+class FlowerLogRecords(logging.Handler):
+    """Collects the messages of Flower's logger, which the app's data loading uses."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def flower_log():
+    handler = FlowerLogRecords()
+    logger = logging.getLogger("flwr")
+    logger.addHandler(handler)
+    yield handler.messages
+    logger.removeHandler(handler)
+
+
+def test_the_embedded_subset_is_the_fallback_after_every_full_copy_and_says_so(nowhere, monkeypatch, flower_log):
+    monkeypatch.setattr(data, "EMBEDDED_DATA_DIR", EMBEDDED_FASHION_MNIST.parent)
+    train_images, train_labels = data.load_dataset("fashion-mnist", "train", download=False)
+    test_images, test_labels = data.load_dataset("fashion-mnist", "test", download=False)
+    assert train_images.shape == (12000, 1, 28, 28) and train_images.dtype == torch.float32
+    assert torch.bincount(train_labels).tolist() == [1200] * 10
+    assert test_images.shape == (2000, 1, 28, 28)
+    assert torch.bincount(test_labels).tolist() == [200] * 10
+    # Real Fashion-MNIST pixels, standardised with the full training set's constants.
+    assert abs(train_images.mean().item()) < 0.05 and abs(train_images.std().item() - 1) < 0.05
+    logged = [m for m in flower_log if m.startswith("fashion-mnist")]
+    assert any("train split: embedded subset, 12000 of 60000 images" in m for m in logged), logged
+    assert any(str(EMBEDDED_FASHION_MNIST) in m for m in logged), logged
+    # A full copy, where there is one, wins over the subset.
+    write_fake_idx_dataset(nowhere / "env" / "fashion-mnist")
+    monkeypatch.setenv(data.DATA_DIR_ENV_VAR, str(nowhere / "env"))
+    assert data.load_dataset("fashion-mnist", "train", download=False)[0].shape == (12, 1, 28, 28)
+
+
+@pytest.mark.skipif(
+    not (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file(),
+    reason="Debian package dataset-fashion-mnist is not installed",
+)
+def test_the_embedded_subset_is_the_first_images_of_each_class_of_the_official_files(monkeypatch):
+    monkeypatch.delenv(data.DATA_SOURCES_ENV_VAR, raising=False)
+    spec = data.DATASET_SPECS["fashion-mnist"]
+    for split, prefix, per_class in (("train", "train", 1200), ("test", "t10k", 200)):
+        official_images = data.read_idx(DEBIAN_FASHION_MNIST / f"{prefix}-images-idx3-ubyte.gz", 3)
+        official_labels = data.read_idx(DEBIAN_FASHION_MNIST / f"{prefix}-labels-idx1-ubyte.gz", 1)
+        seen = [0] * 10
+        keep = []
+        for index, label in enumerate(official_labels.tolist()):
+            if seen[label] < per_class:
+                seen[label] += 1
+                keep.append(index)
+        images, labels = data.load_dataset("fashion-mnist", split, sources="embedded")
+        np.testing.assert_array_equal(labels.numpy(), official_labels[keep])
+        pixels = (images[:, 0] * spec.std[0] + spec.mean[0]).numpy() * 255
+        np.testing.assert_allclose(pixels, official_images[keep], atol=1e-3)
+
+
+def test_data_sources_restrict_the_search_and_the_environment_overrides_them(nowhere, monkeypatch):
+    monkeypatch.setattr(data, "EMBEDDED_DATA_DIR", EMBEDDED_FASHION_MNIST.parent)
+    write_fake_idx_dataset(nowhere / "env" / "fashion-mnist")
+    monkeypatch.setenv(data.DATA_DIR_ENV_VAR, str(nowhere / "env"))
+    assert data.load_dataset("fashion-mnist", "test", sources="embedded")[0].shape == (2000, 1, 28, 28)
+    assert data.load_dataset("fashion-mnist", "test", sources="env,embedded")[0].shape == (6, 1, 28, 28)
+    monkeypatch.setenv(data.DATA_SOURCES_ENV_VAR, "embedded")
+    assert data.load_dataset("fashion-mnist", "test", sources="env")[0].shape == (2000, 1, 28, 28)
+    monkeypatch.setenv(data.DATA_SOURCES_ENV_VAR, "system,cache")
+    with pytest.raises(FileNotFoundError) as caught:
+        data.load_dataset("fashion-mnist", "test")
+    message = str(caught.value)
+    assert "embedded: hidden" in message and "env: hidden" in message
+    assert data.DATA_SOURCES_ENV_VAR in message
+    monkeypatch.setenv(data.DATA_SOURCES_ENV_VAR, "sytem")
+    with pytest.raises(ValueError, match="FEDTAN_DATA_SOURCES.*'sytem'.*embedded"):
+        data.load_dataset("fashion-mnist", "test")
+    # An explicit data_dir stays authoritative whatever the sources.
+    monkeypatch.setenv(data.DATA_SOURCES_ENV_VAR, "embedded")
+    with pytest.raises(FileNotFoundError, match="does-not-exist"):
+        data.load_dataset("fashion-mnist", data_dir=nowhere / "does-not-exist")
+
+
+def test_the_cache_folder_can_be_moved(nowhere, monkeypatch):
+    write_fake_idx_dataset(nowhere / "moved" / "fashion-mnist")
+    monkeypatch.setenv(data.CACHE_DIR_ENV_VAR, str(nowhere / "moved"))
+    assert data.cache_root() == nowhere / "moved"
+    assert data.load_dataset("fashion-mnist", "test", download=False)[0].shape == (6, 1, 28, 28)
+
+
+def test_a_damaged_embedded_subset_is_refused(nowhere, monkeypatch):
+    copy = nowhere / "embedded" / "fashion-mnist"
+    shutil.copytree(EMBEDDED_FASHION_MNIST, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["arrays"][2]["sha256"] = "0" * 64
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(data, "EMBEDDED_DATA_DIR", copy.parent)
+    with pytest.raises(ValueError, match="test-images.*SHA-256"):
+        data.load_dataset("fashion-mnist", "test", download=False)
+
+
+def test_the_embedded_files_fit_flowers_limits_and_carry_the_licence():
+    manifest = json.loads((EMBEDDED_FASHION_MNIST / "manifest.json").read_text())
+    sizes = [(EMBEDDED_FASHION_MNIST / shard).stat().st_size for shard in manifest["shards"]]
+    assert max(sizes) < 1024 * 1024  # flwr app publish: 1 MB per file
+    assert sum(sizes) < 7 * 1024 * 1024  # a FAB holds 10 MB in all, stored uncompressed
+    licence = (EMBEDDED_FASHION_MNIST / "LICENSE.md").read_text()
+    assert "MIT" in licence and "Zalando SE" in licence and "Permission is hereby granted" in licence
 
 
 # ---------------------------------------------------------------------------------------
