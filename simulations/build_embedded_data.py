@@ -12,8 +12,9 @@ Flower bundles only some file types into a FAB (``.py``, ``.toml``, ``.md``,
 ``.json``, ...; see ``FAB_INCLUDE_PATTERNS`` in ``flwr.common.constant``) and
 ``flwr app publish`` refuses files over 1 MB, so the pixels are stored as an
 xz-compressed byte string, Base85-encoded (``base64.b85encode``, whose alphabet needs
-no escaping in JSON) and cut into JSON shards of at most :data:`SHARD_CHARS` characters, with a ``manifest.json`` that records shapes, class
-counts and SHA-256 digests. The same input always gives byte-identical output.
+no escaping in JSON) and cut into JSON shards of at most :data:`SHARD_CHARS`
+characters, with a ``manifest.json`` that records shapes, class counts and SHA-256
+digests. The same input always gives byte-identical output.
 """
 
 from __future__ import annotations
