@@ -3,9 +3,9 @@ copy of Fashion-MNIST can be reached (no Debian package, no cache, no internet).
 
 ``FEDTAN_DATA_SOURCES=embedded`` (see :mod:`simulations.datasets`) hides every such copy,
 so the app must train on the subset it ships, say so in the log, and its test accuracy
-must rise round by round to at least 0.6 with the default run config. The run goes through
-Flower's own managed local SuperLink (as ``flwr run .`` starts it), in a private
-``FLWR_HOME`` on private ports; every process is stopped by PID afterwards.
+must rise round by round to at least 0.6 with the default run config. ``flwr run .`` runs
+against the local SuperLink of a default configuration (the ``:local:`` address), in a
+private ``FLWR_HOME`` on private ports; every process is stopped by PID afterwards.
 """
 
 from __future__ import annotations
@@ -28,11 +28,15 @@ def test_the_default_app_trains_on_the_embedded_subset_when_nothing_else_is_reac
         "FEDTAN_DATA_SOURCES": "embedded",
         "FEDTAN_CACHE_DIR": str(tmp_path / "cache"),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(session.port()),
         "FLWR_LOCAL_CONTROL_API_PORT": str(session.port()),
     })
     results = tmp_path / "results.json"
     try:
+        # `flwr run` would start the local SuperLink itself but gives it only 15 s to come
+        # up, too little on a busy CI machine: start the same simulation SuperLink here on
+        # the port `flwr run` looks for; it then finds it running and uses it.
+        superlink = session.start_superlink(simulation=True)
+        session.env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = superlink.rsplit(":", 1)[1]
         process = session.start(
             "flwr-run", [BIN / "flwr", "run", ".", "--stream", "--run-config", f'results-file="{results}"'],
             cwd=PROJECT_ROOT,
