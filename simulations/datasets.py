@@ -240,6 +240,10 @@ def read_idx(path: PathLike, expected_ndim: Optional[int] = None) -> np.ndarray:
     for unsigned bytes, ...) and the number of dimensions; then each dimension as a
     big-endian uint32; then the values in C order.
 
+    torchvision's reader (``torchvision.datasets.mnist.read_sn3_pascalvincent_tensor``)
+    does not fit here: it opens files uncompressed only (Debian ships ``.gz``) and checks
+    the header with bare ``assert`` statements; this one names what is wrong.
+
     Parameters
     ----------
     path : str or os.PathLike
