@@ -48,6 +48,7 @@ import json
 import lzma
 import os
 import pickle
+import socket
 import struct
 import warnings
 from dataclasses import dataclass
@@ -101,6 +102,9 @@ EMBEDDED_DATA_DIR = Path(__file__).resolve().parent / "embedded_data"
 """Data shipped with the app: ``<EMBEDDED_DATA_DIR>/<name>/manifest.json`` and its shards."""
 EMBEDDED_FORMAT = "flwr-fedtan-embedded-1"
 
+DOWNLOAD_TIMEOUT_SECONDS = 10.0
+"""Socket timeout while torchvision downloads a data set."""
+
 SYNTHETIC_SIZES = {"train": 2000, "test": 500}
 
 
@@ -143,6 +147,7 @@ _CIFAR10_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 
 _LOADED: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 _EMBEDDED: dict[str, tuple[dict, dict[str, np.ndarray]]] = {}
+_DOWNLOAD_FAILURES: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -546,7 +551,12 @@ def find_dataset_dir(name: str, data_dir: Optional[PathLike] = None) -> Path:
 
 
 def _download(name: str) -> None:
-    """Download ``name`` with torchvision into the cache folder."""
+    """Download ``name`` with torchvision into the cache folder.
+
+    torchvision opens its URLs without a timeout; on a network that drops packets instead
+    of refusing them, each of its mirrors would take minutes to fail. Sockets opened
+    meanwhile get :data:`DOWNLOAD_TIMEOUT_SECONDS` instead.
+    """
     import torchvision  # imported late: only needed to download
 
     target = _cache_dir(name)
@@ -556,8 +566,13 @@ def _download(name: str) -> None:
         "mnist": torchvision.datasets.MNIST,
         "cifar10": torchvision.datasets.CIFAR10,
     }[name]
-    # One instantiation fetches the files of both splits.
-    dataset_class(root=str(target), train=True, download=True)
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_SECONDS)
+    try:
+        # One instantiation fetches the files of both splits.
+        dataset_class(root=str(target), train=True, download=True)
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
 
 
 # ---------------------------------------------------------------------------------------
@@ -665,7 +680,8 @@ def load_dataset(
     download : bool, optional
         What to do when no local copy is found: ``None`` (default) tries to download
         with torchvision and, if that fails, goes on to the embedded subset; ``True``
-        downloads and lets a failure propagate; ``False`` never downloads.
+        downloads and lets a failure propagate; ``False`` never downloads. A failed
+        download is not retried in the same process (except with ``True``).
     sources : str or sequence of str, optional
         The places searched besides ``data_dir`` (:data:`DATA_SOURCES`, as a sequence or
         a comma-separated string; ``None``, ``""`` or ``"all"`` for all of them).
@@ -710,14 +726,19 @@ def load_dataset(
             searched.append("download: disabled (download=False)")
         elif "download" not in allowed:
             searched.append(f"download: hidden (data sources: {', '.join(allowed)})")
+        elif not download and str(_cache_dir(name)) in _DOWNLOAD_FAILURES:
+            # Tried once per process: a client loads its data for every message.
+            searched.append(f"download into {_cache_dir(name)} failed earlier in this process: "
+                            f"{_DOWNLOAD_FAILURES[str(_cache_dir(name))]}")
         else:
             try:
                 _download(name)
             except Exception as error:  # torchvision raises RuntimeError, URLError, OSError...
                 if download:
                     raise
-                first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                searched.append(f"download into {_cache_dir(name)} failed: {first_line}")
+                reason = " ".join(str(error).split())[:300] or type(error).__name__
+                _DOWNLOAD_FAILURES[str(_cache_dir(name))] = reason
+                searched.append(f"download into {_cache_dir(name)} failed: {reason}")
             else:
                 found, _ = _search(name, None, tuple(allowed) + ("cache",))
                 if found is None:

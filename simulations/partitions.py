@@ -199,15 +199,16 @@ def dataset_partitions(
     alpha: float = 0.5,
     data_dir: Optional[PathLike] = None,
     sources: Union[str, Sequence[str], None] = None,
+    download: Optional[bool] = None,
 ) -> tuple[np.ndarray, ...]:
     """The clients' index arrays of a data set split, computed once per process.
 
     Loads the split with :func:`simulations.datasets.load_dataset` (``data_dir``,
-    ``sources``) and partitions its labels with :func:`cached_partition_indices`
+    ``sources``, ``download``) and partitions its labels with :func:`cached_partition_indices`
     (``num_partitions``, ``scheme``, ``seed``, ``classes_per_partition``, ``alpha``).
     The result is shared between callers: do not modify the arrays.
     """
-    _, labels = load_dataset(dataset, split, data_dir=data_dir, sources=sources)
+    _, labels = load_dataset(dataset, split, data_dir=data_dir, download=download, sources=sources)
     # load_dataset keeps every split it loaded alive for the whole process, so the
     # address of the labels identifies this copy of the data set.
     key = (labels.data_ptr(), len(labels), int(num_partitions), scheme, int(seed),
@@ -260,6 +261,6 @@ def client_partition(
     images, labels = load_dataset(dataset, split, data_dir=data_dir, download=download, sources=sources)
     parts = dataset_partitions(dataset, num_partitions, scheme, split=split, seed=seed,
                                classes_per_partition=classes_per_partition, alpha=alpha,
-                               data_dir=data_dir, sources=sources)
+                               data_dir=data_dir, sources=sources, download=download)
     indices = torch.from_numpy(parts[partition_id])
     return images[indices], labels[indices]

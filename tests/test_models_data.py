@@ -380,6 +380,27 @@ def test_the_embedded_subset_is_the_fallback_after_every_full_copy_and_says_so(n
     assert data.load_dataset("fashion-mnist", "train", download=False)[0].shape == (12, 1, 28, 28)
 
 
+def test_a_failed_download_falls_back_to_the_embedded_subset_and_is_tried_once(nowhere, monkeypatch):
+    monkeypatch.setattr(data, "EMBEDDED_DATA_DIR", EMBEDDED_FASHION_MNIST.parent)
+    monkeypatch.setattr(data, "_DOWNLOAD_FAILURES", {})
+    attempts = []
+
+    def offline(name):
+        attempts.append(name)
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried http://mirror/, got: no network")
+
+    monkeypatch.setattr(data, "_download", offline)
+    assert data.load_dataset("fashion-mnist", "train")[0].shape == (12000, 1, 28, 28)
+    assert data.load_dataset("fashion-mnist", "test")[0].shape == (2000, 1, 28, 28)
+    assert attempts == ["fashion-mnist"]
+    monkeypatch.setattr(data, "EMBEDDED_DATA_DIR", nowhere / "no-embedded")
+    with pytest.raises(FileNotFoundError, match="failed earlier in this process: .*no network"):
+        data.load_dataset("fashion-mnist", "test")
+    with pytest.raises(RuntimeError, match="no network"):  # download=True always tries, and raises
+        data.load_dataset("fashion-mnist", "test", download=True)
+    assert attempts == ["fashion-mnist"] * 2
+
+
 @pytest.mark.skipif(
     not (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file(),
     reason="Debian package dataset-fashion-mnist is not installed",
