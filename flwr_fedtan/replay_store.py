@@ -26,15 +26,16 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
+from . import settings
+
 __all__ = ["STORES", "ReplayWeightsMissing", "discard_weights", "load_weights", "resolve_store", "save_weights"]
 
-STORES = ("disk", "context")
+STORES = settings.REPLAY_STORES
 WEIGHTS_REF = "fedtan.weights-ref"  # ConfigRecord in context.state: store, path, sha256
 WEIGHTS = "fedtan.weights"  # ArrayRecord in context.state ("context" store)
 
@@ -44,28 +45,26 @@ class ReplayWeightsMissing(RuntimeError):
 
 
 def resolve_store(store: str | None) -> str:
-    """``store``, or ``FEDTAN_REPLAY_STORE``, or ``"disk"``; validated."""
-    chosen = store or os.environ.get("FEDTAN_REPLAY_STORE") or "disk"
-    if chosen not in STORES:
-        raise ValueError(f"replay store must be one of {STORES}, got {chosen!r}")
-    return chosen
+    """``FEDTAN_REPLAY_STORE``, or ``store``, or ``"disk"``; validated (:mod:`flwr_fedtan.settings`)."""
+    return settings.replay_store(store)
 
 
-def state_dir() -> Path:
-    """The folder of node-local replay files (``FEDTAN_STATE_DIR`` overrides the default)."""
-    configured = os.environ.get("FEDTAN_STATE_DIR")
-    if configured:
-        return Path(configured)
-    uid = os.getuid() if hasattr(os, "getuid") else "user"
-    return Path(tempfile.gettempdir()) / f"flwr-fedtan-state-{uid}"
+def state_dir(configured: str | os.PathLike | None = None) -> Path:
+    """The folder of node-local replay files: ``FEDTAN_STATE_DIR``, or ``configured``, or
+    the default (:func:`flwr_fedtan.settings.state_dir`)."""
+    return settings.state_dir(configured)
 
 
-def _path_for(run_id: int, node_id: int) -> Path:
-    return state_dir() / f"run-{run_id}" / f"node-{node_id}.npz"
+def _path_for(run_id: int, node_id: int, directory: str | os.PathLike | None = None) -> Path:
+    return state_dir(directory) / f"run-{run_id}" / f"node-{node_id}.npz"
 
 
-def save_weights(state: RecordDict, arrays: ArrayRecord, store: str, run_id: int, node_id: int) -> None:
-    """Keep ``arrays`` as the starting weights of the node's current round."""
+def save_weights(
+    state: RecordDict, arrays: ArrayRecord, store: str, run_id: int, node_id: int,
+    directory: str | os.PathLike | None = None,
+) -> None:
+    """Keep ``arrays`` as the starting weights of the node's current round (``directory``:
+    the ``"disk"`` store's folder, see :func:`state_dir`)."""
     discard_weights(state)
     if store == "context":
         state[WEIGHTS] = arrays
@@ -73,7 +72,7 @@ def save_weights(state: RecordDict, arrays: ArrayRecord, store: str, run_id: int
     buffer = io.BytesIO()
     np.savez(buffer, **{key: array.numpy() for key, array in arrays.items()})
     data = buffer.getvalue()
-    path = _path_for(run_id, node_id)
+    path = _path_for(run_id, node_id, directory)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.partial")
     partial.write_bytes(data)
