@@ -431,13 +431,16 @@ class _Options:
 
 def add_fedtan(
     app: ClientApp,
-    client_fn: Callable[[Context], FedTANClient],
+    client_fn: Optional[Callable[[Context], FedTANClient]] = None,
     *,
     replay_store: Optional[str] = None,
     state_dir: Optional[Union[str, os.PathLike]] = None,
     max_live_rounds: Optional[int] = None,
-) -> ClientApp:
+) -> Any:
     """Add FedTAN to an existing message-API ``ClientApp``; the app's own handlers stay.
+
+    Call it with the ``client_fn`` (``add_fedtan(app, client_fn)``), or use it as a
+    decorator on the ``client_fn`` (``@add_fedtan(app)``).
 
     Registers one handler, for FedTAN's message type ``train.fedtan`` (what
     ``@app.train("fedtan")`` would register). Every handler the app already has, or gets
@@ -451,10 +454,11 @@ def add_fedtan(
     app : ClientApp
         The app, built with handler decorators (``app = ClientApp()``, ``@app.train()``,
         ...); not a legacy ``ClientApp(client_fn=...)``.
-    client_fn : Callable[[Context], FedTANClient]
+    client_fn : Callable[[Context], FedTANClient], optional
         Builds the node's :class:`FedTANClient` from the context (model, data, settings).
         Called at the start of each round and whenever a round must be rebuilt in another
-        process, so it must build the same client every time.
+        process, so it must build the same client every time. Omitted: ``add_fedtan``
+        returns a decorator that registers the function it decorates.
     replay_store : {"disk", "context"}, optional
         Where a round's starting weights are kept for replay in another process:
         ``"disk"`` (default: a node-local file under ``state_dir``) or ``"context"``
@@ -470,8 +474,9 @@ def add_fedtan(
 
     Returns
     -------
-    ClientApp
-        ``app`` itself.
+    ClientApp or decorator
+        ``app`` itself; without ``client_fn``, a decorator that registers the function
+        and returns it unchanged.
 
     Raises
     ------
@@ -486,10 +491,12 @@ def add_fedtan(
     >>> app = ClientApp()
     >>> @app.train()
     ... def train(msg, context): ...       # your FedAvg training, unchanged
-    >>> def client_fn(context):
+    >>> @add_fedtan(app)
+    ... def client_fn(context):
     ...     trainloader, _ = load_data(context.node_config["partition-id"], ...)
     ...     return FedTANClient(Net(), trainloader, local_steps=len(trainloader))
-    >>> add_fedtan(app, client_fn)
+
+    or, the same, ``add_fedtan(app, client_fn)`` after defining ``client_fn``.
     """
     if not isinstance(app, ClientApp):
         raise TypeError(f"add_fedtan needs a flwr.clientapp.ClientApp, got {type(app).__name__}")
@@ -503,6 +510,15 @@ def add_fedtan(
     if schema.MESSAGE_TYPE in getattr(app, "_registered_funcs", {}):
         raise ValueError(f"this ClientApp already handles {schema.MESSAGE_TYPE!r} (add_fedtan called twice?)")
     options = _Options(replay_store, state_dir, max_live_rounds)
+    if client_fn is None:
+
+        def register(function: Callable[[Context], FedTANClient]) -> Callable[[Context], FedTANClient]:
+            add_fedtan(app, function, replay_store=replay_store, state_dir=state_dir, max_live_rounds=max_live_rounds)
+            return function
+
+        return register
+    if not callable(client_fn):
+        raise TypeError(f"add_fedtan: client_fn must be a function of the Context, got {type(client_fn).__name__}")
 
     @app.train(schema.ACTION)
     def fedtan_train(msg: Message, context: Context) -> Message:
