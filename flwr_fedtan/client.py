@@ -220,7 +220,8 @@ class FedTANClient(NumPyClient):
         return inputs, targets
 
     def new_round(self, seed: int, sync_steps: int, config: Optional[dict[str, Any]] = None) -> ClientRound:
-        """A :class:`ClientRound` starting from the current weights."""
+        """A :class:`ClientRound` starting from the current weights; ``config`` is the
+        round's train config, whose ``lr`` and ``local-steps`` win over the constructor's."""
         config = config or {}
         local_steps = int(config.get("local-steps", self.local_steps))
         lr = config.get("lr")
@@ -411,7 +412,7 @@ def _client_from(client_fn: Callable[[Context], Any], context: Context) -> FedTA
     client = client_fn(context)
     client = getattr(client, "numpy_client", client)  # accept NumPyClient.to_client()
     if not isinstance(client, FedTANClient):
-        raise TypeError(f"client_fn must return a FedTANClient, got {type(client).__name__}")
+        raise TypeError(f"FedTAN's client_fn must return a FedTANClient, got {type(client).__name__}")
     return client
 
 
@@ -447,7 +448,9 @@ def add_fedtan(
     later, is untouched: its ``@app.train()`` still serves Flower's ``FedAvg`` (and any
     other strategy), its ``@app.evaluate()`` serves evaluation, including the evaluation
     rounds of :class:`~flwr_fedtan.FedTAN`, which sends Flower's ordinary ``evaluate``
-    messages. Mods given to ``ClientApp(mods=...)`` wrap FedTAN's handler too.
+    messages. Mods given to ``ClientApp(mods=...)`` wrap FedTAN's handler too; Flower's
+    differential-privacy mods act on messages of type ``train`` only and let
+    ``train.fedtan`` pass unchanged.
 
     Parameters
     ----------
