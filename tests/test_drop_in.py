@@ -82,9 +82,10 @@ class RecordingGrid(LocalGrid):
         return {name for kind, metrics in self.replies if kind == message_type for name in metrics}
 
 
-def run_server(server_module, client_app, tmp_path: Path, name: str) -> tuple[dict, RecordingGrid]:
+def run_server(server_module, client_app, tmp_path: Path, name: str,
+               separate_processes: bool = False) -> tuple[dict, RecordingGrid]:
     """The app's own ServerApp main on an in-process grid; the final model it saved."""
-    grid = RecordingGrid(client_app, NUM_NODES, RUN_CONFIG)
+    grid = RecordingGrid(client_app, NUM_NODES, RUN_CONFIG, separate_processes=separate_processes)
     final = tmp_path / f"{name}.pt"
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                       run_config={**RUN_CONFIG, "final-model": str(final)})
@@ -135,18 +136,23 @@ def test_switching_the_app_to_fedtan_changes_at_most_15_lines():
     assert 0 < total <= MAX_CHANGED_LINES, (client, server)
 
 
-def test_one_fedtan_round_of_the_switched_app_equals_centralised_sgd(dropin, tmp_path):
+@pytest.mark.parametrize("separate_processes", [False, True], ids=["live", "replay"])
+def test_one_fedtan_round_of_the_switched_app_equals_centralised_sgd(dropin, tmp_path, separate_processes):
     """The app's own ServerApp with FedTAN, the app's ClientApp with add_fedtan: one round
     (local-epochs 1, one batch per node) is one SGD step on the pooled batch; the lr comes
     from the round's train config, the batch size from the app's DataLoader; evaluation
-    ran through the app's own evaluate handler."""
-    final, grid = run_server(dropin["fedtan_server_app"], dropin["fedtan_client_app"].app, tmp_path, "fedtan")
+    ran through the app's own evaluate handler. "replay": every message as in a fresh
+    process, so the user's client_fn rebuilds the paused round each time."""
+    final, grid = run_server(dropin["fedtan_server_app"], dropin["fedtan_client_app"].app, tmp_path, "fedtan",
+                             separate_processes=separate_processes)
     diff = max_abs_diff(centralised_sgd_step(dropin["task"]), final)
     assert diff <= TOLERANCE, f"FedTAN round differs from centralised SGD by {diff:g}"
     kinds = {kind for kind, _ in grid.replies}
     assert kinds == {schema.MESSAGE_TYPE, "evaluate"}, kinds  # no plain "train" message
     assert {"eval_loss", "eval_acc", "num-examples"} <= grid.metric_names("evaluate")
     assert {"train-loss", "num-examples"} <= grid.metric_names(schema.MESSAGE_TYPE)
+    replays = [m["replays"] for kind, m in grid.replies if kind == schema.MESSAGE_TYPE and "replays" in m]
+    assert replays == [4.0 if separate_processes else 0.0] * NUM_NODES  # 2L = 4 aggregates, each replayed
 
 
 def test_the_apps_own_handlers_still_serve_fedavg(dropin, tmp_path):
