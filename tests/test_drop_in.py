@@ -178,17 +178,24 @@ def test_add_fedtan_before_or_after_the_users_handlers_and_as_a_call(dropin):
         trainloader, _ = task.load_data(context.node_config["partition-id"], 3, 32)
         return FedTANClient(task.Net(), trainloader)
 
+    calls = []
+
     def user_train(msg, context):
+        calls.append(msg.metadata.message_type)
         return Message(RecordDict(), reply_to=msg)
 
     first = ClientApp()
     assert add_fedtan(first, client_fn) is first
     first.train()(user_train)
-    assert first._registered_funcs.keys() == {"train.fedtan", "train.default"}
     second = ClientApp()
     second.train()(user_train)
     assert add_fedtan(second)(client_fn) is client_fn
-    assert second._registered_funcs.keys() == {"train.fedtan", "train.default"}
+    for app in (first, second):
+        assert app._registered_funcs.keys() == {"train.fedtan", "train.default"}
+        grid = LocalGrid(app, 1, {})
+        replies = grid.pull_messages(grid.push_messages([Message(RecordDict(), 1000, "train")]))
+        assert not next(iter(replies)).has_error()
+    assert calls == ["train", "train"]
 
 
 def test_add_fedtan_refuses_what_it_cannot_extend(dropin):
