@@ -37,7 +37,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.client import NumPyClient
 from flwr.clientapp import ClientApp
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
 from . import schema, settings
 from .aggregation import BackwardSums, ForwardStats
@@ -283,13 +283,13 @@ def evaluate_model(
 
 def _as_dataset(data: Union[Dataset, DataLoader], name: str) -> Dataset:
     if isinstance(data, DataLoader):
-        return data.dataset
+        return _as_dataset(data.dataset, f"the dataset of {name}'s DataLoader")
     if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
         raise TypeError(
             f"FedTANClient: {name} is a {type(data).__name__} of tensors; wrap them in "
             "torch.utils.data.TensorDataset(inputs, targets)"
         )
-    if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
+    if isinstance(data, IterableDataset) or not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
         raise TypeError(
             f"FedTANClient: {name} must be a map-style Dataset (with __getitem__ and __len__) or a "
             f"DataLoader over one, got {type(data).__name__}: FedTAN draws each step's batch by index "

@@ -260,6 +260,16 @@ def test_tensors_and_iterables_are_refused_with_the_fix():
     with pytest.raises(TypeError, match="map-style Dataset"):
         FedTANClient(_model(), iter([(x, y)]), batch_size=4)
 
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(zip(x, y))
+
+        def __len__(self):
+            return len(x)
+
+    with pytest.raises(TypeError, match="map-style Dataset .* got Stream"):
+        FedTANClient(_model(), DataLoader(Stream(), batch_size=4))
+
 
 class DictDataset(Dataset):
     """Samples as dictionaries, like a Hugging Face dataset with a transform."""
