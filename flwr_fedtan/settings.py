@@ -7,13 +7,16 @@ replay_store=..., state_dir=..., max_live_rounds=...)`` and the same on
 cluster's workers, a SuperNode's machine) without editing its code. When an override
 replaces an argument given explicitly with a different value, a warning says so once.
 
-==========================  ===================================  ===============================
-variable                    overrides                            default without either
-==========================  ===================================  ===============================
-``FEDTAN_REPLAY_STORE``     ``replay_store`` (``disk``/``context``)  ``"disk"``
-``FEDTAN_STATE_DIR``        ``state_dir``                        ``<tempdir>/flwr-fedtan-state-<uid>``
-``FEDTAN_MAX_LIVE_ROUNDS``  ``max_live_rounds``                  ``16``
-==========================  ===================================  ===============================
+==============================  =======================================  ==========================================
+variable                        overrides                                default without either
+==============================  =======================================  ==========================================
+``FEDTAN_REPLAY_STORE``         ``replay_store`` (``disk``/``context``)  ``"disk"``
+``FEDTAN_STATE_DIR``            ``state_dir``                            ``$XDG_RUNTIME_DIR/flwr-fedtan``, else
+                                                                         ``<tempdir>/flwr-fedtan-<uid>``
+``FEDTAN_MAX_LIVE_ROUNDS``      ``max_live_rounds``                      ``16``
+``FEDTAN_STATE_MAX_AGE_HOURS``  the replay store's ``max_age_hours``     ``24`` (hours before a run's replay folder
+                                                                         counts as left behind)
+==============================  =======================================  ==========================================
 
 The values are read when a message is handled, not when the app is built, so they are
 those of the process that handles it (a Ray actor inherits the SuperLink's environment).
@@ -23,23 +26,25 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
 __all__ = [
     "DEFAULT_MAX_LIVE_ROUNDS",
     "DEFAULT_REPLAY_STORE",
+    "DEFAULT_STATE_MAX_AGE_HOURS",
     "MAX_LIVE_ROUNDS_ENV",
     "REPLAY_STORES",
     "REPLAY_STORE_ENV",
     "STATE_DIR_ENV",
+    "STATE_MAX_AGE_ENV",
     "check_max_live_rounds",
     "check_replay_store",
     "default_state_dir",
     "max_live_rounds",
     "replay_store",
     "state_dir",
+    "state_max_age_hours",
 ]
 
 log = logging.getLogger(__name__)
@@ -47,10 +52,12 @@ log = logging.getLogger(__name__)
 REPLAY_STORE_ENV = "FEDTAN_REPLAY_STORE"
 STATE_DIR_ENV = "FEDTAN_STATE_DIR"
 MAX_LIVE_ROUNDS_ENV = "FEDTAN_MAX_LIVE_ROUNDS"
+STATE_MAX_AGE_ENV = "FEDTAN_STATE_MAX_AGE_HOURS"
 
 REPLAY_STORES = ("disk", "context")
 DEFAULT_REPLAY_STORE = "disk"
 DEFAULT_MAX_LIVE_ROUNDS = 16
+DEFAULT_STATE_MAX_AGE_HOURS = 24.0
 
 _warned: set[tuple[str, str, str]] = set()
 
@@ -98,9 +105,10 @@ def replay_store(argument: Optional[str] = None) -> str:
 
 
 def default_state_dir() -> Path:
-    """``<tempdir>/flwr-fedtan-state-<uid>``: node-local, one per user of the machine."""
-    uid = os.getuid() if hasattr(os, "getuid") else "user"
-    return Path(tempfile.gettempdir()) / f"flwr-fedtan-state-{uid}"
+    """Node-local, private to this user: :func:`flwr_fedtan.private_files.default_base`."""
+    from .private_files import default_base
+
+    return default_base()
 
 
 def state_dir(argument: Optional[Union[str, os.PathLike]] = None) -> Path:
@@ -120,3 +128,19 @@ def max_live_rounds(argument: Optional[int] = None) -> int:
     if value is not None:
         return check_max_live_rounds(value, source=MAX_LIVE_ROUNDS_ENV)  # type: ignore[return-value]
     return DEFAULT_MAX_LIVE_ROUNDS if argument is None else int(argument)
+
+
+def state_max_age_hours(argument: Optional[float] = None) -> float:
+    """Hours after which a run's replay folder counts as left behind:
+    ``FEDTAN_STATE_MAX_AGE_HOURS``, else ``argument``, else 24."""
+    value = _override(STATE_MAX_AGE_ENV, argument)
+    if value is not None:
+        try:
+            hours = float(value)
+        except ValueError:
+            raise ValueError(f"{STATE_MAX_AGE_ENV} must be a number of hours, got {value!r}") from None
+    else:
+        hours = DEFAULT_STATE_MAX_AGE_HOURS if argument is None else argument
+    if not hours > 0:
+        raise ValueError(f"the age of a stale run folder must be positive hours, got {hours!r}")
+    return float(hours)

@@ -308,8 +308,10 @@ def test_the_dataloaders_collate_fn_and_dict_batches():
 
 # ---------------------------------------------------------------------- options and overrides
 def test_settings_arguments_defaults_and_environment_overrides(monkeypatch, tmp_path, caplog):
-    for variable in (settings.REPLAY_STORE_ENV, settings.STATE_DIR_ENV, settings.MAX_LIVE_ROUNDS_ENV):
+    for variable in (settings.REPLAY_STORE_ENV, settings.STATE_DIR_ENV, settings.MAX_LIVE_ROUNDS_ENV,
+                     settings.STATE_MAX_AGE_ENV):
         monkeypatch.delenv(variable, raising=False)
+    assert settings.state_max_age_hours() == 24.0 and settings.state_max_age_hours(5) == 5.0
     assert settings.replay_store() == "disk" and settings.replay_store("context") == "context"
     assert settings.max_live_rounds() == 16 and settings.max_live_rounds(0) == 0
     assert settings.state_dir() == settings.default_state_dir()
@@ -318,7 +320,9 @@ def test_settings_arguments_defaults_and_environment_overrides(monkeypatch, tmp_
     monkeypatch.setenv(settings.REPLAY_STORE_ENV, "context")
     monkeypatch.setenv(settings.MAX_LIVE_ROUNDS_ENV, "3")
     monkeypatch.setenv(settings.STATE_DIR_ENV, str(tmp_path / "env"))
+    monkeypatch.setenv(settings.STATE_MAX_AGE_ENV, "1.5")
     with caplog.at_level(logging.WARNING, logger="flwr_fedtan.settings"):
+        assert settings.state_max_age_hours(5) == 1.5
         assert settings.replay_store("disk") == "context"  # the variable overrides the argument
         assert settings.max_live_rounds(0) == 3
         assert settings.state_dir(tmp_path / "a") == tmp_path / "env"
@@ -382,7 +386,7 @@ def test_state_dir_and_replay_store_arguments_and_their_overrides(monkeypatch, t
     grid = run(state_dir=tmp_path / "argument", replay_store=store)
     during_round = set().union(*seen)
     if store == "disk":
-        assert during_round == {"argument/run-1/node-1000.npz", "argument/run-1/node-1007.npz"}
+        assert during_round == {"argument/replay/run-1/node-1000.npz", "argument/replay/run-1/node-1007.npz"}
     else:
         assert during_round == set()
     assert not list(tmp_path.rglob("*.npz"))  # removed at the end of the round
@@ -391,7 +395,7 @@ def test_state_dir_and_replay_store_arguments_and_their_overrides(monkeypatch, t
     monkeypatch.setenv(settings.STATE_DIR_ENV, str(tmp_path / "environment"))
     monkeypatch.setenv(settings.REPLAY_STORE_ENV, "disk")
     run(state_dir=tmp_path / "argument", replay_store=store)
-    assert set().union(*seen) == {"environment/run-1/node-1000.npz", "environment/run-1/node-1007.npz"}
+    assert set().union(*seen) == {"environment/replay/run-1/node-1000.npz", "environment/replay/run-1/node-1007.npz"}
 
 
 # ---------------------------------------------------------------------- through Flower
