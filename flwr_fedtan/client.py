@@ -612,7 +612,7 @@ def _handle_fedtan(msg: Message, context: Context, client_fn: Callable[[Context]
         )
         state[REPLAY_LOG] = ArrayRecord()
         store = settings.replay_store(options.replay_store)
-        save_weights(state, client.arrays(), store, context.run_id, context.node_id, options.state_dir)
+        save_weights(state, client.arrays(), store, context.run_id, context.node_id, directory=options.state_dir)
         round_ = client.new_round(seed, control.sync_steps, config)
         live = _LiveRound(client, round_, control.round)
         started = time.perf_counter()
