@@ -2,7 +2,8 @@
 
 Core (no Flower): :func:`convert_batchnorm`, :class:`SyncStep`, :func:`pooled_backward`
 and the aggregation functions. Flower integration: :class:`FedTAN` (strategy) and
-:class:`FedTANClient` (client).
+:class:`FedTANClient` (client), added to an existing ``ClientApp`` with :func:`add_fedtan`
+or served by :func:`fedtan_client_app`.
 """
 
 from .aggregation import (
@@ -15,7 +16,7 @@ from .aggregation import (
     sum_backward_sums,
 )
 from .batchnorm import FedTANBatchNorm, UnsupportedModelError, convert_batchnorm
-from .client import FedTANClient, fedtan_client_app
+from .client import FedTANClient, add_fedtan, fedtan_client_app
 from .reference import pooled_backward
 from .step import StepProtocolError, SyncStep
 from .strategy import FedTAN
@@ -34,6 +35,7 @@ __all__ = [
     "SyncPoint",
     "SyncStep",
     "UnsupportedModelError",
+    "add_fedtan",
     "aggregate_arrays",
     "convert_batchnorm",
     "pool_forward_stats",

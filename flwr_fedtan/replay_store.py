@@ -22,9 +22,10 @@ Stores
 
 Node-local files
 ----------------
-``<base>`` is ``FEDTAN_STATE_DIR`` when set, else
-:func:`flwr_fedtan.private_files.default_base` (``$XDG_RUNTIME_DIR/flwr-fedtan``, or
-``<tempdir>/flwr-fedtan-<uid>``). Folders are ``0700`` and verified to be this user's,
+``<base>`` is the ``state_dir`` given to :func:`~flwr_fedtan.add_fedtan` /
+:func:`~flwr_fedtan.fedtan_client_app`, else :func:`flwr_fedtan.private_files.default_base`
+(``$XDG_RUNTIME_DIR/flwr-fedtan``, or ``<tempdir>/flwr-fedtan-<uid>``); ``FEDTAN_STATE_DIR``
+overrides both (:mod:`flwr_fedtan.settings`). Folders are ``0700`` and verified to be this user's,
 files ``0600``, written to a fresh ``O_EXCL | O_NOFOLLOW`` name and renamed into place
 (:mod:`flwr_fedtan.private_files`).
 
@@ -48,9 +49,9 @@ from typing import Optional
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
+from . import settings
 from .private_files import (
     UnsafePathError,
-    default_base,
     private_dir,
     read_private_file,
     remove_if_empty,
@@ -65,7 +66,6 @@ __all__ = [
     "UnsafePathError",
     "clean_stale_runs",
     "discard_weights",
-    "environment_overrides",
     "load_weights",
     "replay_dir",
     "resolve_store",
@@ -73,8 +73,8 @@ __all__ = [
     "state_dir",
 ]
 
-STORES = ("disk", "context")
-DEFAULT_MAX_AGE_HOURS = 24.0
+STORES = settings.REPLAY_STORES
+DEFAULT_MAX_AGE_HOURS = settings.DEFAULT_STATE_MAX_AGE_HOURS
 WEIGHTS_REF = "fedtan.weights-ref"  # ConfigRecord in context.state: store, path, sha256
 WEIGHTS = "fedtan.weights"  # ArrayRecord in context.state ("context" store)
 REPLAY_FOLDER = "replay"  # under the base: run-<run>/node-<node>.npz
@@ -85,68 +85,47 @@ class ReplayWeightsMissing(RuntimeError):
     """The round's starting weights cannot be found (or do not match their checksum)."""
 
 
-def environment_overrides() -> dict[str, Optional[str]]:
-    """FedTAN's environment overrides of node-local state, read in this one place.
-
-    ``FEDTAN_REPLAY_STORE`` (``"disk"`` or ``"context"``), ``FEDTAN_STATE_DIR`` (the base
-    folder) and ``FEDTAN_STATE_MAX_AGE_HOURS`` (when a finished run's folder is stale);
-    ``None`` where unset or empty.
-    """
-    names = {"store": "FEDTAN_REPLAY_STORE", "state_dir": "FEDTAN_STATE_DIR",
-             "max_age_hours": "FEDTAN_STATE_MAX_AGE_HOURS"}
-    return {key: (os.environ.get(name) or None) for key, name in names.items()}
-
-
 def resolve_store(store: str | None) -> str:
-    """``store``, or ``FEDTAN_REPLAY_STORE``, or ``"disk"``; validated."""
-    chosen = store or environment_overrides()["store"] or "disk"
-    if chosen not in STORES:
-        raise ValueError(f"replay store must be one of {STORES}, got {chosen!r}")
-    return chosen
+    """``FEDTAN_REPLAY_STORE``, or ``store``, or ``"disk"``; validated (:mod:`flwr_fedtan.settings`)."""
+    return settings.replay_store(store)
 
 
-def state_dir() -> Path:
-    """The base folder of node-local state: ``FEDTAN_STATE_DIR``, else
+def state_dir(configured: str | os.PathLike | None = None) -> Path:
+    """The base folder of node-local state: ``FEDTAN_STATE_DIR``, else ``configured``, else
     :func:`~flwr_fedtan.private_files.default_base`. Not created here."""
-    configured = environment_overrides()["state_dir"]
-    return Path(configured).absolute() if configured else default_base()
+    return settings.state_dir(configured).absolute()
 
 
 def _max_age_hours(max_age_hours: Optional[float]) -> float:
-    if max_age_hours is None:
-        configured = environment_overrides()["max_age_hours"]
-        if configured is None:
-            return DEFAULT_MAX_AGE_HOURS
-        try:
-            max_age_hours = float(configured)
-        except ValueError:
-            raise ValueError(f"FEDTAN_STATE_MAX_AGE_HOURS must be a number of hours, got {configured!r}") from None
-    if not max_age_hours > 0:
-        raise ValueError(f"the age of a stale run folder must be positive hours, got {max_age_hours!r}")
-    return float(max_age_hours)
+    return settings.state_max_age_hours(max_age_hours)
 
 
-def replay_dir(run_id: int) -> Path:
-    """The run's private folder of replay files, created (0700) or verified.
+def replay_dir(run_id: int, directory: str | os.PathLike | None = None) -> Path:
+    """The run's private folder of replay files under :func:`state_dir` (``directory``:
+    the configured base), created (0700) or verified.
 
     Raises
     ------
     UnsafePathError
         If the base, its ``replay`` folder or the run's folder is not private to this user.
     """
-    return private_dir(REPLAY_FOLDER, f"{RUN_PREFIX}{int(run_id)}", base=state_dir())
+    return private_dir(REPLAY_FOLDER, f"{RUN_PREFIX}{int(run_id)}", base=state_dir(directory))
 
 
-def clean_stale_runs(keep_run: Optional[int] = None, max_age_hours: Optional[float] = None) -> list[Path]:
+def clean_stale_runs(
+    keep_run: Optional[int] = None, max_age_hours: Optional[float] = None, directory: str | os.PathLike | None = None
+) -> list[Path]:
     """Remove the replay folders of runs in which nothing changed for ``max_age_hours``.
 
     Parameters
     ----------
     keep_run : Optional[int]
         A run whose folder is never removed (the caller's own).
-    max_age_hours : Optional[float] (default: ``FEDTAN_STATE_MAX_AGE_HOURS``, else 24)
+    max_age_hours : Optional[float] (default: 24; ``FEDTAN_STATE_MAX_AGE_HOURS`` overrides it)
         Age after which a run's folder counts as left behind. A round that lasts longer
         than this could lose its replay file to another run's cleaning.
+    directory : Optional[PathLike]
+        The configured base folder (see :func:`state_dir`).
 
     Returns
     -------
@@ -155,7 +134,7 @@ def clean_stale_runs(keep_run: Optional[int] = None, max_age_hours: Optional[flo
     """
     age = _max_age_hours(max_age_hours)
     keep = () if keep_run is None else (f"{RUN_PREFIX}{int(keep_run)}",)
-    parent = private_dir(REPLAY_FOLDER, base=state_dir())
+    parent = private_dir(REPLAY_FOLDER, base=state_dir(directory))
     return remove_stale(parent, RUN_PREFIX, age * 3600.0, keep=keep)
 
 
@@ -167,8 +146,10 @@ def save_weights(
     node_id: int,
     *,
     max_age_hours: Optional[float] = None,
+    directory: str | os.PathLike | None = None,
 ) -> None:
-    """Keep ``arrays`` as the starting weights of the node's current round.
+    """Keep ``arrays`` as the starting weights of the node's current round (``directory``:
+    the ``"disk"`` store's base folder, see :func:`state_dir`).
 
     With the ``"disk"`` store this also removes stale folders of other runs (see
     :func:`clean_stale_runs`, ``max_age_hours``).
@@ -187,9 +168,9 @@ def save_weights(
     buffer = io.BytesIO()
     np.savez(buffer, **{key: array.numpy() for key, array in arrays.items()})
     data = buffer.getvalue()
-    clean_stale_runs(keep_run=run_id, max_age_hours=max_age_hours)
+    clean_stale_runs(keep_run=run_id, max_age_hours=max_age_hours, directory=directory)
     for attempt in range(3):
-        path = replay_dir(run_id) / f"node-{int(node_id)}.npz"
+        path = replay_dir(run_id, directory) / f"node-{int(node_id)}.npz"
         try:
             write_private_file(path, data)
             break
