@@ -10,17 +10,35 @@ until the statistics of the pooled batch of all clients come back.
 from __future__ import annotations
 
 import contextvars
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase
 
-__all__ = ["FedTANBatchNorm", "convert_batchnorm", "UnsupportedModelError"]
+__all__ = [
+    "FedTANBatchNorm", "ModelIssue", "UnsupportedModelError", "check_model", "convert_batchnorm", "validate",
+]
 
 
 class UnsupportedModelError(ValueError):
-    """A model or layer configuration FedTAN cannot synchronise."""
+    """A model or layer configuration FedTAN cannot synchronise.
+
+    ``issues`` lists every :class:`ModelIssue` found (empty when raised for one layer).
+    """
+
+    def __init__(self, issues: "str | list[ModelIssue]") -> None:
+        if isinstance(issues, str):
+            self.issues: list[ModelIssue] = []
+            super().__init__(issues)
+        else:
+            self.issues = list(issues)
+            super().__init__(
+                f"FedTAN cannot synchronise this model ({len(self.issues)} issue"
+                + ("s" if len(self.issues) != 1 else "") + "):\n"
+                + "\n".join(f"- {issue}" for issue in self.issues)
+            )
 
 
 # A context variable, not a thread-local: a step's forward runs in its own greenlet, which
@@ -193,25 +211,62 @@ def convert_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
-def fedtan_batchnorm_layers(model: nn.Module) -> list[tuple[str, FedTANBatchNorm]]:
-    """The converted BatchNorm layers of ``model`` with their qualified names."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, FedTANBatchNorm)]
+@dataclass(frozen=True)
+class ModelIssue:
+    """One thing FedTAN cannot synchronise in a model, where it is, and how to fix it."""
+
+    module: str  # qualified module name ("<model>" for the model itself)
+    problem: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.module}: {self.problem}. Fix: {self.fix}"
+
+
+def validate(model: nn.Module, *, strict: bool = False) -> list[ModelIssue]:
+    """Every reason ``model`` cannot run a synchronised step, each with its fix.
+
+    Opacus-style: the whole model is inspected before any round, so that a round never
+    fails mid-way for a reason known at the start.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model a client will train.
+    strict : bool
+        Raise :class:`UnsupportedModelError` (listing every issue) instead of returning
+        the list when there is any.
+
+    Returns
+    -------
+    list[ModelIssue]
+        Empty when the model is supported.
+    """
+    issues = []
+    for name, module in model.named_modules():
+        name = name or "<model>"
+        if not isinstance(module, _BatchNorm) or isinstance(module, FedTANBatchNorm):
+            continue
+        if isinstance(module, _LazyNormBase) and module.has_uninitialized_params():
+            issues.append(ModelIssue(
+                name, f"{type(module).__name__} is still uninitialised",
+                "run one forward pass (or use a BatchNorm with a fixed num_features) first",
+            ))
+        elif not any(isinstance(module, cls) for cls in _INPUT_DIMS):
+            issues.append(ModelIssue(
+                name, f"unknown BatchNorm subclass {type(module).__name__}",
+                "replace it by nn.BatchNorm1d/2d/3d or convert it by hand",
+            ))
+        else:
+            issues.append(ModelIssue(
+                name, f"{type(module).__name__} is not converted",
+                "call flwr_fedtan.convert_batchnorm(model) first",
+            ))
+    if strict and issues:
+        raise UnsupportedModelError(issues)
+    return issues
 
 
 def check_model(model: nn.Module) -> None:
-    """Raise :class:`UnsupportedModelError` if ``model`` has BatchNorm layers FedTAN can't sync.
-
-    Plain (unconverted) BatchNorm layers would silently normalise with local statistics
-    inside a synchronised step; that defeats FedTAN, so it is an error.
-    """
-    plain = [
-        n or "<model>"
-        for n, m in model.named_modules()
-        if isinstance(m, _BatchNorm) and not isinstance(m, FedTANBatchNorm)
-    ]
-    if plain:
-        raise UnsupportedModelError(
-            f"model has BatchNorm layers that are not converted: {', '.join(plain[:5])}"
-            + (" ..." if len(plain) > 5 else "")
-            + ". Call flwr_fedtan.convert_batchnorm(model) first."
-        )
+    """Raise :class:`UnsupportedModelError` listing every issue :func:`validate` finds."""
+    validate(model, strict=True)

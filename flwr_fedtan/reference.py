@@ -149,7 +149,7 @@ def fedtan_round_in_process(
     ``round_seed``: the seed the strategy sends).
     """
     from .aggregation import aggregate_arrays
-    from .training import derive_seed
+    from .seeds import derive_seed
 
     for client in clients:
         if client.optimizer_fn is not None or client.momentum or client.weight_decay:

@@ -15,13 +15,10 @@ the caller feeds back the aggregate of all clients:
 
 How the pauses work
 -------------------
-Forward: the forward code runs in a greenlet (a coroutine with its own C stack, on the
+Forward: the forward code runs as a :class:`~.pause.PausableCall` (a greenlet on the
 caller's OS thread); each BatchNorm call that uses batch statistics switches back to the
 caller with its statistics, and the step switches into the greenlet again with the pooled
-statistics. Being on the caller's thread matters for speed: a worker thread per paused
-step gets its own OpenMP team, and K paused steps' teams spinning against each other cost
-more than the compute on a small machine. Torch's thread-local state (grad mode, autocast)
-is the forward's own while it runs and the caller's while it is paused.
+statistics. The per-call arithmetic lives in :mod:`~.bn_ops`.
 
 Backward: nothing ever blocks inside autograd. Each synchronised BatchNorm output is an
 autograd node with no path back to its input or the layer's parameters (it hangs from a
@@ -44,18 +41,18 @@ received and returns it paused at the first sync point whose aggregate is not kn
 from __future__ import annotations
 
 import threading
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence, Union
 
-import greenlet
 import numpy as np
 import torch
 from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
+from . import bn_ops
 from .aggregation import BackwardSums, ForwardStats, SyncPoint
 from .batchnorm import FedTANBatchNorm, _set_active_step, check_model
+from .pause import PausableCall, PrivateRNG
 from .staged_backward import StagedBackward
 
 __all__ = ["SyncStep", "SyncRequest", "Aggregate", "StepProtocolError"]
@@ -66,51 +63,6 @@ SyncRequest = tuple[SyncPoint, Aggregate]
 
 class StepProtocolError(RuntimeError):
     """The step was driven out of order, or an aggregate does not fit the sync point."""
-
-
-class _Aborted(BaseException):
-    """Raised inside the paused forward to unwind it when a step is closed early."""
-
-
-_ABORT = object()
-
-_AUTOCAST_DEVICES = ("cpu", "cuda")
-
-
-
-@dataclass
-class _TorchThreadState:
-    """Torch's thread-local settings that forward code may change around a pause.
-
-    The paused forward and its caller share one OS thread, so at every switch the side
-    that is leaving gives the thread back as the other side left it.
-    """
-
-    grad_enabled: bool
-    autocast: tuple[tuple[bool, torch.dtype], ...]
-    autocast_cache: bool
-    cuda_device: Optional[int]
-
-    @classmethod
-    def capture(cls) -> "_TorchThreadState":
-        return cls(
-            grad_enabled=torch.is_grad_enabled(),
-            autocast=tuple(
-                (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d))
-                for d in _AUTOCAST_DEVICES
-            ),
-            autocast_cache=torch.is_autocast_cache_enabled(),
-            cuda_device=torch.cuda.current_device() if torch.cuda.is_initialized() else None,
-        )
-
-    def restore(self) -> None:
-        torch.set_grad_enabled(self.grad_enabled)
-        for device, (enabled, dtype) in zip(_AUTOCAST_DEVICES, self.autocast):
-            torch.set_autocast_enabled(device, enabled)
-            torch.set_autocast_dtype(device, dtype)
-        torch.set_autocast_cache_enabled(self.autocast_cache)
-        if self.cuda_device is not None:
-            torch.cuda.set_device(self.cuda_device)
 
 
 @dataclass
@@ -128,80 +80,6 @@ class _BatchNormCall:
     mean_t: torch.Tensor  # ``mean`` and ``invstd`` as the forward's device tensors
     invstd_t: torch.Tensor
     cut: Optional[GradientEdge] = None  # where the output's gradient is captured
-
-
-def _channel_shape(x: torch.Tensor) -> list[int]:
-    return [1, x.shape[1]] + [1] * (x.dim() - 2)
-
-
-def _reduce_dims(x: torch.Tensor) -> list[int]:
-    return [0] + list(range(2, x.dim()))
-
-
-def _normalize(
-    x: torch.Tensor,
-    weight: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-    mean: torch.Tensor,
-    var: torch.Tensor,
-    eps: float,
-) -> torch.Tensor:
-    """``(x - mean) / sqrt(var + eps) * weight + bias`` per channel, by PyTorch's fused
-    inference-mode BatchNorm kernel: one pass, several times faster on CPU than the same
-    arithmetic as broadcast elementwise ops. Not cuDNN, which rejects ``eps`` below 1e-5."""
-    return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
-
-
-def _channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and biased variance of ``x`` (N, C, *).
-
-    On CPU, the fused statistics kernel PyTorch's own BatchNorm uses in training (so the
-    same rounding as centralised training). Elsewhere the corrected two-pass algorithm,
-    which is as accurate as ``torch.var_mean``. Half and bfloat16 inputs get float32
-    statistics, as PyTorch's own BatchNorm computes them.
-    """
-    if x.dtype in (torch.float16, torch.bfloat16):
-        x = x.float()
-    if x.device.type == "cpu":
-        return torch.batch_norm_update_stats(x, None, None, 0.0)
-    dims = _reduce_dims(x)
-    n = x.numel() // x.shape[1]
-    with torch.no_grad():
-        mean = x.sum(dims, keepdim=True).div_(n)
-        centred = x - mean
-        residual = centred.sum(dims).div_(n)  # what rounding left of the mean
-        var = centred.mul_(centred).sum(dims).div_(n).sub_(residual * residual)
-    return mean.view(-1).add_(residual), var.clamp_(min=0)
-
-
-_NUMPY_DTYPES = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16}
-
-
-def _numpy(t: torch.Tensor) -> np.ndarray:
-    """A float64 NumPy copy of a (small) tensor."""
-    if t.dtype not in _NUMPY_DTYPES:
-        t = t.float()
-    return t.numpy(force=True).astype(np.float64)
-
-
-def _vector(values: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``values`` (per-channel, one row per quantity) as one tensor: a single conversion,
-    as small ops cost more in dispatch than in work."""
-    if device.type == "cpu" and dtype in _NUMPY_DTYPES:
-        return torch.from_numpy(values.astype(_NUMPY_DTYPES[dtype]))
-    return torch.as_tensor(values, dtype=dtype, device=device)
-
-
-def _parameter_dtype(layer: FedTANBatchNorm, x: torch.Tensor) -> torch.dtype:
-    """The dtype per-channel arguments of BatchNorm kernels must have for input ``x``: the
-    layer weight's, else float32 for half and bfloat16 inputs (the mixed-precision
-    kernels), else ``x``'s."""
-    if layer.affine:
-        return layer.weight.dtype
-    if x.dtype in (torch.float16, torch.bfloat16):
-        return torch.float32
-    return x.dtype
-
 
 class SyncStep:
     """One client's synchronised forward/backward pass, resumable at each sync point.
@@ -253,11 +131,8 @@ class SyncStep:
         self._calls: list[_BatchNormCall] = []
         self._num_points = 0
         self._pending: Optional[SyncPoint] = None
-        self._forward: Optional[greenlet.greenlet] = None
-        self._forward_state: Optional[_TorchThreadState] = None
+        self._forward: Optional[PausableCall] = None
         self._thread: Optional[threading.Thread] = None  # the object: idents are reused
-        self._rng_states: Optional[list[torch.Tensor]] = None
-        self._devices: Optional[list[torch.device]] = None  # CUDA devices, found lazily
         self._program = self._run()
         self._started = False
         self._finished = False
@@ -314,7 +189,8 @@ class SyncStep:
         if not self._finished:
             if self._thread is None or self._thread is threading.current_thread():
                 self._program.close()
-            else:  # the paused forward can only be unwound from its thread; drop it
+            elif self._forward is not None:  # a paused forward unwinds only on its thread
+                self._forward.drop()
                 self._forward = None
             self._finished = True
         self._calls = []
@@ -407,35 +283,6 @@ class SyncStep:
         self._num_points += 1
         return point
 
-    # RNG: the forward code draws from a private stream, swapped in while it runs.
-    def _swap_rng(self) -> None:
-        """Exchange the global RNG states with the step's private ones (seeding at first)."""
-        if self._seed is None:
-            return
-        if self._devices is None:
-            self._devices = sorted(
-                {p.device for p in self.model.parameters() if p.device.type == "cuda"}, key=str
-            )
-        current = [torch.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in self._devices]
-        if self._rng_states is None:
-            torch.random.default_generator.manual_seed(self._seed)
-            for d in self._devices:
-                with torch.cuda.device(d):
-                    torch.cuda.manual_seed(self._seed)
-        else:
-            torch.set_rng_state(self._rng_states[0])
-            for d, state in zip(self._devices, self._rng_states[1:]):
-                torch.cuda.set_rng_state(state, d)
-        self._rng_states = current
-
-    @contextmanager
-    def _private_rng(self) -> Iterator[None]:
-        self._swap_rng()
-        try:
-            yield
-        finally:
-            self._swap_rng()
-
     def _check_thread(self) -> None:
         if self._thread is not None and self._thread is not threading.current_thread():
             raise StepProtocolError(
@@ -444,53 +291,31 @@ class SyncStep:
                 "in this thread instead"
             )
 
-    def _forward_body(self, _: object) -> tuple:
-        """The forward code, run in the step's greenlet; returns how it ended."""
+    def _forward_body(self) -> torch.Tensor:
+        """The forward code, run as the step's :class:`~.pause.PausableCall`."""
         _set_active_step(self)  # a context variable: this greenlet's own context
         try:
-            with torch.enable_grad(), self._private_rng():
-                loss = self._forward_fn()
-            return ("done", loss)
-        except _Aborted:
-            return ("aborted",)
-        except BaseException as error:  # handed to the caller
-            return ("error", error)
+            with torch.enable_grad():
+                return self._forward_fn()
         finally:
             _set_active_step(None)
 
-    def _switch_to_forward(self, value: object) -> tuple:
-        """Run the forward until its next pause (or its end); return its message."""
-        forward = self._forward
-        assert forward is not None
-        caller_state = _TorchThreadState.capture()
-        forward.parent = greenlet.getcurrent()
-        if self._forward_state is not None and self._forward_state != caller_state:
-            self._forward_state.restore()
-        try:
-            message = forward.switch(value)
-        finally:
-            self._forward_state = _TorchThreadState.capture() if not forward.dead else None
-            if self._forward_state != caller_state:
-                caller_state.restore()
-        return message
-
     def _pause_forward(self, point: SyncPoint, payload: Aggregate) -> Aggregate:
-        """Called in the forward greenlet: hand ``payload`` out, wait for the aggregate."""
+        """Called in the forward: hand ``payload`` out, wait for the aggregate."""
         if torch.is_inference_mode_enabled():
             raise RuntimeError(
                 "a synchronised step cannot run under torch.inference_mode(): BatchNorm "
                 f"call {point.call} needs autograd for its backward sync point"
             )
-        self._swap_rng()
-        reply = greenlet.getcurrent().parent.switch(("sync", point, payload))
-        self._swap_rng()
-        if reply is _ABORT:
-            raise _Aborted()
-        return reply  # type: ignore[return-value]
+        assert self._forward is not None
+        return self._forward.pause((point, payload))  # type: ignore[return-value]
+
+    def _cuda_devices(self) -> list[torch.device]:
+        return sorted({p.device for p in self.model.parameters() if p.device.type == "cuda"}, key=str)
 
     def sync_forward(self, layer: FedTANBatchNorm, x: torch.Tensor) -> torch.Tensor:
         """Forward of one synchronised BatchNorm call (runs in the step's greenlet)."""
-        local = _numpy(torch.stack(_channel_moments(x.detach())))
+        local = bn_ops.to_numpy(torch.stack(bn_ops.channel_moments(x.detach())))
         count = x.numel() // x.shape[1]
         point = self._new_point("forward", len(self._calls), x.shape[1])
         payload = ForwardStats(
@@ -511,25 +336,26 @@ class SyncStep:
         pooled_var = np.asarray(pooled.var, dtype=np.float64)
         invstd = 1.0 / np.sqrt(pooled_var + layer.eps)
         unbiased = pooled_var * (total / (total - 1)) if total > 1 else pooled_var
-        mean_t, var_t, unbiased_t, invstd_t = _vector(
-            np.array([mu, pooled_var, unbiased, invstd]), _parameter_dtype(layer, x), x.device
+        weight_arg = layer.weight if layer.affine else None
+        mean_t, var_t, unbiased_t, invstd_t = bn_ops.to_vector(
+            np.array([mu, pooled_var, unbiased, invstd]), bn_ops.parameter_dtype(weight_arg, x), x.device
         ).unbind()
         self._update_running_stats(layer, mean_t, unbiased_t)
         if layer.affine:
-            gamma: Union[np.ndarray, float] = _numpy(layer.weight)
+            gamma: Union[np.ndarray, float] = bn_ops.to_numpy(layer.weight)
             weight, bias = layer.weight.detach(), layer.bias.detach()
         else:
             gamma, weight, bias = 1.0, None, None
         call = _BatchNormCall(layer, point, x, x._version, mu, invstd, total, gamma, mean_t, invstd_t)
         self._calls.append(call)
         if not torch.is_grad_enabled():
-            return _normalize(x.detach(), weight, bias, mean_t, var_t, layer.eps)
+            return bn_ops.normalize(x.detach(), weight, bias, mean_t, var_t, layer.eps)
         # The output must be an autograd node whose incoming gradient the backward can
         # capture (see StagedBackward), without a path back to x or the parameters: it
         # hangs from a private leaf, the bias (or a zero bias) detached from the layer.
         # Nothing else reaches that leaf, so the node itself never runs.
         anchor = bias if bias is not None else torch.zeros_like(mean_t)
-        output = _normalize(x.detach(), weight, anchor.requires_grad_(), mean_t, var_t, layer.eps)
+        output = bn_ops.normalize(x.detach(), weight, anchor.requires_grad_(), mean_t, var_t, layer.eps)
         call.cut = get_gradient_edge(output)
         return output
 
@@ -549,21 +375,19 @@ class SyncStep:
 
     def _run(self) -> Iterator[SyncRequest]:
         """The step as a generator: yields requests, receives aggregates."""
-        self._forward = greenlet.greenlet(self._forward_body)
-        message: tuple = ("starting",)
+        rng = None if self._seed is None else PrivateRNG(self._seed, self._cuda_devices)
+        self._forward = forward = PausableCall(self._forward_body, rng)
         try:
-            message = self._switch_to_forward(None)
-            while message[0] == "sync":
-                aggregate = yield message[1], message[2]
-                message = self._switch_to_forward(aggregate)
-            if message[0] == "error":
-                raise message[1]
-            loss = message[1]
+            kind, value = forward.switch_in(None)
+            while kind == "pause":
+                aggregate = yield value
+                kind, value = forward.switch_in(aggregate)
+            if kind == "error":
+                raise value
+            loss = value
         finally:
-            if self._forward is not None and self._forward and not self._forward.dead:
-                self._switch_to_forward(_ABORT)  # unwind the paused forward's frames
+            forward.abort()  # unwinds a forward still paused (the step was closed early)
             self._forward = None
-            self._forward_state = None
         yield from self._backward(loss)
 
     def _backward(self, loss: torch.Tensor) -> Iterator[SyncRequest]:
@@ -607,13 +431,8 @@ class SyncStep:
         reached = g is not None
         if g is None:
             g = torch.zeros_like(x)
-        # Local sums (sum g, sum g * x_hat) with x_hat from the pooled statistics: PyTorch's
-        # fused BatchNorm backward returns exactly these as grad_bias and grad_weight.
-        _, sum_gxhat, sum_g = torch.ops.aten.native_batch_norm_backward(
-            g, x.detach(), None, None, None, call.mean_t, call.invstd_t, True, layer.eps,
-            [False, True, True],
-        )
-        sums = _numpy(torch.stack([sum_g, sum_gxhat]))
+        sum_g, sum_gxhat = bn_ops.local_backward_sums(g, x, call.mean_t, call.invstd_t, layer.eps)
+        sums = bn_ops.to_numpy(torch.stack([sum_g, sum_gxhat]))
         local = BackwardSums(sum_grad=sums[0], sum_grad_xhat=sums[1])
         point = self._new_point("backward", call.point.call, x.shape[1])
         total: BackwardSums = yield point, local  # type: ignore[misc]
@@ -624,23 +443,10 @@ class SyncStep:
         if x.requires_grad and not (reached or total.sum_grad.any() or total.sum_grad_xhat.any()):
             staged.run_stage(stage, None)  # still passes on what earlier stages left below
         elif x.requires_grad:
-            # dF/dx = gamma * invstd * (g - S1/M - x_hat * S2/M), per channel
-            #       = a * g + b * (x - mu) + c
-            a = call.gamma * call.invstd
-            b = -a * call.invstd * np.asarray(total.sum_grad_xhat, np.float64) / call.count
-            c = -a * np.asarray(total.sum_grad, np.float64) / call.count
-            # = a * g + b * x + (c - b * mu): one pass fewer over the activations. Folding mu
-            # into the constant rounds like x itself does (|b * mu| ~ |b * x|), so it is as
-            # accurate as PyTorch's own BatchNorm backward in float32, whatever the mean.
-            # b * x + (c - b * mu) as a BatchNorm with unit variance and eps 0 (exactly
-            # x * b + (c - b * mu) in its kernel), the fastest per-channel affine map on CPU.
-            a_, b_, c_, zero, one = _vector(
-                np.array([a, b, c - b * call.mean, np.zeros_like(a), np.ones_like(a)]),
-                call.mean_t.dtype,
-                x.device,
-            ).unbind()
-            grad_input = _normalize(x.detach(), b_, c_, zero, one, 0.0)
-            grad_input.addcmul_(g, a_.view(_channel_shape(x)))
+            grad_input = bn_ops.input_gradient(
+                x, g, call.gamma, call.mean, call.invstd, call.count,
+                total.sum_grad, total.sum_grad_xhat, call.mean_t.dtype,
+            )
             staged.run_stage(stage, grad_input)
         call.input = None  # type: ignore[assignment]
 

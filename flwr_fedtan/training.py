@@ -16,21 +16,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from .seeds import derive_seed
 from .step import Aggregate, SyncRequest, SyncStep
 
 __all__ = ["ClientRound", "derive_seed"]
 
 BatchSampler = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-
-
-def derive_seed(*parts: int) -> int:
-    """A 31-bit seed mixed from integers (e.g. round seed, node id, step index)."""
-    words = []
-    for part in parts:
-        part = int(part)
-        words.extend([part & 0xFFFFFFFF, (part >> 32) & 0xFFFFFFFF])
-    return int(np.random.SeedSequence(words).generate_state(1)[0] & 0x7FFFFFFF)
 
 
 class ClientRound:

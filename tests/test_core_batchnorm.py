@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from flwr_fedtan import FedTANBatchNorm, SyncStep, UnsupportedModelError, convert_batchnorm
-from flwr_fedtan.batchnorm import check_model
+from flwr_fedtan.batchnorm import check_model, validate
 
 from tests._models import MODELS, bn_modules, build, single_thread  # noqa: F401 (autouse fixture)
 
@@ -177,6 +177,23 @@ def test_check_model_rejects_unconverted_bn():
     with pytest.raises(UnsupportedModelError, match="1"):
         SyncStep(model, lambda: model(torch.randn(4, 3)).sum(), num_examples=4)
     check_model(nn.Linear(2, 2))  # no BN is fine
+
+
+def test_validate_lists_every_issue_with_module_names_and_fixes():
+    class OddNorm(nn.BatchNorm2d):
+        pass
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.LazyBatchNorm1d())
+    model.add_module("odd", OddNorm(4))
+    issues = validate(model)
+    assert [i.module for i in issues] == ["1", "2", "odd"]
+    assert all(i.fix for i in issues)
+    with pytest.raises(UnsupportedModelError) as raised:
+        validate(model, strict=True)
+    message = str(raised.value)
+    assert "3 issues" in message and "- 1:" in message and "- odd:" in message
+    assert raised.value.issues == issues
+    assert validate(nn.Linear(2, 2), strict=True) == []
 
 
 def test_lazy_batchnorm():
