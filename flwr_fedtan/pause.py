@@ -23,37 +23,121 @@ import torch
 
 __all__ = ["PausableCall", "PrivateRNG", "TorchThreadState"]
 
-_AUTOCAST_DEVICES = ("cpu", "cuda")
+_AUTOCAST_DEVICES = tuple(torch._C._autocast_supported_devices())
+_INFRA_DISPATCH_KEYS = tuple(torch._C._TorchDispatchModeKey.__members__.values())
+_eval_frame = torch._C._dynamo.eval_frame
+
+
+def _function_modes() -> tuple:
+    return tuple(torch._C._get_function_stack_at(i) for i in range(torch._C._len_torch_function_stack()))
+
+
+def _dispatch_modes() -> tuple:
+    return tuple(torch._C._get_dispatch_stack_at(i) for i in range(torch._C._len_torch_dispatch_stack()))
+
+
+def _infra_dispatch_modes() -> tuple:
+    return tuple(torch._C._get_dispatch_mode(key) for key in _INFRA_DISPATCH_KEYS)
+
+
+def _saved_tensors_hooks() -> tuple:
+    """The stack of default saved-tensor hooks, bottom first (popped and pushed back: torch
+    exposes only its top)."""
+    stack = []
+    while (top := torch._C._autograd._top_saved_tensors_default_hooks(True)) is not None:
+        stack.append(top)
+        torch._C._autograd._pop_saved_tensors_default_hooks()
+    stack.reverse()
+    for pack, unpack in stack:
+        torch._C._autograd._push_saved_tensors_default_hooks(pack, unpack)
+    return tuple(stack)
 
 
 @dataclass
 class TorchThreadState:
-    """Torch's thread-local settings that code may change around a pause."""
+    """Torch's thread-local state that code may change around a pause.
+
+    Grad mode, autocast (every device type, its dtype and cache), the default saved-tensor
+    hooks (and whether they are disabled), torch function modes and their enabled state,
+    torch dispatch modes (user and infrastructure ones), the compiler's eval-frame callback
+    (``torch.compile``), and the current CUDA device. Inference mode cannot be switched
+    back and forth; a pause refuses to happen under it.
+    """
 
     grad_enabled: bool
     autocast: tuple[tuple[bool, torch.dtype], ...]
     autocast_cache: bool
+    saved_tensors_hooks: tuple
+    saved_tensors_hooks_disabled: Optional[str]
+    function_modes: tuple
+    function_state: Any
+    dispatch_modes: tuple
+    infra_dispatch_modes: tuple
+    eval_frame_callback: Any
     cuda_device: Optional[int]
 
     @classmethod
     def capture(cls) -> "TorchThreadState":
+        hooks_enabled = torch._C._autograd._saved_tensors_hooks_is_enabled()
         return cls(
             grad_enabled=torch.is_grad_enabled(),
             autocast=tuple(
-                (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d))
-                for d in _AUTOCAST_DEVICES
+                (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES
             ),
             autocast_cache=torch.is_autocast_cache_enabled(),
+            saved_tensors_hooks=_saved_tensors_hooks(),
+            saved_tensors_hooks_disabled=(
+                None if hooks_enabled else torch._C._autograd._saved_tensors_hooks_get_disabled_error_message()
+            ),
+            function_modes=_function_modes(),
+            function_state=torch._C._get_torch_function_state(),
+            dispatch_modes=_dispatch_modes(),
+            infra_dispatch_modes=_infra_dispatch_modes(),
+            eval_frame_callback=_eval_frame.get_eval_frame_callback(),
             cuda_device=torch.cuda.current_device() if torch.cuda.is_initialized() else None,
         )
 
     def restore(self) -> None:
-        torch.set_grad_enabled(self.grad_enabled)
-        for device, (enabled, dtype) in zip(_AUTOCAST_DEVICES, self.autocast):
-            torch.set_autocast_enabled(device, enabled)
-            torch.set_autocast_dtype(device, dtype)
-        torch.set_autocast_cache_enabled(self.autocast_cache)
-        if self.cuda_device is not None:
+        """Make this the thread's state (touching only what differs)."""
+        now = TorchThreadState.capture()
+        if now.grad_enabled != self.grad_enabled:
+            torch.set_grad_enabled(self.grad_enabled)
+        if now.autocast != self.autocast:
+            for device, (enabled, dtype) in zip(_AUTOCAST_DEVICES, self.autocast):
+                torch.set_autocast_enabled(device, enabled)
+                torch.set_autocast_dtype(device, dtype)
+        if now.autocast_cache != self.autocast_cache:
+            torch.set_autocast_cache_enabled(self.autocast_cache)
+        if now.saved_tensors_hooks != self.saved_tensors_hooks:
+            for _ in now.saved_tensors_hooks:
+                torch._C._autograd._pop_saved_tensors_default_hooks()
+            for pack, unpack in self.saved_tensors_hooks:
+                torch._C._autograd._push_saved_tensors_default_hooks(pack, unpack)
+        if now.saved_tensors_hooks_disabled != self.saved_tensors_hooks_disabled:
+            if self.saved_tensors_hooks_disabled is None:
+                torch._C._autograd._saved_tensors_hooks_enable()
+            else:
+                torch._C._autograd._saved_tensors_hooks_disable(self.saved_tensors_hooks_disabled)
+        if now.function_modes != self.function_modes:
+            for _ in now.function_modes:
+                torch._C._pop_torch_function_stack()
+            for mode in self.function_modes:
+                torch._C._push_on_torch_function_stack(mode)
+        if now.function_state != self.function_state:
+            torch._C._set_torch_function_state(self.function_state)
+        if now.dispatch_modes != self.dispatch_modes:
+            for _ in now.dispatch_modes:
+                torch._C._pop_torch_dispatch_stack(None)
+            for mode in self.dispatch_modes:
+                torch._C._push_on_torch_dispatch_stack(mode)
+        if now.infra_dispatch_modes != self.infra_dispatch_modes:
+            for key, mode in zip(_INFRA_DISPATCH_KEYS, self.infra_dispatch_modes):
+                torch._C._unset_dispatch_mode(key)
+                if mode is not None:
+                    torch._C._set_dispatch_mode(mode)
+        if now.eval_frame_callback is not self.eval_frame_callback:
+            _eval_frame.set_eval_frame(self.eval_frame_callback)
+        if self.cuda_device is not None and now.cuda_device != self.cuda_device:
             torch.cuda.set_device(self.cuda_device)
 
 

@@ -40,6 +40,8 @@ received and returns it paused at the first sync point whose aggregate is not kn
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence, Union
@@ -49,9 +51,13 @@ import torch
 from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
+
 from . import bn_ops
 from .aggregation import BackwardSums, ForwardStats, SyncPoint
-from .batchnorm import FedTANBatchNorm, _set_active_step, check_model
+from .batchnorm import UnsupportedModelError, check_model
+from .losses import reduce_loss
 from .pause import PausableCall, PrivateRNG
 from .staged_backward import StagedBackward
 
@@ -65,18 +71,81 @@ class StepProtocolError(RuntimeError):
     """The step was driven out of order, or an aggregate does not fit the sync point."""
 
 
+def _functional_args(input, running_mean, running_var, weight=None, bias=None, training=False,
+                     momentum=0.1, eps=1e-5):  # noqa: ANN001 -- F.batch_norm's signature
+    return input, running_mean, running_var, weight, bias, training, momentum, eps
+
+
+def _aten_args(input, weight, bias, running_mean, running_var, training, momentum, eps,
+               cudnn_enabled=True):  # noqa: ANN001 -- torch.batch_norm's signature
+    return input, running_mean, running_var, weight, bias, training, momentum, eps
+
+
+_BATCH_NORM_FUNCTIONS = {F.batch_norm: _functional_args, torch.batch_norm: _aten_args}
+
+
+class _BatchNormInterceptor(TorchFunctionMode):
+    """Routes every batch-statistics ``F.batch_norm`` / ``torch.batch_norm`` call of a step's
+    forward to the step; everything else (and BatchNorm in eval mode) runs as usual.
+
+    Active only while the step's forward runs (the pause takes it off the thread's mode
+    stack whenever the forward is paused), so BatchNorm subclasses with behaviour of their
+    own (timm's ``BatchNormAct2d``), ``SyncBatchNorm`` outside a process group and
+    hand-written layers calling ``F.batch_norm`` are all synchronised, unconverted.
+    """
+
+    def __init__(self, step: "SyncStep") -> None:
+        super().__init__()
+        self.step = step
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        parse = _BATCH_NORM_FUNCTIONS.get(func)
+        if parse is None:
+            return func(*args, **(kwargs or {}))
+        x, running_mean, running_var, weight, bias, training, momentum, eps = parse(*args, **(kwargs or {}))
+        if not training:
+            return func(*args, **(kwargs or {}))
+        callback = _eval_frame.set_eval_frame(None)  # never let torch.compile trace the exchange
+        try:
+            return self.step.sync_batch_norm(x, running_mean, running_var, weight, bias, momentum, eps)
+        finally:
+            _eval_frame.set_eval_frame(callback)
+
+
+_eval_frame = torch._C._dynamo.eval_frame
+_CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")
+
+
+def _refuse_checkpointing(index: int) -> None:
+    """Refuse a BatchNorm call under activation checkpointing: its recomputation in the
+    backward pass would normalise with local statistics."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_filename.endswith(_CHECKPOINT_FILE):
+            raise UnsupportedModelError(
+                f"BatchNorm call {index} runs under activation checkpointing "
+                "(torch.utils.checkpoint), whose recomputation in the backward pass would "
+                "normalise with local statistics. Fix: turn checkpointing off for the "
+                "synchronised steps (timm: model.set_grad_checkpointing(False); or keep "
+                "BatchNorm layers out of checkpointed segments)"
+            )
+        frame = frame.f_back
+
+
 @dataclass
 class _BatchNormCall:
     """What one synchronised BatchNorm call keeps for its backward stage."""
 
-    layer: FedTANBatchNorm
     point: SyncPoint
     input: torch.Tensor  # the graph node feeding the layer; backward starts from it
     input_version: int
     mean: np.ndarray  # pooled statistics, float64
     invstd: np.ndarray
     count: float
-    gamma: Union[np.ndarray, float]  # the layer's weight as the forward used it (1 if none)
+    gamma: Union[np.ndarray, float]  # the weight as the forward used it (1 if none)
+    weight: Optional[torch.Tensor]  # leaves that take (sum g * x_hat, sum g)
+    bias: Optional[torch.Tensor]
+    eps: float
     mean_t: torch.Tensor  # ``mean`` and ``invstd`` as the forward's device tensors
     invstd_t: torch.Tensor
     cut: Optional[GradientEdge] = None  # where the output's gradient is captured
@@ -88,9 +157,18 @@ class SyncStep:
     ----------
     model : nn.Module
         The client's model, converted with :func:`~flwr_fedtan.convert_batchnorm`.
+    model : nn.Module
+        The client's model. Every batch-statistics BatchNorm computation in its forward
+        (``nn.BatchNorm*``, ``SyncBatchNorm`` outside a process group, subclasses such as
+        timm's ``BatchNormAct2d``, hand-written layers calling ``F.batch_norm`` or
+        ``torch.batch_norm``) is synchronised; converting it with
+        :func:`~flwr_fedtan.convert_batchnorm` is optional. :func:`~flwr_fedtan.validate`
+        lists what is refused.
     forward_fn : Callable[[], torch.Tensor]
-        The client's ordinary forward code, returning the *mean* loss over its batch,
-        e.g. ``lambda: loss_fn(model(x), y)``. Do not call ``backward()`` in it.
+        The client's ordinary forward code, e.g. ``lambda: loss_fn(model(x), y)``,
+        returning the *mean* loss over its batch (its *sum* with ``reduction="sum"``), or
+        per-sample losses of shape ``(n_k, ...)`` that the step reduces itself. Do not
+        call ``backward()`` in it.
     num_examples : int
         ``n_k``, the number of samples in this client's batch.
     total_examples : Optional[int]
@@ -100,13 +178,18 @@ class SyncStep:
     seed : Optional[int]
         Seeds a private RNG stream for ``forward_fn`` (dropout, ...), so that a replay
         in another process draws the same numbers. ``None`` uses the global RNG as is.
+    reduction : str
+        The objective ``F`` over the pooled batch: ``"mean"`` (default) of the per-sample
+        losses, or their ``"sum"`` (for a loss with ``reduction="sum"``; see
+        :func:`~flwr_fedtan.losses.loss_reduction`).
 
     Notes
     -----
     Gradients accumulate into ``.grad`` like ``loss.backward()`` does; what they
-    accumulate is this client's share of ``dF/dtheta``, ``F`` being the mean loss over the
-    pooled batch, i.e. ``n_k / N`` times the gradient of the client's own mean loss
-    (:attr:`local_gradient_scale` converts back).
+    accumulate is this client's share of ``dF/dtheta``: with ``reduction="mean"``,
+    ``n_k / N`` times the gradient of the client's own mean loss
+    (:attr:`local_gradient_scale` converts back); with ``"sum"``, the gradient of the
+    client's own sum.
     """
 
     def __init__(
@@ -116,8 +199,12 @@ class SyncStep:
         num_examples: int,
         total_examples: Optional[int] = None,
         seed: Optional[int] = None,
+        reduction: str = "mean",
     ) -> None:
         check_model(model)
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        self.reduction = reduction
         if int(num_examples) <= 0:
             raise ValueError(f"num_examples must be positive, got {num_examples}")
         self.model = model
@@ -155,9 +242,9 @@ class SyncStep:
 
     @property
     def local_gradient_scale(self) -> float:
-        """``N / n_k``: turns this client's share of ``dF/dtheta`` into the gradient of its
-        own mean loss."""
-        if self.total_examples is None:
+        """Turns this client's share of ``dF/dtheta`` into the gradient of its own loss:
+        ``N / n_k`` for a mean objective, 1 for a sum."""
+        if self.total_examples is None or self.reduction == "sum":
             return 1.0
         return self.total_examples / self.num_examples
 
@@ -293,12 +380,9 @@ class SyncStep:
 
     def _forward_body(self) -> torch.Tensor:
         """The forward code, run as the step's :class:`~.pause.PausableCall`."""
-        _set_active_step(self)  # a context variable: this greenlet's own context
-        try:
-            with torch.enable_grad():
-                return self._forward_fn()
-        finally:
-            _set_active_step(None)
+        with _BatchNormInterceptor(self), torch.enable_grad():
+            loss = self._forward_fn()
+            return reduce_loss(loss, self.num_examples, self.reduction)
 
     def _pause_forward(self, point: SyncPoint, payload: Aggregate) -> Aggregate:
         """Called in the forward: hand ``payload`` out, wait for the aggregate."""
@@ -313,11 +397,32 @@ class SyncStep:
     def _cuda_devices(self) -> list[torch.device]:
         return sorted({p.device for p in self.model.parameters() if p.device.type == "cuda"}, key=str)
 
-    def sync_forward(self, layer: FedTANBatchNorm, x: torch.Tensor) -> torch.Tensor:
-        """Forward of one synchronised BatchNorm call (runs in the step's greenlet)."""
+    def sync_batch_norm(
+        self,
+        x: torch.Tensor,
+        running_mean: Optional[torch.Tensor],
+        running_var: Optional[torch.Tensor],
+        weight: Optional[torch.Tensor],
+        bias: Optional[torch.Tensor],
+        momentum: float,
+        eps: float,
+    ) -> torch.Tensor:
+        """One batch-statistics BatchNorm call (``F.batch_norm(..., training=True)``), with
+        the statistics of the pooled batch (runs in the step's forward)."""
+        index = len(self._calls)
+        if x.dim() < 2:
+            raise ValueError(f"BatchNorm call {index}: expected at least 2D input (got {x.dim()}D input)")
+        for name, tensor in (("weight", weight), ("bias", bias)):
+            if tensor is not None and tensor.requires_grad and tensor.grad_fn is not None:
+                raise UnsupportedModelError(
+                    f"BatchNorm call {index}: its {name} is computed in the forward (not a leaf "
+                    "tensor such as a Parameter); FedTAN adds that call's gradient to the leaf "
+                    f"directly. Fix: pass the {name} Parameter itself to F.batch_norm"
+                )
+        _refuse_checkpointing(index)
         local = bn_ops.to_numpy(torch.stack(bn_ops.channel_moments(x.detach())))
         count = x.numel() // x.shape[1]
-        point = self._new_point("forward", len(self._calls), x.shape[1])
+        point = self._new_point("forward", index, x.shape[1])
         payload = ForwardStats(
             count=float(count), num_examples=self.num_examples, mean=local[0], var=local[1]
         )
@@ -325,7 +430,7 @@ class SyncStep:
         if self.total_examples is None:
             self.total_examples = int(pooled.num_examples)
         total = float(pooled.count)
-        if layer.training and layer.track_running_stats and total <= 1:
+        if total <= 1:
             raise ValueError(
                 f"Expected more than 1 value per channel in the pooled batch when training, "
                 f"got input size {tuple(x.shape)} and pooled count {total:g}"
@@ -334,44 +439,33 @@ class SyncStep:
         # would cost more in dispatch than in arithmetic.
         mu = np.asarray(pooled.mean, dtype=np.float64)
         pooled_var = np.asarray(pooled.var, dtype=np.float64)
-        invstd = 1.0 / np.sqrt(pooled_var + layer.eps)
-        unbiased = pooled_var * (total / (total - 1)) if total > 1 else pooled_var
-        weight_arg = layer.weight if layer.affine else None
+        invstd = 1.0 / np.sqrt(pooled_var + eps)
+        unbiased = pooled_var * (total / (total - 1))
         mean_t, var_t, unbiased_t, invstd_t = bn_ops.to_vector(
-            np.array([mu, pooled_var, unbiased, invstd]), bn_ops.parameter_dtype(weight_arg, x), x.device
+            np.array([mu, pooled_var, unbiased, invstd]), bn_ops.parameter_dtype(weight, x), x.device
         ).unbind()
-        self._update_running_stats(layer, mean_t, unbiased_t)
-        if layer.affine:
-            gamma: Union[np.ndarray, float] = bn_ops.to_numpy(layer.weight)
-            weight, bias = layer.weight.detach(), layer.bias.detach()
-        else:
-            gamma, weight, bias = 1.0, None, None
-        call = _BatchNormCall(layer, point, x, x._version, mu, invstd, total, gamma, mean_t, invstd_t)
+        # What F.batch_norm does to the running statistics, with the pooled batch's.
+        with torch.no_grad():
+            for running, value in ((running_mean, mean_t), (running_var, unbiased_t)):
+                if running is not None:
+                    running.lerp_(value.to(running.dtype), momentum)
+        gamma: Union[np.ndarray, float] = 1.0 if weight is None else bn_ops.to_numpy(weight)
+        weight_d = None if weight is None else weight.detach()
+        bias_d = None if bias is None else bias.detach()
+        call = _BatchNormCall(
+            point, x, x._version, mu, invstd, total, gamma, weight, bias, eps, mean_t, invstd_t
+        )
         self._calls.append(call)
         if not torch.is_grad_enabled():
-            return bn_ops.normalize(x.detach(), weight, bias, mean_t, var_t, layer.eps)
+            return bn_ops.normalize(x.detach(), weight_d, bias_d, mean_t, var_t, eps)
         # The output must be an autograd node whose incoming gradient the backward can
         # capture (see StagedBackward), without a path back to x or the parameters: it
         # hangs from a private leaf, the bias (or a zero bias) detached from the layer.
         # Nothing else reaches that leaf, so the node itself never runs.
-        anchor = bias if bias is not None else torch.zeros_like(mean_t)
-        output = bn_ops.normalize(x.detach(), weight, anchor.requires_grad_(), mean_t, var_t, layer.eps)
+        anchor = bias_d if bias_d is not None else torch.zeros_like(mean_t)
+        output = bn_ops.normalize(x.detach(), weight_d, anchor.requires_grad_(), mean_t, var_t, eps)
         call.cut = get_gradient_edge(output)
         return output
-
-    @staticmethod
-    def _update_running_stats(
-        layer: FedTANBatchNorm, mean: torch.Tensor, unbiased_var: torch.Tensor
-    ) -> None:
-        if not (layer.training and layer.track_running_stats):
-            return
-        layer.num_batches_tracked.add_(1)
-        if layer.momentum is None:
-            factor = 1.0 / float(layer.num_batches_tracked)
-        else:
-            factor = layer.momentum
-        for running, value in ((layer.running_mean, mean), (layer.running_var, unbiased_var)):
-            running.lerp_(value.to(running.dtype), factor)
 
     def _run(self) -> Iterator[SyncRequest]:
         """The step as a generator: yields requests, receives aggregates."""
@@ -391,8 +485,6 @@ class SyncStep:
         yield from self._backward(loss)
 
     def _backward(self, loss: torch.Tensor) -> Iterator[SyncRequest]:
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise TypeError("forward_fn must return the mean loss as a scalar tensor")
         if self.total_examples is None:
             self.total_examples = self.num_examples
         self.loss = float(loss.detach())
@@ -401,7 +493,7 @@ class SyncStep:
                 "the loss of a synchronised step does not require grad: do not run the "
                 "step under torch.no_grad(), and make sure the model has trainable parameters"
             )
-        share = self.num_examples / self.total_examples
+        share = self.num_examples / self.total_examples if self.reduction == "mean" else 1.0
         calls = list(reversed(self._calls))
         staged = StagedBackward(
             loss,
@@ -424,22 +516,23 @@ class SyncStep:
                 f"the input of BatchNorm call {call.point.call} was modified in place after "
                 "the layer used it; FedTAN needs it unchanged for the backward pass"
             )
-        layer = call.layer
         g = staged.cut_gradient(stage - 1)
         # An output no loss reached (used under no_grad, or unused) leaves gradients
         # untouched, as in centralised training, unless other clients' sums say otherwise.
         reached = g is not None
         if g is None:
             g = torch.zeros_like(x)
-        sum_g, sum_gxhat = bn_ops.local_backward_sums(g, x, call.mean_t, call.invstd_t, layer.eps)
+        sum_g, sum_gxhat = bn_ops.local_backward_sums(g, x, call.mean_t, call.invstd_t, call.eps)
         sums = bn_ops.to_numpy(torch.stack([sum_g, sum_gxhat]))
         local = BackwardSums(sum_grad=sums[0], sum_grad_xhat=sums[1])
         point = self._new_point("backward", call.point.call, x.shape[1])
         total: BackwardSums = yield point, local  # type: ignore[misc]
 
-        if layer.affine and reached:
-            self._accumulate(layer.weight, sum_gxhat)
-            self._accumulate(layer.bias, sum_g)
+        if reached:
+            if call.weight is not None:
+                self._accumulate(call.weight, sum_gxhat)
+            if call.bias is not None:
+                self._accumulate(call.bias, sum_g)
         if x.requires_grad and not (reached or total.sum_grad.any() or total.sum_grad_xhat.any()):
             staged.run_stage(stage, None)  # still passes on what earlier stages left below
         elif x.requires_grad:
@@ -451,7 +544,7 @@ class SyncStep:
         call.input = None  # type: ignore[assignment]
 
     @staticmethod
-    def _accumulate(param: nn.Parameter, value: torch.Tensor) -> None:
+    def _accumulate(param: torch.Tensor, value: torch.Tensor) -> None:
         """Add ``value`` (a fresh tensor) to ``param.grad`` as autograd would."""
         if not param.requires_grad:
             return
