@@ -105,11 +105,18 @@ class _BatchNormInterceptor(TorchFunctionMode):
         x, running_mean, running_var, weight, bias, training, momentum, eps = parse(*args, **(kwargs or {}))
         if not training:
             return func(*args, **(kwargs or {}))
-        callback = _eval_frame.set_eval_frame(None)  # never let torch.compile trace the exchange
-        try:
-            return self.step.sync_batch_norm(x, running_mean, running_var, weight, bias, momentum, eps)
-        finally:
-            _eval_frame.set_eval_frame(callback)
+        sync = self.step.sync_batch_norm
+        if "torch._dynamo" in sys.modules:  # torch.compile may be tracing: keep the exchange out
+            sync = _compiler_disabled(sync)
+        return sync(x, running_mean, running_var, weight, bias, momentum, eps)
+
+
+def _compiler_disabled(fn: Callable) -> Callable:
+    """``fn`` hidden from torch.compile (imported only when torch.compile is in use: it costs
+    seconds)."""
+    import torch._dynamo
+
+    return torch._dynamo.disable(fn, recursive=True)
 
 
 _eval_frame = torch._C._dynamo.eval_frame
