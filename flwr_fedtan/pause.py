@@ -97,9 +97,11 @@ class TorchThreadState:
             cuda_device=torch.cuda.current_device() if torch.cuda.is_initialized() else None,
         )
 
-    def restore(self) -> None:
-        """Make this the thread's state (touching only what differs)."""
-        now = TorchThreadState.capture()
+    def restore(self, now: Optional["TorchThreadState"] = None) -> None:
+        """Make this the thread's state, touching only what differs from ``now`` (the
+        thread's current state, captured here if not given)."""
+        if now is None:
+            now = TorchThreadState.capture()
         if now.grad_enabled != self.grad_enabled:
             torch.set_grad_enabled(self.grad_enabled)
         if now.autocast != self.autocast:
@@ -227,13 +229,14 @@ class PausableCall:
         caller_state = TorchThreadState.capture()
         g.parent = greenlet.getcurrent()
         if self._state is not None and self._state != caller_state:
-            self._state.restore()
+            self._state.restore(now=caller_state)
         try:
             message = g.switch(value)
         finally:
-            self._state = TorchThreadState.capture() if not g.dead else None
-            if self._state != caller_state:
-                caller_state.restore()
+            left = TorchThreadState.capture()
+            self._state = None if g.dead else left
+            if left != caller_state:
+                caller_state.restore(now=left)
             if g.dead:
                 self._greenlet = None
         return message

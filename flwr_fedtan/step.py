@@ -50,7 +50,6 @@ import numpy as np
 import torch
 from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
-
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
@@ -119,7 +118,6 @@ def _compiler_disabled(fn: Callable) -> Callable:
     return torch._dynamo.disable(fn, recursive=True)
 
 
-_eval_frame = torch._C._dynamo.eval_frame
 _CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")
 
 

@@ -3,7 +3,8 @@ exact against centralised PyTorch on the pooled batch, and through Flower rounds
 
 timm's EfficientNets, MobileNetV3 and RegNets normalise with ``BatchNormAct2d`` (a
 ``BatchNorm2d`` subclass applying its activation after normalising); ResNet-D variants use
-plain ``BatchNorm2d`` (resnet10t serves for the checkpointing switch). Small inputs (3x32x32) and float64 keep this quick.
+plain ``BatchNorm2d`` (resnet10t serves for the checkpointing switch). Small inputs
+(3x32x32) and float64 keep this quick.
 """
 
 from __future__ import annotations
