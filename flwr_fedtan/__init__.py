@@ -1,42 +1,63 @@
 """FedTAN for Flower: federated training whose BatchNorm uses the pooled batch of all clients.
 
-Core (no Flower): :func:`convert_batchnorm`, :class:`SyncStep`, :func:`pooled_backward`
-and the aggregation functions. Flower integration: :class:`FedTAN` (strategy) and
-:class:`FedTANClient` (client).
+Core (no Flower): :func:`convert_batchnorm`, :func:`validate`, :class:`SyncStep`,
+:func:`pooled_backward` and the aggregation functions. Flower integration: :class:`FedTAN`
+(strategy) and :class:`FedTANClient` (client), added to an existing ``ClientApp`` with
+:func:`add_fedtan` or served by :func:`fedtan_client_app`.
+
+Names are imported on first use, so that the server side (``flwr_fedtan.strategy``,
+``flwr_fedtan.aggregation``, ``flwr_fedtan.seeds``) runs without importing torch.
 """
 
-from .aggregation import (
-    BackwardSums,
-    ForwardStats,
-    PayloadError,
-    SyncPoint,
-    aggregate_arrays,
-    pool_forward_stats,
-    sum_backward_sums,
-)
-from .batchnorm import FedTANBatchNorm, UnsupportedModelError, convert_batchnorm
-from .client import FedTANClient, fedtan_client_app
-from .reference import pooled_backward
-from .step import StepProtocolError, SyncStep
-from .strategy import FedTAN
-from .training import ClientRound
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "BackwardSums",
-    "ClientRound",
-    "FedTAN",
-    "FedTANClient",
-    "fedtan_client_app",
-    "FedTANBatchNorm",
-    "ForwardStats",
-    "PayloadError",
-    "StepProtocolError",
-    "SyncPoint",
-    "SyncStep",
-    "UnsupportedModelError",
-    "aggregate_arrays",
-    "convert_batchnorm",
-    "pool_forward_stats",
-    "pooled_backward",
-    "sum_backward_sums",
-]
+_HOMES = {
+    "BackwardSums": "aggregation",
+    "ForwardStats": "aggregation",
+    "PayloadError": "aggregation",
+    "SyncPoint": "aggregation",
+    "aggregate_arrays": "aggregation",
+    "pool_forward_stats": "aggregation",
+    "sum_backward_sums": "aggregation",
+    "FedTANBatchNorm": "batchnorm",
+    "ModelIssue": "batchnorm",
+    "UnsupportedModelError": "batchnorm",
+    "convert_batchnorm": "batchnorm",
+    "validate": "batchnorm",
+    "FedTANClient": "client",
+    "fedtan_client_app": "client",
+    "add_fedtan": "client",
+    "pooled_backward": "reference",
+    "StepProtocolError": "step",
+    "SyncStep": "step",
+    "FedTAN": "strategy",
+    "ClientRound": "training",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'flwr_fedtan' has no attribute {name!r}")
+    value = getattr(import_module(f".{home}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOMES))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs
+    from .aggregation import (  # noqa: F401
+        BackwardSums, ForwardStats, PayloadError, SyncPoint, aggregate_arrays, pool_forward_stats, sum_backward_sums,
+    )
+    from .batchnorm import FedTANBatchNorm, ModelIssue, UnsupportedModelError, convert_batchnorm, validate  # noqa: F401
+    from .client import FedTANClient, add_fedtan, fedtan_client_app  # noqa: F401
+    from .reference import pooled_backward  # noqa: F401
+    from .step import StepProtocolError, SyncStep  # noqa: F401
+    from .strategy import FedTAN  # noqa: F401
+    from .training import ClientRound  # noqa: F401

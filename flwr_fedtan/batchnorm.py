@@ -1,42 +1,47 @@
-"""FedTAN's BatchNorm layer and the model conversion.
+"""FedTAN's BatchNorm layer, the optional model conversion, and model validation.
 
-:class:`FedTANBatchNorm` is a drop-in replacement for ``nn.BatchNorm1d/2d/3d`` and
-``nn.SyncBatchNorm``: same ``state_dict`` keys, shapes and dtypes, and the very same
-computation outside a synchronised step. Inside a synchronised step (see
-:mod:`flwr_fedtan.step`) it hands its per-channel statistics to the step, which pauses
-until the statistics of the pooled batch of all clients come back.
+Inside a synchronised step (see :mod:`flwr_fedtan.step`) every batch-statistics call of
+``F.batch_norm`` / ``torch.batch_norm`` is intercepted and normalises with the statistics
+of the pooled batch of all clients, whichever module (or hand-written code) makes it. So a
+model needs no conversion. :class:`FedTANBatchNorm` and :func:`convert_batchnorm` remain for
+models that must not depend on ``torch.distributed`` (a ``SyncBatchNorm`` inside an
+initialised process group would synchronise over the process group instead) and for code
+written against earlier versions; :func:`validate` lists what FedTAN refuses, with fixes.
 """
 
 from __future__ import annotations
 
-import contextvars
-from typing import Any, Optional
+from dataclasses import dataclass
+import functools
+import inspect
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase
 
-__all__ = ["FedTANBatchNorm", "convert_batchnorm", "UnsupportedModelError"]
+__all__ = [
+    "FedTANBatchNorm", "ModelIssue", "UnsupportedModelError", "check_model", "convert_batchnorm", "validate",
+]
 
 
 class UnsupportedModelError(ValueError):
-    """A model or layer configuration FedTAN cannot synchronise."""
+    """A model or layer configuration FedTAN cannot synchronise.
 
+    ``issues`` lists every :class:`ModelIssue` found (empty when raised for one layer).
+    """
 
-# A context variable, not a thread-local: a step's forward runs in its own greenlet, which
-# has its own context, on the thread of the code driving the step.
-_active_step: contextvars.ContextVar[Optional[Any]] = contextvars.ContextVar(
-    "fedtan_active_step", default=None
-)
-
-
-def active_step() -> Optional[Any]:
-    """Return the synchronised step whose forward code is running here, or ``None``."""
-    return _active_step.get()
-
-
-def _set_active_step(step: Optional[Any]) -> None:
-    _active_step.set(step)
+    def __init__(self, issues: "str | list[ModelIssue]") -> None:
+        if isinstance(issues, str):
+            self.issues: list[ModelIssue] = []
+            super().__init__(issues)
+        else:
+            self.issues = list(issues)
+            super().__init__(
+                f"FedTAN cannot synchronise this model ({len(self.issues)} issue"
+                + ("s" if len(self.issues) != 1 else "") + "):\n"
+                + "\n".join(f"- {issue}" for issue in self.issues)
+            )
 
 
 # Input ranks the original layer types accept; ``None`` means "any rank >= 2".
@@ -51,11 +56,13 @@ _INPUT_DIMS = {
 class FedTANBatchNorm(_BatchNorm):
     r"""BatchNorm whose batch statistics can be those of the pooled batch of all clients.
 
-    Outside a synchronised step the layer computes exactly what the layer it replaced
-    computes, in training and in evaluation. Inside a synchronised step (a
-    :class:`~flwr_fedtan.step.SyncStep` running its forward code) a call that
-    normalises with batch statistics (training mode, or ``track_running_stats=False``)
-    becomes one forward sync point and, later, one backward sync point of that step.
+    A plain ``_BatchNorm`` that accepts the input ranks of the layer it replaced and never
+    synchronises over ``torch.distributed``. Outside a synchronised step it computes
+    exactly what the replaced layer computes, in training and in evaluation. Inside a
+    synchronised step (a :class:`~flwr_fedtan.step.SyncStep` running its forward code) a
+    call that normalises with batch statistics (training mode, or
+    ``track_running_stats=False``) becomes one forward sync point and, later, one backward
+    sync point of that step, like any other BatchNorm.
 
     Parameters
     ----------
@@ -105,18 +112,6 @@ class FedTANBatchNorm(_BatchNorm):
         """Whether a call normalises with batch statistics (and so must be synchronised)."""
         return self.training or not self.track_running_stats
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        step = active_step()
-        if step is None or not self.uses_batch_statistics():
-            return super().forward(input)
-        self._check_input_dim(input)
-        if input.shape[1] != self.num_features:
-            raise ValueError(
-                f"{type(self).__name__} expects {self.num_features} channels, "
-                f"got input of shape {tuple(input.shape)}"
-            )
-        return step.sync_forward(self, input)
-
 
 def _replacement_for(module: _BatchNorm) -> FedTANBatchNorm:
     if isinstance(module, _LazyNormBase) and module.has_uninitialized_params():
@@ -124,17 +119,7 @@ def _replacement_for(module: _BatchNorm) -> FedTANBatchNorm:
             f"{type(module).__name__} is still uninitialised: run one forward pass "
             "(or replace it by a BatchNorm with a fixed num_features) before convert_batchnorm"
         )
-    input_dims = None
-    for cls, dims in _INPUT_DIMS.items():
-        if isinstance(module, cls):
-            input_dims = dims
-            break
-    else:
-        if not isinstance(module, FedTANBatchNorm):
-            raise UnsupportedModelError(
-                f"unknown BatchNorm subclass {type(module).__name__}: FedTAN knows "
-                "BatchNorm1d/2d/3d and SyncBatchNorm; convert a subclass by hand"
-            )
+    input_dims = _INPUT_DIMS[type(module)]
     ref = module.weight if module.affine else module.running_mean
     new = FedTANBatchNorm(
         module.num_features,
@@ -161,30 +146,39 @@ def _replacement_for(module: _BatchNorm) -> FedTANBatchNorm:
 
 
 def convert_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace every BatchNorm layer of ``module`` by a :class:`FedTANBatchNorm`.
+    """Replace every ``BatchNorm1d/2d/3d`` and ``SyncBatchNorm`` of ``module`` by a
+    :class:`FedTANBatchNorm` (optional: a synchronised step intercepts BatchNorm wherever
+    it is computed).
 
     Works like :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`: the replacement
     shares the original parameters and buffers, so ``state_dict`` keys, shapes and dtypes
-    (and any optimiser built on the parameters) are unchanged.
+    (and any optimiser built on the parameters) are unchanged. Only layers of exactly those
+    four classes are replaced: a subclass (timm's ``BatchNormAct2d``, which applies an
+    activation after normalising) keeps its own behaviour and is synchronised as it is.
 
     Parameters
     ----------
     module : nn.Module
-        A model, or a single BatchNorm1d/2d/3d or SyncBatchNorm layer.
+        A model, or a single BatchNorm layer.
 
     Returns
     -------
     nn.Module
         ``module`` itself with its BatchNorm children replaced, or the replacement layer
-        when ``module`` is a BatchNorm layer.
+        when ``module`` is a BatchNorm layer of one of the four classes.
+
+    Raises
+    ------
+    UnsupportedModelError
+        For a lazy BatchNorm that has not been initialised yet.
 
     Examples
     --------
     >>> model = convert_batchnorm(torchvision.models.resnet18())
     """
-    if isinstance(module, FedTANBatchNorm):
-        return module
-    if isinstance(module, _BatchNorm):
+    if isinstance(module, _LazyNormBase) and module.has_uninitialized_params():
+        return _replacement_for(module)  # raises, naming the fix
+    if type(module) in _INPUT_DIMS:
         return _replacement_for(module)
     for name, child in module.named_children():
         converted = convert_batchnorm(child)
@@ -193,25 +187,112 @@ def convert_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
-def fedtan_batchnorm_layers(model: nn.Module) -> list[tuple[str, FedTANBatchNorm]]:
-    """The converted BatchNorm layers of ``model`` with their qualified names."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, FedTANBatchNorm)]
+@dataclass(frozen=True)
+class ModelIssue:
+    """One thing FedTAN cannot synchronise in a model, where it is, and how to fix it."""
+
+    module: str  # qualified module name ("<model>" for the model itself)
+    problem: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.module}: {self.problem}. Fix: {self.fix}"
 
 
-def check_model(model: nn.Module) -> None:
-    """Raise :class:`UnsupportedModelError` if ``model`` has BatchNorm layers FedTAN can't sync.
+def _defining_class(cls: type, name: str) -> type:
+    return next(klass for klass in cls.__mro__ if name in vars(klass))
 
-    Plain (unconverted) BatchNorm layers would silently normalise with local statistics
-    inside a synchronised step; that defeats FedTAN, so it is an error.
+
+@functools.lru_cache(maxsize=None)
+def _calls_batch_norm(cls: type) -> bool:
+    """Whether ``cls.forward`` (a BatchNorm subclass's own) visibly reaches F.batch_norm."""
+    try:
+        source = inspect.getsource(_defining_class(cls, "forward").forward)
+    except (OSError, TypeError):
+        return True  # no source to read (compiled, dynamic): trust it
+    return "batch_norm" in source or "super(" in source
+
+
+def validate(
+    model: nn.Module, loss_fn: Optional[Callable[..., Any]] = None, *, strict: bool = False
+) -> list[ModelIssue]:
+    """Every reason ``model`` (and ``loss_fn``) cannot run a synchronised step exactly,
+    each with its module name and its fix.
+
+    Opacus-style: the whole model is inspected before any round, so that a round never
+    fails mid-way for a reason known at the start. Found here:
+
+    - a lazy BatchNorm not initialised yet;
+    - a BatchNorm subclass whose own ``forward`` never calls ``F.batch_norm`` (nothing to
+      intercept: it would normalise with local statistics);
+    - a ``SyncBatchNorm`` while ``torch.distributed`` is initialised (it would synchronise
+      over the process group instead);
+    - activation checkpointing switched on in a module (``grad_checkpointing`` as in timm,
+      ``gradient_checkpointing`` as in Hugging Face);
+    - with ``loss_fn``: a reduction that has no exact pooled form (see
+      :func:`flwr_fedtan.losses.loss_issues`).
+
+    Caught when the step runs instead, before the call's statistics leave the client:
+    ``torch.utils.checkpoint`` around a BatchNorm call, a BatchNorm ``weight``/``bias``
+    computed in the forward rather than passed as a leaf tensor.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model a client will train.
+    loss_fn : Optional[Callable]
+        The loss function it will train with, if known.
+    strict : bool
+        Raise :class:`UnsupportedModelError` (listing every issue) instead of returning
+        the list when there is any.
+
+    Returns
+    -------
+    list[ModelIssue]
+        Empty when the model is supported.
     """
-    plain = [
-        n or "<model>"
-        for n, m in model.named_modules()
-        if isinstance(m, _BatchNorm) and not isinstance(m, FedTANBatchNorm)
-    ]
-    if plain:
-        raise UnsupportedModelError(
-            f"model has BatchNorm layers that are not converted: {', '.join(plain[:5])}"
-            + (" ..." if len(plain) > 5 else "")
-            + ". Call flwr_fedtan.convert_batchnorm(model) first."
-        )
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    issues = []
+    for name, module in model.named_modules():
+        name = name or "<model>"
+        kind = type(module).__name__
+        for flag in ("grad_checkpointing", "gradient_checkpointing"):
+            if getattr(module, flag, False) is True:
+                issues.append(ModelIssue(
+                    name, f"activation checkpointing is on ({kind}.{flag} = True): its recomputation in "
+                    "the backward pass would normalise with local statistics",
+                    "turn it off for FedTAN (timm: model.set_grad_checkpointing(False); Hugging Face: "
+                    "model.gradient_checkpointing_disable())",
+                ))
+        if not isinstance(module, _BatchNorm):
+            continue
+        if isinstance(module, _LazyNormBase) and module.has_uninitialized_params():
+            issues.append(ModelIssue(
+                name, f"{kind} is still uninitialised",
+                "run one forward pass (or use a BatchNorm with a fixed num_features) first",
+            ))
+        elif distributed and isinstance(module, nn.SyncBatchNorm) and not isinstance(module, FedTANBatchNorm):
+            issues.append(ModelIssue(
+                name, f"{kind} would synchronise over the initialised torch.distributed process group",
+                "call flwr_fedtan.convert_batchnorm(model) first",
+            ))
+        elif type(module) not in _INPUT_DIMS and not _calls_batch_norm(type(module)):
+            issues.append(ModelIssue(
+                name, f"BatchNorm subclass {kind} overrides forward without calling F.batch_norm, so "
+                "FedTAN cannot give it the pooled statistics",
+                "compute the normalisation with torch.nn.functional.batch_norm in its forward",
+            ))
+    if loss_fn is not None:
+        from .losses import loss_issues
+
+        issues.extend(loss_issues(loss_fn))
+    if strict and issues:
+        raise UnsupportedModelError(issues)
+    return issues
+
+
+def check_model(model: nn.Module, loss_fn: Optional[Callable[..., Any]] = None) -> None:
+    """Raise :class:`UnsupportedModelError` listing every issue :func:`validate` finds."""
+    validate(model, loss_fn, strict=True)

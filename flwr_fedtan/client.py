@@ -1,4 +1,10 @@
-"""Flower client side of FedTAN: :class:`FedTANClient` and :func:`fedtan_client_app`.
+"""Flower client side of FedTAN: :class:`FedTANClient`, :func:`add_fedtan` and
+:func:`fedtan_client_app`.
+
+:func:`add_fedtan` adds FedTAN's handler (message type ``train.fedtan``) to an existing
+message-API ``ClientApp`` and leaves the app's own handlers alone; :func:`fedtan_client_app`
+builds a whole ``ClientApp`` (FedTAN, plain ``train`` and ``evaluate``) for apps that start
+from scratch.
 
 Flower keeps no Python object alive between two messages of a node: in simulation a
 message may be handled by any Ray actor, in deployment every message starts a fresh
@@ -21,6 +27,8 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
@@ -29,20 +37,21 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.client import NumPyClient
 from flwr.clientapp import ClientApp
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
-from . import schema, secure
+from . import schema, secure, settings
 from .aggregation import BackwardSums, ForwardStats
 from .batchnorm import convert_batchnorm
-from .replay_store import discard_weights, load_weights, resolve_store, save_weights
+from .replay_store import discard_weights, load_weights, save_weights
 from .step import Aggregate
 from .training import ClientRound, derive_seed
 
-__all__ = ["FedTANClient", "fedtan_client_app", "clear_live_rounds"]
+__all__ = ["FedTANClient", "add_fedtan", "fedtan_client_app", "clear_live_rounds"]
 
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+UnpackBatch = Callable[[Any], tuple[torch.Tensor, torch.Tensor]]
 
 REPLAY_STATE = "fedtan.replay"  # ConfigRecord in context.state
 REPLAY_LOG = "fedtan.log"  # ArrayRecord in context.state: aggregates of the round so far
@@ -54,32 +63,61 @@ SECURE_SHIFTS = "fedtan.secure-shifts"  # ArrayRecord in context.state: public s
 class FedTANClient(NumPyClient):
     """A Flower ``NumPyClient`` that trains a BatchNorm model the FedTAN way.
 
-    ``fit`` and ``evaluate`` keep ``NumPyClient`` semantics (``fit`` runs ordinary local
-    steps, so the client also serves plain FedAvg); the synchronised FedTAN round is driven
-    by the ``train.fedtan`` messages that :func:`fedtan_client_app` routes to it.
+    It replaces the app's own training loop for FedTAN rounds: each step's batch is drawn
+    from a seed the server sends (``batch_size`` distinct samples of ``train_data``, not
+    the DataLoader's sampler or shuffling), so that a paused step can be rebuilt
+    identically in another process; the optimiser is built afresh every round; the train
+    metrics it reports are ``num-examples``, ``train-loss``, ``sync-seconds``,
+    ``local-seconds`` and ``replays``. ``fit`` and ``evaluate`` keep ``NumPyClient``
+    semantics (``fit`` runs ordinary local steps, so the client also serves plain FedAvg);
+    the synchronised round is driven by the ``train.fedtan`` messages that
+    :func:`add_fedtan` or :func:`fedtan_client_app` route to it.
 
     Parameters
     ----------
     model : nn.Module
         The model; its BatchNorm layers are converted with
-        :func:`~flwr_fedtan.convert_batchnorm`.
+        :func:`~flwr_fedtan.convert_batchnorm` (``state_dict`` keys unchanged).
     train_data : Dataset or DataLoader
-        Map-style training data yielding ``(input, target)``; a DataLoader gives its
-        dataset and batch size.
-    loss_fn : Callable, optional
+        Map-style training data. A DataLoader contributes its dataset, its ``batch_size``
+        and its ``collate_fn``; its sampler, ``shuffle`` and ``drop_last`` are not used.
+    loss_fn : Callable[[Tensor, Tensor], Tensor], optional
         Mean loss of a batch; defaults to cross-entropy.
-    batch_size : int
-        Samples per step (ignored when ``train_data`` is a DataLoader with a batch size).
-    lr, momentum, weight_decay : float
+    batch_size : int, optional
+        Samples per step. Required when ``train_data`` is a ``Dataset`` (there is no
+        default: a silent one would change results) or a DataLoader without a batch size
+        (``batch_sampler``); with a batching DataLoader it may be omitted, and if given
+        must equal the DataLoader's. A step uses ``min(batch_size, len(dataset))`` samples.
+    lr : float (default: 0.01)
+        SGD learning rate. The ``lr`` of a round's train config (the ``ConfigRecord`` the
+        strategy sends, e.g. ``FedTAN.start(..., train_config=ConfigRecord({"lr": 0.1}))``)
+        wins over this value for that round.
+    momentum, weight_decay : float (default: 0.0)
         SGD settings (a fresh optimiser each round, as in FedAvg).
-    local_steps : int
-        ``E``, optimiser steps per round; the first ``sync_steps`` are synchronised.
-    device : str or torch.device
+    local_steps : int (default: 1)
+        ``E``, optimiser steps per round; the first ``sync_steps`` (a setting of the
+        strategy, ``FedTAN(sync_steps=...)``) are synchronised. A ``local-steps`` entry in
+        the round's train config wins over this value.
+    device : str or torch.device (default: "cpu")
         Where to train, e.g. ``"cpu"`` or ``"cuda:0"``.
     test_data : Dataset or DataLoader, optional
         Data for :meth:`evaluate`; defaults to ``train_data``.
+    eval_batch_size : int (default: 512)
+        Batch size of :meth:`evaluate`.
     optimizer_fn : Callable[[Iterable[Parameter]], Optimizer], optional
-        Replaces the SGD settings with any optimiser.
+        Replaces the SGD settings (``lr`` included) with any optimiser.
+    unpack_batch : Callable[[Any], tuple[Tensor, Tensor]], optional
+        Turns a collated batch into ``(inputs, targets)``; needed when the data yields
+        something other than pairs, e.g. ``lambda b: (b["img"], b["label"])`` for the
+        dictionaries of a Hugging Face dataset. By default a batch must be a pair.
+
+    Raises
+    ------
+    ValueError
+        If the batch size is missing, ambiguous or not positive, or ``train_data`` is
+        empty.
+    TypeError
+        If ``train_data`` is not a ``Dataset`` or ``DataLoader``.
     """
 
     def __init__(
@@ -88,7 +126,7 @@ class FedTANClient(NumPyClient):
         train_data: Union[Dataset, DataLoader],
         loss_fn: Optional[LossFn] = None,
         *,
-        batch_size: int = 32,
+        batch_size: Optional[int] = None,
         lr: float = 0.01,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
@@ -97,21 +135,23 @@ class FedTANClient(NumPyClient):
         test_data: Optional[Union[Dataset, DataLoader]] = None,
         eval_batch_size: int = 512,
         optimizer_fn: Optional[Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]] = None,
+        unpack_batch: Optional[UnpackBatch] = None,
     ) -> None:
         self.device = torch.device(device)
+        self.train_data, self.batch_size, self.collate_fn = _training_data(train_data, batch_size)
         self.model = convert_batchnorm(model).to(self.device)
-        self.train_data, loader_batch = _unwrap(train_data)
-        self.batch_size = int(loader_batch or batch_size)
-        if self.batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
-        if len(self.train_data) == 0:  # type: ignore[arg-type]
-            raise ValueError("train_data is empty")
-        self.test_data = _unwrap(test_data)[0] if test_data is not None else self.train_data
+        if test_data is None:
+            self.test_data, self.test_collate_fn = self.train_data, self.collate_fn
+        else:
+            self.test_data, self.test_collate_fn = _as_dataset(test_data, "test_data"), _collate_fn_of(test_data)
         self.loss_fn: LossFn = loss_fn or nn.functional.cross_entropy
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         self.local_steps = int(local_steps)
+        if self.local_steps < 1:
+            raise ValueError(f"local_steps must be >= 1, got {local_steps}")
         self.eval_batch_size = eval_batch_size
         self.optimizer_fn = optimizer_fn
+        self.unpack_batch = unpack_batch
 
     # ------------------------------------------------------------------ weights
     def state_keys(self) -> list[str]:
@@ -140,6 +180,8 @@ class FedTANClient(NumPyClient):
 
     # ------------------------------------------------------------------ training pieces
     def make_optimizer(self, params: Iterable[nn.Parameter], lr: Optional[float] = None) -> torch.optim.Optimizer:
+        """The round's optimiser: ``optimizer_fn(params)``, or SGD with ``lr`` (the round's
+        train config) or else the constructor's ``lr``."""
         if self.optimizer_fn is not None:
             return self.optimizer_fn(params)
         return torch.optim.SGD(
@@ -147,15 +189,42 @@ class FedTANClient(NumPyClient):
         )
 
     def sample_batch(self, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch drawn for a seed: ``batch_size`` distinct samples (fewer if the data is smaller)."""
+        """The batch drawn for a seed: ``batch_size`` distinct samples (fewer if the data is
+        smaller), collated like the DataLoader's and on ``device``."""
         generator = torch.Generator().manual_seed(int(seed))
         count = min(self.batch_size, len(self.train_data))  # type: ignore[arg-type]
         indices = torch.randperm(len(self.train_data), generator=generator)[:count]  # type: ignore[arg-type]
-        inputs, targets = default_collate([self.train_data[int(i)] for i in indices])
+        batch = self.collate_fn([self.train_data[int(i)] for i in indices])
+        inputs, targets = self._unpack(batch)
         return inputs.to(self.device), targets.to(self.device)
 
+    def _unpack(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.unpack_batch is not None:
+            inputs, targets = self.unpack_batch(batch)
+        elif isinstance(batch, Mapping):
+            raise TypeError(
+                f"FedTANClient: the training data yields dictionaries (keys {sorted(batch)}), not "
+                "(inputs, targets) pairs: pass unpack_batch=lambda batch: (batch[<inputs key>], "
+                "batch[<targets key>])"
+            )
+        elif isinstance(batch, (tuple, list)) and len(batch) == 2:
+            inputs, targets = batch
+        else:
+            raise TypeError(
+                f"FedTANClient: a batch must be an (inputs, targets) pair, got {type(batch).__name__}"
+                f"{f' of length {len(batch)}' if isinstance(batch, (tuple, list)) else ''}: pass "
+                "unpack_batch=<function returning (inputs, targets) from a batch>"
+            )
+        if not isinstance(inputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
+            raise TypeError(
+                f"FedTANClient: inputs and targets must be tensors, got {type(inputs).__name__} and "
+                f"{type(targets).__name__}"
+            )
+        return inputs, targets
+
     def new_round(self, seed: int, sync_steps: int, config: Optional[dict[str, Any]] = None) -> ClientRound:
-        """A :class:`ClientRound` starting from the current weights."""
+        """A :class:`ClientRound` starting from the current weights; ``config`` is the
+        round's train config, whose ``lr`` and ``local-steps`` win over the constructor's."""
         config = config or {}
         local_steps = int(config.get("local-steps", self.local_steps))
         lr = config.get("lr")
@@ -184,19 +253,29 @@ class FedTANClient(NumPyClient):
         """Loss and accuracy of the given weights on ``test_data``."""
         self.set_parameters(parameters)
         loss, accuracy, count = evaluate_model(
-            self.model, self.test_data, self.loss_fn, self.device, self.eval_batch_size
+            self.model, self.test_data, self.loss_fn, self.device, self.eval_batch_size,
+            collate_fn=self.test_collate_fn, unpack_batch=self._unpack,
         )
         return loss, count, {"accuracy": accuracy}
 
 
 def evaluate_model(
-    model: nn.Module, data: Dataset, loss_fn: LossFn, device: torch.device, batch_size: int = 512
+    model: nn.Module,
+    data: Dataset,
+    loss_fn: LossFn,
+    device: torch.device,
+    batch_size: int = 512,
+    *,
+    collate_fn: Optional[Callable[[list], Any]] = None,
+    unpack_batch: Optional[UnpackBatch] = None,
 ) -> tuple[float, float, int]:
-    """Mean loss, accuracy and sample count of ``model`` in eval mode on ``data``."""
+    """Mean loss, accuracy and sample count of ``model`` in eval mode on ``data``
+    (batches collated with ``collate_fn`` and split by ``unpack_batch``; defaults: pairs)."""
     model.eval()
     total_loss, correct, count = 0.0, 0, 0
     with torch.no_grad():
-        for inputs, targets in DataLoader(data, batch_size=batch_size):
+        for batch in DataLoader(data, batch_size=batch_size, collate_fn=collate_fn):
+            inputs, targets = unpack_batch(batch) if unpack_batch is not None else batch
             inputs, targets = inputs.to(device), targets.to(device)
             outputs = model(inputs)
             total_loss += float(loss_fn(outputs, targets)) * len(targets)
@@ -205,10 +284,55 @@ def evaluate_model(
     return total_loss / max(count, 1), correct / max(count, 1), count
 
 
-def _unwrap(data: Union[Dataset, DataLoader]) -> tuple[Dataset, Optional[int]]:
+def _as_dataset(data: Union[Dataset, DataLoader], name: str) -> Dataset:
     if isinstance(data, DataLoader):
-        return data.dataset, data.batch_size
-    return data, None
+        return _as_dataset(data.dataset, f"the dataset of {name}'s DataLoader")
+    if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
+        raise TypeError(
+            f"FedTANClient: {name} is a {type(data).__name__} of tensors; wrap them in "
+            "torch.utils.data.TensorDataset(inputs, targets)"
+        )
+    if isinstance(data, IterableDataset) or not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
+        raise TypeError(
+            f"FedTANClient: {name} must be a map-style Dataset (with __getitem__ and __len__) or a "
+            f"DataLoader over one, got {type(data).__name__}: FedTAN draws each step's batch by index "
+            "from a seed, so that a step can be rebuilt in another process"
+        )
+    return data
+
+
+def _training_data(
+    data: Union[Dataset, DataLoader], batch_size: Optional[int]
+) -> tuple[Dataset, int, Callable[[list], Any]]:
+    """The dataset, batch size and collate function of ``train_data`` (see FedTANClient)."""
+    dataset = _as_dataset(data, "train_data")
+    collate_fn = _collate_fn_of(data)
+    loader_batch = data.batch_size if isinstance(data, DataLoader) else None
+    if batch_size is None and loader_batch is None:
+        what = "a DataLoader without a batch_size" if isinstance(data, DataLoader) else (
+            f"a {type(data).__name__}, which carries no batch size")
+        raise ValueError(
+            f"FedTANClient: train_data is {what}: pass batch_size=<samples per step>, or a "
+            "DataLoader(dataset, batch_size=...)"
+        )
+    if batch_size is not None and loader_batch is not None and int(batch_size) != int(loader_batch):
+        raise ValueError(
+            f"FedTANClient: batch_size={batch_size} but the DataLoader has batch_size={loader_batch}: "
+            "pass one of them"
+        )
+    size = batch_size if batch_size is not None else loader_batch
+    if isinstance(size, bool) or int(size) != size or int(size) <= 0:  # type: ignore[arg-type]
+        raise ValueError(f"FedTANClient: batch_size must be a positive integer, got {size!r}")
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        raise ValueError("FedTANClient: train_data is empty")
+    return dataset, int(size), collate_fn  # type: ignore[arg-type]
+
+
+def _collate_fn_of(data: Union[Dataset, DataLoader]) -> Callable[[list], Any]:
+    """A batching DataLoader's ``collate_fn``, else torch's ``default_collate``."""
+    if isinstance(data, DataLoader) and data.batch_sampler is not None:
+        return data.collate_fn
+    return default_collate
 
 
 # ---------------------------------------------------------------------- live rounds
@@ -225,16 +349,12 @@ class _LiveRound:
 _LIVE: "OrderedDict[tuple[int, int], _LiveRound]" = OrderedDict()
 
 
-def _max_live_rounds() -> int:
-    return max(0, int(os.environ.get("FEDTAN_MAX_LIVE_ROUNDS", "16")))
-
-
-def _remember(key: tuple[int, int], live: _LiveRound) -> None:
+def _remember(key: tuple[int, int], live: _LiveRound, max_live_rounds: int) -> None:
     if _LIVE.get(key) is not live:
         _forget(key)
     _LIVE[key] = live
     _LIVE.move_to_end(key)
-    while len(_LIVE) > _max_live_rounds():
+    while len(_LIVE) > max_live_rounds:
         _, evicted = _LIVE.popitem(last=False)
         evicted.round.close()
 
@@ -341,42 +461,159 @@ def _client_from(client_fn: Callable[[Context], Any], context: Context) -> FedTA
     client = client_fn(context)
     client = getattr(client, "numpy_client", client)  # accept NumPyClient.to_client()
     if not isinstance(client, FedTANClient):
-        raise TypeError(f"client_fn must return a FedTANClient, got {type(client).__name__}")
+        raise TypeError(f"FedTAN's client_fn must return a FedTANClient, got {type(client).__name__}")
     return client
 
 
+@dataclass(frozen=True)
+class _Options:
+    """The app's settings as given in the code; environment overrides are applied per
+    message (:mod:`flwr_fedtan.settings`)."""
+
+    replay_store: Optional[str] = None
+    state_dir: Optional[Union[str, os.PathLike]] = None
+    max_live_rounds: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        settings.check_replay_store(self.replay_store)
+        settings.check_max_live_rounds(self.max_live_rounds)
+
+
+def add_fedtan(
+    app: ClientApp,
+    client_fn: Optional[Callable[[Context], FedTANClient]] = None,
+    *,
+    replay_store: Optional[str] = None,
+    state_dir: Optional[Union[str, os.PathLike]] = None,
+    max_live_rounds: Optional[int] = None,
+) -> Any:
+    """Add FedTAN to an existing message-API ``ClientApp``; the app's own handlers stay.
+
+    Call it with the ``client_fn`` (``add_fedtan(app, client_fn)``), or use it as a
+    decorator on the ``client_fn`` (``@add_fedtan(app)``).
+
+    Registers one handler, for FedTAN's message type ``train.fedtan`` (what
+    ``@app.train("fedtan")`` would register). Every handler the app already has, or gets
+    later, is untouched: its ``@app.train()`` still serves Flower's ``FedAvg`` (and any
+    other strategy), its ``@app.evaluate()`` serves evaluation, including the evaluation
+    rounds of :class:`~flwr_fedtan.FedTAN`, which sends Flower's ordinary ``evaluate``
+    messages. Mods given to ``ClientApp(mods=...)`` wrap FedTAN's handler too; Flower's
+    differential-privacy mods act on messages of type ``train`` only and let
+    ``train.fedtan`` pass unchanged.
+
+    Parameters
+    ----------
+    app : ClientApp
+        The app, built with handler decorators (``app = ClientApp()``, ``@app.train()``,
+        ...); not a legacy ``ClientApp(client_fn=...)``.
+    client_fn : Callable[[Context], FedTANClient], optional
+        Builds the node's :class:`FedTANClient` from the context (model, data, settings).
+        Called at the start of each round and whenever a round must be rebuilt in another
+        process, so it must build the same client every time. Omitted: ``add_fedtan``
+        returns a decorator that registers the function it decorates.
+    replay_store : {"disk", "context"}, optional
+        Where a round's starting weights are kept for replay in another process:
+        ``"disk"`` (default: a node-local file under ``state_dir``) or ``"context"``
+        (``context.state``, for multi-machine Ray clusters). ``FEDTAN_REPLAY_STORE``
+        overrides it. See :mod:`flwr_fedtan.replay_store`.
+    state_dir : str or os.PathLike, optional
+        Folder of the ``"disk"`` store's files; default
+        ``<tempdir>/flwr-fedtan-state-<uid>``. ``FEDTAN_STATE_DIR`` overrides it.
+    max_live_rounds : int, optional
+        Paused rounds a process keeps in memory (an LRU shared by the process's nodes);
+        default 16; ``0`` keeps none, so every message replays. ``FEDTAN_MAX_LIVE_ROUNDS``
+        overrides it.
+
+    Returns
+    -------
+    ClientApp or decorator
+        ``app`` itself; without ``client_fn``, a decorator that registers the function
+        and returns it unchanged.
+
+    Raises
+    ------
+    TypeError
+        If ``app`` is not a ``ClientApp``.
+    ValueError
+        If ``app`` is a legacy ``ClientApp(client_fn=...)``, already handles
+        ``train.fedtan``, or an option is invalid.
+
+    Examples
+    --------
+    >>> app = ClientApp()
+    >>> @app.train()
+    ... def train(msg, context): ...       # your FedAvg training, unchanged
+    >>> @add_fedtan(app)
+    ... def client_fn(context):
+    ...     trainloader, _ = load_data(context.node_config["partition-id"], ...)
+    ...     return FedTANClient(Net(), trainloader, local_steps=len(trainloader))
+
+    or, the same, ``add_fedtan(app, client_fn)`` after defining ``client_fn``.
+    """
+    if not isinstance(app, ClientApp):
+        raise TypeError(f"add_fedtan needs a flwr.clientapp.ClientApp, got {type(app).__name__}")
+    if getattr(app, "_call", None) is not None:
+        raise ValueError(
+            "add_fedtan needs a ClientApp whose handlers are registered with decorators "
+            "(app = ClientApp(); @app.train() ...); a legacy ClientApp(client_fn=...) routes "
+            "every message to its client_fn and cannot take one more handler. Use "
+            "fedtan_client_app(client_fn) with a client_fn returning a FedTANClient instead"
+        )
+    if schema.MESSAGE_TYPE in getattr(app, "_registered_funcs", {}):
+        raise ValueError(f"this ClientApp already handles {schema.MESSAGE_TYPE!r} (add_fedtan called twice?)")
+    options = _Options(replay_store, state_dir, max_live_rounds)
+    if client_fn is None:
+
+        def register(function: Callable[[Context], FedTANClient]) -> Callable[[Context], FedTANClient]:
+            add_fedtan(app, function, replay_store=replay_store, state_dir=state_dir, max_live_rounds=max_live_rounds)
+            return function
+
+        return register
+    if not callable(client_fn):
+        raise TypeError(f"add_fedtan: client_fn must be a function of the Context, got {type(client_fn).__name__}")
+
+    @app.train(schema.ACTION)
+    def fedtan_train(msg: Message, context: Context) -> Message:
+        return _handle_fedtan(msg, context, client_fn, options)
+
+    return app
+
+
 def fedtan_client_app(
-    client_fn: Callable[[Context], FedTANClient], replay_store: Optional[str] = None
+    client_fn: Callable[[Context], FedTANClient],
+    *,
+    replay_store: Optional[str] = None,
+    state_dir: Optional[Union[str, os.PathLike]] = None,
+    max_live_rounds: Optional[int] = None,
 ) -> ClientApp:
     """A message-API ``ClientApp`` that serves every message FedTAN and FedAvg send.
+
+    For apps that start from scratch; to keep an app's own handlers, use
+    :func:`add_fedtan`.
 
     Parameters
     ----------
     client_fn : Callable[[Context], FedTANClient]
         Builds the node's client (model, data, settings) from the context, like the
         ``client_fn`` of a legacy ``ClientApp``.
-    replay_store : Optional[str] (default: None)
-        Where a round's starting weights are kept for replay in another process:
-        ``"disk"`` (a node-local file, the default) or ``"context"`` (``context.state``,
-        for multi-machine Ray clusters); ``None`` reads ``FEDTAN_REPLAY_STORE``. See
-        :mod:`flwr_fedtan.replay_store`.
+    replay_store, state_dir, max_live_rounds
+        As in :func:`add_fedtan` (environment variables override them).
 
     Returns
     -------
     ClientApp
-        Handles ``train.fedtan`` (FedTAN rounds), ``train`` (ordinary local training,
-        e.g. for Flower's FedAvg) and ``evaluate``.
+        Handles ``train.fedtan`` (FedTAN rounds), ``train`` (ordinary local training with
+        FedTAN's batch sampling, e.g. for Flower's FedAvg; metrics ``num-examples`` and
+        ``train-loss``) and ``evaluate`` (:meth:`FedTANClient.evaluate`; metrics
+        ``num-examples``, ``eval-loss``, ``eval-accuracy``).
 
     Examples
     --------
     >>> app = fedtan_client_app(client_fn)
     """
-    store = resolve_store(replay_store)
-    app = ClientApp()
-
-    @app.train(schema.ACTION)
-    def fedtan_train(msg: Message, context: Context) -> Message:
-        return _handle_fedtan(msg, context, client_fn, store)
+    app = add_fedtan(
+        ClientApp(), client_fn, replay_store=replay_store, state_dir=state_dir, max_live_rounds=max_live_rounds
+    )
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -405,7 +642,7 @@ def fedtan_client_app(
     return app
 
 
-def _handle_fedtan(msg: Message, context: Context, client_fn: Callable[[Context], Any], store: str) -> Message:
+def _handle_fedtan(msg: Message, context: Context, client_fn: Callable[[Context], Any], options: _Options) -> Message:
     control = schema.decode_control(msg.content)
     key = (context.run_id, context.node_id)
     state = context.state
@@ -428,7 +665,8 @@ def _handle_fedtan(msg: Message, context: Context, client_fn: Callable[[Context]
              **({"lr": float(config["lr"])} if "lr" in config else {})}
         )
         state[REPLAY_LOG] = ArrayRecord()
-        save_weights(state, client.arrays(), store, context.run_id, context.node_id)
+        store = settings.replay_store(options.replay_store)
+        save_weights(state, client.arrays(), store, context.run_id, context.node_id, directory=options.state_dir)
         round_ = client.new_round(seed, control.sync_steps, config)
         live = _LiveRound(client, round_, control.round)
         started = time.perf_counter()
@@ -472,7 +710,7 @@ def _handle_fedtan(msg: Message, context: Context, client_fn: Callable[[Context]
         _add_seconds(state, time.perf_counter() - started)
 
     if request is not None:
-        _remember(key, live)
+        _remember(key, live, settings.max_live_rounds(options.max_live_rounds))
         return _request_reply(msg, context, control.round, live.round, request)
 
     _forget(key)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .aggregation import SyncPoint, pool_forward_stats, sum_backward_sums
+from .losses import loss_reduction, reduce_loss
 from .step import Aggregate, StepProtocolError, SyncRequest, SyncStep
 
 if TYPE_CHECKING:
@@ -86,19 +87,22 @@ def pooled_backward(
     Parameters
     ----------
     models : Sequence[nn.Module]
-        K models converted with :func:`~flwr_fedtan.convert_batchnorm`, in train mode
-        (typically K copies of one global model).
+        K models in train mode (typically K copies of one global model); converting them
+        with :func:`~flwr_fedtan.convert_batchnorm` is optional.
     batches : Sequence[tuple[Tensor, Tensor]]
         Each client's ``(inputs, targets)``; sizes may differ.
     loss_fn : Callable[[Tensor, Tensor], Tensor]
-        ``loss_fn(outputs, targets)`` returns the *mean* loss of a batch.
+        ``loss_fn(outputs, targets)``: the *mean* loss of a batch, or per-sample losses
+        (``reduction="none"``; the pooled mean is formed here), or, for a loss module or
+        ``functools.partial`` declaring ``reduction="sum"``, the sum (objective: the pooled
+        sum). See :mod:`flwr_fedtan.losses`.
     seeds : Optional[Sequence[int]]
         Per-client RNG seeds for stochastic layers (see :class:`SyncStep`).
 
     Returns
     -------
     float
-        ``F``, the mean loss over the pooled batch.
+        ``F``, the mean loss over the pooled batch (the sum for ``reduction="sum"``).
 
     Notes
     -----
@@ -113,6 +117,7 @@ def pooled_backward(
         raise ValueError("pooled_backward needs at least one client")
     if seeds is not None and len(seeds) != len(models):
         raise ValueError(f"got {len(seeds)} seeds for {len(models)} clients")
+    reduction = loss_reduction(loss_fn)
     sizes = [int(inputs.shape[0]) for inputs, _ in batches]
     total = sum(sizes)
     steps = []
@@ -125,9 +130,12 @@ def pooled_backward(
                 num_examples=sizes[k],
                 total_examples=total,
                 seed=None if seeds is None else seeds[k],
+                reduction=reduction,
             )
         )
     drive_steps(steps)
+    if reduction == "sum":
+        return sum(step.loss for step in steps)  # type: ignore[misc]
     return sum(step.loss * n / total for step, n in zip(steps, sizes))  # type: ignore[operator]
 
 
@@ -149,7 +157,7 @@ def fedtan_round_in_process(
     ``round_seed``: the seed the strategy sends).
     """
     from .aggregation import aggregate_arrays
-    from .training import derive_seed
+    from .seeds import derive_seed
 
     for client in clients:
         if client.optimizer_fn is not None or client.momentum or client.weight_decay:
@@ -158,6 +166,7 @@ def fedtan_round_in_process(
     seeds = [derive_seed(round_seed, key) for key in seed_keys]
     batches = [c.sample_batch(derive_seed(s, 0)) for c, s in zip(clients, seeds)]
     pooled_backward([c.model for c in clients], batches, clients[0].loss_fn)
+    reduction = loss_reduction(clients[0].loss_fn)
     total = sum(len(x) for x, _ in batches)
     contributions = {}
     for k, (client, seed, (x, _)) in enumerate(zip(clients, seeds, batches)):
@@ -165,11 +174,11 @@ def fedtan_round_in_process(
         with torch.no_grad():
             for p in model.parameters():
                 if p.grad is not None:
-                    p -= lr * p.grad * (total / len(x))
+                    p -= lr * p.grad * (total / len(x) if reduction == "mean" else 1.0)
         for step in range(1, local_steps):
             inputs, targets = client.sample_batch(derive_seed(seed, step))
             model.zero_grad(set_to_none=True)
-            client.loss_fn(model(inputs), targets).backward()
+            reduce_loss(client.loss_fn(model(inputs), targets), len(inputs), reduction).backward()
             with torch.no_grad():
                 for p in model.parameters():
                     if p.grad is not None:

@@ -11,14 +11,31 @@ round to a node-local file and ``context.state`` holds only its path and SHA-256
 Stores
 ------
 ``"disk"`` (default)
-    A file under ``FEDTAN_STATE_DIR`` (default: ``<tempdir>/flwr-fedtan-state-<uid>``),
-    one per (run, node); any process on the same machine can replay. Right for Ray
-    simulation on one machine and for deployment (a SuperNode's ClientApp processes run
-    on its machine).
+    A file private to this user, one per (run, node), in
+    ``<base>/replay/run-<run>/node-<node>.npz``; any process of the same user on the same
+    machine can replay. Right for Ray simulation on one machine and for deployment (a
+    SuperNode's ClientApp processes run on its machine).
 ``"context"``
     The weights in ``context.state``: replay works wherever Flower delivers the message,
     e.g. on a multi-machine Ray cluster where a node's messages may reach actors on other
     machines, at the serialisation cost above.
+
+Node-local files
+----------------
+``<base>`` is the ``state_dir`` given to :func:`~flwr_fedtan.add_fedtan` /
+:func:`~flwr_fedtan.fedtan_client_app`, else :func:`flwr_fedtan.private_files.default_base`
+(``$XDG_RUNTIME_DIR/flwr-fedtan``, or ``<tempdir>/flwr-fedtan-<uid>``); ``FEDTAN_STATE_DIR``
+overrides both (:mod:`flwr_fedtan.settings`). Folders are ``0700`` and verified to be this user's,
+files ``0600``, written to a fresh ``O_EXCL | O_NOFOLLOW`` name and renamed into place
+(:mod:`flwr_fedtan.private_files`).
+
+A file lives for one round: it is written when the round begins and removed when the
+node's round ends (its ``done`` reply), with the run's folder once no node of the run
+holds a file in it, so nothing is left after a run's last round. A node that is dropped
+mid-round, or a process killed, leaves its file until the node's next round begins; the
+folders of runs whose files have not changed for ``DEFAULT_MAX_AGE_HOURS`` (24 hours;
+``FEDTAN_STATE_MAX_AGE_HOURS`` overrides it) are removed whenever a round begins on the
+machine.
 """
 
 from __future__ import annotations
@@ -26,17 +43,42 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-__all__ = ["STORES", "ReplayWeightsMissing", "discard_weights", "load_weights", "resolve_store", "save_weights"]
+from . import settings
+from .private_files import (
+    UnsafePathError,
+    private_dir,
+    read_private_file,
+    remove_if_empty,
+    remove_stale,
+    write_private_file,
+)
 
-STORES = ("disk", "context")
+__all__ = [
+    "STORES",
+    "DEFAULT_MAX_AGE_HOURS",
+    "ReplayWeightsMissing",
+    "UnsafePathError",
+    "clean_stale_runs",
+    "discard_weights",
+    "load_weights",
+    "replay_dir",
+    "resolve_store",
+    "save_weights",
+    "state_dir",
+]
+
+STORES = settings.REPLAY_STORES
+DEFAULT_MAX_AGE_HOURS = settings.DEFAULT_STATE_MAX_AGE_HOURS
 WEIGHTS_REF = "fedtan.weights-ref"  # ConfigRecord in context.state: store, path, sha256
 WEIGHTS = "fedtan.weights"  # ArrayRecord in context.state ("context" store)
+REPLAY_FOLDER = "replay"  # under the base: run-<run>/node-<node>.npz
+RUN_PREFIX = "run-"
 
 
 class ReplayWeightsMissing(RuntimeError):
@@ -44,28 +86,81 @@ class ReplayWeightsMissing(RuntimeError):
 
 
 def resolve_store(store: str | None) -> str:
-    """``store``, or ``FEDTAN_REPLAY_STORE``, or ``"disk"``; validated."""
-    chosen = store or os.environ.get("FEDTAN_REPLAY_STORE") or "disk"
-    if chosen not in STORES:
-        raise ValueError(f"replay store must be one of {STORES}, got {chosen!r}")
-    return chosen
+    """``FEDTAN_REPLAY_STORE``, or ``store``, or ``"disk"``; validated (:mod:`flwr_fedtan.settings`)."""
+    return settings.replay_store(store)
 
 
-def state_dir() -> Path:
-    """The folder of node-local replay files (``FEDTAN_STATE_DIR`` overrides the default)."""
-    configured = os.environ.get("FEDTAN_STATE_DIR")
-    if configured:
-        return Path(configured)
-    uid = os.getuid() if hasattr(os, "getuid") else "user"
-    return Path(tempfile.gettempdir()) / f"flwr-fedtan-state-{uid}"
+def state_dir(configured: str | os.PathLike | None = None) -> Path:
+    """The base folder of node-local state: ``FEDTAN_STATE_DIR``, else ``configured``, else
+    :func:`~flwr_fedtan.private_files.default_base`. Not created here."""
+    return settings.state_dir(configured).absolute()
 
 
-def _path_for(run_id: int, node_id: int) -> Path:
-    return state_dir() / f"run-{run_id}" / f"node-{node_id}.npz"
+def _max_age_hours(max_age_hours: Optional[float]) -> float:
+    return settings.state_max_age_hours(max_age_hours)
 
 
-def save_weights(state: RecordDict, arrays: ArrayRecord, store: str, run_id: int, node_id: int) -> None:
-    """Keep ``arrays`` as the starting weights of the node's current round."""
+def replay_dir(run_id: int, directory: str | os.PathLike | None = None) -> Path:
+    """The run's private folder of replay files under :func:`state_dir` (``directory``:
+    the configured base), created (0700) or verified.
+
+    Raises
+    ------
+    UnsafePathError
+        If the base, its ``replay`` folder or the run's folder is not private to this user.
+    """
+    return private_dir(REPLAY_FOLDER, f"{RUN_PREFIX}{int(run_id)}", base=state_dir(directory))
+
+
+def clean_stale_runs(
+    keep_run: Optional[int] = None, max_age_hours: Optional[float] = None, directory: str | os.PathLike | None = None
+) -> list[Path]:
+    """Remove the replay folders of runs in which nothing changed for ``max_age_hours``.
+
+    Parameters
+    ----------
+    keep_run : Optional[int]
+        A run whose folder is never removed (the caller's own).
+    max_age_hours : Optional[float] (default: 24; ``FEDTAN_STATE_MAX_AGE_HOURS`` overrides it)
+        Age after which a run's folder counts as left behind. A round that lasts longer
+        than this could lose its replay file to another run's cleaning.
+    directory : Optional[PathLike]
+        The configured base folder (see :func:`state_dir`).
+
+    Returns
+    -------
+    list[Path]
+        The folders removed.
+    """
+    age = _max_age_hours(max_age_hours)
+    keep = () if keep_run is None else (f"{RUN_PREFIX}{int(keep_run)}",)
+    parent = private_dir(REPLAY_FOLDER, base=state_dir(directory))
+    return remove_stale(parent, RUN_PREFIX, age * 3600.0, keep=keep)
+
+
+def save_weights(
+    state: RecordDict,
+    arrays: ArrayRecord,
+    store: str,
+    run_id: int,
+    node_id: int,
+    *,
+    max_age_hours: Optional[float] = None,
+    directory: str | os.PathLike | None = None,
+) -> None:
+    """Keep ``arrays`` as the starting weights of the node's current round (``directory``:
+    the ``"disk"`` store's base folder, see :func:`state_dir`).
+
+    With the ``"disk"`` store this also removes stale folders of other runs (see
+    :func:`clean_stale_runs`, ``max_age_hours``).
+
+    Raises
+    ------
+    UnsafePathError
+        If the node-local folder is not private to this user (the message says what to fix).
+    OSError
+        If the file cannot be written (e.g. a full disk); the message names the fixes.
+    """
     discard_weights(state)
     if store == "context":
         state[WEIGHTS] = arrays
@@ -73,11 +168,27 @@ def save_weights(state: RecordDict, arrays: ArrayRecord, store: str, run_id: int
     buffer = io.BytesIO()
     np.savez(buffer, **{key: array.numpy() for key, array in arrays.items()})
     data = buffer.getvalue()
-    path = _path_for(run_id, node_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".{os.getpid()}.partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)  # atomic: a concurrent reader sees the old or the new file
+    clean_stale_runs(keep_run=run_id, max_age_hours=max_age_hours, directory=directory)
+    for attempt in range(3):
+        path = replay_dir(run_id, directory) / f"node-{int(node_id)}.npz"
+        try:
+            write_private_file(path, data)
+            break
+        except UnsafePathError:
+            raise
+        except FileNotFoundError:
+            # Another node of the run finished its round and removed the (then empty)
+            # folder between replay_dir() and the write: make it again.
+            if attempt == 2:
+                raise
+        except OSError as error:
+            raise OSError(
+                error.errno,
+                f"cannot write this round's starting weights ({len(data)} bytes) to {path}: "
+                f"{error.strerror}. Point FEDTAN_STATE_DIR to a folder with room (the default "
+                "under XDG_RUNTIME_DIR is a small in-memory file system), or use "
+                "replay_store='context' (FEDTAN_REPLAY_STORE=context)",
+            ) from error
     state[WEIGHTS_REF] = ConfigRecord(
         {"store": "disk", "path": str(path), "sha256": hashlib.sha256(data).hexdigest()}
     )
@@ -91,6 +202,8 @@ def load_weights(state: RecordDict) -> ArrayRecord:
     ReplayWeightsMissing
         If they are not in ``context.state`` nor in a node-local file with the recorded
         checksum (e.g. the message reached a process on another machine).
+    UnsafePathError
+        If the node-local file is a symbolic link or not private to this user.
     """
     if WEIGHTS in state.array_records:
         return state.array_records[WEIGHTS]
@@ -99,7 +212,9 @@ def load_weights(state: RecordDict) -> ArrayRecord:
         raise ReplayWeightsMissing("context.state holds no starting weights for this round")
     path = Path(str(ref["path"]))
     try:
-        data = path.read_bytes()
+        data = read_private_file(path)
+    except UnsafePathError:
+        raise
     except OSError as error:
         raise ReplayWeightsMissing(
             f"the round's starting weights are not in the node-local store ({path}: "
@@ -114,10 +229,17 @@ def load_weights(state: RecordDict) -> ArrayRecord:
 
 
 def discard_weights(state: RecordDict) -> None:
-    """Forget the starting weights (the round is over, or a new one begins)."""
+    """Forget the starting weights (the round is over, or a new one begins).
+
+    The node's file is removed, and the run's folder with it when no other node of the
+    run holds a file there: after a run's last round nothing is left on the node.
+    """
     if WEIGHTS in state.array_records:
         del state[WEIGHTS]
     ref = state.config_records.get(WEIGHTS_REF)
     if ref is not None:
-        Path(str(ref["path"])).unlink(missing_ok=True)
+        path = Path(str(ref["path"]))
+        path.unlink(missing_ok=True)
+        if path.parent.name.startswith(RUN_PREFIX):
+            remove_if_empty(path.parent)
         del state[WEIGHTS_REF]

@@ -33,6 +33,7 @@ from .secure import KeyAgreementError, MaskedPayload, Roster, SecureStatsError, 
 
 __all__ = [
     "ACTION",
+    "ServerMessageError",
     "MESSAGE_TYPE",
     "Control",
     "Status",
@@ -68,6 +69,18 @@ _FORWARD_ARRAYS = ("mean", "var")
 _BACKWARD_ARRAYS = ("sum-grad", "sum-grad-xhat")
 
 Payload = Union[ForwardStats, BackwardSums]
+
+
+class ServerMessageError(ValueError):
+    """A ``train.fedtan`` message from the server is malformed (client side).
+
+    Raised before anything of the message reaches the client's step: a buggy or hostile
+    server makes the client fail with this error (Flower returns it to the server as an
+    error reply) instead of hanging or taking a wrong step.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"invalid train.fedtan message from the server: {message}")
 
 
 @dataclass(frozen=True)
@@ -214,22 +227,99 @@ def encode_aggregate(
     return RecordDict({CONTROL: control, STATS: stats})
 
 
+def _server_int(control: ConfigRecord, key: str) -> int:
+    value = control.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ServerMessageError(f"'{CONTROL}' field '{key}' must be an int, got {value!r}")
+    return value
+
+
+def _aggregate_from(control: ConfigRecord, stats: Optional[ArrayRecord], where: str) -> Payload:
+    """The aggregate of an ``aggregate`` message, checked for what the wire guarantees:
+    the arrays of its phase, float64, one value per channel, finite, equal in length, and
+    for the forward phase a pooled count and example number that can be divided by.
+    Whether it fits the step's pending sync point (phase, channels, examples) is checked
+    by the step itself (:meth:`flwr_fedtan.step.SyncStep.resume`)."""
+    sync_phase = control.get("sync-phase")
+    if sync_phase not in (PHASE_FORWARD, PHASE_BACKWARD):
+        raise ServerMessageError(
+            f"{where}: 'sync-phase' must be '{PHASE_FORWARD}' or '{PHASE_BACKWARD}', got {sync_phase!r}"
+        )
+    where = f"{where} ({sync_phase})"
+    names = _FORWARD_ARRAYS if sync_phase == PHASE_FORWARD else _BACKWARD_ARRAYS
+    if stats is None:
+        raise ServerMessageError(f"{where}: no ArrayRecord '{STATS}'")
+    if set(stats.keys()) != set(names):
+        raise ServerMessageError(
+            f"{where}: '{STATS}' holds {sorted(stats.keys())}, a {sync_phase} aggregate holds {list(names)}"
+        )
+    values = {}
+    for name in names:
+        try:
+            value = stats[name].numpy()
+        except Exception as error:  # a corrupt Array
+            raise ServerMessageError(f"{where}: '{name}' cannot be decoded: {error}") from None
+        if value.dtype != np.float64:
+            raise ServerMessageError(
+                f"{where}: '{name}' has dtype {value.dtype}, FedTAN sends aggregates as float64 "
+                "(is the server running another flwr-fedtan version?)"
+            )
+        if value.ndim != 1 or value.size == 0:
+            raise ServerMessageError(
+                f"{where}: '{name}' has shape {value.shape}, expected one value per channel (C,)"
+            )
+        if not np.isfinite(value).all():
+            raise ServerMessageError(f"{where}: '{name}' contains NaN or Inf")
+        values[name] = value
+    first, second = (values[name] for name in names)
+    if first.shape != second.shape:
+        raise ServerMessageError(
+            f"{where}: '{names[0]}' has {first.size} channels but '{names[1]}' has {second.size}"
+        )
+    if sync_phase == PHASE_BACKWARD:
+        return BackwardSums(sum_grad=values["sum-grad"], sum_grad_xhat=values["sum-grad-xhat"])
+    if (values["var"] < 0).any():
+        raise ServerMessageError(f"{where}: pooled 'var' has negative entries (min {values['var'].min():.3g})")
+    count, examples = control.get("count"), control.get("num-examples")
+    if (not isinstance(count, (int, float)) or isinstance(count, bool)
+            or not np.isfinite(count) or not count >= 1):
+        raise ServerMessageError(f"{where}: pooled 'count' must be a finite number >= 1, got {count!r}")
+    if not isinstance(examples, int) or isinstance(examples, bool) or examples < 1:
+        raise ServerMessageError(f"{where}: pooled 'num-examples' must be an int >= 1, got {examples!r}")
+    return ForwardStats(count=float(count), num_examples=examples, mean=values["mean"], var=values["var"])
+
+
 def decode_control(content: RecordDict) -> Control:
-    """Decode and validate a ``train.fedtan`` message on the client."""
-    sender = "server"
+    """Decode and validate a ``train.fedtan`` message on the client.
+
+    Raises
+    ------
+    ServerMessageError
+        If the message is malformed: no control record, an unknown phase, non-int fields,
+        a ``begin`` without the model, or an aggregate that is not what the wire format
+        promises (see :func:`_aggregate_from`); the message names the field.
+    """
     control = content.config_records.get(CONTROL)
     if control is None:
-        raise PayloadError(sender, f"message has no ConfigRecord '{CONTROL}'")
+        raise ServerMessageError(f"no ConfigRecord '{CONTROL}'")
     phase = control.get("phase")
-    fields = {k: _get_int(sender, control, k) for k in ("round", "step", "point", "sync-steps", "seed")}
+    if phase not in (PHASE_KEYS, PHASE_BEGIN, PHASE_AGGREGATE):
+        raise ServerMessageError(
+            f"unknown phase {phase!r} (expected '{PHASE_KEYS}', '{PHASE_BEGIN}' or '{PHASE_AGGREGATE}')"
+        )
+    fields = {k: _server_int(control, k) for k in ("round", "step", "point", "sync-steps", "seed")}
+    if fields["sync-steps"] < 1:
+        raise ServerMessageError(f"'sync-steps' must be >= 1, got {fields['sync-steps']}")
     roster, shifts, attempt = None, None, 0
     if phase == PHASE_KEYS:
         aggregate = None
     elif phase == PHASE_BEGIN:
         if ARRAYS not in content.array_records:
-            raise PayloadError(sender, f"begin message has no ArrayRecord '{ARRAYS}'")
+            raise ServerMessageError(f"begin message has no ArrayRecord '{ARRAYS}'")
         aggregate = None
-        attempt = _get_int(sender, control, "attempt")
+        attempt = _server_int(control, "attempt") if "attempt" in control else 0
+        if attempt < 0:
+            raise ServerMessageError(f"'attempt' must be >= 0, got {attempt}")
         if SECURE in content.array_records:
             try:
                 roster = Roster.from_arrays({k: v.numpy() for k, v in content.array_records[SECURE].items()})
@@ -237,14 +327,12 @@ def decode_control(content: RecordDict) -> Control:
                     {k: v.numpy() for k, v in content.array_records.get(SHIFTS, ArrayRecord()).items()}
                 )
             except (KeyAgreementError, SecureStatsError) as error:
-                raise PayloadError(sender, f"begin message: {error}") from None
-    elif phase == PHASE_AGGREGATE:
-        sync_phase = control.get("sync-phase")
-        if sync_phase not in (PHASE_FORWARD, PHASE_BACKWARD):
-            raise PayloadError(sender, f"unknown sync-phase {sync_phase!r}")
-        aggregate = _payload_from(sender, sync_phase, content.array_records.get(STATS), control)
+                raise ServerMessageError(f"begin message: {error}") from None
     else:
-        raise PayloadError(sender, f"unknown phase {phase!r}")
+        if fields["point"] < 0:
+            raise ServerMessageError(f"aggregate index 'point' must be >= 0, got {fields['point']}")
+        where = f"aggregate {fields['point']} of round {fields['round']}"
+        aggregate = _aggregate_from(control, content.array_records.get(STATS), where)
     return Control(
         phase=phase, round=fields["round"], step=fields["step"], point=fields["point"],
         sync_steps=fields["sync-steps"], seed=fields["seed"], aggregate=aggregate,

@@ -75,7 +75,6 @@ class StagedBackward:
         self._owner: dict[Any, int] = {}
         self._stage_inputs: dict[int, list[_Input]] = {}
         self.fallback = not self._plan()
-        self.nodes_planned = len(self._owner)
 
     # ------------------------------------------------------------------ planning
     def _is_sink(self, node: Any) -> bool:

@@ -15,13 +15,10 @@ the caller feeds back the aggregate of all clients:
 
 How the pauses work
 -------------------
-Forward: the forward code runs in a greenlet (a coroutine with its own C stack, on the
+Forward: the forward code runs as a :class:`~.pause.PausableCall` (a greenlet on the
 caller's OS thread); each BatchNorm call that uses batch statistics switches back to the
 caller with its statistics, and the step switches into the greenlet again with the pooled
-statistics. Being on the caller's thread matters for speed: a worker thread per paused
-step gets its own OpenMP team, and K paused steps' teams spinning against each other cost
-more than the compute on a small machine. Torch's thread-local state (grad mode, autocast)
-is the forward's own while it runs and the caller's while it is paused.
+statistics. The per-call arithmetic lives in :mod:`~.bn_ops`.
 
 Backward: nothing ever blocks inside autograd. Each synchronised BatchNorm output is an
 autograd node with no path back to its input or the layer's parameters (it hangs from a
@@ -43,19 +40,24 @@ received and returns it paused at the first sync point whose aggregate is not kn
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence, Union
 
-import greenlet
 import numpy as np
 import torch
 from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 
+from . import bn_ops
 from .aggregation import BackwardSums, ForwardStats, SyncPoint
-from .batchnorm import FedTANBatchNorm, _set_active_step, check_model
+from .batchnorm import UnsupportedModelError, check_model
+from .losses import reduce_loss
+from .pause import PausableCall, PrivateRNG
 from .staged_backward import StagedBackward
 
 __all__ = ["SyncStep", "SyncRequest", "Aggregate", "StepProtocolError"]
@@ -68,140 +70,90 @@ class StepProtocolError(RuntimeError):
     """The step was driven out of order, or an aggregate does not fit the sync point."""
 
 
-class _Aborted(BaseException):
-    """Raised inside the paused forward to unwind it when a step is closed early."""
+def _functional_args(input, running_mean, running_var, weight=None, bias=None, training=False,
+                     momentum=0.1, eps=1e-5):  # noqa: ANN001 -- F.batch_norm's signature
+    return input, running_mean, running_var, weight, bias, training, momentum, eps
 
 
-_ABORT = object()
+def _aten_args(input, weight, bias, running_mean, running_var, training, momentum, eps,
+               cudnn_enabled=True):  # noqa: ANN001 -- torch.batch_norm's signature
+    return input, running_mean, running_var, weight, bias, training, momentum, eps
 
-_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+_BATCH_NORM_FUNCTIONS = {F.batch_norm: _functional_args, torch.batch_norm: _aten_args}
 
 
+class _BatchNormInterceptor(TorchFunctionMode):
+    """Routes every batch-statistics ``F.batch_norm`` / ``torch.batch_norm`` call of a step's
+    forward to the step; everything else (and BatchNorm in eval mode) runs as usual.
 
-@dataclass
-class _TorchThreadState:
-    """Torch's thread-local settings that forward code may change around a pause.
-
-    The paused forward and its caller share one OS thread, so at every switch the side
-    that is leaving gives the thread back as the other side left it.
+    Active only while the step's forward runs (the pause takes it off the thread's mode
+    stack whenever the forward is paused), so BatchNorm subclasses with behaviour of their
+    own (timm's ``BatchNormAct2d``), ``SyncBatchNorm`` outside a process group and
+    hand-written layers calling ``F.batch_norm`` are all synchronised, unconverted.
     """
 
-    grad_enabled: bool
-    autocast: tuple[tuple[bool, torch.dtype], ...]
-    autocast_cache: bool
-    cuda_device: Optional[int]
+    def __init__(self, step: "SyncStep") -> None:
+        super().__init__()
+        self.step = step
 
-    @classmethod
-    def capture(cls) -> "_TorchThreadState":
-        return cls(
-            grad_enabled=torch.is_grad_enabled(),
-            autocast=tuple(
-                (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d))
-                for d in _AUTOCAST_DEVICES
-            ),
-            autocast_cache=torch.is_autocast_cache_enabled(),
-            cuda_device=torch.cuda.current_device() if torch.cuda.is_initialized() else None,
-        )
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        parse = _BATCH_NORM_FUNCTIONS.get(func)
+        if parse is None:
+            return func(*args, **(kwargs or {}))
+        x, running_mean, running_var, weight, bias, training, momentum, eps = parse(*args, **(kwargs or {}))
+        if not training:
+            return func(*args, **(kwargs or {}))
+        sync = self.step.sync_batch_norm
+        if "torch._dynamo" in sys.modules:  # torch.compile may be tracing: keep the exchange out
+            sync = _compiler_disabled(sync)
+        return sync(x, running_mean, running_var, weight, bias, momentum, eps)
 
-    def restore(self) -> None:
-        torch.set_grad_enabled(self.grad_enabled)
-        for device, (enabled, dtype) in zip(_AUTOCAST_DEVICES, self.autocast):
-            torch.set_autocast_enabled(device, enabled)
-            torch.set_autocast_dtype(device, dtype)
-        torch.set_autocast_cache_enabled(self.autocast_cache)
-        if self.cuda_device is not None:
-            torch.cuda.set_device(self.cuda_device)
+
+def _compiler_disabled(fn: Callable) -> Callable:
+    """``fn`` hidden from torch.compile (imported only when torch.compile is in use: it costs
+    seconds)."""
+    import torch._dynamo
+
+    return torch._dynamo.disable(fn, recursive=True)
+
+
+_CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")
+
+
+def _refuse_checkpointing(index: int) -> None:
+    """Refuse a BatchNorm call under activation checkpointing: its recomputation in the
+    backward pass would normalise with local statistics."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_filename.endswith(_CHECKPOINT_FILE):
+            raise UnsupportedModelError(
+                f"BatchNorm call {index} runs under activation checkpointing "
+                "(torch.utils.checkpoint), whose recomputation in the backward pass would "
+                "normalise with local statistics. Fix: turn checkpointing off for the "
+                "synchronised steps (timm: model.set_grad_checkpointing(False); or keep "
+                "BatchNorm layers out of checkpointed segments)"
+            )
+        frame = frame.f_back
 
 
 @dataclass
 class _BatchNormCall:
     """What one synchronised BatchNorm call keeps for its backward stage."""
 
-    layer: FedTANBatchNorm
     point: SyncPoint
     input: torch.Tensor  # the graph node feeding the layer; backward starts from it
     input_version: int
     mean: np.ndarray  # pooled statistics, float64
     invstd: np.ndarray
     count: float
-    gamma: Union[np.ndarray, float]  # the layer's weight as the forward used it (1 if none)
+    gamma: Union[np.ndarray, float]  # the weight as the forward used it (1 if none)
+    weight: Optional[torch.Tensor]  # leaves that take (sum g * x_hat, sum g)
+    bias: Optional[torch.Tensor]
+    eps: float
     mean_t: torch.Tensor  # ``mean`` and ``invstd`` as the forward's device tensors
     invstd_t: torch.Tensor
     cut: Optional[GradientEdge] = None  # where the output's gradient is captured
-
-
-def _channel_shape(x: torch.Tensor) -> list[int]:
-    return [1, x.shape[1]] + [1] * (x.dim() - 2)
-
-
-def _reduce_dims(x: torch.Tensor) -> list[int]:
-    return [0] + list(range(2, x.dim()))
-
-
-def _normalize(
-    x: torch.Tensor,
-    weight: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-    mean: torch.Tensor,
-    var: torch.Tensor,
-    eps: float,
-) -> torch.Tensor:
-    """``(x - mean) / sqrt(var + eps) * weight + bias`` per channel, by PyTorch's fused
-    inference-mode BatchNorm kernel: one pass, several times faster on CPU than the same
-    arithmetic as broadcast elementwise ops. Not cuDNN, which rejects ``eps`` below 1e-5."""
-    return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
-
-
-def _channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and biased variance of ``x`` (N, C, *).
-
-    On CPU, the fused statistics kernel PyTorch's own BatchNorm uses in training (so the
-    same rounding as centralised training). Elsewhere the corrected two-pass algorithm,
-    which is as accurate as ``torch.var_mean``. Half and bfloat16 inputs get float32
-    statistics, as PyTorch's own BatchNorm computes them.
-    """
-    if x.dtype in (torch.float16, torch.bfloat16):
-        x = x.float()
-    if x.device.type == "cpu":
-        return torch.batch_norm_update_stats(x, None, None, 0.0)
-    dims = _reduce_dims(x)
-    n = x.numel() // x.shape[1]
-    with torch.no_grad():
-        mean = x.sum(dims, keepdim=True).div_(n)
-        centred = x - mean
-        residual = centred.sum(dims).div_(n)  # what rounding left of the mean
-        var = centred.mul_(centred).sum(dims).div_(n).sub_(residual * residual)
-    return mean.view(-1).add_(residual), var.clamp_(min=0)
-
-
-_NUMPY_DTYPES = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16}
-
-
-def _numpy(t: torch.Tensor) -> np.ndarray:
-    """A float64 NumPy copy of a (small) tensor."""
-    if t.dtype not in _NUMPY_DTYPES:
-        t = t.float()
-    return t.numpy(force=True).astype(np.float64)
-
-
-def _vector(values: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``values`` (per-channel, one row per quantity) as one tensor: a single conversion,
-    as small ops cost more in dispatch than in work."""
-    if device.type == "cpu" and dtype in _NUMPY_DTYPES:
-        return torch.from_numpy(values.astype(_NUMPY_DTYPES[dtype]))
-    return torch.as_tensor(values, dtype=dtype, device=device)
-
-
-def _parameter_dtype(layer: FedTANBatchNorm, x: torch.Tensor) -> torch.dtype:
-    """The dtype per-channel arguments of BatchNorm kernels must have for input ``x``: the
-    layer weight's, else float32 for half and bfloat16 inputs (the mixed-precision
-    kernels), else ``x``'s."""
-    if layer.affine:
-        return layer.weight.dtype
-    if x.dtype in (torch.float16, torch.bfloat16):
-        return torch.float32
-    return x.dtype
-
 
 class SyncStep:
     """One client's synchronised forward/backward pass, resumable at each sync point.
@@ -210,9 +162,18 @@ class SyncStep:
     ----------
     model : nn.Module
         The client's model, converted with :func:`~flwr_fedtan.convert_batchnorm`.
+    model : nn.Module
+        The client's model. Every batch-statistics BatchNorm computation in its forward
+        (``nn.BatchNorm*``, ``SyncBatchNorm`` outside a process group, subclasses such as
+        timm's ``BatchNormAct2d``, hand-written layers calling ``F.batch_norm`` or
+        ``torch.batch_norm``) is synchronised; converting it with
+        :func:`~flwr_fedtan.convert_batchnorm` is optional. :func:`~flwr_fedtan.validate`
+        lists what is refused.
     forward_fn : Callable[[], torch.Tensor]
-        The client's ordinary forward code, returning the *mean* loss over its batch,
-        e.g. ``lambda: loss_fn(model(x), y)``. Do not call ``backward()`` in it.
+        The client's ordinary forward code, e.g. ``lambda: loss_fn(model(x), y)``,
+        returning the *mean* loss over its batch (its *sum* with ``reduction="sum"``), or
+        per-sample losses of shape ``(n_k, ...)`` that the step reduces itself. Do not
+        call ``backward()`` in it.
     num_examples : int
         ``n_k``, the number of samples in this client's batch.
     total_examples : Optional[int]
@@ -222,13 +183,18 @@ class SyncStep:
     seed : Optional[int]
         Seeds a private RNG stream for ``forward_fn`` (dropout, ...), so that a replay
         in another process draws the same numbers. ``None`` uses the global RNG as is.
+    reduction : str
+        The objective ``F`` over the pooled batch: ``"mean"`` (default) of the per-sample
+        losses, or their ``"sum"`` (for a loss with ``reduction="sum"``; see
+        :func:`~flwr_fedtan.losses.loss_reduction`).
 
     Notes
     -----
     Gradients accumulate into ``.grad`` like ``loss.backward()`` does; what they
-    accumulate is this client's share of ``dF/dtheta``, ``F`` being the mean loss over the
-    pooled batch, i.e. ``n_k / N`` times the gradient of the client's own mean loss
-    (:attr:`local_gradient_scale` converts back).
+    accumulate is this client's share of ``dF/dtheta``: with ``reduction="mean"``,
+    ``n_k / N`` times the gradient of the client's own mean loss
+    (:attr:`local_gradient_scale` converts back); with ``"sum"``, the gradient of the
+    client's own sum.
     """
 
     def __init__(
@@ -238,8 +204,12 @@ class SyncStep:
         num_examples: int,
         total_examples: Optional[int] = None,
         seed: Optional[int] = None,
+        reduction: str = "mean",
     ) -> None:
         check_model(model)
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        self.reduction = reduction
         if int(num_examples) <= 0:
             raise ValueError(f"num_examples must be positive, got {num_examples}")
         self.model = model
@@ -253,11 +223,8 @@ class SyncStep:
         self._calls: list[_BatchNormCall] = []
         self._num_points = 0
         self._pending: Optional[SyncPoint] = None
-        self._forward: Optional[greenlet.greenlet] = None
-        self._forward_state: Optional[_TorchThreadState] = None
+        self._forward: Optional[PausableCall] = None
         self._thread: Optional[threading.Thread] = None  # the object: idents are reused
-        self._rng_states: Optional[list[torch.Tensor]] = None
-        self._devices: Optional[list[torch.device]] = None  # CUDA devices, found lazily
         self._program = self._run()
         self._started = False
         self._finished = False
@@ -280,9 +247,9 @@ class SyncStep:
 
     @property
     def local_gradient_scale(self) -> float:
-        """``N / n_k``: turns this client's share of ``dF/dtheta`` into the gradient of its
-        own mean loss."""
-        if self.total_examples is None:
+        """Turns this client's share of ``dF/dtheta`` into the gradient of its own loss:
+        ``N / n_k`` for a mean objective, 1 for a sum."""
+        if self.total_examples is None or self.reduction == "sum":
             return 1.0
         return self.total_examples / self.num_examples
 
@@ -314,7 +281,8 @@ class SyncStep:
         if not self._finished:
             if self._thread is None or self._thread is threading.current_thread():
                 self._program.close()
-            else:  # the paused forward can only be unwound from its thread; drop it
+            elif self._forward is not None:  # a paused forward unwinds only on its thread
+                self._forward.drop()
                 self._forward = None
             self._finished = True
         self._calls = []
@@ -407,35 +375,6 @@ class SyncStep:
         self._num_points += 1
         return point
 
-    # RNG: the forward code draws from a private stream, swapped in while it runs.
-    def _swap_rng(self) -> None:
-        """Exchange the global RNG states with the step's private ones (seeding at first)."""
-        if self._seed is None:
-            return
-        if self._devices is None:
-            self._devices = sorted(
-                {p.device for p in self.model.parameters() if p.device.type == "cuda"}, key=str
-            )
-        current = [torch.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in self._devices]
-        if self._rng_states is None:
-            torch.random.default_generator.manual_seed(self._seed)
-            for d in self._devices:
-                with torch.cuda.device(d):
-                    torch.cuda.manual_seed(self._seed)
-        else:
-            torch.set_rng_state(self._rng_states[0])
-            for d, state in zip(self._devices, self._rng_states[1:]):
-                torch.cuda.set_rng_state(state, d)
-        self._rng_states = current
-
-    @contextmanager
-    def _private_rng(self) -> Iterator[None]:
-        self._swap_rng()
-        try:
-            yield
-        finally:
-            self._swap_rng()
-
     def _check_thread(self) -> None:
         if self._thread is not None and self._thread is not threading.current_thread():
             raise StepProtocolError(
@@ -444,55 +383,51 @@ class SyncStep:
                 "in this thread instead"
             )
 
-    def _forward_body(self, _: object) -> tuple:
-        """The forward code, run in the step's greenlet; returns how it ended."""
-        _set_active_step(self)  # a context variable: this greenlet's own context
-        try:
-            with torch.enable_grad(), self._private_rng():
-                loss = self._forward_fn()
-            return ("done", loss)
-        except _Aborted:
-            return ("aborted",)
-        except BaseException as error:  # handed to the caller
-            return ("error", error)
-        finally:
-            _set_active_step(None)
-
-    def _switch_to_forward(self, value: object) -> tuple:
-        """Run the forward until its next pause (or its end); return its message."""
-        forward = self._forward
-        assert forward is not None
-        caller_state = _TorchThreadState.capture()
-        forward.parent = greenlet.getcurrent()
-        if self._forward_state is not None and self._forward_state != caller_state:
-            self._forward_state.restore()
-        try:
-            message = forward.switch(value)
-        finally:
-            self._forward_state = _TorchThreadState.capture() if not forward.dead else None
-            if self._forward_state != caller_state:
-                caller_state.restore()
-        return message
+    def _forward_body(self) -> torch.Tensor:
+        """The forward code, run as the step's :class:`~.pause.PausableCall`."""
+        with _BatchNormInterceptor(self), torch.enable_grad():
+            loss = self._forward_fn()
+            return reduce_loss(loss, self.num_examples, self.reduction)
 
     def _pause_forward(self, point: SyncPoint, payload: Aggregate) -> Aggregate:
-        """Called in the forward greenlet: hand ``payload`` out, wait for the aggregate."""
+        """Called in the forward: hand ``payload`` out, wait for the aggregate."""
         if torch.is_inference_mode_enabled():
             raise RuntimeError(
                 "a synchronised step cannot run under torch.inference_mode(): BatchNorm "
                 f"call {point.call} needs autograd for its backward sync point"
             )
-        self._swap_rng()
-        reply = greenlet.getcurrent().parent.switch(("sync", point, payload))
-        self._swap_rng()
-        if reply is _ABORT:
-            raise _Aborted()
-        return reply  # type: ignore[return-value]
+        assert self._forward is not None
+        return self._forward.pause((point, payload))  # type: ignore[return-value]
 
-    def sync_forward(self, layer: FedTANBatchNorm, x: torch.Tensor) -> torch.Tensor:
-        """Forward of one synchronised BatchNorm call (runs in the step's greenlet)."""
-        local = _numpy(torch.stack(_channel_moments(x.detach())))
+    def _cuda_devices(self) -> list[torch.device]:
+        return sorted({p.device for p in self.model.parameters() if p.device.type == "cuda"}, key=str)
+
+    def sync_batch_norm(
+        self,
+        x: torch.Tensor,
+        running_mean: Optional[torch.Tensor],
+        running_var: Optional[torch.Tensor],
+        weight: Optional[torch.Tensor],
+        bias: Optional[torch.Tensor],
+        momentum: float,
+        eps: float,
+    ) -> torch.Tensor:
+        """One batch-statistics BatchNorm call (``F.batch_norm(..., training=True)``), with
+        the statistics of the pooled batch (runs in the step's forward)."""
+        index = len(self._calls)
+        if x.dim() < 2:
+            raise ValueError(f"BatchNorm call {index}: expected at least 2D input (got {x.dim()}D input)")
+        for name, tensor in (("weight", weight), ("bias", bias)):
+            if tensor is not None and tensor.requires_grad and tensor.grad_fn is not None:
+                raise UnsupportedModelError(
+                    f"BatchNorm call {index}: its {name} is computed in the forward (not a leaf "
+                    "tensor such as a Parameter); FedTAN adds that call's gradient to the leaf "
+                    f"directly. Fix: pass the {name} Parameter itself to F.batch_norm"
+                )
+        _refuse_checkpointing(index)
+        local = bn_ops.to_numpy(torch.stack(bn_ops.channel_moments(x.detach())))
         count = x.numel() // x.shape[1]
-        point = self._new_point("forward", len(self._calls), x.shape[1])
+        point = self._new_point("forward", index, x.shape[1])
         payload = ForwardStats(
             count=float(count), num_examples=self.num_examples, mean=local[0], var=local[1]
         )
@@ -500,7 +435,7 @@ class SyncStep:
         if self.total_examples is None:
             self.total_examples = int(pooled.num_examples)
         total = float(pooled.count)
-        if layer.training and layer.track_running_stats and total <= 1:
+        if total <= 1:
             raise ValueError(
                 f"Expected more than 1 value per channel in the pooled batch when training, "
                 f"got input size {tuple(x.shape)} and pooled count {total:g}"
@@ -509,66 +444,52 @@ class SyncStep:
         # would cost more in dispatch than in arithmetic.
         mu = np.asarray(pooled.mean, dtype=np.float64)
         pooled_var = np.asarray(pooled.var, dtype=np.float64)
-        invstd = 1.0 / np.sqrt(pooled_var + layer.eps)
-        unbiased = pooled_var * (total / (total - 1)) if total > 1 else pooled_var
-        mean_t, var_t, unbiased_t, invstd_t = _vector(
-            np.array([mu, pooled_var, unbiased, invstd]), _parameter_dtype(layer, x), x.device
+        invstd = 1.0 / np.sqrt(pooled_var + eps)
+        unbiased = pooled_var * (total / (total - 1))
+        mean_t, var_t, unbiased_t, invstd_t = bn_ops.to_vector(
+            np.array([mu, pooled_var, unbiased, invstd]), bn_ops.parameter_dtype(weight, x), x.device
         ).unbind()
-        self._update_running_stats(layer, mean_t, unbiased_t)
-        if layer.affine:
-            gamma: Union[np.ndarray, float] = _numpy(layer.weight)
-            weight, bias = layer.weight.detach(), layer.bias.detach()
-        else:
-            gamma, weight, bias = 1.0, None, None
-        call = _BatchNormCall(layer, point, x, x._version, mu, invstd, total, gamma, mean_t, invstd_t)
+        # What F.batch_norm does to the running statistics, with the pooled batch's.
+        with torch.no_grad():
+            for running, value in ((running_mean, mean_t), (running_var, unbiased_t)):
+                if running is not None:
+                    running.lerp_(value.to(running.dtype), momentum)
+        gamma: Union[np.ndarray, float] = 1.0 if weight is None else bn_ops.to_numpy(weight)
+        weight_d = None if weight is None else weight.detach()
+        bias_d = None if bias is None else bias.detach()
+        call = _BatchNormCall(
+            point, x, x._version, mu, invstd, total, gamma, weight, bias, eps, mean_t, invstd_t
+        )
         self._calls.append(call)
         if not torch.is_grad_enabled():
-            return _normalize(x.detach(), weight, bias, mean_t, var_t, layer.eps)
+            return bn_ops.normalize(x.detach(), weight_d, bias_d, mean_t, var_t, eps)
         # The output must be an autograd node whose incoming gradient the backward can
         # capture (see StagedBackward), without a path back to x or the parameters: it
         # hangs from a private leaf, the bias (or a zero bias) detached from the layer.
         # Nothing else reaches that leaf, so the node itself never runs.
-        anchor = bias if bias is not None else torch.zeros_like(mean_t)
-        output = _normalize(x.detach(), weight, anchor.requires_grad_(), mean_t, var_t, layer.eps)
+        anchor = bias_d if bias_d is not None else torch.zeros_like(mean_t)
+        output = bn_ops.normalize(x.detach(), weight_d, anchor.requires_grad_(), mean_t, var_t, eps)
         call.cut = get_gradient_edge(output)
         return output
 
-    @staticmethod
-    def _update_running_stats(
-        layer: FedTANBatchNorm, mean: torch.Tensor, unbiased_var: torch.Tensor
-    ) -> None:
-        if not (layer.training and layer.track_running_stats):
-            return
-        layer.num_batches_tracked.add_(1)
-        if layer.momentum is None:
-            factor = 1.0 / float(layer.num_batches_tracked)
-        else:
-            factor = layer.momentum
-        for running, value in ((layer.running_mean, mean), (layer.running_var, unbiased_var)):
-            running.lerp_(value.to(running.dtype), factor)
-
     def _run(self) -> Iterator[SyncRequest]:
         """The step as a generator: yields requests, receives aggregates."""
-        self._forward = greenlet.greenlet(self._forward_body)
-        message: tuple = ("starting",)
+        rng = None if self._seed is None else PrivateRNG(self._seed, self._cuda_devices)
+        self._forward = forward = PausableCall(self._forward_body, rng)
         try:
-            message = self._switch_to_forward(None)
-            while message[0] == "sync":
-                aggregate = yield message[1], message[2]
-                message = self._switch_to_forward(aggregate)
-            if message[0] == "error":
-                raise message[1]
-            loss = message[1]
+            kind, value = forward.switch_in(None)
+            while kind == "pause":
+                aggregate = yield value
+                kind, value = forward.switch_in(aggregate)
+            if kind == "error":
+                raise value
+            loss = value
         finally:
-            if self._forward is not None and self._forward and not self._forward.dead:
-                self._switch_to_forward(_ABORT)  # unwind the paused forward's frames
+            forward.abort()  # unwinds a forward still paused (the step was closed early)
             self._forward = None
-            self._forward_state = None
         yield from self._backward(loss)
 
     def _backward(self, loss: torch.Tensor) -> Iterator[SyncRequest]:
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise TypeError("forward_fn must return the mean loss as a scalar tensor")
         if self.total_examples is None:
             self.total_examples = self.num_examples
         self.loss = float(loss.detach())
@@ -577,7 +498,7 @@ class SyncStep:
                 "the loss of a synchronised step does not require grad: do not run the "
                 "step under torch.no_grad(), and make sure the model has trainable parameters"
             )
-        share = self.num_examples / self.total_examples
+        share = self.num_examples / self.total_examples if self.reduction == "mean" else 1.0
         calls = list(reversed(self._calls))
         staged = StagedBackward(
             loss,
@@ -600,52 +521,35 @@ class SyncStep:
                 f"the input of BatchNorm call {call.point.call} was modified in place after "
                 "the layer used it; FedTAN needs it unchanged for the backward pass"
             )
-        layer = call.layer
         g = staged.cut_gradient(stage - 1)
         # An output no loss reached (used under no_grad, or unused) leaves gradients
         # untouched, as in centralised training, unless other clients' sums say otherwise.
         reached = g is not None
         if g is None:
             g = torch.zeros_like(x)
-        # Local sums (sum g, sum g * x_hat) with x_hat from the pooled statistics: PyTorch's
-        # fused BatchNorm backward returns exactly these as grad_bias and grad_weight.
-        _, sum_gxhat, sum_g = torch.ops.aten.native_batch_norm_backward(
-            g, x.detach(), None, None, None, call.mean_t, call.invstd_t, True, layer.eps,
-            [False, True, True],
-        )
-        sums = _numpy(torch.stack([sum_g, sum_gxhat]))
+        sum_g, sum_gxhat = bn_ops.local_backward_sums(g, x, call.mean_t, call.invstd_t, call.eps)
+        sums = bn_ops.to_numpy(torch.stack([sum_g, sum_gxhat]))
         local = BackwardSums(sum_grad=sums[0], sum_grad_xhat=sums[1])
         point = self._new_point("backward", call.point.call, x.shape[1])
         total: BackwardSums = yield point, local  # type: ignore[misc]
 
-        if layer.affine and reached:
-            self._accumulate(layer.weight, sum_gxhat)
-            self._accumulate(layer.bias, sum_g)
+        if reached:
+            if call.weight is not None:
+                self._accumulate(call.weight, sum_gxhat)
+            if call.bias is not None:
+                self._accumulate(call.bias, sum_g)
         if x.requires_grad and not (reached or total.sum_grad.any() or total.sum_grad_xhat.any()):
             staged.run_stage(stage, None)  # still passes on what earlier stages left below
         elif x.requires_grad:
-            # dF/dx = gamma * invstd * (g - S1/M - x_hat * S2/M), per channel
-            #       = a * g + b * (x - mu) + c
-            a = call.gamma * call.invstd
-            b = -a * call.invstd * np.asarray(total.sum_grad_xhat, np.float64) / call.count
-            c = -a * np.asarray(total.sum_grad, np.float64) / call.count
-            # = a * g + b * x + (c - b * mu): one pass fewer over the activations. Folding mu
-            # into the constant rounds like x itself does (|b * mu| ~ |b * x|), so it is as
-            # accurate as PyTorch's own BatchNorm backward in float32, whatever the mean.
-            # b * x + (c - b * mu) as a BatchNorm with unit variance and eps 0 (exactly
-            # x * b + (c - b * mu) in its kernel), the fastest per-channel affine map on CPU.
-            a_, b_, c_, zero, one = _vector(
-                np.array([a, b, c - b * call.mean, np.zeros_like(a), np.ones_like(a)]),
-                call.mean_t.dtype,
-                x.device,
-            ).unbind()
-            grad_input = _normalize(x.detach(), b_, c_, zero, one, 0.0)
-            grad_input.addcmul_(g, a_.view(_channel_shape(x)))
+            grad_input = bn_ops.input_gradient(
+                x, g, call.gamma, call.mean, call.invstd, call.count,
+                total.sum_grad, total.sum_grad_xhat, call.mean_t.dtype,
+            )
             staged.run_stage(stage, grad_input)
         call.input = None  # type: ignore[assignment]
 
     @staticmethod
-    def _accumulate(param: nn.Parameter, value: torch.Tensor) -> None:
+    def _accumulate(param: torch.Tensor, value: torch.Tensor) -> None:
         """Add ``value`` (a fresh tensor) to ``param.grad`` as autograd would."""
         if not param.requires_grad:
             return

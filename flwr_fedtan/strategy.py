@@ -18,7 +18,7 @@ from flwr.supercore import log
 
 from . import schema, secure
 from .aggregation import PayloadError, aggregate_arrays, check_arrays, pool_forward_stats, sum_backward_sums
-from .training import derive_seed
+from .seeds import derive_seed
 
 __all__ = ["FedTAN"]
 

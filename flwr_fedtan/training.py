@@ -16,21 +16,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from .losses import loss_reduction, reduce_loss
+from .seeds import derive_seed
 from .step import Aggregate, SyncRequest, SyncStep
 
 __all__ = ["ClientRound", "derive_seed"]
 
 BatchSampler = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-
-
-def derive_seed(*parts: int) -> int:
-    """A 31-bit seed mixed from integers (e.g. round seed, node id, step index)."""
-    words = []
-    for part in parts:
-        part = int(part)
-        words.extend([part & 0xFFFFFFFF, (part >> 32) & 0xFFFFFFFF])
-    return int(np.random.SeedSequence(words).generate_state(1)[0] & 0x7FFFFFFF)
 
 
 class ClientRound:
@@ -43,7 +36,9 @@ class ClientRound:
     sample_batch : Callable[[int], tuple[Tensor, Tensor]]
         Returns the ``(inputs, targets)`` batch for a seed, on the model's device.
     loss_fn : Callable[[Tensor, Tensor], Tensor]
-        Mean loss of a batch.
+        ``loss_fn(outputs, targets)``: the mean loss of a batch, or per-sample losses
+        (``reduction="none"``), or the batch's sum for a loss module declaring
+        ``reduction="sum"`` (see :mod:`flwr_fedtan.losses`).
     make_optimizer : Callable[[Iterable[Parameter]], Optimizer]
         Builds the round's optimiser (a fresh one every round, as in FedAvg).
     sync_steps : int
@@ -72,6 +67,7 @@ class ClientRound:
         self.model = model
         self.sample_batch = sample_batch
         self.loss_fn = loss_fn
+        self.reduction = loss_reduction(loss_fn)
         self._make_optimizer = make_optimizer
         self._optimizer: Optional[torch.optim.Optimizer] = None
         self.sync_steps = sync_steps
@@ -145,7 +141,7 @@ class ClientRound:
         for s in range(self.sync_steps, self.local_steps):
             inputs, targets = self.sample_batch(derive_seed(self.seed, s))
             self._clear_gradients()
-            loss = self.loss_fn(self.model(inputs), targets)
+            loss = reduce_loss(self.loss_fn(self.model(inputs), targets), int(inputs.shape[0]), self.reduction)
             loss.backward()
             self.optimizer.step()
             self.losses.append(float(loss.detach()))
@@ -184,6 +180,7 @@ class ClientRound:
                 lambda: loss_fn(model(inputs), targets),
                 num_examples=int(inputs.shape[0]),
                 seed=step_seed,
+                reduction=self.reduction,
             )
             self.step_index = index
             request = self._step.start()

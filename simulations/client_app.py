@@ -1,7 +1,8 @@
 """The app's ClientApp: one app for every method of the run-config key ``strategy``.
 
-- ``fedtan`` and ``fedavg``: :func:`flwr_fedtan.fedtan_client_app` (``train.fedtan``
-  rounds, ordinary ``train`` and ``evaluate``), unchanged;
+- ``train.fedtan`` (FedTAN's rounds): the handler :func:`flwr_fedtan.add_fedtan` adds;
+- ``fedtan`` and ``fedavg``: ``train`` and ``evaluate`` of
+  :func:`flwr_fedtan.fedtan_client_app` (FedTAN's batch sampling and metric names);
 - ``fedbn``, ``silobn``, ``fixbn``, ``fedgn``, ``centralised``: ``train`` and ``evaluate``
   are served by :mod:`simulations.baselines` (local BatchNorm entries in
   ``context.state``, frozen statistics, GroupNorm model, pooled data).
@@ -12,7 +13,7 @@ from __future__ import annotations
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from flwr_fedtan import FedTANClient, fedtan_client_app, schema
+from flwr_fedtan import FedTANClient, add_fedtan, fedtan_client_app
 
 from . import baselines
 from .task import make_client
@@ -26,19 +27,14 @@ def client_fn(context: Context) -> FedTANClient:
 
 
 fedtan_app = fedtan_client_app(client_fn)
-"""FedTAN's own ClientApp: serves FedTAN's rounds and Flower's FedAvg, exactly as before."""
+"""FedTAN's own ClientApp, whose ``train`` and ``evaluate`` serve FedTAN and FedAvg runs."""
 
 app = ClientApp()
+add_fedtan(app, client_fn)  # train.fedtan: FedTAN's rounds
 
 
 def _served_by_baselines(context: Context) -> bool:
     return "strategy" in context.run_config and baselines.method_spec(context.run_config).baseline_client
-
-
-@app.train(schema.ACTION)
-def fedtan_train(msg: Message, context: Context) -> Message:
-    """A FedTAN exchange (message type ``train.fedtan``)."""
-    return fedtan_app(msg, context)
 
 
 @app.train()

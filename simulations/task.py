@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 from typing import Any, Mapping
 
 import numpy as np
@@ -12,18 +11,18 @@ from torch.utils.data import TensorDataset
 
 from flwr_fedtan import FedTANClient
 
-from .data import cached_partition_indices, load_dataset
+from .datasets import DATASET_SPECS, load_dataset
 from .models import build_model
-
-DATASET_SHAPES = {"fashion-mnist": (1, 10), "mnist": (1, 10), "cifar10": (3, 10), "synthetic": (1, 10)}
+from .partitions import dataset_partitions
 
 
 def dataset_info(name: str) -> tuple[int, int]:
     """(input channels, classes) of a dataset name."""
     try:
-        return DATASET_SHAPES[name]
+        spec = DATASET_SPECS[name]
     except KeyError:
-        raise ValueError(f"unknown dataset {name!r}; choose from {sorted(DATASET_SHAPES)}") from None
+        raise ValueError(f"unknown dataset {name!r}; choose from {sorted(DATASET_SPECS)}") from None
+    return spec.channels, spec.num_classes
 
 
 def model_from_config(config: Mapping[str, Any], norm: str = "bn") -> torch.nn.Module:
@@ -32,17 +31,11 @@ def model_from_config(config: Mapping[str, Any], norm: str = "bn") -> torch.nn.M
     return build_model(str(config["model"]), num_classes=classes, in_channels=channels, norm=norm)
 
 
-def _data_dir(config: Mapping[str, Any]) -> str | None:
-    value = str(config.get("data-dir", "") or "")
-    return value or None
-
-
-@lru_cache(maxsize=8)
-def _partitions(dataset: str, data_dir: str | None, num_partitions: int, scheme: str, seed: int,
-                classes_per_partition: int, alpha: float) -> list:
-    _, labels = load_dataset(dataset, split="train", data_dir=data_dir)
-    return cached_partition_indices(labels, num_partitions, scheme, seed=seed,
-                                    classes_per_partition=classes_per_partition, alpha=alpha)
+def data_location(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``data_dir`` and ``sources`` for :func:`simulations.datasets.load_dataset` from the
+    run config's ``data-dir`` and ``data-sources`` (empty: the defaults)."""
+    return {"data_dir": str(config.get("data-dir", "") or "") or None,
+            "sources": str(config.get("data-sources", "") or "") or None}
 
 
 def classes_per_client(config: Mapping[str, Any], num_partitions: int) -> int:
@@ -55,13 +48,14 @@ def classes_per_client(config: Mapping[str, Any], num_partitions: int) -> int:
 
 def _partitioned_train_set(
     config: Mapping[str, Any], num_partitions: int
-) -> tuple[torch.Tensor, torch.Tensor, list]:
+) -> tuple[torch.Tensor, torch.Tensor, tuple]:
     """The training images and labels, and the clients' index arrays, per the run config."""
-    dataset, data_dir = str(config["dataset"]), _data_dir(config)
-    images, labels = load_dataset(dataset, split="train", data_dir=data_dir)
-    parts = _partitions(dataset, data_dir, int(num_partitions), str(config["partitioning"]),
-                        int(config.get("seed", 0)), classes_per_client(config, int(num_partitions)),
-                        float(config.get("dirichlet-alpha", 0.5)))
+    dataset, location = str(config["dataset"]), data_location(config)
+    images, labels = load_dataset(dataset, split="train", **location)
+    parts = dataset_partitions(dataset, int(num_partitions), str(config["partitioning"]), split="train",
+                               seed=int(config.get("seed", 0)),
+                               classes_per_partition=classes_per_client(config, int(num_partitions)),
+                               alpha=float(config.get("dirichlet-alpha", 0.5)), **location)
     return images, labels, parts
 
 
@@ -85,7 +79,7 @@ def pooled_dataset(config: Mapping[str, Any], num_partitions: int) -> TensorData
 
 def test_dataset(config: Mapping[str, Any]) -> TensorDataset:
     """The centralised test set."""
-    images, labels = load_dataset(str(config["dataset"]), split="test", data_dir=_data_dir(config))
+    images, labels = load_dataset(str(config["dataset"]), split="test", **data_location(config))
     return TensorDataset(images, labels)
 
 
@@ -109,8 +103,6 @@ def in_process_fedtan(config: Mapping[str, Any], num_partitions: int, num_rounds
     Same initial model, data partitions, batch seeds and plain-SGD steps as
     ``flwr run .`` with ``strategy = "fedtan"``; returns the final global arrays.
     """
-    import numpy as np
-
     from flwr_fedtan import convert_batchnorm
     from flwr_fedtan.reference import fedtan_round_in_process
     from flwr_fedtan.training import derive_seed

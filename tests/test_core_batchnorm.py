@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from flwr_fedtan import FedTANBatchNorm, SyncStep, UnsupportedModelError, convert_batchnorm
-from flwr_fedtan.batchnorm import check_model
+from flwr_fedtan.batchnorm import check_model, validate
 
 from tests._models import MODELS, bn_modules, build, single_thread  # noqa: F401 (autouse fixture)
 
@@ -170,13 +170,36 @@ def test_convert_single_layer_and_idempotent():
     assert not convert_batchnorm(bn).training
 
 
-def test_check_model_rejects_unconverted_bn():
-    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
-    with pytest.raises(UnsupportedModelError, match="not converted"):
-        check_model(model)
-    with pytest.raises(UnsupportedModelError, match="1"):
+def test_validate_lists_every_issue_with_module_names_and_fixes():
+    class ManualNorm(nn.BatchNorm2d):  # normalises by hand: nothing to intercept
+        def forward(self, x):
+            return (x - x.mean((0, 2, 3), keepdim=True)) / x.std((0, 2, 3), keepdim=True)
+
+    class Backbone(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.grad_checkpointing = True  # timm's switch
+            self.norm = nn.BatchNorm1d(4)
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.LazyBatchNorm1d())
+    model.add_module("manual", ManualNorm(4))
+    model.add_module("backbone", Backbone())
+    loss = nn.CrossEntropyLoss(weight=torch.ones(4))
+    issues = validate(model, loss)
+    assert [i.module for i in issues] == ["2", "manual", "backbone", "loss_fn"]
+    assert "uninitialised" in issues[0].problem and "forward pass" in issues[0].fix
+    assert "F.batch_norm" in issues[1].problem and "functional.batch_norm" in issues[1].fix
+    assert "checkpointing" in issues[2].problem and "set_grad_checkpointing(False)" in issues[2].fix
+    assert "weight" in issues[3].problem and "reduction='sum'" in issues[3].fix
+    with pytest.raises(UnsupportedModelError) as raised:
+        validate(model, loss, strict=True)
+    message = str(raised.value)
+    assert "4 issues" in message and "- 2:" in message and "- manual:" in message
+    assert raised.value.issues == issues
+    with pytest.raises(UnsupportedModelError, match="manual"):
         SyncStep(model, lambda: model(torch.randn(4, 3)).sum(), num_examples=4)
-    check_model(nn.Linear(2, 2))  # no BN is fine
+    # Unconverted BatchNorm layers and their subclasses calling F.batch_norm are fine.
+    assert validate(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), nn.CrossEntropyLoss(), strict=True) == []
 
 
 def test_lazy_batchnorm():
@@ -188,12 +211,16 @@ def test_lazy_batchnorm():
     assert isinstance(model[1], FedTANBatchNorm) and model[1].num_features == 4
 
 
-def test_unknown_subclass_of_batchnorm_base():
+def test_subclasses_are_kept_by_conversion():
     from torch.nn.modules.batchnorm import _BatchNorm
 
     class Custom(_BatchNorm):
         def _check_input_dim(self, input):
             pass
 
-    with pytest.raises(UnsupportedModelError, match="Custom"):
-        convert_batchnorm(nn.Sequential(Custom(3)))
+    class WithActivation(nn.BatchNorm2d):
+        def forward(self, x):
+            return torch.relu(super().forward(x))
+
+    model = convert_batchnorm(nn.Sequential(Custom(3), WithActivation(3)))
+    assert type(model[0]) is Custom and type(model[1]) is WithActivation

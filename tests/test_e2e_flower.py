@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 import time
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +21,6 @@ import pytest
 import torch
 
 from simulations.flower_processes import FlowerProcesses
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 pytestmark = pytest.mark.slow
 

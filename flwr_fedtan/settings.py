@@ -1,0 +1,146 @@
+"""The one place where flwr-fedtan reads environment variables.
+
+Every option is an argument with a documented default (``fedtan_client_app(client_fn,
+replay_store=..., state_dir=..., max_live_rounds=...)`` and the same on
+:func:`~flwr_fedtan.add_fedtan`). An environment variable, when set to a non-empty value,
+**overrides** the argument: an operator can change a deployed app's behaviour (a Ray
+cluster's workers, a SuperNode's machine) without editing its code. When an override
+replaces an argument given explicitly with a different value, a warning says so once.
+
+==============================  =======================================  ==========================================
+variable                        overrides                                default without either
+==============================  =======================================  ==========================================
+``FEDTAN_REPLAY_STORE``         ``replay_store`` (``disk``/``context``)  ``"disk"``
+``FEDTAN_STATE_DIR``            ``state_dir``                            ``$XDG_RUNTIME_DIR/flwr-fedtan``, else
+                                                                         ``<tempdir>/flwr-fedtan-<uid>``
+``FEDTAN_MAX_LIVE_ROUNDS``      ``max_live_rounds``                      ``16``
+``FEDTAN_STATE_MAX_AGE_HOURS``  the replay store's ``max_age_hours``     ``24`` (hours before a run's replay folder
+                                                                         counts as left behind)
+==============================  =======================================  ==========================================
+
+The values are read when a message is handled, not when the app is built, so they are
+those of the process that handles it (a Ray actor inherits the SuperLink's environment).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+__all__ = [
+    "DEFAULT_MAX_LIVE_ROUNDS",
+    "DEFAULT_REPLAY_STORE",
+    "DEFAULT_STATE_MAX_AGE_HOURS",
+    "MAX_LIVE_ROUNDS_ENV",
+    "REPLAY_STORES",
+    "REPLAY_STORE_ENV",
+    "STATE_DIR_ENV",
+    "STATE_MAX_AGE_ENV",
+    "check_max_live_rounds",
+    "check_replay_store",
+    "default_state_dir",
+    "max_live_rounds",
+    "replay_store",
+    "state_dir",
+    "state_max_age_hours",
+]
+
+log = logging.getLogger(__name__)
+
+REPLAY_STORE_ENV = "FEDTAN_REPLAY_STORE"
+STATE_DIR_ENV = "FEDTAN_STATE_DIR"
+MAX_LIVE_ROUNDS_ENV = "FEDTAN_MAX_LIVE_ROUNDS"
+STATE_MAX_AGE_ENV = "FEDTAN_STATE_MAX_AGE_HOURS"
+
+REPLAY_STORES = ("disk", "context")
+DEFAULT_REPLAY_STORE = "disk"
+DEFAULT_MAX_LIVE_ROUNDS = 16
+DEFAULT_STATE_MAX_AGE_HOURS = 24.0
+
+_warned: set[tuple[str, str, str]] = set()
+
+
+def _override(variable: str, argument: object) -> Optional[str]:
+    """The variable's value if set and non-empty (warning once if it replaces a different
+    explicit argument), else ``None``."""
+    value = os.environ.get(variable, "").strip()
+    if not value:
+        return None
+    if argument is not None and str(argument) != value and (variable, value, str(argument)) not in _warned:
+        _warned.add((variable, value, str(argument)))
+        log.warning("%s=%s overrides the argument %r given in the code", variable, value, argument)
+    return value
+
+
+def check_replay_store(store: Optional[str], source: str = "replay_store") -> Optional[str]:
+    """``store`` if it is ``None`` or one of :data:`REPLAY_STORES`, else ``ValueError``."""
+    if store is not None and store not in REPLAY_STORES:
+        raise ValueError(f"{source} must be one of {REPLAY_STORES}, got {store!r}")
+    return store
+
+
+def check_max_live_rounds(limit: Optional[int], source: str = "max_live_rounds") -> Optional[int]:
+    """``limit`` if it is ``None`` or an integer >= 0, else ``ValueError``."""
+    if limit is None:
+        return None
+    try:
+        value = int(limit)
+    except (TypeError, ValueError):
+        raise ValueError(f"{source} must be an integer >= 0, got {limit!r}") from None
+    if value < 0 or (isinstance(limit, float) and not limit.is_integer()):
+        raise ValueError(f"{source} must be an integer >= 0, got {limit!r}")
+    return value
+
+
+def replay_store(argument: Optional[str] = None) -> str:
+    """Where a round's starting weights are kept: ``FEDTAN_REPLAY_STORE``, else
+    ``argument``, else ``"disk"``."""
+    check_replay_store(argument)
+    value = _override(REPLAY_STORE_ENV, argument)
+    if value is not None:
+        return check_replay_store(value, source=REPLAY_STORE_ENV)  # type: ignore[return-value]
+    return argument or DEFAULT_REPLAY_STORE
+
+
+def default_state_dir() -> Path:
+    """Node-local, private to this user: :func:`flwr_fedtan.private_files.default_base`."""
+    from .private_files import default_base
+
+    return default_base()
+
+
+def state_dir(argument: Optional[Union[str, os.PathLike]] = None) -> Path:
+    """The folder of node-local replay files: ``FEDTAN_STATE_DIR``, else ``argument``,
+    else :func:`default_state_dir`."""
+    value = _override(STATE_DIR_ENV, None if argument is None else os.fspath(argument))
+    if value is not None:
+        return Path(value)
+    return Path(argument) if argument is not None else default_state_dir()
+
+
+def max_live_rounds(argument: Optional[int] = None) -> int:
+    """How many paused rounds a process keeps in memory: ``FEDTAN_MAX_LIVE_ROUNDS``,
+    else ``argument``, else 16. ``0`` keeps none (every message replays)."""
+    check_max_live_rounds(argument)
+    value = _override(MAX_LIVE_ROUNDS_ENV, argument)
+    if value is not None:
+        return check_max_live_rounds(value, source=MAX_LIVE_ROUNDS_ENV)  # type: ignore[return-value]
+    return DEFAULT_MAX_LIVE_ROUNDS if argument is None else int(argument)
+
+
+def state_max_age_hours(argument: Optional[float] = None) -> float:
+    """Hours after which a run's replay folder counts as left behind:
+    ``FEDTAN_STATE_MAX_AGE_HOURS``, else ``argument``, else 24."""
+    value = _override(STATE_MAX_AGE_ENV, argument)
+    if value is not None:
+        try:
+            hours = float(value)
+        except ValueError:
+            raise ValueError(f"{STATE_MAX_AGE_ENV} must be a number of hours, got {value!r}") from None
+    else:
+        hours = DEFAULT_STATE_MAX_AGE_HOURS if argument is None else argument
+    if not hours > 0:
+        raise ValueError(f"the age of a stale run folder must be positive hours, got {hours!r}")
+    return float(hours)

@@ -1,0 +1,1 @@
+"""dropin: a Flower / PyTorch app (test fixture of flwr-fedtan)."""

@@ -1,0 +1,42 @@
+"""dropin: a Flower / PyTorch app."""
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from flwr_fedtan import FedTAN
+
+from dropin.task import Net
+
+# Create ServerApp
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Main entry point for the ServerApp."""
+
+    # Read run config
+    fraction_train: float = context.run_config["fraction-train"]
+    num_rounds: int = context.run_config["num-server-rounds"]
+    lr: float = context.run_config["lr"]
+
+    # Load global model
+    torch.manual_seed(context.run_config["seed"])
+    global_model = Net()
+    arrays = ArrayRecord(global_model.state_dict())
+
+    # Initialize the strategy
+    strategy = FedTAN(fraction_train=fraction_train)
+
+    # Start the strategy, run `num_rounds` rounds
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=arrays,
+        train_config=ConfigRecord({"lr": lr}),
+        num_rounds=num_rounds,
+    )
+
+    # Save final model to disk
+    print("\nSaving final model to disk...")
+    state_dict = result.arrays.to_torch_state_dict()
+    torch.save(state_dict, context.run_config["final-model"])
