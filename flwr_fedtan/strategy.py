@@ -162,7 +162,8 @@ class FedTAN(Strategy):
     **Repeat offenders.** A node dropped in ``quarantine_after`` consecutive rounds sits out
     the next round; each further consecutive failure doubles its time out (1, 2, 4, ...
     rounds, at most ``max_quarantine_rounds``), and one round completed without a drop
-    clears its record. So a node that fails the same way every round (e.g. data holding NaN)
+    clears its record. A round in which no client got through charges nobody (the cause is
+    then unlikely to be one node). So a node that fails the same way every round (e.g. data holding NaN)
     costs a restart in a shrinking fraction of the rounds instead of in every round, and
     still gets retried. Nodes sitting out are removed from the wrapped strategy's sample and
     logged.
@@ -458,7 +459,7 @@ class FedTAN(Strategy):
             params = ArrayRecord({k: v for k, v in status.arrays.items() if not self.is_buffer(k)})  # type: ignore[union-attr]
             content = RecordDict({self.arrayrecord_key: params, "metrics": metrics})
             wrapped_replies.append(Message(content=content, metadata=by_node[node].metadata))
-        self._update_failures(round_)
+        self._update_failures(round_, completed=bool(contributions))
         if not contributions:
             return None, self._skipped(round_)
         aggregated, metrics = self.strategy.aggregate_train(server_round, wrapped_replies)
@@ -500,9 +501,11 @@ class FedTAN(Strategy):
                 seed = self.round_seed(round_.server_round, attempt)
                 replies = self._synchronised_round(grid, round_, participants, seed)
             except _Restart:
-                round_.ledger.restarts += 1
                 failed = [n for n in participants if n in round_.ledger.dropped]
                 participants = [n for n in participants if n not in round_.ledger.dropped]
+                if len(participants) < self.min_train_nodes or attempt == self.max_restarts:
+                    break
+                round_.ledger.restarts += 1
                 log(WARNING, "Round %d: restarting the synchronised step with %d clients (without %s)",
                     round_.server_round, len(participants),
                     "; ".join(f"node {n}: {round_.ledger.dropped[n]}" for n in failed))
@@ -614,6 +617,8 @@ class FedTAN(Strategy):
         for mid in pending:
             self._drop(round_, message_ids[mid], f"no reply within {self.exchange_timeout:g}s")
         statuses: dict[int, schema.Status] = {}
+        # Node order, not arrival order: sums over clients are then bitwise reproducible.
+        replies = dict(sorted(replies.items()))
         for node, reply in replies.items():
             if reply.has_error():
                 self._drop(round_, node, f"error reply: {reply.error.reason}")
@@ -699,7 +704,9 @@ class FedTAN(Strategy):
             server_round, node, record.consecutive, record.reason, record.benched_through + 1)
         return True
 
-    def _update_failures(self, round_: _Round) -> None:
+    def _update_failures(self, round_: _Round, completed: bool) -> None:
+        if not completed:  # nobody got through: not evidence against any one node
+            return
         for node in round_.contents:
             reason = round_.ledger.dropped.get(node)
             if reason is None:
