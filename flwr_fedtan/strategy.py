@@ -460,12 +460,15 @@ class FedTAN(Strategy):
             content = RecordDict({self.arrayrecord_key: params, "metrics": metrics})
             wrapped_replies.append(Message(content=content, metadata=by_node[node].metadata))
         self._update_failures(round_, completed=bool(contributions))
-        if not contributions:
-            return None, self._skipped(round_)
-        aggregated, metrics = self.strategy.aggregate_train(server_round, wrapped_replies)
-        if aggregated is None:
-            log(WARNING, "Round %d: %s returned no arrays, global model kept", server_round,
-                type(self.strategy).__name__)
+        if contributions:
+            aggregated, metrics = self.strategy.aggregate_train(server_round, wrapped_replies)
+            if aggregated is None:
+                log(WARNING, "Round %d: %s returned no arrays, global model kept", server_round,
+                    type(self.strategy).__name__)
+        if not contributions or aggregated is None:
+            if self.checkpoint_dir is not None:  # the failure records changed; the model did not
+                unchanged = ArrayRecord({k: Array(v) for k, v in round_.reference.items()})
+                self.save_checkpoint(self.checkpoint_dir, server_round, unchanged)
             return None, self._skipped(round_)
         merged = self._merge(aggregated, contributions, round_.reference)
         metrics = MetricRecord() if metrics is None else metrics
