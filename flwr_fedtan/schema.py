@@ -205,6 +205,17 @@ def encode_begin(
     return content
 
 
+def with_roster(content: RecordDict, attempt: int, roster: Roster, shifts: Optional[dict]) -> RecordDict:
+    """A ``begin`` message with secure statistics: the attempt, its roster and the shifts added."""
+    control = ConfigRecord(dict(content.config_records[CONTROL]))
+    control["attempt"] = attempt
+    out = RecordDict(dict(content.items()))
+    out[CONTROL] = control
+    out[SECURE] = ArrayRecord({k: Array(v) for k, v in roster.to_arrays().items()})
+    out[SHIFTS] = ArrayRecord({k: Array(v) for k, v in shifts_to_arrays(shifts or {}).items()})
+    return out
+
+
 def encode_aggregate(
     round: int,
     step: int,
