@@ -11,6 +11,7 @@ offending client, so that a bad client can be dropped before it reaches the glob
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Hashable, Mapping, Sequence
 
@@ -26,7 +27,13 @@ __all__ = [
     "aggregate_arrays",
     "check_arrays",
     "running_stat_keys",
+    "is_batchnorm_buffer",
+    "BATCHNORM_BUFFER_SUFFIXES",
+    "forward_count_violations",
 ]
+
+BATCHNORM_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+"""Last name component of the buffers of ``torch.nn.BatchNorm*`` in a ``state_dict``."""
 
 
 class PayloadError(ValueError):
@@ -193,6 +200,78 @@ def sum_backward_sums(
         sum_grad=_stack_checked(clients, "sum_grad", grads).sum(axis=0),
         sum_grad_xhat=_stack_checked(clients, "sum_grad_xhat", grads_xhat).sum(axis=0),
     )
+
+
+def is_batchnorm_buffer(key: str) -> bool:
+    """Whether a ``state_dict`` key names a BatchNorm buffer (``running_mean``,
+    ``running_var`` or ``num_batches_tracked``, as ``torch.nn.BatchNorm*`` and
+    ``FedTANBatchNorm`` name them). These take the pooled aggregate, never an optimiser."""
+    return key.rsplit(".", 1)[-1] in BATCHNORM_BUFFER_SUFFIXES
+
+
+def forward_count_violations(
+    contributions: Mapping[Hashable, object],
+    step_examples: Mapping[Hashable, int],
+    uniform_positions: bool = True,
+) -> dict[Hashable, str]:
+    """Clients whose forward counts are inconsistent, with the reason.
+
+    A client's statistics weigh ``count`` (``m_k``) in the pooled moments and its model
+    weighs ``num_examples`` (``n_k``) in the average; both are its own claims. They must fit
+    together: ``count`` is ``n_k`` times the layer's values per example (spatial positions),
+    and ``n_k`` is the same at every BatchNorm call of one step.
+
+    Parameters
+    ----------
+    contributions : Mapping[client id, ForwardStats]
+        One sync point's forward payloads (other payload types are left to
+        :func:`pool_forward_stats` to reject).
+    step_examples : Mapping[client id, int]
+        ``num_examples`` each client reported at the step's first forward call (empty at
+        the first call).
+    uniform_positions : bool
+        Also require every client's values per example to equal the others' (the same input
+        size); the value most clients report wins, ties going to the smallest (inflating a
+        count raises it).
+
+    Returns
+    -------
+    dict[client id, str]
+        The offending clients and why; empty if all are consistent.
+    """
+    violations: dict[Hashable, str] = {}
+    positions: dict[Hashable, int] = {}
+    for client, stats in contributions.items():
+        if not isinstance(stats, ForwardStats):
+            continue
+        examples, count = stats.num_examples, _positive(stats.count)
+        if not isinstance(examples, (int, np.integer)) or examples <= 0 or count != count:
+            continue  # malformed: pool_forward_stats names it
+        expected = step_examples.get(client)
+        if expected is not None and examples != expected:
+            violations[client] = (
+                f"num-examples {examples} at this BatchNorm call but {expected} at the step's first call"
+            )
+            continue
+        per_example = count / examples
+        if per_example < 1 or per_example != int(per_example):
+            violations[client] = (
+                f"count {stats.count:g} is not a whole multiple of num-examples {examples} "
+                "(values per example at this BatchNorm call)"
+            )
+            continue
+        positions[client] = int(per_example)
+    if uniform_positions and positions:
+        tally = Counter(positions.values())
+        agreed = min(tally, key=lambda p: (-tally[p], p))
+        for client, value in positions.items():
+            if value != agreed:
+                violations[client] = (
+                    f"count {contributions[client].count:g} means {value} values per example at this "
+                    f"BatchNorm call, the others have {agreed}; counts inconsistent with the input size "
+                    "(FedTAN(uniform_positions=False) if the clients' inputs legitimately differ in size)"
+                )
+    return violations
 
 
 def running_stat_keys(keys: Sequence[str]) -> dict[str, str]:

@@ -1,28 +1,62 @@
-"""The FedTAN server strategy for Flower's message API."""
+"""The FedTAN server strategy for Flower's message API: wraps any Flower strategy.
+
+No torch here: a ServerApp running FedTAN needs NumPy and Flower only.
+"""
 
 from __future__ import annotations
 
-import io
+import contextlib
+import os
+import pickle
+import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from typing import Callable, Optional
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Result
-from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info, sample_nodes
+from flwr.serverapp.strategy import FedAvg, Result, Strategy
 from flwr.supercore import log
 
 from . import schema
-from .aggregation import PayloadError, aggregate_arrays, check_arrays, pool_forward_stats, sum_backward_sums
+from .aggregation import (
+    PayloadError,
+    aggregate_arrays,
+    check_arrays,
+    forward_count_violations,
+    is_batchnorm_buffer,
+    pool_forward_stats,
+    sum_backward_sums,
+)
 from .seeds import derive_seed
 
-__all__ = ["FedTAN"]
+__all__ = ["FedTAN", "derive_seed"]
 
 EvaluateFn = Callable[[int, ArrayRecord], Optional[MetricRecord]]
+
+CLIENT_WEIGHTS = ("synchronised", "reported")
+CHECKPOINT_FORMAT = 1
+
+
+@contextlib.contextmanager
+def _sampling_seed(seed: int) -> Iterator[None]:
+    """Run a wrapped strategy's ``configure_train`` with the module ``random`` seeded.
+
+    Flower's strategies sample nodes with ``random.sample`` on the global generator
+    (``strategy_utils.sample_nodes``); seeding it here makes any wrapped strategy's choice a
+    function of (FedTAN's seed, round), and restoring the state afterwards leaves the
+    caller's random stream exactly as it was.
+    """
+    saved = random.getstate()
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(saved)
 
 
 @dataclass
@@ -35,34 +69,124 @@ class _RoundLedger:
     sync_seconds: float = 0.0
     final_exchange_seconds: float = 0.0
     restarts: int = 0
+    started: float = field(default_factory=time.perf_counter)
     dropped: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass
+class _Round:
+    """A round in flight: from ``configure_train`` to ``aggregate_train``."""
+
+    server_round: int
+    reference: dict[str, np.ndarray]
+    contents: dict[int, RecordDict]
+    ledger: _RoundLedger
+    synchronised: dict[int, int] = field(default_factory=dict)
+    saw_forward: bool = False
+    statuses: dict[int, schema.Status] = field(default_factory=dict)
+
+
+@dataclass
+class _FailureRecord:
+    """A node's run of consecutive failed rounds and when it may train again."""
+
+    consecutive: int = 0
+    benched_through: int = 0
+    reason: str = ""
 
 
 class _Restart(Exception):
     """Some clients failed during the synchronised step: restart it without them."""
 
 
-class FedTAN(FedAvg):
-    """FedTAN: FedAvg whose first local step(s) use the pooled batch's BatchNorm statistics.
+_FEDAVG_OPTIONS = (
+    "fraction_train", "fraction_evaluate", "min_train_nodes", "min_evaluate_nodes",
+    "min_available_nodes", "weighted_by_key", "arrayrecord_key", "configrecord_key",
+    "train_metrics_aggr_fn", "evaluate_metrics_aggr_fn",
+)
 
-    Each round: the global model goes to the sampled nodes with the first exchange; ``2L``
-    exchanges (one per BatchNorm call forward, one per call backward; ``L`` calls) drive
-    each of the ``sync_steps`` synchronised steps; the remaining local steps follow on the
-    clients and the models come back with the last exchange, averaged by examples with
-    BatchNorm running statistics combined as pooled moments: ``2L * sync_steps + 1``
-    exchanges a round. The server needs no knowledge of the model.
 
-    A client that replies with an error, a malformed payload, or not at all within
-    ``exchange_timeout`` is dropped and the synchronised step restarts with the others
-    (at most ``max_restarts`` times a round); if too few remain the round is skipped and
-    the global model kept.
+def _find_attribute(strategy: Strategy, name: str, default: Any) -> Any:
+    """``name`` of a strategy, or of the strategy it wraps (Flower's DP wrappers)."""
+    seen = 0
+    while strategy is not None and seen < 16:
+        if name in vars(strategy):
+            return getattr(strategy, name)
+        strategy = getattr(strategy, "strategy", None)
+        seen += 1
+    return default
+
+
+class FedTAN(Strategy):
+    """FedTAN around any Flower strategy: its first local step(s) use the pooled batch's
+    BatchNorm statistics, and BatchNorm buffers always take the pooled aggregate.
+
+    Each round: the wrapped strategy's ``configure_train`` chooses the nodes and the config
+    and its arrays go out with FedTAN's first exchange; ``2L`` exchanges (one per BatchNorm
+    call forward, one per call backward) drive each of the ``sync_steps`` synchronised
+    steps; the clients finish their local steps and return their models with the last
+    exchange (``2L * sync_steps + 1`` exchanges a round). The wrapped strategy's
+    ``aggregate_train`` then aggregates the clients' models for the *parameters* (FedAvg,
+    a server optimiser such as FedAdam or FedAvgM, a DP wrapper...), and FedTAN sets the
+    BatchNorm *buffers* to the pooled aggregate: ``running_mean``/``running_var`` as the
+    moments of the pooled data, ``num_batches_tracked`` as an integer. The wrapped strategy
+    never sees the buffers, so no optimiser can drive a variance negative, and its state
+    (e.g. FedAdam's moments) covers parameters only. Evaluation goes through the wrapped
+    strategy unchanged.
+
+    Buffers are recognised by name (``is_buffer``; default: the ``state_dict`` suffixes of
+    ``torch.nn.BatchNorm*``, ``running_mean``, ``running_var`` and
+    ``num_batches_tracked``), so the server needs no model and no torch.
+
+    **Drops.** A client that replies with an error, a malformed payload (NaN or Inf
+    statistics, wrong shapes, counts inconsistent across its payloads), or not at all
+    within ``exchange_timeout`` is dropped, with one log line naming the node and the
+    reason, and the synchronised step restarts without it (at most ``max_restarts`` times a
+    round); if too few remain the round is skipped and the global model kept. A final model
+    that fails the checks (keys, shapes, dtypes, NaN, negative running variance, a weight
+    that does not match what the client synchronised with) is left out of the average, also
+    logged. The reasons are kept in ``dropped[round][node]``.
+
+    **Repeat offenders.** A node dropped in ``quarantine_after`` consecutive rounds sits out
+    the next round; each further consecutive failure doubles its time out (1, 2, 4, ...
+    rounds, at most ``max_quarantine_rounds``), and one round completed without a drop
+    clears its record. A round in which no client got through charges nobody (the cause is
+    then unlikely to be one node). So a node that fails the same way every round (e.g. data holding NaN)
+    costs a restart in a shrinking fraction of the rounds instead of in every round, and
+    still gets retried. Nodes sitting out are removed from the wrapped strategy's sample and
+    logged.
+
+    **Averaging weight.** With ``client_weight="synchronised"`` (default) a client's weight
+    is the number of examples it synchronised with (the ``num-examples`` of its forward
+    payloads, summed over the round's synchronised steps). Every forward payload of one
+    step must carry the same ``num-examples``; its per-channel count must be a whole
+    multiple of it (the layer's positions per example); with ``uniform_positions`` that
+    multiple must equal the other clients' at the same call (same input size). The
+    ``num-examples`` the client reports with its model must equal the synchronised count.
+    A mismatch drops the client. ``client_weight="reported"`` weighs by the reported value
+    instead (for clients that legitimately weigh by something else, e.g. all their local
+    samples); the forward checks still apply.
+
+    **Reproducible, resumable runs.** Node sampling (the wrapped strategy's, through
+    ``random``) is seeded by ``(seed, round)`` and the clients' batches by ``(seed, round,
+    attempt)``; the caller's ``random`` state is left untouched. With ``checkpoint_dir`` a
+    checkpoint is written after each round's aggregation (global arrays, the wrapped
+    strategy's state, e.g. FedAdam's ``m_t``/``v_t``, and FedTAN's failure records);
+    ``start(..., resume_from=path)`` continues from it, with the same models for the later
+    rounds as an uninterrupted run (noise drawn from NumPy's global generator, as in
+    Flower's DP wrappers, is not reproduced unless the caller seeds it).
 
     Parameters
     ----------
     fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes,
     min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key,
     train_metrics_aggr_fn, evaluate_metrics_aggr_fn
-        As in :class:`flwr.serverapp.strategy.FedAvg`.
+        Options of the default wrapped strategy, :class:`flwr.serverapp.strategy.FedAvg`
+        (defaults as there). Not allowed together with ``strategy``: set them on it.
+    strategy : Strategy, optional
+        The wrapped strategy (default: ``FedAvg`` built from the options above), e.g.
+        ``FedAdam(...)``, ``FedAvgM(...)`` or
+        ``DifferentialPrivacyServerSideFixedClipping(FedAvg(...), ...)``.
     sync_steps : int (default: 1)
         Synchronised steps at the start of each round (the clients' ``local-steps`` ``E``
         counts them; the paper's setting is 1).
@@ -75,61 +199,130 @@ class FedTAN(FedAvg):
         3 s between pulls in deployment, which FedTAN would pay ``2L`` times a round).
     seed : int (default: 0)
         Seeds node sampling and the clients' batch sampling.
+    client_weight : str (default: "synchronised")
+        ``"synchronised"`` or ``"reported"``, see above.
+    uniform_positions : bool (default: True)
+        Require every client to have the same values per example at each BatchNorm call
+        (same input size). Set ``False`` for models fed inputs of varying size.
+    is_buffer : Callable[[str], bool], optional
+        Which array keys are BatchNorm buffers (default: by ``nn.BatchNorm`` naming).
+    quarantine_after : int or None (default: 2)
+        Consecutive failed rounds before a node sits out; ``None`` never benches a node.
+    max_quarantine_rounds : int (default: 8)
+        Longest time out, in rounds.
+    checkpoint_dir : str or PathLike, optional
+        Where to write ``round-NNNNN.fedtan-ckpt`` after every round (none by default).
+    keep_checkpoints : int (default: 2)
+        Checkpoints kept in ``checkpoint_dir`` (older ones are deleted); 0 keeps all.
+
+    Examples
+    --------
+    >>> from flwr.serverapp.strategy import FedAdam
+    >>> strategy = FedTAN(strategy=FedAdam(eta=1e-2, fraction_evaluate=0.0), seed=1)
+    >>> result = strategy.start(grid, ArrayRecord(model.state_dict()), num_rounds=20)
     """
 
-    # pylint: disable=too-many-arguments
+    # pylint: disable=too-many-arguments,too-many-instance-attributes
     def __init__(
         self,
-        fraction_train: float = 1.0,
-        fraction_evaluate: float = 1.0,
-        min_train_nodes: int = 2,
-        min_evaluate_nodes: int = 2,
-        min_available_nodes: int = 2,
-        weighted_by_key: str = "num-examples",
-        arrayrecord_key: str = "arrays",
-        configrecord_key: str = "config",
+        fraction_train: Optional[float] = None,
+        fraction_evaluate: Optional[float] = None,
+        min_train_nodes: Optional[int] = None,
+        min_evaluate_nodes: Optional[int] = None,
+        min_available_nodes: Optional[int] = None,
+        weighted_by_key: Optional[str] = None,
+        arrayrecord_key: Optional[str] = None,
+        configrecord_key: Optional[str] = None,
         train_metrics_aggr_fn=None,
         evaluate_metrics_aggr_fn=None,
         *,
+        strategy: Optional[Strategy] = None,
         sync_steps: int = 1,
         exchange_timeout: float = 120.0,
         max_restarts: int = 2,
         poll_interval: float = 0.02,
         seed: int = 0,
+        client_weight: str = "synchronised",
+        uniform_positions: bool = True,
+        is_buffer: Optional[Callable[[str], bool]] = None,
+        quarantine_after: Optional[int] = 2,
+        max_quarantine_rounds: int = 8,
+        checkpoint_dir: Optional[str | os.PathLike] = None,
+        keep_checkpoints: int = 2,
     ) -> None:
-        super().__init__(
-            fraction_train=fraction_train,
-            fraction_evaluate=fraction_evaluate,
-            min_train_nodes=min_train_nodes,
-            min_evaluate_nodes=min_evaluate_nodes,
-            min_available_nodes=min_available_nodes,
-            weighted_by_key=weighted_by_key,
-            arrayrecord_key=arrayrecord_key,
-            configrecord_key=configrecord_key,
-            train_metrics_aggr_fn=train_metrics_aggr_fn,
-            evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
-        )
+        options = {name: value for name, value in zip(_FEDAVG_OPTIONS, (
+            fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, min_available_nodes,
+            weighted_by_key, arrayrecord_key, configrecord_key, train_metrics_aggr_fn, evaluate_metrics_aggr_fn,
+        )) if value is not None}
+        if strategy is None:
+            strategy = FedAvg(**options)
+        elif options:
+            raise ValueError(
+                f"FedTAN got both strategy= and FedAvg options {sorted(options)}: set them on the wrapped "
+                f"strategy instead, e.g. FedTAN(strategy={type(strategy).__name__}({', '.join(sorted(options))}=...))"
+            )
+        if not isinstance(strategy, Strategy):
+            raise TypeError(f"strategy must be a flwr.serverapp.strategy.Strategy, got {type(strategy).__name__}")
         if sync_steps < 1:
             raise ValueError(f"sync_steps must be >= 1, got {sync_steps}")
         if exchange_timeout <= 0:
             raise ValueError(f"exchange_timeout must be positive, got {exchange_timeout}")
+        if client_weight not in CLIENT_WEIGHTS:
+            raise ValueError(f"client_weight must be one of {CLIENT_WEIGHTS}, got {client_weight!r}")
+        if quarantine_after is not None and quarantine_after < 1:
+            raise ValueError(f"quarantine_after must be >= 1 or None, got {quarantine_after}")
+        if max_quarantine_rounds < 1:
+            raise ValueError(f"max_quarantine_rounds must be >= 1, got {max_quarantine_rounds}")
+        self.strategy = strategy
         self.sync_steps = sync_steps
         self.exchange_timeout = exchange_timeout
         self.max_restarts = max_restarts
         self.poll_interval = poll_interval
         self.seed = seed
+        self.client_weight = client_weight
+        self.uniform_positions = uniform_positions
+        self.is_buffer = is_buffer or is_batchnorm_buffer
+        self.quarantine_after = quarantine_after
+        self.max_quarantine_rounds = max_quarantine_rounds
+        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        self.keep_checkpoints = keep_checkpoints
         # Why nodes were dropped, by round: {server_round: {node_id: reason}}.
         self.dropped: dict[int, dict[int, str]] = {}
+        self.failures: dict[int, _FailureRecord] = {}
+        self._round: Optional[_Round] = None
+        self._resumed_through = 0
+
+    # ------------------------------------------------------------------ settings
+    @property
+    def weighted_by_key(self) -> str:
+        """The wrapped strategy's weighting key (``num-examples`` by default)."""
+        return str(_find_attribute(self.strategy, "weighted_by_key", "num-examples"))
+
+    @property
+    def arrayrecord_key(self) -> str:
+        """The key under which the wrapped strategy expects the clients' arrays."""
+        return str(_find_attribute(self.strategy, "arrayrecord_key", "arrays"))
+
+    @property
+    def min_train_nodes(self) -> int:
+        """Fewest clients a synchronised step may run with (the wrapped strategy's, >= 1)."""
+        return max(1, int(_find_attribute(self.strategy, "min_train_nodes", 1) or 1))
+
+    def round_seed(self, server_round: int, attempt: int) -> int:
+        """The seed sent to the clients for their batches in ``(round, attempt)``."""
+        return derive_seed(self.seed, server_round, attempt)
 
     def summary(self) -> None:
-        """Log the strategy's settings."""
-        super().summary()
-        log(INFO, "\t└──> FedTAN:")
-        log(INFO, "\t\t├── Synchronised steps per round: %d", self.sync_steps)
-        log(INFO, "\t\t├── Exchange timeout: %.1fs, poll interval %.3fs", self.exchange_timeout, self.poll_interval)
-        log(INFO, "\t\t└── Max restarts per round: %d", self.max_restarts)
+        """Log the strategy's settings, then the wrapped strategy's."""
+        log(INFO, "\t├──> FedTAN around %s:", type(self.strategy).__name__)
+        log(INFO, "\t│\t├── Synchronised steps per round: %d", self.sync_steps)
+        log(INFO, "\t│\t├── Exchange timeout: %.1fs, poll interval %.3fs", self.exchange_timeout, self.poll_interval)
+        log(INFO, "\t│\t├── Max restarts per round: %d; sit out after %s failed rounds (at most %d rounds)",
+            self.max_restarts, self.quarantine_after, self.max_quarantine_rounds)
+        log(INFO, "\t│\t└── Client weight: %s; seed %d", self.client_weight, self.seed)
+        self.strategy.summary()
 
-    # ------------------------------------------------------------------ main loop
+    # ------------------------------------------------------------------ Flower's loop
     def start(
         self,
         grid: Grid,
@@ -139,170 +332,261 @@ class FedTAN(FedAvg):
         train_config: ConfigRecord | None = None,
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: EvaluateFn | None = None,
+        *,
+        resume_from: Optional[str | os.PathLike] = None,
     ) -> Result:
-        """Run ``num_rounds`` FedTAN rounds; same signature and result as Flower's strategies.
+        """Run ``num_rounds`` rounds with Flower's own round loop (``Strategy.start``).
 
         ``timeout`` bounds each evaluation exchange; training exchanges use
-        ``exchange_timeout``. Per-round costs (exchanges, bytes, seconds, clients) are
-        recorded with the clients' train metrics in ``Result.train_metrics_clientapp``.
+        ``exchange_timeout``. Per-round costs (exchanges, bytes, seconds, clients,
+        restarts, drops) are recorded with the clients' train metrics in
+        ``Result.train_metrics_clientapp``.
+
+        Parameters
+        ----------
+        resume_from : str or PathLike, optional
+            A checkpoint written with ``checkpoint_dir`` (or that folder: its latest). The
+            run continues after the checkpoint's round ``r`` with its arrays and state;
+            rounds ``1..r`` are passed over (no exchange), ``evaluate_fn`` is called for
+            round ``r`` (the checkpoint's model) and the later rounds, and
+            ``initial_arrays`` is ignored.
         """
-        log(INFO, "Starting %s strategy:", self.__class__.__name__)
-        log_strategy_start_info(num_rounds, initial_arrays, train_config, evaluate_config)
-        self.summary()
-        log(INFO, "")
-        train_config = ConfigRecord() if train_config is None else train_config
-        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
-        result = Result()
-        result.arrays = initial_arrays
-        t_start = time.time()
-        if evaluate_fn:
-            res = evaluate_fn(0, initial_arrays)
-            log(INFO, "Initial global evaluation results: %s", res)
-            if res is not None:
-                result.evaluate_metrics_serverapp[0] = res
-
-        arrays = initial_arrays
-        for current_round in range(1, num_rounds + 1):
-            log(INFO, "")
-            log(INFO, "[ROUND %s/%s]", current_round, num_rounds)
-            new_arrays, metrics = self.train_round(grid, current_round, arrays, train_config)
-            if new_arrays is not None:
-                arrays = new_arrays
-                result.arrays = arrays
-            log(INFO, "\t└──> Train metrics: %s", metrics)
-            result.train_metrics_clientapp[current_round] = metrics
-
-            evaluate_replies = grid.send_and_receive(
-                messages=self.configure_evaluate(current_round, arrays, evaluate_config, grid),
-                timeout=timeout,
-            )
-            agg_evaluate = self.aggregate_evaluate(current_round, evaluate_replies)
-            if agg_evaluate is not None:
-                log(INFO, "\t└──> Aggregated MetricRecord: %s", agg_evaluate)
-                result.evaluate_metrics_clientapp[current_round] = agg_evaluate
-            if evaluate_fn:
-                log(INFO, "Global evaluation")
-                res = evaluate_fn(current_round, arrays)
-                log(INFO, "\t└──> MetricRecord: %s", res)
-                if res is not None:
-                    result.evaluate_metrics_serverapp[current_round] = res
-
-        log(INFO, "")
-        log(INFO, "Strategy execution finished in %.2fs", time.time() - t_start)
-        log(INFO, "")
-        log(INFO, "Final results:")
-        for line in io.StringIO(str(result)):
-            log(INFO, "\t%s", line.strip("\n"))
+        self._resumed_through = 0
+        if resume_from is not None:
+            done, initial_arrays = self.load_checkpoint(resume_from)
+            if done >= num_rounds:
+                log(WARNING, "FedTAN: checkpoint is at round %d of %d: nothing left to run", done, num_rounds)
+            self._resumed_through = done
+            evaluate_fn = self._evaluate_after(done, evaluate_fn)
+        # FedTAN runs inside Flower's round loop: the Grid it hands the loop turns each
+        # round's train messages (from configure_train) into FedTAN's exchanges.
+        result = super().start(
+            _ExchangeGrid(grid, self), initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn
+        )
+        if not len(result.arrays):  # every round skipped: the global model is still the initial one
+            result.arrays = initial_arrays
         return result
 
-    # ------------------------------------------------------------------ one round
-    def sample_train_nodes(self, grid: Grid) -> list[int]:
-        """Sample the round's nodes like FedAvg's ``configure_train``."""
-        num_nodes = int(len(list(grid.get_node_ids())) * self.fraction_train)
-        sample_size = max(num_nodes, self.min_train_nodes)
-        node_ids, all_nodes = sample_nodes(grid, self.min_available_nodes, sample_size)
-        log(INFO, "configure_train: Sampled %s nodes (out of %s)", len(node_ids), len(all_nodes))
-        return sorted(node_ids)
+    @staticmethod
+    def _evaluate_after(done: int, evaluate_fn: EvaluateFn | None) -> EvaluateFn | None:
+        if evaluate_fn is None:
+            return None
 
-    def train_round(
-        self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord
-    ) -> tuple[Optional[ArrayRecord], MetricRecord]:
-        """One FedTAN round; returns the new global arrays (``None`` if skipped) and metrics."""
+        def evaluate(server_round: int, arrays: ArrayRecord) -> Optional[MetricRecord]:
+            return None if server_round < done else evaluate_fn(server_round, arrays)
+
+        return evaluate
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """The wrapped strategy's ``configure_train`` on the parameters, turned into the
+        round's first FedTAN exchange (its arrays plus the global BatchNorm buffers)."""
+        if server_round <= self._resumed_through:
+            log(INFO, "FedTAN: round %d was completed before the checkpoint", server_round)
+            return []
+        inner = getattr(grid, "inner", grid)
+        params = ArrayRecord({k: v for k, v in arrays.items() if not self.is_buffer(k)})
+        buffers = {k: v for k, v in arrays.items() if self.is_buffer(k)}
+        with _sampling_seed(derive_seed(self.seed, server_round)):
+            messages = list(self.strategy.configure_train(server_round, params, config, inner))
+        contents: dict[int, RecordDict] = {}
+        for message in messages:
+            node = message.metadata.dst_node_id
+            if self._benched(node, server_round):
+                continue
+            array_records = list(message.content.array_records.values())
+            config_records = list(message.content.config_records.values())
+            if len(array_records) != 1 or len(config_records) > 1:
+                raise ValueError(
+                    f"{type(self.strategy).__name__}.configure_train sent node {node} "
+                    f"{len(array_records)} ArrayRecords and {len(config_records)} ConfigRecords; FedTAN "
+                    "needs one ArrayRecord (the model) and at most one ConfigRecord"
+                )
+            sent = array_records[0]
+            missing = [k for k in arrays.keys() if k not in sent and k not in buffers]
+            if missing:
+                raise ValueError(f"{type(self.strategy).__name__}.configure_train left out arrays {missing[:5]}")
+            full = ArrayRecord({k: (buffers[k] if k in buffers else sent[k]) for k in arrays.keys()})
+            node_config = config_records[0] if config_records else ConfigRecord()
+            contents[node] = schema.encode_begin(
+                full, node_config, server_round, self.sync_steps, self.round_seed(server_round, 0)
+            )
         ledger = _RoundLedger()
         self.dropped[server_round] = ledger.dropped
-        if self.fraction_train == 0.0:
-            return None, MetricRecord({"fedtan-clients": 0})
-        config = ConfigRecord(dict(config))
-        config["server-round"] = server_round
-        participants = self.sample_train_nodes(grid)
-        reference = {k: v.numpy() for k, v in arrays.items()}
-        started = time.perf_counter()
-        for attempt in range(self.max_restarts + 1):
-            if len(participants) < max(1, self.min_train_nodes):
-                break
-            seed = derive_seed(self.seed, server_round, attempt)
+        self._round = _Round(server_round, {k: v.numpy() for k, v in arrays.items()}, contents, ledger)
+        return [
+            Message(content=content, dst_node_id=node, message_type=schema.MESSAGE_TYPE)
+            for node, content in sorted(contents.items())
+        ]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
+        """Check the final models, let the wrapped strategy aggregate the parameters, and
+        set the BatchNorm buffers to the pooled aggregate."""
+        replies = list(replies)
+        round_ = self._round
+        if server_round <= self._resumed_through or round_ is None or round_.server_round != server_round:
+            return None, None
+        self._round = None
+        ledger, key = round_.ledger, self.weighted_by_key
+        by_node = {reply.metadata.src_node_id: reply for reply in replies}
+        contributions, wrapped_replies = {}, []
+        for node, status in round_.statuses.items():
+            arrays = {k: v.numpy() for k, v in status.arrays.items()}  # type: ignore[union-attr]
             try:
-                outcome = self._synchronised_round(grid, server_round, arrays, config, participants, seed, ledger)
-            except _Restart:
-                ledger.restarts += 1
-                participants = [n for n in participants if n not in ledger.dropped]
-                log(
-                    WARNING,
-                    "Round %d: restarting the synchronised step with %d clients",
-                    server_round,
-                    len(participants),
-                )
+                check_arrays(node, arrays, status.metrics[key], round_.reference)  # type: ignore[index]
+                weight = self._weight(node, status.metrics[key], round_)  # type: ignore[index]
+            except PayloadError as error:
+                self._drop(round_, node, f"model left out of the average: {error}")
                 continue
-            new_arrays, metrics = self._aggregate_models(outcome, reference, ledger)
-            if new_arrays is not None:
-                averaged = sum(1 for n in outcome if n not in ledger.dropped)
-                metrics.update(self._ledger_metrics(ledger, averaged, time.perf_counter() - started))
-                return new_arrays, metrics
-            break
-        reason = "; ".join(f"node {n}: {why}" for n, why in ledger.dropped.items()) or "too few clients"
-        log(WARNING, "Round %d skipped, global model kept (%s)", server_round, reason)
-        metrics = MetricRecord({"fedtan-skipped": 1})
-        metrics.update(self._ledger_metrics(ledger, 0, time.perf_counter() - started))
-        return None, metrics
+            contributions[node] = (arrays, weight)
+            metrics = MetricRecord(dict(status.metrics))  # type: ignore[arg-type]
+            metrics[key] = int(weight) if float(weight).is_integer() else float(weight)
+            params = ArrayRecord({k: v for k, v in status.arrays.items() if not self.is_buffer(k)})  # type: ignore[union-attr]
+            content = RecordDict({self.arrayrecord_key: params, "metrics": metrics})
+            wrapped_replies.append(Message(content=content, metadata=by_node[node].metadata))
+        self._update_failures(round_, completed=bool(contributions))
+        if contributions:
+            aggregated, metrics = self.strategy.aggregate_train(server_round, wrapped_replies)
+            if aggregated is None:
+                log(WARNING, "Round %d: %s returned no arrays, global model kept", server_round,
+                    type(self.strategy).__name__)
+        if not contributions or aggregated is None:
+            if self.checkpoint_dir is not None:  # the failure records changed; the model did not
+                unchanged = ArrayRecord({k: Array(v) for k, v in round_.reference.items()})
+                self.save_checkpoint(self.checkpoint_dir, server_round, unchanged)
+            return None, self._skipped(round_)
+        merged = self._merge(aggregated, contributions, round_.reference)
+        metrics = MetricRecord() if metrics is None else metrics
+        metrics.update(self._ledger_metrics(ledger, len(contributions)))
+        if self.checkpoint_dir is not None:
+            self.save_checkpoint(self.checkpoint_dir, server_round, merged)
+        return merged, metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """The wrapped strategy's, with the whole model (BatchNorm buffers included)."""
+        if server_round < self._resumed_through:
+            return []
+        return self.strategy.configure_evaluate(server_round, arrays, config, getattr(grid, "inner", grid))
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Optional[MetricRecord]:
+        """The wrapped strategy's."""
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    # ------------------------------------------------------------------ the exchanges
+    def run_round(self, grid: Grid, messages: list[Message]) -> list[Message]:
+        """Drive the synchronised step(s) from the round's first messages; return the
+        clients' final replies (empty if the round is skipped)."""
+        round_ = self._round
+        if round_ is None or not messages:
+            return []
+        participants = sorted(m.metadata.dst_node_id for m in messages)
+        for attempt in range(self.max_restarts + 1):
+            if len(participants) < self.min_train_nodes:
+                break
+            try:
+                seed = self.round_seed(round_.server_round, attempt)
+                replies = self._synchronised_round(grid, round_, participants, seed)
+            except _Restart:
+                failed = [n for n in participants if n in round_.ledger.dropped]
+                participants = [n for n in participants if n not in round_.ledger.dropped]
+                if len(participants) < self.min_train_nodes or attempt == self.max_restarts:
+                    break
+                round_.ledger.restarts += 1
+                log(WARNING, "Round %d: restarting the synchronised step with %d clients (without %s)",
+                    round_.server_round, len(participants),
+                    "; ".join(f"node {n}: {round_.ledger.dropped[n]}" for n in failed))
+                continue
+            return replies
+        return []
+
+    def _drop(self, round_: _Round, node: int, reason: str) -> None:
+        if node in round_.ledger.dropped:
+            return
+        round_.ledger.dropped[node] = reason
+        log(WARNING, "FedTAN round %d: dropping node %s: %s", round_.server_round, node, reason)
 
     def _synchronised_round(
-        self,
-        grid: Grid,
-        server_round: int,
-        arrays: ArrayRecord,
-        config: ConfigRecord,
-        participants: list[int],
-        seed: int,
-        ledger: _RoundLedger,
-    ) -> dict[int, schema.Status]:
-        begin = schema.encode_begin(arrays, config, server_round, self.sync_steps, seed)
+        self, grid: Grid, round_: _Round, participants: list[int], seed: int
+    ) -> list[Message]:
+        begin = {n: self._with_seed(round_.contents[n], seed) for n in participants}
+        ledger = round_.ledger
         t0 = time.perf_counter()
-        statuses = self._exchange(grid, {n: begin for n in participants}, ledger)
-        received = 0
+        statuses, replies = self._exchange(grid, round_, begin)
+        received, step_examples, current_step = 0, {}, None
+        synchronised = {n: 0 for n in participants}
+        round_.saw_forward = False
         while True:
             phases = {s.phase for s in statuses.values()}
             if phases == {schema.PHASE_DONE}:
-                return statuses
+                round_.statuses, round_.synchronised = statuses, synchronised
+                return [replies[n] for n in sorted(statuses)]
             if schema.PHASE_DONE in phases:
-                self._drop_minority(statuses, ledger, "finished its synchronised steps early")
+                self._drop_minority(round_, statuses)
             key_of = {n: (s.step, s.point) for n, s in statuses.items()}
             majority, _ = Counter(key_of.values()).most_common(1)[0]
             for node, key in key_of.items():
                 if key != majority:
-                    ledger.dropped[node] = f"at sync point {key}, the others at {majority}"
+                    self._drop(round_, node, f"at sync point {key}, the others at {majority}")
             if ledger.dropped.keys() & statuses.keys():
                 raise _Restart()
             point = next(iter(statuses.values())).point
+            step = next(iter(statuses.values())).step
             payloads = {n: s.payload for n, s in statuses.items()}
             try:
                 if point.phase == schema.PHASE_FORWARD:
+                    if step != current_step:
+                        current_step, step_examples = step, {}
+                    violations = forward_count_violations(payloads, step_examples, self.uniform_positions)
+                    for node, why in violations.items():
+                        self._drop(round_, node, why)
+                    if violations:
+                        raise _Restart()
+                    for node, payload in payloads.items():
+                        if node not in step_examples:
+                            step_examples[node] = payload.num_examples  # type: ignore[union-attr]
+                            synchronised[node] += payload.num_examples  # type: ignore[union-attr]
+                    round_.saw_forward = True
                     aggregate = pool_forward_stats(payloads, channels=point.channels)
                 else:
                     aggregate = sum_backward_sums(payloads, channels=point.channels)
             except PayloadError as error:
-                ledger.dropped[error.client] = str(error)
+                self._drop(round_, error.client, f"payload rejected at {point.phase} call {point.call}: {error}")
                 raise _Restart() from None
-            step = next(iter(statuses.values())).step
             content = schema.encode_aggregate(
-                server_round, step, received, point, aggregate, self.sync_steps, seed
+                round_.server_round, step, received, point, aggregate, self.sync_steps, seed
             )
             received += 1
             t_exchange = time.perf_counter()
-            statuses = self._exchange(grid, {n: content for n in statuses}, ledger)
+            statuses, replies = self._exchange(grid, round_, {n: content for n in statuses})
             ledger.final_exchange_seconds = time.perf_counter() - t_exchange
             ledger.sync_seconds = t_exchange - t0
 
-    def _drop_minority(self, statuses: dict[int, schema.Status], ledger: _RoundLedger, why: str) -> None:
+    @staticmethod
+    def _with_seed(content: RecordDict, seed: int) -> RecordDict:
+        control = ConfigRecord(dict(content.config_records[schema.CONTROL]))
+        control["seed"] = seed
+        out = RecordDict(dict(content.items()))
+        out[schema.CONTROL] = control
+        return out
+
+    def _drop_minority(self, round_: _Round, statuses: dict[int, schema.Status]) -> None:
         done = [n for n, s in statuses.items() if s.phase == schema.PHASE_DONE]
         busy = [n for n in statuses if n not in done]
         for node in done if len(done) <= len(busy) else busy:
-            ledger.dropped[node] = why if node in done else "still synchronising while the others finished"
+            self._drop(round_, node, "finished its synchronised steps early" if node in done
+                       else "still synchronising while the others finished")
         raise _Restart()
 
     def _exchange(
-        self, grid: Grid, contents: dict[int, RecordDict], ledger: _RoundLedger
-    ) -> dict[int, schema.Status]:
+        self, grid: Grid, round_: _Round, contents: dict[int, RecordDict]
+    ) -> tuple[dict[int, schema.Status], dict[int, Message]]:
         """Send one message to each node and collect valid replies; drop failing nodes."""
+        ledger = round_.ledger
         messages = []
         for node, content in contents.items():
             messages.append(Message(content=content, dst_node_id=node, message_type=schema.MESSAGE_TYPE))
@@ -322,49 +606,74 @@ class FedTAN(FedAvg):
                 break
             time.sleep(self.poll_interval)
         for mid in pending:
-            ledger.dropped[message_ids[mid]] = f"no reply within {self.exchange_timeout:g}s"
+            self._drop(round_, message_ids[mid], f"no reply within {self.exchange_timeout:g}s")
         statuses: dict[int, schema.Status] = {}
+        # Node order, not arrival order: sums over clients are then bitwise reproducible.
+        replies = dict(sorted(replies.items()))
         for node, reply in replies.items():
             if reply.has_error():
-                ledger.dropped[node] = f"error reply: {reply.error.reason}"
+                self._drop(round_, node, f"error reply: {reply.error.reason}")
                 continue
             ledger.bytes_received += schema.record_bytes(reply.content)
             try:
                 statuses[node] = schema.decode_reply(reply.content, node, self.weighted_by_key)
             except PayloadError as error:
-                ledger.dropped[node] = str(error)
-        for node, why in ledger.dropped.items():
-            if node in contents:
-                log(WARNING, "FedTAN: dropping node %s: %s", node, why)
+                self._drop(round_, node, str(error))
         if len(statuses) != len(contents):
             raise _Restart()
-        return statuses
+        return statuses, replies
 
-    def _aggregate_models(
-        self, statuses: dict[int, schema.Status], reference: dict[str, np.ndarray], ledger: _RoundLedger
-    ) -> tuple[Optional[ArrayRecord], MetricRecord]:
-        contributions = {}
-        for node, status in statuses.items():
-            arrays = {k: v.numpy() for k, v in status.arrays.items()}  # type: ignore[union-attr]
-            weight = status.metrics[self.weighted_by_key]  # type: ignore[index]
-            try:
-                check_arrays(node, arrays, weight, reference)
-            except PayloadError as error:
-                ledger.dropped[node] = str(error)
-                log(WARNING, "FedTAN: model of node %s left out of the average: %s", node, error)
+    # ------------------------------------------------------------------ aggregation
+    def _weight(self, node: int, reported: Any, round_: _Round) -> float:
+        if self.client_weight == "reported" or not round_.saw_forward:
+            return float(reported)
+        synchronised = round_.synchronised.get(node, 0)
+        if float(reported) != float(synchronised):
+            raise PayloadError(
+                node,
+                f"reports '{self.weighted_by_key}' = {reported} but synchronised with {synchronised} examples "
+                "(its forward payloads); if your clients weigh by something else, use "
+                "FedTAN(client_weight='reported')",
+            )
+        return float(synchronised)
+
+    def _merge(
+        self,
+        aggregated: ArrayRecord,
+        contributions: dict[int, tuple[dict[str, np.ndarray], float]],
+        reference: dict[str, np.ndarray],
+    ) -> ArrayRecord:
+        buffer_keys = [k for k in reference if self.is_buffer(k)]
+        buffers: dict[str, np.ndarray] = {}
+        if buffer_keys:
+            subset = {n: ({k: a[k] for k in buffer_keys}, w) for n, (a, w) in contributions.items()}
+            buffers = aggregate_arrays(subset, {k: reference[k] for k in buffer_keys})
+        merged = ArrayRecord()
+        for key, ref in reference.items():
+            if key in buffers:
+                merged[key] = Array(buffers[key])
                 continue
-            contributions[node] = (arrays, weight)
-        if not contributions:
-            return None, MetricRecord()
-        averaged = aggregate_arrays(contributions, reference)
-        good = [n for n in statuses if n in contributions]
-        metrics = self.train_metrics_aggr_fn(
-            [RecordDict({"metrics": statuses[n].metrics}) for n in good], self.weighted_by_key
-        )
-        return ArrayRecord({k: Array(v) for k, v in averaged.items()}), metrics
+            if key not in aggregated:
+                raise ValueError(f"{type(self.strategy).__name__}.aggregate_train returned no array {key!r}")
+            value = np.asarray(aggregated[key].numpy())
+            if value.shape != ref.shape:
+                raise ValueError(f"{type(self.strategy).__name__}.aggregate_train returned {key!r} with shape "
+                                 f"{value.shape}, expected {ref.shape}")
+            if ref.dtype.kind in "iub" and value.dtype.kind == "f":
+                value = np.rint(value)
+            # Server optimisers compute in float64; the global model keeps its dtypes.
+            merged[key] = Array(np.ascontiguousarray(value, dtype=ref.dtype))
+        return merged
+
+    def _skipped(self, round_: _Round) -> MetricRecord:
+        reason = "; ".join(f"node {n}: {why}" for n, why in round_.ledger.dropped.items()) or "too few clients"
+        log(WARNING, "Round %d skipped, global model kept (%s)", round_.server_round, reason)
+        metrics = MetricRecord({"fedtan-skipped": 1})
+        metrics.update(self._ledger_metrics(round_.ledger, 0))
+        return metrics
 
     @staticmethod
-    def _ledger_metrics(ledger: _RoundLedger, clients: int, seconds: float) -> dict:
+    def _ledger_metrics(ledger: _RoundLedger, clients: int) -> dict:
         return {
             "fedtan-clients": clients,
             "fedtan-exchanges": ledger.exchanges,
@@ -372,7 +681,162 @@ class FedTAN(FedAvg):
             "fedtan-bytes-received": ledger.bytes_received,
             "fedtan-sync-wall-seconds": ledger.sync_seconds,
             "fedtan-final-exchange-seconds": ledger.final_exchange_seconds,
-            "fedtan-round-seconds": seconds,
+            "fedtan-round-seconds": time.perf_counter() - ledger.started,
             "fedtan-restarts": ledger.restarts,
             "fedtan-dropped": len(ledger.dropped),
         }
+
+    # ------------------------------------------------------------------ repeat offenders
+    def _benched(self, node: int, server_round: int) -> bool:
+        record = self.failures.get(node)
+        if record is None or record.benched_through < server_round:
+            return False
+        log(INFO, "FedTAN round %d: node %s sits out (failed %d rounds in a row, last: %s); back in round %d",
+            server_round, node, record.consecutive, record.reason, record.benched_through + 1)
+        return True
+
+    def _update_failures(self, round_: _Round, completed: bool) -> None:
+        if not completed:  # nobody got through: not evidence against any one node
+            return
+        for node in round_.contents:
+            reason = round_.ledger.dropped.get(node)
+            if reason is None:
+                self.failures.pop(node, None)
+                continue
+            record = self.failures.setdefault(node, _FailureRecord())
+            record.consecutive += 1
+            record.reason = reason
+            if self.quarantine_after is not None and record.consecutive >= self.quarantine_after:
+                rounds = min(2 ** (record.consecutive - self.quarantine_after), self.max_quarantine_rounds)
+                record.benched_through = round_.server_round + rounds
+                log(WARNING, "FedTAN: node %s failed %d rounds in a row: it sits out rounds %d-%d",
+                    node, record.consecutive, round_.server_round + 1, record.benched_through)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, path: str | os.PathLike, server_round: int, arrays: ArrayRecord) -> Path:
+        """Write the state after ``server_round`` (atomically); return the file.
+
+        ``path`` is a folder (the file is ``round-NNNNN.fedtan-ckpt`` in it). The file holds
+        the global arrays, the wrapped strategy's state (every attribute that is data, not
+        a function: e.g. FedAdam's ``current_arrays``, ``m_t``, ``v_t``; FedAvgM's momentum),
+        FedTAN's failure records and seed. It is a pickle: load only checkpoints you wrote.
+        """
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / f"round-{server_round:05d}.fedtan-ckpt"
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "round": server_round,
+            "seed": self.seed,
+            "strategy-class": type(self.strategy).__name__,
+            "arrays": {k: v.numpy() for k, v in arrays.items()},
+            "strategy": _capture_state(self.strategy),
+            "failures": {n: vars(r).copy() for n, r in self.failures.items()},
+        }
+        partial = target.with_suffix(".partial")
+        with open(partial, "wb") as stream:
+            pickle.dump(payload, stream, protocol=pickle.HIGHEST_PROTOCOL)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(partial, target)
+        if self.keep_checkpoints > 0:
+            for old in sorted(folder.glob("round-*.fedtan-ckpt"))[: -self.keep_checkpoints]:
+                old.unlink(missing_ok=True)
+        return target
+
+    def load_checkpoint(self, path: str | os.PathLike) -> tuple[int, ArrayRecord]:
+        """Restore the state of a checkpoint (a file, or a folder: its latest); return its
+        round and global arrays."""
+        file = Path(path)
+        if file.is_dir():
+            found = sorted(file.glob("round-*.fedtan-ckpt"))
+            if not found:
+                raise FileNotFoundError(f"no FedTAN checkpoint (round-*.fedtan-ckpt) in {file}")
+            file = found[-1]
+        with open(file, "rb") as stream:
+            payload = pickle.load(stream)
+        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{file} is not a FedTAN checkpoint of format {CHECKPOINT_FORMAT}")
+        if payload["strategy-class"] != type(self.strategy).__name__:
+            raise ValueError(
+                f"{file} was written by FedTAN around {payload['strategy-class']}, this one wraps "
+                f"{type(self.strategy).__name__}: build the same strategy to resume"
+            )
+        if payload["seed"] != self.seed:
+            log(WARNING, "FedTAN: checkpoint seed %s differs from this strategy's %s: the resumed rounds "
+                "will not match the original run", payload["seed"], self.seed)
+        _restore_state(self.strategy, payload["strategy"])
+        self.failures = {int(n): _FailureRecord(**r) for n, r in payload["failures"].items()}
+        log(INFO, "FedTAN: resuming after round %d from %s", payload["round"], file)
+        return int(payload["round"]), ArrayRecord({k: Array(v) for k, v in payload["arrays"].items()})
+
+
+def _capture_state(obj: Any) -> dict:
+    """A strategy's data attributes (nested wrapped strategies included), picklable."""
+    state = {}
+    for name, value in vars(obj).items():
+        if isinstance(value, Strategy):
+            state[name] = ("strategy", _capture_state(value))
+        elif callable(value):
+            continue
+        else:
+            try:
+                state[name] = ("value", pickle.loads(pickle.dumps(value)))
+            except Exception:  # e.g. a lock or a client handle: not state to resume
+                continue
+    return state
+
+
+def _restore_state(obj: Any, state: dict) -> None:
+    for name, (kind, value) in state.items():
+        if kind == "strategy":
+            _restore_state(getattr(obj, name), value)
+        else:
+            setattr(obj, name, value)
+
+
+class _ExchangeGrid(Grid):
+    """The Grid FedTAN hands to Flower's round loop.
+
+    Flower's loop sends a round's train messages with one ``send_and_receive``; for FedTAN's
+    messages this runs the round's exchanges on the real Grid (:meth:`FedTAN.run_round`)
+    and returns the clients' final replies. Everything else is forwarded.
+    """
+
+    def __init__(self, grid: Grid, fedtan: FedTAN) -> None:
+        self.inner = grid
+        self.fedtan = fedtan
+
+    @property
+    def run(self):
+        """The real Grid's run."""
+        return self.inner.run
+
+    def set_run(self, run_id: int) -> None:
+        """Forwarded."""
+        self.inner.set_run(run_id)
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        """Forwarded."""
+        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        """Forwarded."""
+        return self.inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Forwarded."""
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Forwarded."""
+        return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: Optional[float] = None) -> Iterable[Message]:
+        """A FedTAN round for FedTAN's messages; forwarded otherwise."""
+        messages = list(messages)
+        if messages and all(m.metadata.message_type == schema.MESSAGE_TYPE for m in messages):
+            return self.fedtan.run_round(self.inner, messages)
+        if not messages:
+            return []
+        return self.inner.send_and_receive(messages, timeout=timeout)

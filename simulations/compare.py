@@ -8,6 +8,10 @@ Example::
         --rounds 30 --local-steps 5 --model cnn --dataset fashion-mnist \\
         --clients 5 --batch-size 32 --out results/NAME
 
+A method may name a server optimiser (run-config ``server-optimizer``) after a ``+``:
+``--methods fedtan,fedtan+fedadam,fedavg+fedadam,fedtan+fedavgm``; its hyper-parameters
+are run-config keys (``--set server-eta=0.01``, see :func:`simulations.server_app.server_optimizer`).
+
 Every run goes through the same code path as ``flwr run .`` (Flower simulation):
 :func:`simulations.flower_processes.run_app` submits the app with ``--run-config``
 overrides (``strategy``, ``partitioning``, ..., ``results-file``) to a private simulation
@@ -58,6 +62,7 @@ __all__ = [
     "RunSpec",
     "RunRecord",
     "partition_overrides",
+    "split_method",
     "app_config_defaults",
     "plan_runs",
     "run_all",
@@ -148,6 +153,31 @@ def partition_overrides(name: str) -> dict:
     )
 
 
+def split_method(label: str) -> tuple[str, Optional[str]]:
+    """``"fedtan+fedadam"`` -> ``("fedtan", "fedadam")``; ``"fedavg"`` -> ``("fedavg", None)``.
+
+    A method label is a ``strategy`` value, optionally followed by ``+`` and a
+    ``server-optimizer`` value (``fedavgm``, ``fedadam``, ``fedyogi``, ``fedadagrad``).
+
+    Raises
+    ------
+    ValueError
+        Unknown method or optimiser, or an optimiser the method cannot use.
+    """
+    from .server_app import SERVER_OPTIMIZERS
+
+    base, plus, optimizer = label.partition("+")
+    spec = method_spec(base)
+    if not plus:
+        return base, None
+    if optimizer not in SERVER_OPTIMIZERS:
+        raise ValueError(f"unknown server optimiser {optimizer!r} in {label!r}; choose from {SERVER_OPTIMIZERS}")
+    if spec.baseline_client and base not in ("fedgn", "centralised") and optimizer != "none":
+        raise ValueError(f"{label!r}: {base} cannot take a server optimiser (its server keeps BatchNorm "
+                         "entries out of the aggregation)")
+    return base, optimizer
+
+
 def app_config_defaults(pyproject: Path = PROJECT_ROOT / "pyproject.toml") -> dict:
     """The app's run config as declared in ``[tool.flwr.app.config]``."""
     with open(pyproject, "rb") as stream:
@@ -197,16 +227,19 @@ def plan_runs(
     """
     declared = app_config_defaults() if declared is None else declared
     for method in methods:
-        method_spec(method)
+        split_method(method)
     runs = []
     for seed in seeds:
         for partition in partitions:
             overrides = partition_overrides(partition)
             for method in methods:
-                spec = method_spec(method)
+                base, optimizer = split_method(method)
+                spec = method_spec(base)
                 results = (Path(out_dir) / "runs" / partition / f"{method}-seed{seed}.json").resolve()
-                config = {**settings, **overrides, "strategy": method, "seed": int(seed),
+                config = {**settings, **overrides, "strategy": base, "seed": int(seed),
                           "num-partitions": int(num_clients), "results-file": str(results)}
+                if optimizer is not None:
+                    config["server-optimizer"] = optimizer
                 runs.append(RunSpec(method, partition, int(seed), _checked_overrides(config, declared),
                                     1 if spec.single_client else int(num_clients)))
     return runs
@@ -302,7 +335,7 @@ def run_all(
             status, error = "failed", "summary holds no test accuracy"
         record = RunRecord(spec, summary if status != "failed" else None, elapsed, status, error, curve)
         records.append(record)
-        head = f"[{index:>{width}}/{len(runs)}] {spec.method:<11} {spec.partition:<14} seed {spec.seed:<3}"
+        head = f"[{index:>{width}}/{len(runs)}] {spec.method:<15} {spec.partition:<14} seed {spec.seed:<3}"
         if status == "failed":
             echo(f"{head} {elapsed:8.1f}s  FAILED: {error}")
         else:
@@ -556,7 +589,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m simulations.compare", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                        help=f"comma-separated, from {', '.join(METHODS)}")
+                        help=f"comma-separated, from {', '.join(METHODS)}; add +OPTIMISER for a server "
+                             "optimiser, e.g. fedtan+fedadam (fedavgm, fedadam, fedyogi, fedadagrad)")
     parser.add_argument("--partitions", default=",".join(DEFAULT_PARTITIONS),
                         help="comma-separated: iid, pathological[-C], dirichlet[-ALPHA]")
     parser.add_argument("--seeds", default="0", help="comma-separated integers")

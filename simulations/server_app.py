@@ -2,7 +2,9 @@
 
 The run-config key ``strategy`` picks the method (see :data:`simulations.baselines.METHODS`):
 ``fedtan``, ``fedavg`` (Flower's FedAvg, unmodified), ``fedbn``, ``silobn``, ``fixbn``,
-``fedgn`` and ``centralised``. :func:`make_strategy` maps it to a Strategy,
+``fedgn`` and ``centralised``; ``server-optimizer`` (``none``, ``fedavgm``, ``fedadam``,
+``fedyogi``, ``fedadagrad``) adds a server optimiser
+(:func:`server_optimizer`). :func:`make_strategy` maps it to a Strategy,
 :func:`run_experiment` runs it on any Grid and returns a JSON-ready summary, which
 :func:`main` writes to ``results-file`` (with the final model next to it, ``.pt``).
 """
@@ -18,7 +20,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg, Result, Strategy
+from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi, Result, Strategy
 
 from flwr_fedtan import FedTAN, convert_batchnorm
 from flwr_fedtan.client import evaluate_model
@@ -59,24 +61,88 @@ def make_evaluate_fn(config, norm: Optional[str] = None):
     return evaluate
 
 
+SERVER_OPTIMIZERS = ("none", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+"""Values of the run-config key ``server-optimizer``."""
+
+SERVER_OPTIMIZER_DEFAULTS: dict[str, Any] = {
+    "server-optimizer": "none",
+    "server-learning-rate": 1.0,  # FedAvgM: server_learning_rate
+    "server-momentum": 0.9,  # FedAvgM: server_momentum
+    "server-eta": 0.01,  # FedAdam, FedYogi, FedAdagrad: eta (server step size)
+    "server-beta1": 0.9,  # FedAdam, FedYogi: beta_1
+    "server-beta2": 0.99,  # FedAdam, FedYogi: beta_2
+    "server-tau": 0.001,  # FedAdam, FedYogi, FedAdagrad: tau (adaptivity)
+}
+"""The server optimiser's run-config keys and the values used when a key is absent."""
+
+
+def server_optimizer(config: Mapping[str, Any], **fedavg_kwargs: Any) -> FedAvg:
+    """Flower's strategy for the run config's ``server-optimizer``, unmodified.
+
+    ``none``: :class:`FedAvg`; ``fedavgm``: :class:`FedAvgM` (``server-learning-rate``,
+    ``server-momentum``); ``fedadam``, ``fedyogi``: :class:`FedAdam`, :class:`FedYogi`
+    (``server-eta``, ``server-beta1``, ``server-beta2``, ``server-tau``); ``fedadagrad``:
+    :class:`FedAdagrad` (``server-eta``, ``server-tau``). Absent keys take
+    :data:`SERVER_OPTIMIZER_DEFAULTS`. ``fedavg_kwargs`` go to the strategy (sampling).
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``server-optimizer``.
+    """
+    def get(key: str) -> Any:
+        return config.get(key, SERVER_OPTIMIZER_DEFAULTS[key])
+
+    name = str(get("server-optimizer")).lower()
+    if name not in SERVER_OPTIMIZERS:
+        raise ValueError(f"unknown server-optimizer {name!r}; choose from {SERVER_OPTIMIZERS}")
+    if name == "none":
+        return FedAvg(**fedavg_kwargs)
+    if name == "fedavgm":
+        return FedAvgM(**fedavg_kwargs, server_learning_rate=float(get("server-learning-rate")),
+                       server_momentum=float(get("server-momentum")))
+    adaptive = dict(eta=float(get("server-eta")), tau=float(get("server-tau")))
+    if "lr" in config:
+        adaptive["eta_l"] = float(config["lr"])  # the clients' step size (Flower only logs it)
+    if name == "fedadagrad":
+        return FedAdagrad(**fedavg_kwargs, **adaptive)
+    betas = dict(beta_1=float(get("server-beta1")), beta_2=float(get("server-beta2")))
+    return (FedAdam if name == "fedadam" else FedYogi)(**fedavg_kwargs, **adaptive, **betas)
+
+
 def make_strategy(config) -> Strategy:
-    """The strategy named by the run config's ``strategy``.
+    """The strategy named by the run config's ``strategy`` (and ``server-optimizer``).
 
     With :data:`simulations.baselines.METHODS` (which also fixes each method's model norm,
     see :func:`simulations.baselines.model_norm`) the one place that maps a method name to
-    what the server runs.
+    what the server runs. ``server-optimizer`` (see :func:`server_optimizer`) applies to
+    ``fedtan`` (wrapped: parameters through the optimiser, BatchNorm buffers pooled),
+    ``fedavg``, ``fedgn`` and ``centralised`` (Flower's optimiser, unmodified).
+
+    Raises
+    ------
+    ValueError
+        ``server-optimizer`` with FedBN, SiloBN or FixBN (their servers keep entries out of
+        the aggregation, which Flower's optimisers do not support).
     """
     name = str(config["strategy"])
     spec = method_spec(name)
     common = dict(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=2, min_available_nodes=2)
+    optimizer = str(config.get("server-optimizer", "none")).lower()
     if name == "fedtan":
-        return FedTAN(**common, sync_steps=int(config.get("sync-steps", 1)),
+        return FedTAN(strategy=server_optimizer(config, **common), sync_steps=int(config.get("sync-steps", 1)),
                       exchange_timeout=float(config.get("exchange-timeout", 120.0)),
                       seed=int(config.get("seed", 0)))
     if name in ("fedavg", "fedgn"):
-        return FedAvg(**common)
+        return server_optimizer(config, **common)
     if name == "centralised":
-        return FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1)
+        return server_optimizer(config, fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1,
+                                min_available_nodes=1)
+    if optimizer != "none":
+        raise ValueError(
+            f"server-optimizer={optimizer!r} is not available with strategy={name!r}: its server keeps "
+            "BatchNorm entries out of the aggregation; use server-optimizer='none' or fedtan/fedavg/fedgn"
+        )
     model = model_from_config(config, norm=spec.norm)
     if name == "fixbn":
         return FixBN(model, fixbn_switch_round(config), **common)

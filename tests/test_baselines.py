@@ -389,3 +389,54 @@ def test_compare_main_with_a_fake_runner(tmp_path, capsys):
     assert "[1/4] fedtan" in out and "final acc 0.8000" in out
     assert (tmp_path / "results.md").exists() and (tmp_path / "accuracy-iid.png").stat().st_size > 0
     assert not math.isnan(float(next(csv.DictReader(open(tmp_path / "results.csv")))["best_mean"]))
+
+
+# ---------------------------------------------------------------------- server optimisers
+@pytest.mark.parametrize("method,optimizer", [("fedtan", "fedadam")])
+def test_server_optimizer_from_the_run_config_runs_a_round(method, optimizer):
+    config = app_config(strategy=method, server_optimizer=optimizer, server_eta=0.02, server_momentum=0.5)
+    strategy = make_strategy(config)
+    inner = strategy.strategy if method == "fedtan" else strategy
+    assert type(inner).__name__ == {"fedadam": "FedAdam", "fedavgm": "FedAvgM"}[optimizer]
+    if optimizer == "fedadam":
+        assert (inner.eta, inner.beta_1, inner.beta_2, inner.tau, inner.eta_l) == (0.02, 0.9, 0.99, 1e-3, 0.05)
+    else:
+        assert (inner.server_momentum, inner.server_learning_rate) == (0.5, 1.0)
+    grid = RecordingGrid(app, NUM_CLIENTS, config)
+    result, summary = run_experiment(grid, config, strategy=strategy)
+    final = numpy_arrays(result.arrays)
+    assert final.keys() == initial_arrays(config).keys()
+    assert all(np.all(np.isfinite(v)) for v in final.values())
+    assert 0.0 <= summary["test"][1]["test-accuracy"] <= 1.0
+    if method == "fedtan":
+        for key, value in final.items():
+            if key.endswith("running_var"):
+                assert (value >= 0).all()
+            if key.endswith("num_batches_tracked"):
+                assert value.dtype == np.int64 and int(value) == LOCAL_STEPS
+
+
+def test_server_optimizer_choices_and_refusals():
+    from simulations.server_app import server_optimizer
+
+    assert type(server_optimizer({})).__name__ == "FedAvg"
+    plain = make_strategy(app_config(strategy="fedavg", server_optimizer="fedavgm", server_momentum=0.5))
+    assert type(plain).__name__ == "FedAvgM" and plain.server_momentum == 0.5  # Flower's, unmodified
+    for name, cls in [("fedyogi", "FedYogi"), ("fedadagrad", "FedAdagrad"), ("fedavgm", "FedAvgM")]:
+        assert type(server_optimizer({"server-optimizer": name})).__name__ == cls
+    with pytest.raises(ValueError, match="unknown server-optimizer"):
+        server_optimizer({"server-optimizer": "sgd"})
+    with pytest.raises(ValueError, match="not available with strategy='fedbn'"):
+        make_strategy(app_config(strategy="fedbn", server_optimizer="fedadam"))
+    assert compare.split_method("fedtan+fedadam") == ("fedtan", "fedadam")
+    assert compare.split_method("fedavg") == ("fedavg", None)
+    with pytest.raises(ValueError, match="cannot take a server optimiser"):
+        compare.split_method("silobn+fedadam")
+    with pytest.raises(ValueError, match="unknown server optimiser"):
+        compare.split_method("fedtan+adam")
+    declared = {**compare.app_config_defaults(), "server-optimizer": "none"}
+    runs = compare.plan_runs(["fedtan+fedadam", "fedavg+fedadam"], ["pathological"], [0], {}, 5, Path("/tmp/x"),
+                             declared=declared)
+    assert [(r.method, r.run_config["strategy"], r.run_config["server-optimizer"]) for r in runs] == [
+        ("fedtan+fedadam", "fedtan", "fedadam"), ("fedavg+fedadam", "fedavg", "fedadam")]
+    assert runs[0].results_file.name == "fedtan+fedadam-seed0.json"

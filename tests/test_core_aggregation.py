@@ -272,3 +272,44 @@ def test_pool_forward_stats_non_numeric_count_names_client(field, value):
     with pytest.raises(PayloadError) as err:
         pool_forward_stats(payloads, channels=C)
     assert err.value.client == BAD and BAD in str(err.value)
+
+
+# ---------------------------------------------------------------------- forward counts
+def _stats(count, examples, channels=2):
+    return ForwardStats(count=count, num_examples=examples, mean=np.zeros(channels), var=np.ones(channels))
+
+
+def test_forward_counts_consistent_pass():
+    from flwr_fedtan.aggregation import forward_count_violations
+
+    payloads = {1: _stats(4 * 16, 4), 2: _stats(9 * 16, 9), 3: _stats(5 * 16, 5)}
+    assert forward_count_violations(payloads, {}) == {}
+    assert forward_count_violations(payloads, {1: 4, 2: 9, 3: 5}) == {}
+
+
+def test_forward_counts_inconsistent_are_named():
+    from flwr_fedtan.aggregation import forward_count_violations
+
+    # Client 2 doubles its count: 32 values per example where the others have 16.
+    payloads = {1: _stats(4 * 16, 4), 2: _stats(9 * 32, 9), 3: _stats(5 * 16, 5)}
+    violations = forward_count_violations(payloads, {})
+    assert list(violations) == [2] and "32 values per example" in violations[2] and "others have 16" in violations[2]
+    # Allowed when the inputs legitimately differ in size.
+    assert forward_count_violations(payloads, {}, uniform_positions=False) == {}
+    # Not a whole multiple of num-examples.
+    violations = forward_count_violations({1: _stats(4 * 16, 4), 2: _stats(50, 9)}, {})
+    assert list(violations) == [2] and "whole multiple" in violations[2]
+    # num-examples changing within a step.
+    violations = forward_count_violations({1: _stats(4 * 16, 4), 2: _stats(10 * 16, 10)}, {1: 4, 2: 9})
+    assert list(violations) == [2] and "10 at this BatchNorm call but 9" in violations[2]
+    # Two clients disagreeing: the smaller count per example wins (inflating raises it).
+    violations = forward_count_violations({1: _stats(4 * 16, 4), 2: _stats(9 * 64, 9)}, {})
+    assert list(violations) == [2]
+
+
+def test_batchnorm_buffers_by_name():
+    from flwr_fedtan.aggregation import is_batchnorm_buffer
+
+    assert is_batchnorm_buffer("layer1.0.bn1.running_mean") and is_batchnorm_buffer("running_var")
+    assert is_batchnorm_buffer("bn.num_batches_tracked")
+    assert not is_batchnorm_buffer("bn.weight") and not is_batchnorm_buffer("fc.running_mean_proj.weight")
