@@ -99,8 +99,8 @@ class _BatchNormInterceptor(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         parse = _BATCH_NORM_FUNCTIONS.get(func)
-        if parse is None:
-            return func(*args, **(kwargs or {}))
+        if parse is None:  # every other op of the forward: keep this path short
+            return func(*args, **kwargs) if kwargs else func(*args)
         x, running_mean, running_var, weight, bias, training, momentum, eps = parse(*args, **(kwargs or {}))
         if not training:
             return func(*args, **(kwargs or {}))
