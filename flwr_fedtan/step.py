@@ -16,9 +16,11 @@ the caller feeds back the aggregate of all clients:
 How the pauses work
 -------------------
 Forward: the forward code runs as a :class:`~.pause.PausableCall` (a greenlet on the
-caller's OS thread); each BatchNorm call that uses batch statistics switches back to the
-caller with its statistics, and the step switches into the greenlet again with the pooled
-statistics. The per-call arithmetic lives in :mod:`~.bn_ops`.
+caller's OS thread) under a torch function mode that intercepts every batch-statistics
+``F.batch_norm`` / ``torch.batch_norm`` call, whichever module or hand-written code makes
+it; each such call switches back to the caller with its statistics, and the step switches
+into the greenlet again with the pooled statistics. The per-call arithmetic lives in
+:mod:`~.bn_ops`.
 
 Backward: nothing ever blocks inside autograd. Each synchronised BatchNorm output is an
 autograd node with no path back to its input or the layer's parameters (it hangs from a
@@ -99,8 +101,8 @@ class _BatchNormInterceptor(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         parse = _BATCH_NORM_FUNCTIONS.get(func)
-        if parse is None:
-            return func(*args, **(kwargs or {}))
+        if parse is None:  # every other op of the forward: keep this path short
+            return func(*args, **kwargs) if kwargs else func(*args)
         x, running_mean, running_var, weight, bias, training, momentum, eps = parse(*args, **(kwargs or {}))
         if not training:
             return func(*args, **(kwargs or {}))
@@ -160,8 +162,6 @@ class SyncStep:
 
     Parameters
     ----------
-    model : nn.Module
-        The client's model, converted with :func:`~flwr_fedtan.convert_batchnorm`.
     model : nn.Module
         The client's model. Every batch-statistics BatchNorm computation in its forward
         (``nn.BatchNorm*``, ``SyncBatchNorm`` outside a process group, subclasses such as
