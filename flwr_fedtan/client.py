@@ -41,7 +41,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, default_colla
 
 from . import schema, settings
 from .aggregation import BackwardSums, ForwardStats
-from .batchnorm import convert_batchnorm
+from .batchnorm import convert_batchnorm, validate
+from .losses import loss_reduction, reduce_loss
 from .replay_store import discard_weights, load_weights, save_weights
 from .step import Aggregate
 from .training import ClientRound, derive_seed
@@ -142,6 +143,8 @@ class FedTANClient(NumPyClient):
         else:
             self.test_data, self.test_collate_fn = _as_dataset(test_data, "test_data"), _collate_fn_of(test_data)
         self.loss_fn: LossFn = loss_fn or nn.functional.cross_entropy
+        # Refuse up front what a synchronised step cannot do exactly, every issue with its fix.
+        validate(self.model, self.loss_fn, strict=True)
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         self.local_steps = int(local_steps)
         if self.local_steps < 1:
@@ -266,16 +269,18 @@ def evaluate_model(
     collate_fn: Optional[Callable[[list], Any]] = None,
     unpack_batch: Optional[UnpackBatch] = None,
 ) -> tuple[float, float, int]:
-    """Mean loss, accuracy and sample count of ``model`` in eval mode on ``data``
+    """Mean loss per sample, accuracy and sample count of ``model`` in eval mode on ``data``
     (batches collated with ``collate_fn`` and split by ``unpack_batch``; defaults: pairs)."""
     model.eval()
+    reduction = loss_reduction(loss_fn)
     total_loss, correct, count = 0.0, 0, 0
     with torch.no_grad():
         for batch in DataLoader(data, batch_size=batch_size, collate_fn=collate_fn):
             inputs, targets = unpack_batch(batch) if unpack_batch is not None else batch
             inputs, targets = inputs.to(device), targets.to(device)
             outputs = model(inputs)
-            total_loss += float(loss_fn(outputs, targets)) * len(targets)
+            batch_loss = float(reduce_loss(loss_fn(outputs, targets), len(targets), reduction))
+            total_loss += batch_loss * len(targets) if reduction == "mean" else batch_loss
             correct += int((outputs.argmax(dim=1) == targets).sum())
             count += len(targets)
     return total_loss / max(count, 1), correct / max(count, 1), count

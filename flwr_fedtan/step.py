@@ -223,6 +223,7 @@ class SyncStep:
         self._calls: list[_BatchNormCall] = []
         self._num_points = 0
         self._pending: Optional[SyncPoint] = None
+        self._pending_payload: Optional[Aggregate] = None  # what this client sent for it
         self._forward: Optional[PausableCall] = None
         self._thread: Optional[threading.Thread] = None  # the object: idents are reused
         self._program = self._run()
@@ -337,23 +338,33 @@ class SyncStep:
             self._finished = True
             raise
         self._pending = request[0]
+        self._pending_payload = request[1]
         return request
 
     def _check_aggregate(self, point: SyncPoint, aggregate: Aggregate) -> None:
         c = point.channels
         if point.phase == "forward":
             if not isinstance(aggregate, ForwardStats):
-                raise StepProtocolError(f"sync point {point.index} needs ForwardStats")
+                raise StepProtocolError(
+                    f"sync point {point.index} needs ForwardStats, got {type(aggregate).__name__}"
+                )
             if aggregate.mean.shape != (c,) or aggregate.var.shape != (c,):
-                raise StepProtocolError(f"sync point {point.index}: expected {c} channels")
+                raise StepProtocolError(
+                    f"sync point {point.index}: expected {c} channels, got mean "
+                    f"{aggregate.mean.shape}, var {aggregate.var.shape}"
+                )
             if not (np.isfinite(aggregate.mean).all() and np.isfinite(aggregate.var).all()):
                 raise StepProtocolError(f"sync point {point.index}: non-finite pooled moments")
             if (aggregate.var < 0).any():
                 raise StepProtocolError(f"sync point {point.index}: negative pooled variance")
-            if aggregate.count < 1 or aggregate.num_examples < self.num_examples:
+            own = self._pending_payload
+            own_count = own.count if isinstance(own, ForwardStats) else 1.0
+            # ``not >=`` so that a NaN count is refused too.
+            if not (aggregate.count >= max(own_count, 1.0)) or aggregate.num_examples < self.num_examples:
                 raise StepProtocolError(
                     f"sync point {point.index}: pooled count {aggregate.count} / examples "
-                    f"{aggregate.num_examples} smaller than this client's own"
+                    f"{aggregate.num_examples} smaller than this client's own "
+                    f"({own_count:g} / {self.num_examples})"
                 )
             if self.total_examples is not None and aggregate.num_examples != self.total_examples:
                 raise StepProtocolError(
@@ -362,9 +373,14 @@ class SyncStep:
                 )
         else:
             if not isinstance(aggregate, BackwardSums):
-                raise StepProtocolError(f"sync point {point.index} needs BackwardSums")
+                raise StepProtocolError(
+                    f"sync point {point.index} needs BackwardSums, got {type(aggregate).__name__}"
+                )
             if aggregate.sum_grad.shape != (c,) or aggregate.sum_grad_xhat.shape != (c,):
-                raise StepProtocolError(f"sync point {point.index}: expected {c} channels")
+                raise StepProtocolError(
+                    f"sync point {point.index}: expected {c} channels, got sums "
+                    f"{aggregate.sum_grad.shape}, {aggregate.sum_grad_xhat.shape}"
+                )
             if not (
                 np.isfinite(aggregate.sum_grad).all() and np.isfinite(aggregate.sum_grad_xhat).all()
             ):
