@@ -17,10 +17,8 @@ process. A round in flight is therefore kept two ways:
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
-from collections import OrderedDict
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
@@ -35,6 +33,7 @@ from . import schema
 from .aggregation import BackwardSums, ForwardStats
 from .batchnorm import convert_batchnorm
 from .replay_store import discard_weights, load_weights, resolve_store, save_weights
+from .runtime import live_rounds, run_at_home
 from .step import Aggregate
 from .training import ClientRound, derive_seed
 
@@ -218,34 +217,13 @@ class _LiveRound:
         # handled on another thread (a threaded Ray actor, say) replays instead.
         self.thread = threading.current_thread()  # the object: thread idents are reused
 
-
-_LIVE: "OrderedDict[tuple[int, int], _LiveRound]" = OrderedDict()
-
-
-def _max_live_rounds() -> int:
-    return max(0, int(os.environ.get("FEDTAN_MAX_LIVE_ROUNDS", "16")))
-
-
-def _remember(key: tuple[int, int], live: _LiveRound) -> None:
-    if _LIVE.get(key) is not live:
-        _forget(key)
-    _LIVE[key] = live
-    _LIVE.move_to_end(key)
-    while len(_LIVE) > _max_live_rounds():
-        _, evicted = _LIVE.popitem(last=False)
-        evicted.round.close()
-
-
-def _forget(key: tuple[int, int]) -> None:
-    live = _LIVE.pop(key, None)
-    if live is not None:
-        live.round.close()
+    def close(self) -> None:
+        self.round.close()
 
 
 def clear_live_rounds() -> None:
     """Drop every live round of this process (e.g. between tests)."""
-    for key in list(_LIVE):
-        _forget(key)
+    live_rounds().clear()
 
 
 # ---------------------------------------------------------------------- replay state
@@ -327,7 +305,8 @@ def fedtan_client_app(
 
     @app.train(schema.ACTION)
     def fedtan_train(msg: Message, context: Context) -> Message:
-        return _handle_fedtan(msg, context, client_fn, store)
+        # Runs where the node's live rounds are kept (this process, a Ray home, the node worker).
+        return run_at_home(_handle_fedtan, msg, context, client_fn, store)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -360,8 +339,9 @@ def _handle_fedtan(msg: Message, context: Context, client_fn: Callable[[Context]
     control = schema.decode_control(msg.content)
     key = (context.run_id, context.node_id)
     state = context.state
+    cache = live_rounds()
     if control.phase == schema.PHASE_BEGIN:
-        _forget(key)
+        cache.forget(key)
         client = _client_from(client_fn, context)
         arrays = msg.content.array_records[schema.ARRAYS]
         client.load_arrays(arrays)
@@ -397,7 +377,7 @@ def _handle_fedtan(msg: Message, context: Context, client_fn: Callable[[Context]
                 f"node {context.node_id}: aggregate for point {control.point} of round "
                 f"{control.round}, but {received} aggregates were received so far"
             )
-        live = _LIVE.get(key)
+        live = cache.get(key)
         started = time.perf_counter()
         if (
             live is None
@@ -405,12 +385,12 @@ def _handle_fedtan(msg: Message, context: Context, client_fn: Callable[[Context]
             or len(live.round.received) != received
             or live.thread is not threading.current_thread()
         ):
-            _forget(key)
+            cache.forget(key)
             live = _rebuild(context, client_fn, replay)
         try:
             request = live.round.resume(control.aggregate)  # type: ignore[arg-type]
         except BaseException:
-            _forget(key)
+            cache.forget(key)
             live.round.close()
             raise
         _log_append(state, received, control.aggregate)  # type: ignore[arg-type]
@@ -418,10 +398,10 @@ def _handle_fedtan(msg: Message, context: Context, client_fn: Callable[[Context]
         _add_seconds(state, time.perf_counter() - started)
 
     if request is not None:
-        _remember(key, live)
+        cache.remember(key, live)
         return _request_reply(msg, control.round, live.round, request)
 
-    _forget(key)
+    cache.forget(key)
     metrics = live.round.finish()
     replay = state.config_records[REPLAY_STATE]
     metrics["sync-seconds"] = float(replay["sync-seconds"])
