@@ -21,7 +21,7 @@ ClientApp (``"package.module:app"``) instead of importing it, and
 from __future__ import annotations
 
 import importlib
-from typing import Optional
+from typing import Callable, Mapping, Optional
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
@@ -56,15 +56,20 @@ class NodeClientApp(ClientApp):
     """A ClientApp that delegates every message to the ClientApp named by ``reference``;
     see :func:`node_client_app`."""
 
-    def __init__(self, reference: str, live_home: Optional[str] = None) -> None:
+    def __init__(self, reference: str, live_home: Optional[str] = None,
+                 local: Optional[Mapping[str, Callable[[Message, Context], Message]]] = None) -> None:
         super().__init__()
         module_name, sep, attribute = reference.partition(":")
         if not sep or not module_name or not attribute:
             raise ValueError(f"node_client_app needs 'module:attribute', got {reference!r}")
         self.reference = reference
         self.live_home = resolve_home(live_home)
+        self.local = dict(local or {})
 
     def __call__(self, message: Message, context: Context) -> Message:
+        handler = self.local.get(message.metadata.message_type)
+        if handler is not None:
+            return handler(message, context)
         if home_kind(self.live_home) == "worker":
             from .worker import call_worker
 
@@ -74,7 +79,8 @@ class NodeClientApp(ClientApp):
         return call_app(message, context, self.reference)
 
 
-def node_client_app(reference: str, live_home: Optional[str] = None) -> ClientApp:
+def node_client_app(reference: str, live_home: Optional[str] = None,
+                    local: Optional[Mapping[str, Callable[[Message, Context], Message]]] = None) -> ClientApp:
     """A ClientApp that serves every message with the ClientApp named by ``reference``.
 
     Parameters
@@ -86,10 +92,13 @@ def node_client_app(reference: str, live_home: Optional[str] = None) -> ClientAp
         ``"auto"`` (the default, also via ``FEDTAN_LIVE_HOME``): the node worker in a
         deployment ``flwr-clientapp`` process, this process elsewhere; ``"worker"`` or
         ``"process"`` force one.
+    local : Optional[Mapping[str, Callable[[Message, Context], Message]]] (default: None)
+        Handlers by message type (e.g. ``"query.ping"``) that run right here, in the
+        light process, without the real app (they should import no torch).
 
     Returns
     -------
     ClientApp
         Importing the module that defines it imports Flower only, not torch.
     """
-    return NodeClientApp(reference, live_home)
+    return NodeClientApp(reference, live_home, local)
