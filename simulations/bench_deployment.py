@@ -139,6 +139,7 @@ def run_deployment_benchmark(grid: Grid, config: Mapping[str, Any], initial: Arr
         "fedtan-pulls": len(pulls),
         "fedtan-pull-backoffs": sum(1 for s in pulls if s > BACKOFF_SECONDS),
         "fedtan-pull-seconds-max": max(pulls) if pulls else 0.0,
+        "fedtan-pull-backoff-seconds": sum(s for s in pulls if s > BACKOFF_SECONDS),
         "empty-pull-backoffs": sum(1 for s in timing.pull_seconds[:pulls_before] if s > BACKOFF_SECONDS),
     }
 
@@ -178,6 +179,7 @@ def format_report(bench: Mapping[str, Any], imports: Optional[Mapping[str, float
         ("  replays per client per round", ", ".join(f"{r:.2f}" for r in bench["client-replays"])),
         ("  pulls hitting Flower's 1 s back-off", f"{bench['fedtan-pull-backoffs']} of {bench['fedtan-pulls']} "
                                                   f"(FedTAN), {bench['empty-pull-backoffs']} (empty); "
+                                                  f"{bench['fedtan-pull-backoff-seconds']:.1f} s in all; "
                                                   f"slowest pull {bench['fedtan-pull-seconds-max']:.2f} s"),
         ("  the rest of an exchange", f"{max(fedtan - sync, 0):.2f} s: Flower (SuperNode polling, SuperExec, "
                                       "flwr-clientapp process) and the worker hop"),
