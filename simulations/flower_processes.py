@@ -45,6 +45,7 @@ GRACE_SECONDS = 10.0
 
 # Inherited variables that would change what the processes do.
 _SCRUBBED = ("FLWR_HOME", "RAY_ADDRESS", "FEDTAN_MAX_LIVE_ROUNDS", "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT",
+             "FEDTAN_LIVE_HOME", "FEDTAN_NODE_WORKER_SOCKET", "FEDTAN_RAY_HOMES",
              # Deployment imports the app afresh for every message: let Python cache its
              # bytecode (in the temporary FLWR_HOME/apps copy).
              "PYTHONDONTWRITEBYTECODE")
@@ -184,6 +185,8 @@ class FlowerProcesses:
             # message pays; 0.2 s costs little CPU (0.05 s made each SuperNode ~8% busy).
             "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
             "RAY_TMPDIR": str(self.ray_tmp),
+            # Node workers' sockets (flwr_fedtan.runtime.worker): private to this harness.
+            "FEDTAN_RUNTIME_DIR": str(self.ray_tmp / "runtime"),
             "PYTHONUNBUFFERED": "1",
             TOKEN_VAR: self.token,
         }

@@ -182,6 +182,8 @@ def _handle(run_id: int, index: int, homes: int, fresh: bool = False):
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(slots[index % len(slots)], soft=True)
     handle = _remote_class().options(**options).remote(name, _threads)
     with _lock:
+        # Kept for the life of this process: a home is owned by the process that created
+        # it, and Ray ends an actor whose owner dropped every handle to it.
         _handles[name] = handle
     return handle
 
@@ -206,6 +208,4 @@ def call_home(handler: Callable[..., Message], msg: Message, context: Context,
                 ) from None
             log.warning("FedTAN: live-round home %d of node %s is gone (%s); recreating it, the node's "
                         "round will be replayed from context.state", index, context.node_id, error)
-            with _lock:
-                _handles.clear()
     raise AssertionError("unreachable")  # pragma: no cover

@@ -185,7 +185,7 @@ def _connect_or_start(path: Path) -> socket.socket:
     except (FileNotFoundError, ConnectionRefusedError):
         pass
     lock_path = path.with_suffix(".lock")
-    with open(lock_path, "a+b") as lock:
+    with open(os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600), "r+b") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one starter at a time; the others find its socket
         try:
             return _connect(path, None)
