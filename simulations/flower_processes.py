@@ -262,6 +262,50 @@ class FlowerProcesses:
                 "--node-config", config_arg(node_config)]
         return self.start(name, args, env=env)
 
+    def start_ray_node(self, name: str, *, head_address: Optional[str] = None, num_cpus: int = 1,
+                       env: Optional[Mapping[str, str]] = None, timeout: float = 120.0) -> str:
+        """Start one Ray node (a raylet) on loopback with ``ray start --block``; the GCS address.
+
+        Without ``head_address`` it is the head of a new cluster. Each node gets its own
+        ``--temp-dir`` (under the harness's short temporary folder) and explicit free
+        ports, so two nodes on one machine stand in for two machines. ``env`` is what the
+        node's worker processes inherit (e.g. a node-local ``FEDTAN_STATE_DIR``).
+        """
+        temp_dir = self.ray_tmp / name
+        temp_dir.mkdir(parents=True, exist_ok=True)
+        args = [BIN / "ray", "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
+                f"--temp-dir={temp_dir}", "--disable-usage-stats",
+                f"--node-manager-port={self.port()}", f"--object-manager-port={self.port()}",
+                f"--dashboard-agent-grpc-port={self.port()}", f"--dashboard-agent-listen-port={self.port()}",
+                f"--metrics-export-port={self.port()}", f"--runtime-env-agent-port={self.port()}"]
+        if head_address is None:
+            gcs = f"127.0.0.1:{self.port()}"
+            args += ["--head", f"--port={gcs.rsplit(':', 1)[1]}", "--include-dashboard=false",
+                     f"--ray-client-server-port={self.port()}"]
+        else:
+            gcs = head_address
+            args.append(f"--address={gcs}")
+        before = self._ray_nodes(gcs) if head_address is not None else 0
+        process = self.start(name, args, env={"RAY_TMPDIR": str(temp_dir), **(env or {})})
+        deadline = time.monotonic() + timeout
+        while self._ray_nodes(gcs) <= before:
+            self._check_running(name, process)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Ray node {name} did not join {gcs} within {timeout}s:\n{self.log_tail(name)}")
+            time.sleep(1.0)
+        return gcs
+
+    def _ray_nodes(self, gcs: str) -> int:
+        """Alive nodes of the cluster at ``gcs`` (0 if it does not answer yet)."""
+        code = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False); "
+                "print(sum(1 for n in ray.nodes() if n['Alive']))")
+        result = subprocess.run([sys.executable, "-c", code, gcs], env=self.env, capture_output=True, text=True,
+                                timeout=120, stdin=subprocess.DEVNULL)
+        try:
+            return int(result.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            return 0
+
     def add_connection(self, name: str, address: str, *, default: bool = True) -> None:
         """Write ``[superlink.<name>] address=..., insecure=true`` into config.toml."""
         self.connections[name] = address
