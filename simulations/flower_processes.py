@@ -195,6 +195,7 @@ class FlowerProcesses:
         self.connections: dict[str, str] = {}
         self.default_connection: Optional[str] = None
         self._used_ports: set[int] = set()
+        self.ray_node_ids: dict[str, str] = {}  # Ray node id of each start_ray_node
 
     # -------------------------------------------------------------- plumbing
     def port(self) -> int:
@@ -266,6 +267,8 @@ class FlowerProcesses:
                        env: Optional[Mapping[str, str]] = None, timeout: float = 120.0) -> str:
         """Start one Ray node (a raylet) on loopback with ``ray start --block``; the GCS address.
 
+        Its Ray node id goes to ``ray_node_ids[name]``.
+
         Without ``head_address`` it is the head of a new cluster. Each node gets its own
         ``--temp-dir`` (under the harness's short temporary folder) and explicit free
         ports, so two nodes on one machine stand in for two machines. ``env`` is what the
@@ -273,9 +276,10 @@ class FlowerProcesses:
         """
         temp_dir = self.ray_tmp / name
         temp_dir.mkdir(parents=True, exist_ok=True)
+        manager_port = self.port()
         args = [BIN / "ray", "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
                 f"--temp-dir={temp_dir}", "--disable-usage-stats",
-                f"--node-manager-port={self.port()}", f"--object-manager-port={self.port()}",
+                f"--node-manager-port={manager_port}", f"--object-manager-port={self.port()}",
                 f"--dashboard-agent-grpc-port={self.port()}", f"--dashboard-agent-listen-port={self.port()}",
                 f"--metrics-export-port={self.port()}", f"--runtime-env-agent-port={self.port()}"]
         if head_address is None:
@@ -285,26 +289,31 @@ class FlowerProcesses:
         else:
             gcs = head_address
             args.append(f"--address={gcs}")
-        before = self._ray_nodes(gcs) if head_address is not None else 0
+        before = set(self.ray_nodes(gcs)) if head_address is not None else set()
         process = self.start(name, args, env={"RAY_TMPDIR": str(temp_dir), **(env or {})})
         deadline = time.monotonic() + timeout
-        while self._ray_nodes(gcs) <= before:
+        while True:
+            new = {node_id: port for node_id, port in self.ray_nodes(gcs).items() if node_id not in before}
+            mine = [node_id for node_id, port in new.items() if port == manager_port]
+            if mine:
+                self.ray_node_ids[name] = mine[0]
+                return gcs
             self._check_running(name, process)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"Ray node {name} did not join {gcs} within {timeout}s:\n{self.log_tail(name)}")
             time.sleep(1.0)
-        return gcs
 
-    def _ray_nodes(self, gcs: str) -> int:
-        """Alive nodes of the cluster at ``gcs`` (0 if it does not answer yet)."""
-        code = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False); "
-                "print(sum(1 for n in ray.nodes() if n['Alive']))")
+    def ray_nodes(self, gcs: str) -> dict[str, int]:
+        """{node id: node manager port} of the alive nodes of the cluster at ``gcs`` (empty
+        if it does not answer yet)."""
+        code = ("import json, ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False); "
+                "print(json.dumps({n['NodeID']: n['NodeManagerPort'] for n in ray.nodes() if n['Alive']}))")
         result = subprocess.run([sys.executable, "-c", code, gcs], env=self.env, capture_output=True, text=True,
                                 timeout=120, stdin=subprocess.DEVNULL)
         try:
-            return int(result.stdout.strip().splitlines()[-1])
+            return {k: int(v) for k, v in json.loads(result.stdout.strip().splitlines()[-1]).items()}
         except (ValueError, IndexError):
-            return 0
+            return {}
 
     def add_connection(self, name: str, address: str, *, default: bool = True) -> None:
         """Write ``[superlink.<name>] address=..., insecure=true`` into config.toml."""

@@ -278,11 +278,23 @@ def test_deployment_supernode_killed_mid_round_then_rejoins(flower, tmp_path, ca
             if "[ROUND 1/" in text:
                 break
             time.sleep(0.2)
-        # The first exchange has started: wait until the victim's worker is up (the round
-        # is live in it), then kill the SuperNode alone, as a crash would.
-        while time.monotonic() < deadline and not [p for p in _processes_with(f"--watch-pid\0{victim.pid}\0")]:
+        # Wait until the victim's node worker has served the round's first two messages
+        # (the round is live in it, every node's worker is up), then kill the SuperNode
+        # alone, as a crash would.
+        from flwr_fedtan.runtime.worker import worker_request
+
+        workers: list[int] = []
+        while time.monotonic() < deadline:
+            workers = _processes_with(f"--watch-pid\0{victim.pid}\0")
+            if workers:
+                args = Path(f"/proc/{workers[0]}/cmdline").read_bytes().split(b"\0")
+                sock = Path(args[args.index(b"--socket") + 1].decode())
+                try:
+                    if worker_request(sock, "stats", timeout=10)["served"] >= 2:
+                        break
+                except (OSError, EOFError, RuntimeError):
+                    pass
             time.sleep(0.2)
-        workers = _processes_with(f"--watch-pid\0{victim.pid}\0")
         os.kill(victim.pid, signal.SIGKILL)
         events["killed"] = time.monotonic()
         events["workers"] = workers
@@ -292,7 +304,7 @@ def test_deployment_supernode_killed_mid_round_then_rejoins(flower, tmp_path, ca
     killer.start()
     outcome = flower.run_app(REPO, connection="e2e-fault", timeout=DEPLOYMENT_RUN_TIMEOUT,
                              run_config=cli_config(dataset="synthetic", model=DEPLOYMENT_MODEL, num_server_rounds=2,
-                                                   local_steps=1, batch_size=16, exchange_timeout=15.0,
+                                                   local_steps=1, batch_size=16, exchange_timeout=30.0,
                                                    results_file=str(results_file)))
     killer.join(timeout=5)
     assert_completed(outcome, flower)

@@ -9,9 +9,11 @@ themselves, Flower's) is stopped by PID at the end (simulations/flower_processes
    the nodes' Ray homes (one per raylet): the run equals the in-process reference, with
    no replays, and the test reports where each node's step lived.
 2. Homes off (``FEDTAN_LIVE_HOME=process``, Flower's own behaviour): a node's messages
-   land on either machine, and a replay there cannot read the node-local weights: it must
-   be detected and reported with the fix (``replay_store='context'``), never a silently
-   wrong model.
+   land on either raylet, and the round is replayed there from ``context.state`` and the
+   node-local weights. On two real machines the weights are not there: the replay fails
+   with the fix (``replay_store='context'``) and the node is dropped; the two loopback
+   raylets share one filesystem, so here the replay works. Either way the model is never
+   silently wrong: the test accepts exactly these two outcomes.
 
 Run with ``pytest -m slow tests/test_ray_cluster.py``.
 """
@@ -63,15 +65,14 @@ def cluster(tmp_path, request):
 
 
 def home_placements(flower: FlowerProcesses) -> dict[int, tuple[str, str]]:
-    """{node id: (home name, raylet)} from the homes' log lines, by which raylet's
-    temp dir holds the log."""
+    """{node id: (home name, raylet)} from the homes' log lines (they name their Ray node)."""
+    raylet_of = {node_id: name for name, node_id in flower.ray_node_ids.items()}
     found = {}
-    for raylet in ("head", "second"):
-        for path in (flower.ray_tmp / raylet).rglob("worker-*.out"):
-            for line in path.read_text(errors="replace").splitlines():
-                match = re.search(r"FedTAN live home (\S+): node (\d+)", line)
-                if match:
-                    found[int(match.group(2))] = (match.group(1), raylet)
+    for path in flower.ray_tmp.rglob("worker-*.out"):
+        for line in path.read_text(errors="replace").splitlines():
+            match = re.search(r"FedTAN live home (\S+): node (\d+) .* ray-node (\S+)", line)
+            if match:
+                found[int(match.group(2))] = (match.group(1), raylet_of.get(match.group(3), match.group(3)))
     return found
 
 
@@ -115,7 +116,10 @@ def test_ray_cluster_cross_machine_replay_is_detected_with_the_fix(cluster, tmp_
     full = all(summary["train"][r]["fedtan-clients"] == 3 and summary["train"][r].get("fedtan-skipped", 0) == 0
                for r in ("1", "2"))
     if full:
-        # No message crossed machines mid-round: then the model must be exactly right.
+        # Every replay worked. With one ClientAppActor per raylet, a replay means the node's
+        # message went to the other raylet: the loopback "machines" share one filesystem,
+        # so the other raylet could read the node-local weights (path and SHA-256 checked).
+        assert all(summary["train"][r]["replays"] > 0 for r in ("1", "2")), summary["train"]
         diff = max_abs_diff(reference_model(app_config(**OVERRIDES), 3, 2), state_dict)
         assert diff <= TOLERANCE, f"final model differs from in_process_fedtan by {diff:g}"
     else:
