@@ -4,7 +4,8 @@ long-lived process behind a private Unix socket.
 The in-process Grid (tests/_grid.py) plays Flower: with ``separate_processes=True`` it
 forgets this process's live rounds before every message, as a fresh ``flwr-clientapp``
 process would; the light ClientApp forwards each message to the worker, which keeps the
-rounds alive. Results are checked against the in-process reference.
+rounds alive. Results are checked against the in-process reference. The tests that
+start workers (each imports torch) are marked slow.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def _worker_pids(folder: Path) -> dict[Path, int]:
     return {p: worker_mod.worker_request(p, "stats", timeout=10)["pid"] for p in sorted(folder.glob("*.sock"))}
 
 
+@pytest.mark.slow
 def test_worker_keeps_live_rounds_across_fresh_processes(runtime_dir):
     grid = LocalGrid(rt.worker_app, 3, {"local-steps": 2}, separate_processes=True)
     strategy, result = _run(grid, rounds=2)
@@ -91,6 +93,7 @@ def test_worker_keeps_live_rounds_across_fresh_processes(runtime_dir):
         assert worker_mod.worker_request(path, "stats", timeout=10)["served"] == 2 * (2 * rt.NUM_BN_CALLS + 1)
 
 
+@pytest.mark.slow
 def test_worker_killed_mid_round_is_restarted_and_replays_to_the_same_result(runtime_dir):
     """SIGKILL the worker of one node after the round's third exchange: its next message
     starts a new worker, which rebuilds the round from context.state (replay)."""
@@ -121,6 +124,7 @@ def test_worker_killed_mid_round_is_restarted_and_replays_to_the_same_result(run
     assert new_pid != victim["pid"]
 
 
+@pytest.mark.slow
 def test_handler_error_comes_back_with_its_text(runtime_dir):
     """An exception inside the worker is the ClientApp's error (the server drops the node
     with that reason), and the worker keeps serving."""
@@ -134,6 +138,7 @@ def test_handler_error_comes_back_with_its_text(runtime_dir):
     assert result.train_metrics_clientapp[1]["fedtan-clients"] == 2
 
 
+@pytest.mark.slow
 def test_worker_exits_when_idle_or_when_its_supernode_is_gone(runtime_dir):
     folder = private_folder()
     idle = subprocess.Popen([sys.executable, "-m", "flwr_fedtan.runtime.worker", "serve",
