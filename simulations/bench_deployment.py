@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -232,6 +233,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         left = flower.remaining()
         if killed or left:
             print(f"teardown: SIGKILL needed for {killed}; still alive: {sorted(left)}", file=sys.stderr)
+    shutil.rmtree(root, ignore_errors=True)  # kept (with the logs) only when the run failed
     imports = {
         "python + flwr + the light ClientApp module": _import_seconds("import simulations.node_app"),
         "python + import torch": _import_seconds("import torch"),
