@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _slots: Optional[list[str]] = None  # Ray node id of each home
 _threads = 1
+_gpus = 0.0  # GPUs of one ClientAppActor
 _handles: dict[str, Any] = {}
 _home_class: Any = None
 
@@ -72,9 +73,11 @@ def in_ray_actor() -> bool:
 
 def _compute_slots() -> tuple[list[str], int]:
     """One Ray node id per ClientAppActor Flower builds, and the CPUs of one."""
+    global _gpus
     ray = _ray()
     assigned = ray.get_runtime_context().get_assigned_resources()
     cpus, gpus = float(assigned.get("CPU", 0.0)), float(assigned.get("GPU", 0.0))
+    _gpus = gpus
     slots: list[str] = []
     for node in ray.nodes():
         resources = node.get("Resources") or {}
@@ -176,6 +179,11 @@ def _handle(run_id: int, index: int, homes: int, fresh: bool = False):
     slots = _layout()
     options: dict[str, Any] = dict(name=name, get_if_exists=True, num_cpus=0, num_gpus=0, max_concurrency=1,
                                    max_restarts=0)
+    if _gpus > 0:
+        # A home reserves no GPU (a reservation would leave a ClientAppActor pending), and Ray
+        # hides the GPUs from an actor without one unless told not to: the home then sees
+        # the GPUs of its machine, and the clients' device (e.g. "cuda:0") names one of them.
+        options["runtime_env"] = {"env_vars": {"RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}}
     if slots:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
