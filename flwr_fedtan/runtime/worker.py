@@ -270,10 +270,10 @@ class _Worker:
     def answer(self, header: bytes, body: bytes) -> tuple[str, Any]:
         try:
             kind, caller_path = pickle.loads(header)
-            for entry in reversed(caller_path):
-                if entry and entry not in sys.path:
-                    sys.path.insert(0, entry)
             if kind == "call":
+                # A worker started by the operator learns where the caller's app lives
+                # (the SuperNode's installed app folder); entries it has win.
+                sys.path.extend(entry for entry in caller_path if entry and entry not in sys.path)
                 handler, msg, context, args = pickle.loads(body)
                 reply = handler(msg, context, *args)
                 self.served += 1
