@@ -6,7 +6,9 @@ Core (no Flower): :func:`convert_batchnorm`, :func:`validate`, :class:`SyncStep`
 :func:`add_fedtan` or served by :func:`fedtan_client_app`.
 
 Names are imported on first use, so that the server side (``flwr_fedtan.strategy``,
-``flwr_fedtan.aggregation``, ``flwr_fedtan.seeds``) runs without importing torch.
+``flwr_fedtan.aggregation``, ``flwr_fedtan.seeds``) runs without importing torch, and a
+deployment ClientApp process that only forwards messages
+(:func:`flwr_fedtan.runtime.node_client_app`) imports no torch either.
 """
 
 from importlib import import_module

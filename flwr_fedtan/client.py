@@ -26,7 +26,6 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
@@ -41,8 +40,10 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, default_colla
 
 from . import schema, secure, settings
 from .aggregation import BackwardSums, ForwardStats
-from .batchnorm import convert_batchnorm
+from .batchnorm import convert_batchnorm, validate
+from .losses import loss_reduction, reduce_loss
 from .replay_store import discard_weights, load_weights, save_weights
+from .runtime import live_rounds, run_at_home
 from .step import Aggregate
 from .training import ClientRound, derive_seed
 
@@ -145,6 +146,8 @@ class FedTANClient(NumPyClient):
         else:
             self.test_data, self.test_collate_fn = _as_dataset(test_data, "test_data"), _collate_fn_of(test_data)
         self.loss_fn: LossFn = loss_fn or nn.functional.cross_entropy
+        # Refuse up front what a synchronised step cannot do exactly, every issue with its fix.
+        validate(self.model, self.loss_fn, strict=True)
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         self.local_steps = int(local_steps)
         if self.local_steps < 1:
@@ -269,16 +272,18 @@ def evaluate_model(
     collate_fn: Optional[Callable[[list], Any]] = None,
     unpack_batch: Optional[UnpackBatch] = None,
 ) -> tuple[float, float, int]:
-    """Mean loss, accuracy and sample count of ``model`` in eval mode on ``data``
+    """Mean loss per sample, accuracy and sample count of ``model`` in eval mode on ``data``
     (batches collated with ``collate_fn`` and split by ``unpack_batch``; defaults: pairs)."""
     model.eval()
+    reduction = loss_reduction(loss_fn)
     total_loss, correct, count = 0.0, 0, 0
     with torch.no_grad():
         for batch in DataLoader(data, batch_size=batch_size, collate_fn=collate_fn):
             inputs, targets = unpack_batch(batch) if unpack_batch is not None else batch
             inputs, targets = inputs.to(device), targets.to(device)
             outputs = model(inputs)
-            total_loss += float(loss_fn(outputs, targets)) * len(targets)
+            batch_loss = float(reduce_loss(loss_fn(outputs, targets), len(targets), reduction))
+            total_loss += batch_loss * len(targets) if reduction == "mean" else batch_loss
             correct += int((outputs.argmax(dim=1) == targets).sum())
             count += len(targets)
     return total_loss / max(count, 1), correct / max(count, 1), count
@@ -345,30 +350,13 @@ class _LiveRound:
         # handled on another thread (a threaded Ray actor, say) replays instead.
         self.thread = threading.current_thread()  # the object: thread idents are reused
 
-
-_LIVE: "OrderedDict[tuple[int, int], _LiveRound]" = OrderedDict()
-
-
-def _remember(key: tuple[int, int], live: _LiveRound, max_live_rounds: int) -> None:
-    if _LIVE.get(key) is not live:
-        _forget(key)
-    _LIVE[key] = live
-    _LIVE.move_to_end(key)
-    while len(_LIVE) > max_live_rounds:
-        _, evicted = _LIVE.popitem(last=False)
-        evicted.round.close()
-
-
-def _forget(key: tuple[int, int]) -> None:
-    live = _LIVE.pop(key, None)
-    if live is not None:
-        live.round.close()
+    def close(self) -> None:
+        self.round.close()
 
 
 def clear_live_rounds() -> None:
     """Drop every live round of this process (e.g. between tests)."""
-    for key in list(_LIVE):
-        _forget(key)
+    live_rounds().clear()
 
 
 # ---------------------------------------------------------------------- replay state
@@ -473,10 +461,12 @@ class _Options:
     replay_store: Optional[str] = None
     state_dir: Optional[Union[str, os.PathLike]] = None
     max_live_rounds: Optional[int] = None
+    live_home: Optional[str] = None
 
     def __post_init__(self) -> None:
         settings.check_replay_store(self.replay_store)
         settings.check_max_live_rounds(self.max_live_rounds)
+        settings.check_live_home(self.live_home)
 
 
 def add_fedtan(
@@ -486,6 +476,7 @@ def add_fedtan(
     replay_store: Optional[str] = None,
     state_dir: Optional[Union[str, os.PathLike]] = None,
     max_live_rounds: Optional[int] = None,
+    live_home: Optional[str] = None,
 ) -> Any:
     """Add FedTAN to an existing message-API ``ClientApp``; the app's own handlers stay.
 
@@ -517,12 +508,18 @@ def add_fedtan(
         (``context.state``, for multi-machine Ray clusters). ``FEDTAN_REPLAY_STORE``
         overrides it. See :mod:`flwr_fedtan.replay_store`.
     state_dir : str or os.PathLike, optional
-        Folder of the ``"disk"`` store's files; default
-        ``<tempdir>/flwr-fedtan-state-<uid>``. ``FEDTAN_STATE_DIR`` overrides it.
+        Base folder of the ``"disk"`` store's private files; default
+        ``$XDG_RUNTIME_DIR/flwr-fedtan``, else ``<tempdir>/flwr-fedtan-<uid>``. ``FEDTAN_STATE_DIR`` overrides it.
     max_live_rounds : int, optional
         Paused rounds a process keeps in memory (an LRU shared by the process's nodes);
         default 16; ``0`` keeps none, so every message replays. ``FEDTAN_MAX_LIVE_ROUNDS``
         overrides it.
+    live_home : {"auto", "process", "ray", "worker"}, optional
+        Where a node's live rounds are kept between its messages (its *home*, see
+        :mod:`flwr_fedtan.runtime`): ``"auto"`` (default) picks this process in a
+        single-actor simulation, a Ray home actor when the simulation runs several
+        ClientAppActors (or on a Ray cluster), and the node worker in a deployed
+        ``flwr-clientapp`` process. ``FEDTAN_LIVE_HOME`` overrides it.
 
     Returns
     -------
@@ -561,11 +558,14 @@ def add_fedtan(
         )
     if schema.MESSAGE_TYPE in getattr(app, "_registered_funcs", {}):
         raise ValueError(f"this ClientApp already handles {schema.MESSAGE_TYPE!r} (add_fedtan called twice?)")
-    options = _Options(replay_store, state_dir, max_live_rounds)
+    options = _Options(replay_store, state_dir, max_live_rounds, live_home)
     if client_fn is None:
 
         def register(function: Callable[[Context], FedTANClient]) -> Callable[[Context], FedTANClient]:
-            add_fedtan(app, function, replay_store=replay_store, state_dir=state_dir, max_live_rounds=max_live_rounds)
+            add_fedtan(
+                app, function, replay_store=replay_store, state_dir=state_dir,
+                max_live_rounds=max_live_rounds, live_home=live_home,
+            )
             return function
 
         return register
@@ -574,7 +574,9 @@ def add_fedtan(
 
     @app.train(schema.ACTION)
     def fedtan_train(msg: Message, context: Context) -> Message:
-        return _handle_fedtan(msg, context, client_fn, options)
+        # Runs where the node's live rounds are kept (this process, a Ray home, the node worker).
+        home = settings.live_home(options.live_home)
+        return run_at_home(_handle_fedtan, msg, context, client_fn, options, home=home)
 
     return app
 
@@ -585,6 +587,7 @@ def fedtan_client_app(
     replay_store: Optional[str] = None,
     state_dir: Optional[Union[str, os.PathLike]] = None,
     max_live_rounds: Optional[int] = None,
+    live_home: Optional[str] = None,
 ) -> ClientApp:
     """A message-API ``ClientApp`` that serves every message FedTAN and FedAvg send.
 
@@ -596,7 +599,7 @@ def fedtan_client_app(
     client_fn : Callable[[Context], FedTANClient]
         Builds the node's client (model, data, settings) from the context, like the
         ``client_fn`` of a legacy ``ClientApp``.
-    replay_store, state_dir, max_live_rounds
+    replay_store, state_dir, max_live_rounds, live_home
         As in :func:`add_fedtan` (environment variables override them).
 
     Returns
@@ -612,7 +615,8 @@ def fedtan_client_app(
     >>> app = fedtan_client_app(client_fn)
     """
     app = add_fedtan(
-        ClientApp(), client_fn, replay_store=replay_store, state_dir=state_dir, max_live_rounds=max_live_rounds
+        ClientApp(), client_fn, replay_store=replay_store, state_dir=state_dir,
+        max_live_rounds=max_live_rounds, live_home=live_home,
     )
 
     @app.train()
@@ -650,8 +654,9 @@ def _handle_fedtan(msg: Message, context: Context, client_fn: Callable[[Context]
         pair = secure.generate_key_pair()
         state[SECURE_KEY] = ConfigRecord({"round": control.round, "attempt": 0, "private-key": pair.private})
         return Message(schema.encode_public_key(control.round, pair.public), reply_to=msg)
+    cache = live_rounds()
     if control.phase == schema.PHASE_BEGIN:
-        _forget(key)
+        cache.forget(key)
         _begin_secure(context, control)
         client = _client_from(client_fn, context)
         arrays = msg.content.array_records[schema.ARRAYS]
@@ -689,7 +694,7 @@ def _handle_fedtan(msg: Message, context: Context, client_fn: Callable[[Context]
                 f"node {context.node_id}: aggregate for point {control.point} of round "
                 f"{control.round}, but {received} aggregates were received so far"
             )
-        live = _LIVE.get(key)
+        live = cache.get(key)
         started = time.perf_counter()
         if (
             live is None
@@ -697,12 +702,12 @@ def _handle_fedtan(msg: Message, context: Context, client_fn: Callable[[Context]
             or len(live.round.received) != received
             or live.thread is not threading.current_thread()
         ):
-            _forget(key)
+            cache.forget(key)
             live = _rebuild(context, client_fn, replay)
         try:
             request = live.round.resume(control.aggregate)  # type: ignore[arg-type]
         except BaseException:
-            _forget(key)
+            cache.forget(key)
             live.round.close()
             raise
         _log_append(state, received, control.aggregate)  # type: ignore[arg-type]
@@ -710,10 +715,10 @@ def _handle_fedtan(msg: Message, context: Context, client_fn: Callable[[Context]
         _add_seconds(state, time.perf_counter() - started)
 
     if request is not None:
-        _remember(key, live, settings.max_live_rounds(options.max_live_rounds))
+        cache.remember(key, live, capacity=settings.max_live_rounds(options.max_live_rounds))
         return _request_reply(msg, context, control.round, live.round, request)
 
-    _forget(key)
+    cache.forget(key)
     metrics = live.round.finish()
     replay = state.config_records[REPLAY_STATE]
     metrics["sync-seconds"] = float(replay["sync-seconds"])

@@ -16,6 +16,11 @@ variable                        overrides                                default
 ``FEDTAN_MAX_LIVE_ROUNDS``      ``max_live_rounds``                      ``16``
 ``FEDTAN_STATE_MAX_AGE_HOURS``  the replay store's ``max_age_hours``     ``24`` (hours before a run's replay folder
                                                                          counts as left behind)
+``FEDTAN_LIVE_HOME``            ``live_home``                            ``"auto"`` (see :mod:`flwr_fedtan.runtime`)
+``FEDTAN_RUNTIME_DIR``          the node worker's socket folder          ``<state dir>/worker``
+``FEDTAN_NODE_WORKER_SOCKET``   the node worker's socket path            one per node and app in that folder
+``FEDTAN_WORKER_IDLE_TIMEOUT``  the node worker's idle timeout           ``600`` seconds
+``FEDTAN_RAY_HOMES``            the number of Ray home actors            one per ClientAppActor
 ==============================  =======================================  ==========================================
 
 The values are read when a message is handled, not when the app is built, so they are
@@ -38,10 +43,16 @@ __all__ = [
     "REPLAY_STORE_ENV",
     "STATE_DIR_ENV",
     "STATE_MAX_AGE_ENV",
+    "check_live_home",
     "check_max_live_rounds",
     "check_replay_store",
     "default_state_dir",
+    "live_home",
     "max_live_rounds",
+    "ray_homes",
+    "runtime_dir",
+    "worker_idle_timeout",
+    "worker_socket",
     "replay_store",
     "state_dir",
     "state_max_age_hours",
@@ -53,6 +64,13 @@ REPLAY_STORE_ENV = "FEDTAN_REPLAY_STORE"
 STATE_DIR_ENV = "FEDTAN_STATE_DIR"
 MAX_LIVE_ROUNDS_ENV = "FEDTAN_MAX_LIVE_ROUNDS"
 STATE_MAX_AGE_ENV = "FEDTAN_STATE_MAX_AGE_HOURS"
+LIVE_HOME_ENV = "FEDTAN_LIVE_HOME"
+RUNTIME_DIR_ENV = "FEDTAN_RUNTIME_DIR"
+WORKER_SOCKET_ENV = "FEDTAN_NODE_WORKER_SOCKET"
+WORKER_IDLE_ENV = "FEDTAN_WORKER_IDLE_TIMEOUT"
+RAY_HOMES_ENV = "FEDTAN_RAY_HOMES"
+
+LIVE_HOMES = ("auto", "process", "ray", "worker")
 
 REPLAY_STORES = ("disk", "context")
 DEFAULT_REPLAY_STORE = "disk"
@@ -144,3 +162,58 @@ def state_max_age_hours(argument: Optional[float] = None) -> float:
     if not hours > 0:
         raise ValueError(f"the age of a stale run folder must be positive hours, got {hours!r}")
     return float(hours)
+
+
+def check_live_home(home: Optional[str], source: str = "live_home") -> Optional[str]:
+    """``home`` if it is ``None`` or one of :data:`LIVE_HOMES`, else ``ValueError``."""
+    if home is not None and home not in LIVE_HOMES:
+        raise ValueError(f"{source} must be one of {LIVE_HOMES}, got {home!r}")
+    return home
+
+
+def live_home(argument: Optional[str] = None) -> str:
+    """Where a node's live rounds are kept: ``FEDTAN_LIVE_HOME``, else ``argument``, else
+    ``"auto"``."""
+    check_live_home(argument)
+    value = _override(LIVE_HOME_ENV, argument)
+    if value is not None:
+        return check_live_home(value, source=LIVE_HOME_ENV)  # type: ignore[return-value]
+    return argument or "auto"
+
+
+def runtime_dir() -> Optional[Path]:
+    """``FEDTAN_RUNTIME_DIR`` (the node worker's socket folder), if set."""
+    value = _override(RUNTIME_DIR_ENV, None)
+    return Path(value) if value is not None else None
+
+
+def worker_socket() -> Optional[Path]:
+    """``FEDTAN_NODE_WORKER_SOCKET`` (an operator-chosen socket path), if set."""
+    value = _override(WORKER_SOCKET_ENV, None)
+    return Path(value) if value is not None else None
+
+
+def worker_idle_timeout(default: float) -> float:
+    """Seconds a node worker waits for a message before it exits:
+    ``FEDTAN_WORKER_IDLE_TIMEOUT``, else ``default``."""
+    value = _override(WORKER_IDLE_ENV, None)
+    if value is None:
+        return float(default)
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError(f"{WORKER_IDLE_ENV} must be a number of seconds, got {value!r}") from None
+    if not seconds > 0:
+        raise ValueError(f"{WORKER_IDLE_ENV} must be positive, got {value!r}")
+    return seconds
+
+
+def ray_homes() -> Optional[int]:
+    """``FEDTAN_RAY_HOMES`` (how many Ray home actors), if set."""
+    value = _override(RAY_HOMES_ENV, None)
+    if value is None:
+        return None
+    try:
+        return max(1, int(value))
+    except ValueError:
+        raise ValueError(f"{RAY_HOMES_ENV} must be an integer, got {value!r}") from None

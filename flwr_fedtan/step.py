@@ -16,9 +16,11 @@ the caller feeds back the aggregate of all clients:
 How the pauses work
 -------------------
 Forward: the forward code runs as a :class:`~.pause.PausableCall` (a greenlet on the
-caller's OS thread); each BatchNorm call that uses batch statistics switches back to the
-caller with its statistics, and the step switches into the greenlet again with the pooled
-statistics. The per-call arithmetic lives in :mod:`~.bn_ops`.
+caller's OS thread) under a torch function mode that intercepts every batch-statistics
+``F.batch_norm`` / ``torch.batch_norm`` call, whichever module or hand-written code makes
+it; each such call switches back to the caller with its statistics, and the step switches
+into the greenlet again with the pooled statistics. The per-call arithmetic lives in
+:mod:`~.bn_ops`.
 
 Backward: nothing ever blocks inside autograd. Each synchronised BatchNorm output is an
 autograd node with no path back to its input or the layer's parameters (it hangs from a
@@ -99,8 +101,8 @@ class _BatchNormInterceptor(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         parse = _BATCH_NORM_FUNCTIONS.get(func)
-        if parse is None:
-            return func(*args, **(kwargs or {}))
+        if parse is None:  # every other op of the forward: keep this path short
+            return func(*args, **kwargs) if kwargs else func(*args)
         x, running_mean, running_var, weight, bias, training, momentum, eps = parse(*args, **(kwargs or {}))
         if not training:
             return func(*args, **(kwargs or {}))
@@ -160,8 +162,6 @@ class SyncStep:
 
     Parameters
     ----------
-    model : nn.Module
-        The client's model, converted with :func:`~flwr_fedtan.convert_batchnorm`.
     model : nn.Module
         The client's model. Every batch-statistics BatchNorm computation in its forward
         (``nn.BatchNorm*``, ``SyncBatchNorm`` outside a process group, subclasses such as
@@ -223,6 +223,7 @@ class SyncStep:
         self._calls: list[_BatchNormCall] = []
         self._num_points = 0
         self._pending: Optional[SyncPoint] = None
+        self._pending_payload: Optional[Aggregate] = None  # what this client sent for it
         self._forward: Optional[PausableCall] = None
         self._thread: Optional[threading.Thread] = None  # the object: idents are reused
         self._program = self._run()
@@ -337,23 +338,33 @@ class SyncStep:
             self._finished = True
             raise
         self._pending = request[0]
+        self._pending_payload = request[1]
         return request
 
     def _check_aggregate(self, point: SyncPoint, aggregate: Aggregate) -> None:
         c = point.channels
         if point.phase == "forward":
             if not isinstance(aggregate, ForwardStats):
-                raise StepProtocolError(f"sync point {point.index} needs ForwardStats")
+                raise StepProtocolError(
+                    f"sync point {point.index} needs ForwardStats, got {type(aggregate).__name__}"
+                )
             if aggregate.mean.shape != (c,) or aggregate.var.shape != (c,):
-                raise StepProtocolError(f"sync point {point.index}: expected {c} channels")
+                raise StepProtocolError(
+                    f"sync point {point.index}: expected {c} channels, got mean "
+                    f"{aggregate.mean.shape}, var {aggregate.var.shape}"
+                )
             if not (np.isfinite(aggregate.mean).all() and np.isfinite(aggregate.var).all()):
                 raise StepProtocolError(f"sync point {point.index}: non-finite pooled moments")
             if (aggregate.var < 0).any():
                 raise StepProtocolError(f"sync point {point.index}: negative pooled variance")
-            if aggregate.count < 1 or aggregate.num_examples < self.num_examples:
+            own = self._pending_payload
+            own_count = own.count if isinstance(own, ForwardStats) else 1.0
+            # ``not >=`` so that a NaN count is refused too.
+            if not (aggregate.count >= max(own_count, 1.0)) or aggregate.num_examples < self.num_examples:
                 raise StepProtocolError(
                     f"sync point {point.index}: pooled count {aggregate.count} / examples "
-                    f"{aggregate.num_examples} smaller than this client's own"
+                    f"{aggregate.num_examples} smaller than this client's own "
+                    f"({own_count:g} / {self.num_examples})"
                 )
             if self.total_examples is not None and aggregate.num_examples != self.total_examples:
                 raise StepProtocolError(
@@ -362,9 +373,14 @@ class SyncStep:
                 )
         else:
             if not isinstance(aggregate, BackwardSums):
-                raise StepProtocolError(f"sync point {point.index} needs BackwardSums")
+                raise StepProtocolError(
+                    f"sync point {point.index} needs BackwardSums, got {type(aggregate).__name__}"
+                )
             if aggregate.sum_grad.shape != (c,) or aggregate.sum_grad_xhat.shape != (c,):
-                raise StepProtocolError(f"sync point {point.index}: expected {c} channels")
+                raise StepProtocolError(
+                    f"sync point {point.index}: expected {c} channels, got sums "
+                    f"{aggregate.sum_grad.shape}, {aggregate.sum_grad_xhat.shape}"
+                )
             if not (
                 np.isfinite(aggregate.sum_grad).all() and np.isfinite(aggregate.sum_grad_xhat).all()
             ):

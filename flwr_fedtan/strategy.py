@@ -33,6 +33,7 @@ from .aggregation import (
     pool_forward_stats,
     sum_backward_sums,
 )
+from .seeds import derive_seed
 
 __all__ = ["FedTAN", "derive_seed"]
 
@@ -41,19 +42,6 @@ EvaluateFn = Callable[[int, ArrayRecord], Optional[MetricRecord]]
 CLIENT_WEIGHTS = ("synchronised", "reported")
 _NONE = np.zeros(0)  # mean/var of a masked forward payload's stand-in: only its counts are checked
 CHECKPOINT_FORMAT = 1
-
-
-def derive_seed(*parts: int) -> int:
-    """A 31-bit seed mixed from integers (e.g. run seed, round, attempt).
-
-    The same derivation as the clients' (``flwr_fedtan.training.derive_seed``), written
-    here without torch so that the server does not need it.
-    """
-    words = []
-    for part in parts:
-        part = int(part)
-        words.extend([part & 0xFFFFFFFF, (part >> 32) & 0xFFFFFFFF])
-    return int(np.random.SeedSequence(words).generate_state(1)[0] & 0x7FFFFFFF)
 
 
 @contextlib.contextmanager

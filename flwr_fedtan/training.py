@@ -32,7 +32,8 @@ class ClientRound:
     Parameters
     ----------
     model : nn.Module
-        Converted model holding the round's starting weights.
+        The model holding the round's starting weights (conversion with
+        :func:`~flwr_fedtan.convert_batchnorm` optional).
     sample_batch : Callable[[int], tuple[Tensor, Tensor]]
         Returns the ``(inputs, targets)`` batch for a seed, on the model's device.
     loss_fn : Callable[[Tensor, Tensor], Tensor]

@@ -93,6 +93,8 @@ def run_exchange_benchmark(grid: Grid, config: Mapping[str, Any], initial: Array
         "fedtan-final-exchange-seconds": float(last["fedtan-final-exchange-seconds"]),
         "client-sync-seconds": float(last.get("sync-seconds", float("nan"))),
         "client-local-seconds": float(last.get("local-seconds", float("nan"))),
+        "client-replays": [float(result.train_metrics_clientapp[r].get("replays", float("nan")))
+                           for r in range(1, rounds + 1)],
         "ratio": fedtan_round / (fedavg_round + 2 * calls * empty_exchange),
         "secure-round-seconds": secure_round,
         "secure-exchanges-per-round": int(secure_last["fedtan-exchanges"]),
@@ -116,6 +118,8 @@ def format_report(bench: Mapping[str, Any]) -> str:
         ("  last exchange (local steps, models)", f"{bench['fedtan-final-exchange-seconds'] * 1e3:.1f} ms"),
         ("  client: synchronised step compute", f"{bench['client-sync-seconds'] * 1e3:.1f} ms (mean per client)"),
         ("  client: local steps compute", f"{bench['client-local-seconds'] * 1e3:.1f} ms (mean per client)"),
+        ("  replays per client per round", ", ".join(f"{r:.2f}" for r in bench["client-replays"])
+                                           + f"  (of {2 * bench['bn-calls']} aggregate messages)"),
         ("FedTAN / (FedAvg + 2L x empty)", f"{bench['ratio']:.2f}  (target <= 1.2)"),
         ("FedTAN round, secure statistics", f"{bench['secure-round-seconds'] * 1e3:.1f} ms, "
                                             f"{bench['secure-exchanges-per-round']} exchanges, "

@@ -45,6 +45,7 @@ GRACE_SECONDS = 10.0
 
 # Inherited variables that would change what the processes do.
 _SCRUBBED = ("FLWR_HOME", "RAY_ADDRESS", "FEDTAN_MAX_LIVE_ROUNDS", "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT",
+             "FEDTAN_LIVE_HOME", "FEDTAN_NODE_WORKER_SOCKET", "FEDTAN_RAY_HOMES",
              # Deployment imports the app afresh for every message: let Python cache its
              # bytecode (in the temporary FLWR_HOME/apps copy).
              "PYTHONDONTWRITEBYTECODE")
@@ -184,6 +185,8 @@ class FlowerProcesses:
             # message pays; 0.2 s costs little CPU (0.05 s made each SuperNode ~8% busy).
             "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
             "RAY_TMPDIR": str(self.ray_tmp),
+            # Node workers' sockets (flwr_fedtan.runtime.worker): private to this harness.
+            "FEDTAN_RUNTIME_DIR": str(self.ray_tmp / "runtime"),
             "PYTHONUNBUFFERED": "1",
             TOKEN_VAR: self.token,
         }
@@ -192,6 +195,7 @@ class FlowerProcesses:
         self.connections: dict[str, str] = {}
         self.default_connection: Optional[str] = None
         self._used_ports: set[int] = set()
+        self.ray_node_ids: dict[str, str] = {}  # Ray node id of each start_ray_node
 
     # -------------------------------------------------------------- plumbing
     def port(self) -> int:
@@ -258,6 +262,58 @@ class FlowerProcesses:
                 "--host", "127.0.0.1", "--port", str(self.port()),
                 "--node-config", config_arg(node_config)]
         return self.start(name, args, env=env)
+
+    def start_ray_node(self, name: str, *, head_address: Optional[str] = None, num_cpus: int = 1,
+                       env: Optional[Mapping[str, str]] = None, timeout: float = 120.0) -> str:
+        """Start one Ray node (a raylet) on loopback with ``ray start --block``; the GCS address.
+
+        Its Ray node id goes to ``ray_node_ids[name]``.
+
+        Without ``head_address`` it is the head of a new cluster. Each node gets its own
+        ``--temp-dir`` (under the harness's short temporary folder) and explicit free
+        ports, so two nodes on one machine stand in for two machines. ``env`` is what the
+        node's worker processes inherit (e.g. a node-local ``FEDTAN_STATE_DIR``).
+        """
+        temp_dir = self.ray_tmp / name
+        temp_dir.mkdir(parents=True, exist_ok=True)
+        manager_port = self.port()
+        args = [BIN / "ray", "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
+                f"--temp-dir={temp_dir}", "--disable-usage-stats",
+                f"--node-manager-port={manager_port}", f"--object-manager-port={self.port()}",
+                f"--dashboard-agent-grpc-port={self.port()}", f"--dashboard-agent-listen-port={self.port()}",
+                f"--metrics-export-port={self.port()}", f"--runtime-env-agent-port={self.port()}"]
+        if head_address is None:
+            gcs = f"127.0.0.1:{self.port()}"
+            args += ["--head", f"--port={gcs.rsplit(':', 1)[1]}", "--include-dashboard=false",
+                     f"--ray-client-server-port={self.port()}"]
+        else:
+            gcs = head_address
+            args.append(f"--address={gcs}")
+        before = set(self.ray_nodes(gcs)) if head_address is not None else set()
+        process = self.start(name, args, env={"RAY_TMPDIR": str(temp_dir), **(env or {})})
+        deadline = time.monotonic() + timeout
+        while True:
+            new = {node_id: port for node_id, port in self.ray_nodes(gcs).items() if node_id not in before}
+            mine = [node_id for node_id, port in new.items() if port == manager_port]
+            if mine:
+                self.ray_node_ids[name] = mine[0]
+                return gcs
+            self._check_running(name, process)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Ray node {name} did not join {gcs} within {timeout}s:\n{self.log_tail(name)}")
+            time.sleep(1.0)
+
+    def ray_nodes(self, gcs: str) -> dict[str, int]:
+        """{node id: node manager port} of the alive nodes of the cluster at ``gcs`` (empty
+        if it does not answer yet)."""
+        code = ("import json, ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False); "
+                "print(json.dumps({n['NodeID']: n['NodeManagerPort'] for n in ray.nodes() if n['Alive']}))")
+        result = subprocess.run([sys.executable, "-c", code, gcs], env=self.env, capture_output=True, text=True,
+                                timeout=120, stdin=subprocess.DEVNULL)
+        try:
+            return {k: int(v) for k, v in json.loads(result.stdout.strip().splitlines()[-1]).items()}
+        except (ValueError, IndexError):
+            return {}
 
     def add_connection(self, name: str, address: str, *, default: bool = True) -> None:
         """Write ``[superlink.<name>] address=..., insecure=true`` into config.toml."""

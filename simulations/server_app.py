@@ -365,6 +365,11 @@ def main(grid: Grid, context: Context) -> None:
 
         initial = ArrayRecord(convert_batchnorm(model_from_config(config)).state_dict())
         result, summary = None, {"config": dict(config), "bench": run_exchange_benchmark(grid, config, initial)}
+    elif mode.startswith("bench-deployment"):
+        from .bench_deployment import run_deployment_benchmark
+
+        initial = ArrayRecord(convert_batchnorm(model_from_config(config)).state_dict())
+        result, summary = None, {"config": dict(config), "bench": run_deployment_benchmark(grid, config, initial)}
     elif mode == "train":
         result, summary = run_experiment(grid, config)
     else:

@@ -371,3 +371,39 @@ def test_torch_compile_is_exact_and_leaves_no_trace():
     frames = counters["frames"]["total"]
     fresh(torch.ones(3))
     assert counters["frames"]["total"] == frames  # not compiled: no compiler hook left on
+
+
+def _small_bn_net() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, CLASSES)
+    ).double()
+
+
+def test_fedtan_client_refuses_an_unsupported_loss_up_front():
+    from torch.utils.data import TensorDataset
+
+    from flwr_fedtan import FedTANClient
+
+    x, y = non_iid_batches()[1]
+    weighted = nn.CrossEntropyLoss(weight=torch.ones(CLASSES, dtype=torch.float64))
+    with pytest.raises(UnsupportedModelError, match="reduction='sum'"):
+        FedTANClient(_small_bn_net(), TensorDataset(x, y), weighted, batch_size=4)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_fedtan_client_evaluates_the_mean_loss_per_sample_whatever_the_reduction(reduction):
+    from torch.utils.data import TensorDataset
+
+    from flwr_fedtan import FedTANClient
+
+    x, y = torch.cat([b[0] for b in non_iid_batches()]), torch.cat([b[1] for b in non_iid_batches()])
+    model = _small_bn_net().eval()
+    with torch.no_grad():
+        expected = float(F.cross_entropy(model(x), y))  # mean over all 15 samples
+    client = FedTANClient(
+        copy.deepcopy(model), TensorDataset(x, y), nn.CrossEntropyLoss(reduction=reduction),
+        batch_size=4, eval_batch_size=4,  # 4 batches, the last one short
+    )
+    loss, count, metrics = client.evaluate(client.get_parameters({}), {})
+    assert count == len(y)
+    assert abs(loss - expected) < 1e-12

@@ -152,6 +152,21 @@ def test_total_examples_learned_from_first_aggregate():
         assert_same_grads_and_buffers(a, b)
 
 
+@pytest.mark.parametrize("count", [float("nan"), 0.5, "own-minus-one"])
+def test_a_pooled_count_below_the_clients_own_is_refused(count):
+    """A NaN count, or a pooled count smaller than the count this client itself sent for
+    that call, cannot come from a real aggregation: refused, naming both counts."""
+    _, clients = clients_for("mlp")
+    (x, y), = make_batches("mlp", [6])
+    step = SyncStep(clients[0], lambda: F.cross_entropy(clients[0](x), y), num_examples=6)
+    point, own = step.start()
+    bad = own.count - 1 if count == "own-minus-one" else count
+    aggregate = type(own)(count=bad, num_examples=6, mean=own.mean, var=own.var)
+    with pytest.raises(StepProtocolError, match=r"smaller than this client's own \(6 / 6\)"):
+        step.resume(aggregate)
+    step.close()
+
+
 # --------------------------------------------------------------------------- replay
 def _live(name, seeds=None, dropout=False, perturb_rng=False):
     central, clients = clients_for(name, dropout=dropout)

@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import re
+import signal
+import threading
 import time
 import tomllib
 from pathlib import Path
@@ -115,14 +119,27 @@ SIMULATION_CASES = {
     # message needs a replay.
     "one-actor-live": dict(federation={"num-supernodes": 3, "client-resources-num-cpus": 2,
                                        "init-args-num-cpus": 2},
-                           env={}, actors=1, replays="none"),
-    # Two actors, live cache off (in the SuperLink's environment, which the Ray actors
-    # inherit): every aggregate message is served by replay from context.state. "verbose"
-    # makes Flower log the actor pool's size.
-    "several-actors-replay": dict(federation={"num-supernodes": 3, "client-resources-num-cpus": 1,
-                                              "init-args-num-cpus": 2, "verbose": True},
-                                  env={"FEDTAN_MAX_LIVE_ROUNDS": "0"}, actors=2, replays="all"),
+                           env={}, actors=1, homes=0),
+    # Two actors: any actor may get a node's next message. Each forwards FedTAN messages to
+    # the node's Ray home actor (flwr_fedtan/runtime/ray_home.py; 2 homes for 2 actors),
+    # where the round stays live: no replays. "verbose" makes Flower log the pool's size.
+    "several-actors-homes": dict(federation={"num-supernodes": 3, "client-resources-num-cpus": 1,
+                                             "init-args-num-cpus": 2, "verbose": True},
+                                 env={}, actors=2, homes=2),
+    # Replays in a real Ray runtime: tests/test_ray_cluster.py (homes off, two raylets) and
+    # tests/test_runtime_ray.py (a home killed mid-round).
 }
+
+
+def home_lines(flower: FlowerProcesses) -> dict[int, str]:
+    """{node id: home name} from the Ray homes' logs (one line per home and node)."""
+    found = {}
+    for path in flower.ray_tmp.rglob("worker-*.out"):
+        for line in path.read_text(errors="replace").splitlines():
+            match = re.search(r"FedTAN live home (\S+): node (\d+)", line)
+            if match:
+                found[int(match.group(2))] = match.group(1)
+    return found
 
 
 @pytest.mark.parametrize("case", list(SIMULATION_CASES))
@@ -144,14 +161,15 @@ def test_ray_simulation_matches_in_process_reference(flower, tmp_path, capsys, c
         train = summary["train"][round_no]
         assert train["fedtan-exchanges"] == CNN_EXCHANGES, train
         assert train["fedtan-clients"] == 3 and train["fedtan-restarts"] == 0, train
-        if spec["replays"] == "none":
-            assert train["replays"] == 0, train
-        else:
-            # Every aggregate message (2L of the 2L + 1) finds no live round.
-            assert train["replays"] > 0, train
-            assert train["replays"] == 2 * CNN_BN_CALLS, train
+        assert train["replays"] == 0, train
     if spec["actors"] > 1:
         assert f"Constructed ActorPool with: {spec['actors']} actors" in outcome.output, outcome.output[-4000:]
+    homes = home_lines(flower)
+    if spec["homes"]:
+        # Every node's step lived in one home; the three nodes share the two homes.
+        assert len(homes) == 3 and len(set(homes.values())) == spec["homes"], homes
+    else:
+        assert not homes, homes
 
     diff = max_abs_diff(reference_model(app_config(**overrides), 3, 2), state_dict)
     assert diff <= TOLERANCE, f"final model differs from in_process_fedtan by {diff:g}"
@@ -161,18 +179,28 @@ def test_ray_simulation_matches_in_process_reference(flower, tmp_path, capsys, c
 
 
 # ---------------------------------------------------------------------- 2. deployment
-# In deployment every message runs in a fresh flwr-clientapp process, which imports flwr,
-# torch and the app and rebuilds the client (~10 s CPU per message on a 2-core machine),
-# so one round costs (2L + 1) x 3 such processes. The deployment test uses the
-# "twice-bn" model (one BatchNorm module called twice: L = 2, 5 exchanges instead of the
-# cnn's 7) to stay within its time budget; it also checks that a module called twice per
-# forward is told apart across processes.
+# In deployment every message runs in a fresh flwr-clientapp process. The app's ClientApp
+# module (simulations/node_app.py) imports Flower only and forwards each message to the
+# node worker (flwr_fedtan/runtime/worker.py), which the first message starts and which
+# keeps the node's live rounds, client and data. The test uses the "twice-bn" model (one
+# BatchNorm module called twice: L = 2, 5 exchanges) to stay within its time budget; it
+# also checks that a module called twice per forward is told apart.
 DEPLOYMENT_MODEL = "twice-bn"
 DEPLOYMENT_BN_CALLS = 2
-# A guard against hangs, not the expected time (2-3 min for the test on a 2-core machine
-# shared with other jobs): each exchange waits for three fresh processes, so jobs
-# competing for the CPU stretch the round proportionally.
+# A guard against hangs, not the expected time: each exchange waits for Flower's polling
+# and three fresh processes, so jobs competing for the CPU stretch the round.
 DEPLOYMENT_RUN_TIMEOUT = 240
+
+
+def worker_logs(flower: FlowerProcesses) -> dict[str, str]:
+    """The node workers' logs (in the harness's FEDTAN_RUNTIME_DIR), by file name."""
+    folder = Path(flower.env["FEDTAN_RUNTIME_DIR"])
+    return {p.name: p.read_text(errors="replace") for p in folder.glob("*.log")} if folder.exists() else {}
+
+
+def start_supernodes(flower: FlowerProcesses, superlink: str, count: int) -> list:
+    return [flower.start_supernode(superlink, {"partition-id": p, "num-partitions": count}, name=f"supernode-{p}")
+            for p in range(count)]
 
 
 def test_deployment_loopback_one_round(flower, tmp_path, capsys):
@@ -182,9 +210,7 @@ def test_deployment_loopback_one_round(flower, tmp_path, capsys):
     t0 = time.monotonic()
     superlink = flower.start_superlink(simulation=False)
     flower.add_connection("e2e-deployment", superlink)
-    for partition in range(3):
-        flower.start_supernode(superlink, {"partition-id": partition, "num-partitions": 3},
-                               name=f"supernode-{partition}")
+    start_supernodes(flower, superlink, 3)
     flower.wait_for_nodes(3)
     startup = time.monotonic() - t0
 
@@ -196,9 +222,10 @@ def test_deployment_loopback_one_round(flower, tmp_path, capsys):
     train = summary["train"]["1"]
     exchanges = 2 * DEPLOYMENT_BN_CALLS + 1
     assert train["fedtan-exchanges"] == exchanges and train["fedtan-clients"] == 3, train
-    # Every message runs in a fresh process: each aggregate message rebuilds the round
-    # from context.state (the live-round cache cannot help in deployment).
-    assert train["replays"] == 2 * DEPLOYMENT_BN_CALLS, train
+    # Every aggregate message found the node's round alive in its worker.
+    assert train["replays"] == 0, train
+    logs = worker_logs(flower)
+    assert len(logs) == 3 and all("FedTAN node worker pid" in text for text in logs.values()), logs
 
     diff = max_abs_diff(reference_model(app_config(**overrides), 3, 1), state_dict)
     assert diff <= TOLERANCE, f"final model differs from in_process_fedtan by {diff:g}"
@@ -206,6 +233,80 @@ def test_deployment_loopback_one_round(flower, tmp_path, capsys):
                    f"({exchanges} exchanges, {train['fedtan-round-seconds'] / exchanges:.1f}s each; "
                    f"client handlers {train['sync-seconds']:.1f}s per client), strategy {summary['seconds']:.1f}s, "
                    f"flwr run {outcome.wall_seconds:.1f}s wall, startup {startup:.1f}s, max |diff| {diff:.2e}")
+
+
+def _processes_with(text: str) -> list[int]:
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if text.encode() in Path(f"/proc/{name}/cmdline").read_bytes():
+                    out.append(int(name))
+            except OSError:
+                pass
+    return out
+
+
+def test_deployment_supernode_killed_mid_round_then_rejoins(flower, tmp_path, capsys):
+    """SIGKILL one of three SuperNodes during round 1: the round restarts without it (never
+    hangs); its node worker exits (no orphan); the node, started again, joins round 2."""
+    results_file = tmp_path / "k.json"
+    superlink = flower.start_superlink(simulation=False)
+    flower.add_connection("e2e-fault", superlink)
+    victim = start_supernodes(flower, superlink, 3)[2]
+    flower.wait_for_nodes(3)
+    events: dict[str, float] = {}
+
+    def kill_mid_round() -> None:
+        log_path = flower.log_path("flwr-run")
+        deadline = time.monotonic() + DEPLOYMENT_RUN_TIMEOUT
+        while time.monotonic() < deadline:
+            text = log_path.read_text(errors="replace") if log_path.exists() else ""
+            if "[ROUND 1/" in text:
+                break
+            time.sleep(0.2)
+        # Wait until the victim's node worker has served the round's first two messages
+        # (the round is live in it, every node's worker is up), then kill the SuperNode
+        # alone, as a crash would.
+        from flwr_fedtan.runtime.worker import worker_request
+
+        workers: list[int] = []
+        while time.monotonic() < deadline:
+            workers = _processes_with(f"--watch-pid\0{victim.pid}\0")
+            if workers:
+                args = Path(f"/proc/{workers[0]}/cmdline").read_bytes().split(b"\0")
+                sock = Path(args[args.index(b"--socket") + 1].decode())
+                try:
+                    if worker_request(sock, "stats", timeout=10)["served"] >= 2:
+                        break
+                except (OSError, EOFError, RuntimeError):
+                    pass
+            time.sleep(0.2)
+        os.kill(victim.pid, signal.SIGKILL)
+        events["killed"] = time.monotonic()
+        events["workers"] = workers
+        flower.start_supernode(superlink, {"partition-id": 2, "num-partitions": 3}, name="supernode-2-restarted")
+
+    killer = threading.Thread(target=kill_mid_round, daemon=True)
+    killer.start()
+    outcome = flower.run_app(REPO, connection="e2e-fault", timeout=DEPLOYMENT_RUN_TIMEOUT,
+                             run_config=cli_config(dataset="synthetic", model=DEPLOYMENT_MODEL, num_server_rounds=2,
+                                                   local_steps=1, batch_size=16, exchange_timeout=30.0,
+                                                   results_file=str(results_file)))
+    killer.join(timeout=5)
+    assert_completed(outcome, flower)
+    assert "killed" in events and events["workers"], events
+    # The killed SuperNode's worker watched it and is gone, without anyone stopping it.
+    for pid in events["workers"]:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2], pid
+    summary, _ = read_results(results_file)
+    first, second = summary["train"]["1"], summary["train"]["2"]
+    assert first["fedtan-clients"] == 2 and first["fedtan-restarts"] >= 1, first
+    assert first.get("fedtan-skipped", 0) == 0, first
+    assert second["fedtan-clients"] == 3, second  # the restarted node is back
+    report(capsys, f"deployment fault: round 1 {first['fedtan-round-seconds']:.1f}s with 2 clients after "
+                   f"{first['fedtan-restarts']} restart(s); round 2 {second['fedtan-round-seconds']:.1f}s with "
+                   f"{second['fedtan-clients']} clients; flwr run {outcome.wall_seconds:.1f}s")
 
 
 # ---------------------------------------------------------------------- 3. the example app
