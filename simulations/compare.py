@@ -155,7 +155,7 @@ class RunRecord:
 GRID_KEYS = ("strategy", "seed", "results-file", "partitioning")
 """Run-config keys set by the grid itself, which a variant may not override."""
 
-_VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
+_VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+,-]*$")
 
 
 @dataclass(frozen=True)
@@ -200,7 +200,7 @@ def parse_variant(text: str) -> Variant:
         overrides[key.strip()] = _parse_value(value.strip())
     name = name.strip() or ",".join(f"{k}={v}" for k, v in overrides.items())
     if not _VARIANT_NAME.match(name) or len(name) > 80:
-        raise ValueError(f"variant name {name!r}: use letters, digits and . _ = + - (it names a folder); "
+        raise ValueError(f"variant name {name!r}: use letters, digits and . _ = + , - (it names a folder); "
                          "give one explicitly as NAME:KEY=VALUE")
     return Variant(name, overrides)
 
