@@ -334,25 +334,41 @@ def _same_value(value: Any, other: Any) -> bool:
     return value == other
 
 
-def _config_mismatch(summary: Mapping[str, Any], run_config: Mapping[str, Any]) -> list[str]:
-    """The run-config keys whose recorded value differs from the wanted one."""
+def _config_mismatch(summary: Mapping[str, Any], run_config: Mapping[str, Any],
+                     declared: Optional[Mapping[str, Any]] = None) -> list[str]:
+    """The run-config keys whose recorded value differs from the wanted one.
+
+    A key the summary does not record at all matches if the wanted value is the app's
+    declared default (``declared``): the run predates the option, whose default keeps
+    the behaviour it had then.
+    """
     recorded = summary.get("config") or {}
-    return [key for key, value in run_config.items()
-            if key not in IGNORED_CONFIG_KEYS and (key not in recorded or not _same_value(value, recorded[key]))]
+    declared = declared if declared is not None else {}
+    mismatch = []
+    for key, value in run_config.items():
+        if key in IGNORED_CONFIG_KEYS:
+            continue
+        if key in recorded:
+            if not _same_value(value, recorded[key]):
+                mismatch.append(key)
+        elif not (key in declared and _same_value(value, declared[key])):
+            mismatch.append(key)
+    return mismatch
 
 
 def _same_config(summary: Mapping[str, Any], run_config: Mapping[str, Any]) -> bool:
     return not _config_mismatch(summary, run_config)
 
 
-def result_state(spec: RunSpec) -> tuple[str, Optional[dict], str]:
+def result_state(spec: RunSpec, declared: Optional[Mapping[str, Any]] = None) -> tuple[str, Optional[dict], str]:
     """Whether the run's results file can be reused: ``(state, summary, reason)``.
 
     ``state`` is ``"complete"`` (same run config, test accuracy recorded up to the last
     round: reused), ``"missing"``, ``"unreadable"`` (not JSON, e.g. cut short while being
     written), ``"mismatched"`` (another run config; ``reason`` names the keys) or
     ``"incomplete"`` (no test accuracy for the last round). ``summary`` is the parsed file
-    if ``"complete"``, else ``None``.
+    if ``"complete"``, else ``None``. ``declared``: the app's declared run config
+    (default: pyproject.toml's), for keys the summary does not record.
     """
     path = spec.results_file
     if not path.exists():
@@ -363,7 +379,7 @@ def result_state(spec: RunSpec) -> tuple[str, Optional[dict], str]:
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as error:
         return "unreadable", None, f"{type(error).__name__}: {error}"
-    mismatch = _config_mismatch(summary, spec.run_config)
+    mismatch = _config_mismatch(summary, spec.run_config, _declared_defaults() if declared is None else declared)
     if mismatch:
         recorded = summary.get("config") or {}
         details = ", ".join(f"{k}: {recorded.get(k, '(absent)')!r} != {spec.run_config[k]!r}" for k in mismatch[:4])
@@ -379,6 +395,13 @@ def _completeness(summary: dict, run_config: Mapping[str, Any]) -> tuple[str, Op
     if rounds is not None and max(curve) < int(rounds):
         return "incomplete", None, f"test accuracy up to round {max(curve)} of {int(rounds)}"
     return "complete", summary, ""
+
+
+def _declared_defaults() -> dict:
+    try:
+        return app_config_defaults()
+    except (OSError, KeyError, ValueError):  # no app pyproject.toml next to this module
+        return {}
 
 
 def _load_reusable(spec: RunSpec) -> Optional[dict]:
@@ -453,9 +476,10 @@ def run_all(
     """
     records: list[RunRecord] = []
     width = len(str(len(runs)))
+    declared = _declared_defaults()
     for index, spec in enumerate(runs, start=1):
         started = time.time()
-        state, summary, reason = result_state(spec)
+        state, summary, reason = result_state(spec, declared)
         if force or state != "complete":
             summary = None
         status, error = ("reused", "") if summary is not None else ("ran", "")
@@ -473,7 +497,7 @@ def run_all(
                     raise TypeError(f"the runner returned {type(summary).__name__}, not a summary dict")
                 summary.setdefault("wall-seconds", time.time() - started)
                 state, _, reason = _completeness(summary, spec.run_config)
-                mismatch = _config_mismatch(summary, spec.run_config) if "config" in summary else []
+                mismatch = _config_mismatch(summary, spec.run_config, declared) if "config" in summary else []
                 if state != "complete" or mismatch:
                     raise RuntimeError(f"the run's summary is {state if state != 'complete' else 'for another config'}"
                                        f" ({reason or ', '.join(mismatch)})")
@@ -553,8 +577,10 @@ def _grouped(records: Iterable[RunRecord]) -> dict[tuple[str, str, str], list[Ru
 
 def grid_wall_seconds(records: Iterable[RunRecord]) -> float:
     """The grid's wall time: the sum of its successful runs' ``wall-seconds`` (as recorded
-    when they ran, so reused runs count what they took then)."""
-    return float(sum(float(r.summary.get("wall-seconds", r.elapsed)) for r in records if r.summary is not None))
+    when they ran, so reused runs count what they took then; the strategy's ``seconds``
+    for a summary written by a plain ``flwr run``)."""
+    return float(sum(float(r.summary.get("wall-seconds", r.summary.get("seconds", r.elapsed)))
+                     for r in records if r.summary is not None))
 
 
 def summarise(records: Sequence[RunRecord], target: float) -> list[dict]:
@@ -789,8 +815,9 @@ def describe_plan(runs: Sequence[RunSpec], force: bool = False) -> list[str]:
     count of the runs to do."""
     lines, todo = [], 0
     width = len(str(len(runs)))
+    declared = _declared_defaults()
     for index, spec in enumerate(runs, start=1):
-        state, _, reason = result_state(spec)
+        state, _, reason = result_state(spec, declared)
         action = "reuse" if state == "complete" and not force else "run"
         todo += action == "run"
         note = f" ({reason})" if reason else ""
@@ -803,8 +830,8 @@ def describe_plan(runs: Sequence[RunSpec], force: bool = False) -> list[str]:
 class GridLock:
     """An exclusive lock on an output folder (``.compare.lock``), held while a grid runs.
 
-    Released when the process ends, however it ends (``fcntl.flock``); where ``fcntl``
-    is missing (Windows) no lock is taken.
+    Released when the process ends, however it ends (``fcntl.flock``), and the file
+    removed on a normal exit; where ``fcntl`` is missing (Windows) no lock is taken.
     """
 
     def __init__(self, out_dir: Path) -> None:
@@ -835,6 +862,7 @@ class GridLock:
 
     def __exit__(self, *exc: Any) -> None:
         if self._stream is not None:
+            self.path.unlink(missing_ok=True)
             self._stream.close()
             self._stream = None
 

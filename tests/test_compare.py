@@ -114,6 +114,19 @@ def test_a_changed_setting_reruns_and_names_the_mismatch(tmp_path):
     assert json.loads(changed[0].results_file.read_text())["config"]["lr"] == 0.1
 
 
+def test_a_run_older_than_an_option_matches_only_its_default(tmp_path):
+    runs = plan(tmp_path, methods=["fedtan"], seeds=[0])
+    quiet(runs, FakeRunner())
+    summary = json.loads(runs[0].results_file.read_text())
+    del summary["config"]["sync-steps"]  # as if written before the option existed
+    runs[0].results_file.write_text(json.dumps(summary))
+    default = plan(tmp_path, methods=["fedtan"], seeds=[0], **{"sync-steps": DECLARED["sync-steps"]})
+    assert compare.result_state(default[0], DECLARED)[0] == "complete"
+    other = plan(tmp_path, methods=["fedtan"], seeds=[0], **{"sync-steps": DECLARED["sync-steps"] + 1})
+    state, _, reason = compare.result_state(other[0], DECLARED)
+    assert state == "mismatched" and "sync-steps: '(absent)'" in reason
+
+
 def test_a_moved_output_folder_is_still_reused(tmp_path):
     quiet(plan(tmp_path / "a", methods=["fedtan"], seeds=[0]), FakeRunner())
     (tmp_path / "a").rename(tmp_path / "b")
@@ -254,6 +267,7 @@ def test_main_dry_run_then_a_resumed_grid_with_variants(tmp_path, capsys):
     table = (tmp_path / "results.md").read_text()
     assert "| fedtan | s1 | iid | 2 |" in table and "| fedtan | s2 | iid | 2 |" in table
     assert "Grid wall time" in table
+    assert not (tmp_path / ".compare.lock").exists()
     assert (tmp_path / "accuracy-iid.png").exists()
 
 
