@@ -20,17 +20,35 @@ SuperLink and returns the JSON summary the server app wrote (see
 SuperNodes; ``centralised`` on one SuperNode holding the union of the ``--clients``
 partitions, drawing ``clients x batch-size`` samples per step.
 
+Several configurations in one call: ``--variant NAME:KEY=VALUE,KEY=VALUE`` (repeatable)
+runs the whole grid once per variant with those run-config overrides on top of the
+common settings (e.g. ``--methods fedtan --variant sync1:sync-steps=1 --variant
+sync5:sync-steps=5``); tables, curves and plots label each line ``method [NAME]``.
+
+Resuming: a grid re-run skips every run whose summary is complete (test accuracy up to
+the last round) and was made with the same run config; a missing, unreadable, partial or
+mismatched one is moved aside (``*.json.old``) and run again. ``--dry-run`` prints the plan
+(each run and whether it is complete) and runs nothing. Long grids in the background::
+
+    nohup python -m simulations.compare ... --out results/NAME > results/NAME.log 2>&1 &
+
+and the same command again, after an interruption, finishes the grid. One grid process
+per output folder at a time (``--out`` is locked while it runs).
+
 Outputs in ``--out``:
 
-- ``runs/<partition>/<method>-seed<s>.json`` (+ ``.pt``, the final model): each run's
-  summary. An existing summary with the same run config is reused (``--force`` re-runs);
-- ``results.csv`` and ``results.md``: one row per method x partition, over seeds: final
-  and best test accuracy (mean +/- sample std), rounds for the seed-averaged accuracy to
-  reach ``--target`` ("-" if never), the strategy's wall time, and the training traffic
-  per round (exchanges, bytes); rewritten after every run;
-- ``curves.csv``: seed-mean and std of the test accuracy per method, partition, round;
-- ``accuracy-<partition>.png``: test accuracy against round, one line per method (seed
-  mean, band of +/- one std).
+- ``runs/<partition>/<method>-seed<s>.json`` (``runs/<variant>/<partition>/...`` with
+  variants; + ``.pt``, the final model): each run's summary, with the run's wall time
+  (``wall-seconds``, Ray start-up included) added. ``--force`` re-runs complete runs;
+- ``results.csv`` and ``results.md``: one row per method x variant x partition, over
+  seeds: final and best test accuracy (mean +/- sample std), rounds for the seed-averaged
+  accuracy to reach ``--target`` ("-" if never), the strategy's wall time, and the
+  training traffic per round (exchanges, bytes); the grid's total wall time (sum over
+  its runs); rewritten after every run, like ``curves.csv``;
+- ``curves.csv``: seed-mean and std of the test accuracy per method, variant, partition,
+  round;
+- ``accuracy-<partition>.png``: test accuracy against round, one line per method and
+  variant (seed mean, band of +/- one sample std).
 
 "Test accuracy" is the server's accuracy of the global model on the test set, except for
 FedBN and SiloBN: there, from round 1 on, the equal-weight average over clients of their
@@ -43,6 +61,8 @@ import argparse
 import csv
 import json
 import math
+import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -61,6 +81,9 @@ from .baselines import DEFAULT_FIXBN_SWITCH, METHODS, method_spec
 __all__ = [
     "RunSpec",
     "RunRecord",
+    "Variant",
+    "parse_variant",
+    "result_state",
     "partition_overrides",
     "split_method",
     "app_config_defaults",
@@ -68,6 +91,9 @@ __all__ = [
     "run_all",
     "accuracy_curve",
     "summarise",
+    "grid_wall_seconds",
+    "describe_plan",
+    "GridLock",
     "write_tables",
     "write_curves",
     "plot_accuracy",
@@ -96,6 +122,8 @@ class RunSpec:
         The ``--run-config`` overrides, ``results-file`` included.
     num_supernodes : int
         Federation size.
+    variant : str
+        Name of the configuration variant (``""``: none).
     """
 
     method: str
@@ -103,11 +131,17 @@ class RunSpec:
     seed: int
     run_config: dict
     num_supernodes: int
+    variant: str = ""
 
     @property
     def results_file(self) -> Path:
         """Where the server app writes the run's summary."""
         return Path(self.run_config["results-file"])
+
+    @property
+    def label(self) -> str:
+        """``method`` or ``method [variant]``: the line's name in tables and plots."""
+        return f"{self.method} [{self.variant}]" if self.variant else self.method
 
 
 @dataclass
@@ -123,6 +157,70 @@ class RunRecord:
 
 
 # ---------------------------------------------------------------------- planning
+GRID_KEYS = ("strategy", "seed", "results-file", "partitioning")
+"""Run-config keys set by the grid itself, which a variant may not override."""
+
+_VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+,-]*$")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A named set of run-config overrides; the grid runs once per variant.
+
+    Attributes
+    ----------
+    name : str
+        Label in tables and plots, and folder of its runs (``runs/<name>/``).
+    overrides : dict
+        Run-config overrides applied on top of the grid's common settings. A
+        ``num-partitions`` override also sets the federation size (``--clients``).
+    """
+
+    name: str
+    overrides: dict
+
+
+def parse_variant(text: str) -> Variant:
+    """A :class:`Variant` from ``NAME:KEY=VALUE,KEY=VALUE`` or ``KEY=VALUE,...``.
+
+    Without ``NAME:`` the name is the overrides as written (e.g. ``sync-steps=5``). A
+    value may hold commas as long as no ``KEY=`` follows them.
+
+    Raises
+    ------
+    ValueError
+        Empty overrides, an item without ``=``, or a name unfit for a folder.
+    """
+    name, sep, body = text.partition(":")
+    if not sep or "=" in name:
+        name, body = "", text
+    items = [item.strip() for item in re.split(r",(?=\s*[A-Za-z0-9_.-]+\s*=)", body) if item.strip()]
+    if not items:
+        raise ValueError(f"variant {text!r} has no KEY=VALUE override; write NAME:KEY=VALUE[,KEY=VALUE...]")
+    overrides = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"variant {text!r}: {item!r} is not KEY=VALUE")
+        overrides[key.strip()] = _parse_value(value.strip())
+    name = name.strip() or ",".join(f"{k}={v}" for k, v in overrides.items())
+    if not _VARIANT_NAME.match(name) or len(name) > 80:
+        raise ValueError(f"variant name {name!r}: use letters, digits and . _ = + , - (it names a folder); "
+                         "give one explicitly as NAME:KEY=VALUE")
+    return Variant(name, overrides)
+
+
+def _check_variants(variants: Sequence[Variant]) -> None:
+    names = [v.name for v in variants]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"variant names must be unique, got {duplicates} more than once")
+    for variant in variants:
+        reserved = sorted(set(variant.overrides) & set(GRID_KEYS))
+        if reserved:
+            raise ValueError(f"variant {variant.name!r} sets {reserved}: the grid sets these "
+                             "(use --methods, --seeds, --partitions, --out)")
+
 def partition_overrides(name: str) -> dict:
     """Run-config overrides of a partition setting.
 
@@ -203,6 +301,7 @@ def plan_runs(
     num_clients: int,
     out_dir: Path,
     declared: Optional[Mapping[str, Any]] = None,
+    variants: Optional[Sequence[Variant]] = None,
 ) -> list[RunSpec]:
     """The runs of the grid, seed by seed (a complete table after each seed).
 
@@ -219,56 +318,145 @@ def plan_runs(
         Root of the outputs; results files go to ``out_dir/runs``.
     declared : Mapping, optional
         The app's declared run config (default: read from pyproject.toml).
+    variants : Sequence[Variant], optional
+        Run the grid once per variant (its overrides on top of ``settings``); results
+        go to ``out_dir/runs/<variant>``. Default: one unnamed configuration.
 
     Raises
     ------
     ValueError
-        Unknown method or partition setting, or an undeclared run-config key.
+        Unknown method or partition setting, an undeclared run-config key, or a variant
+        that repeats a name or sets a key the grid sets (:data:`GRID_KEYS`).
     """
     declared = app_config_defaults() if declared is None else declared
     for method in methods:
         split_method(method)
+    variants = list(variants) if variants else [Variant("", {})]
+    _check_variants(variants)
     runs = []
     for seed in seeds:
         for partition in partitions:
             overrides = partition_overrides(partition)
-            for method in methods:
-                base, optimizer = split_method(method)
-                spec = method_spec(base)
-                results = (Path(out_dir) / "runs" / partition / f"{method}-seed{seed}.json").resolve()
-                config = {**settings, **overrides, "strategy": base, "seed": int(seed),
-                          "num-partitions": int(num_clients), "results-file": str(results)}
-                if optimizer is not None:
-                    config["server-optimizer"] = optimizer
-                runs.append(RunSpec(method, partition, int(seed), _checked_overrides(config, declared),
-                                    1 if spec.single_client else int(num_clients)))
+            for variant in variants:
+                folder = Path(out_dir) / "runs" / variant.name if variant.name else Path(out_dir) / "runs"
+                clients = int(variant.overrides.get("num-partitions", num_clients))
+                for method in methods:
+                    base, optimizer = split_method(method)
+                    spec = method_spec(base)
+                    results = (folder / partition / f"{method}-seed{seed}.json").resolve()
+                    config = {**settings, **variant.overrides, **overrides, "strategy": base, "seed": int(seed),
+                              "num-partitions": clients, "results-file": str(results)}
+                    if optimizer is not None:
+                        config["server-optimizer"] = optimizer
+                    runs.append(RunSpec(method, partition, int(seed), _checked_overrides(config, declared),
+                                        1 if spec.single_client else clients, variant.name))
     return runs
 
 
 # ---------------------------------------------------------------------- running
-def _same_config(summary: Mapping[str, Any], run_config: Mapping[str, Any]) -> bool:
-    recorded = summary.get("config", {})
+IGNORED_CONFIG_KEYS = ("results-file",)
+"""Run-config keys not compared when deciding whether a summary can be reused (the
+results file is read from where it is; a moved output folder stays reusable)."""
+
+
+def _same_value(value: Any, other: Any) -> bool:
+    if isinstance(value, bool) or isinstance(other, bool):
+        return value is other or value == other and type(value) is type(other)
+    if isinstance(value, (int, float)) and isinstance(other, (int, float)):
+        return math.isclose(float(value), float(other), rel_tol=1e-12, abs_tol=0.0)
+    return value == other
+
+
+def _config_mismatch(summary: Mapping[str, Any], run_config: Mapping[str, Any],
+                     declared: Optional[Mapping[str, Any]] = None) -> list[str]:
+    """The run-config keys whose recorded value differs from the wanted one.
+
+    A key the summary does not record at all matches if the wanted value is the app's
+    declared default (``declared``): the run predates the option, whose default keeps
+    the behaviour it had then.
+    """
+    recorded = summary.get("config") or {}
+    declared = declared if declared is not None else {}
+    mismatch = []
     for key, value in run_config.items():
-        if key not in recorded:
-            return False
-        other = recorded[key]
-        if isinstance(value, float) or isinstance(other, float):
-            try:
-                if not math.isclose(float(value), float(other), rel_tol=1e-12, abs_tol=0.0):
-                    return False
-            except (TypeError, ValueError):
-                return False
-        elif value != other:
-            return False
-    return True
+        if key in IGNORED_CONFIG_KEYS:
+            continue
+        if key in recorded:
+            if not _same_value(value, recorded[key]):
+                mismatch.append(key)
+        elif not (key in declared and _same_value(value, declared[key])):
+            mismatch.append(key)
+    return mismatch
+
+
+def _same_config(summary: Mapping[str, Any], run_config: Mapping[str, Any]) -> bool:
+    return not _config_mismatch(summary, run_config)
+
+
+def result_state(spec: RunSpec, declared: Optional[Mapping[str, Any]] = None) -> tuple[str, Optional[dict], str]:
+    """Whether the run's results file can be reused: ``(state, summary, reason)``.
+
+    ``state`` is ``"complete"`` (same run config, test accuracy recorded up to the last
+    round: reused), ``"missing"``, ``"unreadable"`` (not JSON, e.g. cut short while being
+    written), ``"mismatched"`` (another run config; ``reason`` names the keys) or
+    ``"incomplete"`` (no test accuracy for the last round). ``summary`` is the parsed file
+    if ``"complete"``, else ``None``. ``declared``: the app's declared run config
+    (default: pyproject.toml's), for keys the summary does not record.
+    """
+    path = spec.results_file
+    if not path.exists():
+        return "missing", None, ""
+    try:
+        summary = json.loads(path.read_text())
+        if not isinstance(summary, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as error:
+        return "unreadable", None, f"{type(error).__name__}: {error}"
+    mismatch = _config_mismatch(summary, spec.run_config, _declared_defaults() if declared is None else declared)
+    if mismatch:
+        recorded = summary.get("config") or {}
+        details = ", ".join(f"{k}: {recorded.get(k, '(absent)')!r} != {spec.run_config[k]!r}" for k in mismatch[:4])
+        return "mismatched", None, details
+    return _completeness(summary, spec.run_config)
+
+
+def _completeness(summary: dict, run_config: Mapping[str, Any]) -> tuple[str, Optional[dict], str]:
+    curve = accuracy_curve(summary)
+    rounds = run_config.get("num-server-rounds", (summary.get("config") or {}).get("num-server-rounds"))
+    if not curve:
+        return "incomplete", None, "no test accuracy recorded"
+    if rounds is not None and max(curve) < int(rounds):
+        return "incomplete", None, f"test accuracy up to round {max(curve)} of {int(rounds)}"
+    return "complete", summary, ""
+
+
+def _declared_defaults() -> dict:
+    try:
+        return app_config_defaults()
+    except (OSError, KeyError, ValueError):  # no app pyproject.toml next to this module
+        return {}
 
 
 def _load_reusable(spec: RunSpec) -> Optional[dict]:
-    try:
-        summary = json.loads(spec.results_file.read_text())
-    except (OSError, ValueError):
+    return result_state(spec)[1]
+
+
+def _move_aside(path: Path) -> Optional[Path]:
+    """Rename a results file (and its model) to ``*.old`` before the run is redone."""
+    if not path.exists():
         return None
-    return summary if _same_config(summary, spec.run_config) and accuracy_curve(summary) else None
+    old = path.with_name(path.name + ".old")
+    os.replace(path, old)
+    model = path.with_suffix(".pt")
+    if model.exists():
+        os.replace(model, model.with_name(model.name + ".old"))
+    return old
+
+
+def _write_atomically(path: Path, summary: Mapping[str, Any]) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(summary, indent=2, default=float))
+    os.replace(temporary, path)
 
 
 def _default_runner() -> Runner:
@@ -302,7 +490,8 @@ def run_all(
         ``runner(run_config, num_supernodes, num_cpus_per_client=..., env=..., timeout=...)
         -> summary``; defaults to :func:`simulations.flower_processes.run_app`.
     force : bool
-        Re-run even when a summary with the same run config exists.
+        Re-run even complete runs (see :func:`result_state`); otherwise those are reused
+        and every other run is redone, its old results file moved to ``*.json.old``.
     num_cpus_per_client, timeout, env
         Passed to the runner.
     echo : Callable[[str], None]
@@ -313,29 +502,46 @@ def run_all(
     Returns
     -------
     list[RunRecord]
-        One per run, failures included (a failing run does not stop the others).
+        One per run, failures included (a failing run does not stop the others). A run
+        whose summary is not complete for its run config (see :func:`result_state`)
+        counts as failed. The summary of every successful run is (re)written to its
+        results file, atomically, with ``wall-seconds`` (the run's wall time).
     """
     records: list[RunRecord] = []
     width = len(str(len(runs)))
+    declared = _declared_defaults()
     for index, spec in enumerate(runs, start=1):
         started = time.time()
-        summary = None if force else _load_reusable(spec)
+        state, summary, reason = result_state(spec, declared)
+        if force or state != "complete":
+            summary = None
         status, error = ("reused", "") if summary is not None else ("ran", "")
         if summary is None:
             runner = runner or _default_runner()
             try:
                 spec.results_file.parent.mkdir(parents=True, exist_ok=True)
+                moved = _move_aside(spec.results_file)
+                if moved is not None and state != "complete":
+                    echo(f"  {spec.results_file.name}: {state}{' (' + reason + ')' if reason else ''}; "
+                         f"moved to {moved.name}, running again")
                 summary = runner(dict(spec.run_config), spec.num_supernodes,
                                  num_cpus_per_client=num_cpus_per_client, env=env, timeout=timeout)
+                if not isinstance(summary, dict):
+                    raise TypeError(f"the runner returned {type(summary).__name__}, not a summary dict")
+                summary.setdefault("wall-seconds", time.time() - started)
+                state, _, reason = _completeness(summary, spec.run_config)
+                mismatch = _config_mismatch(summary, spec.run_config, declared) if "config" in summary else []
+                if state != "complete" or mismatch:
+                    raise RuntimeError(f"the run's summary is {state if state != 'complete' else 'for another config'}"
+                                       f" ({reason or ', '.join(mismatch)})")
+                _write_atomically(spec.results_file, summary)
             except Exception as exc:  # a failed run is reported, the grid goes on
-                status, error = "failed", f"{type(exc).__name__}: {exc}"
+                status, error, summary = "failed", f"{type(exc).__name__}: {exc}", None
         elapsed = time.time() - started
         curve = accuracy_curve(summary) if summary else {}
-        if status != "failed" and not curve:
-            status, error = "failed", "summary holds no test accuracy"
-        record = RunRecord(spec, summary if status != "failed" else None, elapsed, status, error, curve)
+        record = RunRecord(spec, summary, elapsed, status, error, curve)
         records.append(record)
-        head = f"[{index:>{width}}/{len(runs)}] {spec.method:<15} {spec.partition:<14} seed {spec.seed:<3}"
+        head = f"[{index:>{width}}/{len(runs)}] {spec.label:<15} {spec.partition:<14} seed {spec.seed:<3}"
         if status == "failed":
             echo(f"{head} {elapsed:8.1f}s  FAILED: {error}")
         else:
@@ -392,18 +598,28 @@ def _per_round(summary: Mapping[str, Any], key: str) -> list[float]:
     return [float(m.get(key, 0.0)) for m in communication.values() if isinstance(m, Mapping)]
 
 
-def _grouped(records: Iterable[RunRecord]) -> dict[tuple[str, str], list[RunRecord]]:
-    groups: dict[tuple[str, str], list[RunRecord]] = {}
+def _grouped(records: Iterable[RunRecord]) -> dict[tuple[str, str, str], list[RunRecord]]:
+    """Successful runs by (method, variant, partition), in the order of their first run."""
+    groups: dict[tuple[str, str, str], list[RunRecord]] = {}
     for record in records:
         if record.summary is not None and record.curve:
-            groups.setdefault((record.spec.method, record.spec.partition), []).append(record)
+            key = (record.spec.method, record.spec.variant, record.spec.partition)
+            groups.setdefault(key, []).append(record)
     return groups
 
 
-def summarise(records: Sequence[RunRecord], target: float) -> list[dict]:
-    """One row per method x partition with successful runs, in the order first run.
+def grid_wall_seconds(records: Iterable[RunRecord]) -> float:
+    """The grid's wall time: the sum of its successful runs' ``wall-seconds`` (as recorded
+    when they ran, so reused runs count what they took then; the strategy's ``seconds``
+    for a summary written by a plain ``flwr run``)."""
+    return float(sum(float(r.summary.get("wall-seconds", r.summary.get("seconds", r.elapsed)))
+                     for r in records if r.summary is not None))
 
-    Columns: ``method``, ``partition``, ``seeds``, ``final_mean``/``final_std`` (accuracy
+
+def summarise(records: Sequence[RunRecord], target: float) -> list[dict]:
+    """One row per method x variant x partition with successful runs, in the order first run.
+
+    Columns: ``method``, ``variant`` (``""``: none), ``partition``, ``seeds``, ``final_mean``/``final_std`` (accuracy
     after the last round), ``best_mean``/``best_std`` (best accuracy over rounds >= 1),
     ``rounds_to_target`` (first round where the seed-averaged accuracy reaches
     ``target``; ``None`` if never), ``wall_seconds_mean``/``_std`` (the strategy's wall
@@ -413,7 +629,7 @@ def summarise(records: Sequence[RunRecord], target: float) -> list[dict]:
     0 for one seed).
     """
     rows = []
-    for (method, partition), group in _grouped(records).items():
+    for (method, variant, partition), group in _grouped(records).items():
         curves = [r.curve for r in group]
         rounds, mean_curve, _ = _mean_curve(curves)
         reached = [r for r, acc in zip(rounds, mean_curve) if r >= 1 and acc >= target]
@@ -427,6 +643,7 @@ def summarise(records: Sequence[RunRecord], target: float) -> list[dict]:
 
         rows.append({
             "method": method,
+            "variant": variant,
             "partition": partition,
             "seeds": len(group),
             "final_mean": final_mean,
@@ -446,7 +663,7 @@ def summarise(records: Sequence[RunRecord], target: float) -> list[dict]:
 
 
 CSV_COLUMNS = [
-    "method", "partition", "seeds", "final_mean", "final_std", "best_mean", "best_std",
+    "method", "variant", "partition", "seeds", "final_mean", "final_std", "best_mean", "best_std",
     "rounds_to_target", "target", "wall_seconds_mean", "wall_seconds_std",
     "train_exchanges_per_round", "train_bytes_down_per_round", "train_bytes_up_per_round",
     "eval_bytes_per_round",
@@ -464,10 +681,12 @@ def _megabytes(value: float) -> str:
 
 
 def write_tables(rows: Sequence[Mapping[str, Any]], out_dir: Path, title: str = "",
-                 target: Optional[float] = None) -> tuple[Path, Path]:
+                 target: Optional[float] = None, wall_seconds: Optional[float] = None) -> tuple[Path, Path]:
     """Write ``results.csv`` and ``results.md`` into ``out_dir``; return their paths.
 
-    ``target`` (for the header) defaults to the rows' own.
+    ``target`` (for the header) defaults to the rows' own. The markdown table has a
+    ``variant`` column when a row has one; ``wall_seconds`` (the grid's, see
+    :func:`grid_wall_seconds`) goes under it.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -482,17 +701,19 @@ def write_tables(rows: Sequence[Mapping[str, Any]], out_dir: Path, title: str = 
     lines = []
     if title:
         lines += [f"# {title}", ""]
+    with_variant = any(row.get("variant") for row in rows)
     lines += [
-        f"| method | partition | seeds | final test acc | best test acc | rounds to {target:g} "
-        "| wall s | exchanges/round | MB/round (down + up) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| method |{' variant |' if with_variant else ''} partition | seeds | final test acc | best test acc "
+        f"| rounds to {target:g} | wall s | exchanges/round | MB/round (down + up) |",
+        f"|---|{'---|' if with_variant else ''}---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         reach = "-" if row["rounds_to_target"] is None else str(row["rounds_to_target"])
         exchanges = row["train_exchanges_per_round"]
         traffic = row["train_bytes_down_per_round"] + row["train_bytes_up_per_round"]
+        variant = f" {row.get('variant') or '-'} |" if with_variant else ""
         lines.append(
-            f"| {row['method']} | {row['partition']} | {row['seeds']} "
+            f"| {row['method']} |{variant} {row['partition']} | {row['seeds']} "
             f"| {_pm(row['final_mean'], row['final_std'])} | {_pm(row['best_mean'], row['best_std'])} "
             f"| {reach} | {_pm(row['wall_seconds_mean'], row['wall_seconds_std'], 1)} "
             f"| {'-' if exchanges != exchanges else f'{exchanges:g}'} | {_megabytes(traffic)} |"
@@ -507,27 +728,32 @@ def write_tables(rows: Sequence[Mapping[str, Any]], out_dir: Path, title: str = 
         "+ the client's own BatchNorm entries) on the global test set, averaged over "
         "clients with equal weights.",
     ]
+    if wall_seconds is not None:
+        lines += ["", f"Grid wall time (sum over its runs, Ray start-up and evaluation included): "
+                      f"{wall_seconds:.0f} s ({wall_seconds / 3600:.2f} h)."]
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
 
 
 def write_curves(records: Sequence[RunRecord], out_dir: Path) -> Path:
-    """Write ``curves.csv``: method, partition, round, seeds, mean and std of the accuracy."""
+    """Write ``curves.csv``: method, variant, partition, round, seeds, mean and sample std
+    of the test accuracy over seeds (rounds every seed has)."""
     path = Path(out_dir) / "curves.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as stream:
         writer = csv.writer(stream)
-        writer.writerow(["method", "partition", "round", "seeds", "accuracy_mean", "accuracy_std"])
-        for (method, partition), group in _grouped(records).items():
+        writer.writerow(["method", "variant", "partition", "round", "seeds", "accuracy_mean", "accuracy_std"])
+        for (method, variant, partition), group in _grouped(records).items():
             rounds, mean, std = _mean_curve([r.curve for r in group])
             for r, m, s in zip(rounds, mean, std):
-                writer.writerow([method, partition, r, len(group), f"{m:.6f}", f"{s:.6f}"])
+                writer.writerow([method, variant, partition, r, len(group), f"{m:.6f}", f"{s:.6f}"])
     return path
 
 
 def plot_accuracy(records: Sequence[RunRecord], out_dir: Path, target: Optional[float] = None,
                   subtitle: str = "") -> list[Path]:
-    """One PNG per partition setting: test accuracy against round, one line per method.
+    """One PNG per partition setting: test accuracy against round, one line per method
+    (and variant).
 
     Lines are seed means with a band of +/- one sample std; a dashed line marks
     ``target``. Returns the paths written (``accuracy-<partition>.png``).
@@ -539,16 +765,16 @@ def plot_accuracy(records: Sequence[RunRecord], out_dir: Path, target: Optional[
     from matplotlib.ticker import MaxNLocator
 
     groups = _grouped(records)
-    partitions = list(dict.fromkeys(p for _, p in groups))
+    partitions = list(dict.fromkeys(p for _, _, p in groups))
     paths = []
     for partition in partitions:
         figure, axes = plt.subplots(figsize=(7, 4.5))
-        for (method, part), group in groups.items():
+        for (method, variant, part), group in groups.items():
             if part != partition:
                 continue
             rounds, mean, std = _mean_curve([r.curve for r in group])
             line, = axes.plot(rounds, mean, marker="o" if len(rounds) <= 12 else None, markersize=3,
-                              label=f"{method} ({len(group)} seed{'s' if len(group) > 1 else ''})")
+                              label=f"{group[0].spec.label} ({len(group)} seed{'s' if len(group) > 1 else ''})")
             if len(group) > 1:
                 axes.fill_between(rounds, mean - std, mean + std, color=line.get_color(), alpha=0.15)
         if target is not None:
@@ -609,8 +835,70 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--cpus-per-client", type=float, default=2.0)
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per run")
     parser.add_argument("--force", action="store_true", help="re-run runs whose summary exists")
+    parser.add_argument("--variant", action="append", default=[], metavar="[NAME:]KEY=VALUE[,KEY=VALUE...]",
+                        help="run the grid once more with these run-config overrides (repeatable), "
+                             "e.g. --variant sync1:sync-steps=1 --variant sync5:sync-steps=5")
+    parser.add_argument("--dry-run", "--only-plan", dest="dry_run", action="store_true",
+                        help="print the runs and which are complete (reused), run nothing")
     parser.add_argument("--out", required=True, help="output folder")
     return parser.parse_args(argv)
+
+
+def describe_plan(runs: Sequence[RunSpec], force: bool = False) -> list[str]:
+    """One line per run: its state (see :func:`result_state`) and results file; then a
+    count of the runs to do."""
+    lines, todo = [], 0
+    width = len(str(len(runs)))
+    declared = _declared_defaults()
+    for index, spec in enumerate(runs, start=1):
+        state, _, reason = result_state(spec, declared)
+        action = "reuse" if state == "complete" and not force else "run"
+        todo += action == "run"
+        note = f" ({reason})" if reason else ""
+        lines.append(f"[{index:>{width}}/{len(runs)}] {action:<5} {spec.label:<11} {spec.partition:<14} "
+                     f"seed {spec.seed:<3} {state}{note}: {spec.results_file}")
+    lines.append(f"{todo} of {len(runs)} runs to do, {len(runs) - todo} complete")
+    return lines
+
+
+class GridLock:
+    """An exclusive lock on an output folder (``.compare.lock``), held while a grid runs.
+
+    Released when the process ends, however it ends (``fcntl.flock``), and the file
+    removed on a normal exit; where ``fcntl`` is missing (Windows) no lock is taken.
+    """
+
+    def __init__(self, out_dir: Path) -> None:
+        self.path = Path(out_dir) / ".compare.lock"
+        self._stream: Optional[Any] = None
+
+    def __enter__(self) -> "GridLock":
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        stream = open(self.path, "a+")
+        try:
+            fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            stream.seek(0)
+            holder = stream.read().strip() or "another process"
+            stream.close()
+            raise SystemExit(f"{self.path.parent} is in use by a running grid ({holder}); wait for it "
+                             "to finish or stop it, or choose another --out") from None
+        stream.seek(0)
+        stream.truncate()
+        stream.write(f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        stream.flush()
+        self._stream = stream
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._stream is not None:
+            self.path.unlink(missing_ok=True)
+            self._stream.close()
+            self._stream = None
 
 
 def main(argv: Optional[Sequence[str]] = None, runner: Optional[Runner] = None) -> int:
@@ -631,25 +919,34 @@ def main(argv: Optional[Sequence[str]] = None, runner: Optional[Runner] = None) 
             raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
         settings[key.strip()] = _parse_value(value.strip())
     try:
-        runs = plan_runs(methods, partitions, seeds, settings, args.clients, out_dir)
+        variants = [parse_variant(text) for text in args.variant]
+        runs = plan_runs(methods, partitions, seeds, settings, args.clients, out_dir, variants=variants)
     except ValueError as error:
         raise SystemExit(str(error)) from None
     subtitle = (f"{args.dataset}, {args.model}, K={args.clients}, B={args.batch_size}, "
                 f"E={args.local_steps}, {args.rounds} rounds")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "grid.json").write_text(json.dumps({"argv": list(argv or sys.argv[1:]), **vars(args)}, indent=2))
-    print(f"{len(runs)} runs ({len(methods)} methods x {len(partitions)} partitions x {len(seeds)} seeds) "
-          f"-> {out_dir}", flush=True)
+    shape = (f"{len(methods)} methods x {len(partitions)} partitions x {len(seeds)} seeds"
+             + (f" x {len(variants)} variants" if variants else ""))
+    if args.dry_run:
+        print(f"{len(runs)} runs ({shape}) -> {out_dir}")
+        print("\n".join(describe_plan(runs, force=args.force)))
+        return 0
+    with GridLock(out_dir):
+        (out_dir / "grid.json").write_text(json.dumps({"argv": list(argv or sys.argv[1:]), **vars(args)}, indent=2))
+        print(f"{len(runs)} runs ({shape}) -> {out_dir}", flush=True)
 
-    def tables(records: list[RunRecord]) -> None:
-        write_tables(summarise(records, args.target), out_dir, title=subtitle, target=args.target)
+        def tables(records: list[RunRecord]) -> None:
+            write_tables(summarise(records, args.target), out_dir, title=subtitle, target=args.target,
+                         wall_seconds=grid_wall_seconds(records))
+            write_curves(records, out_dir)
 
-    records = run_all(runs, runner, force=args.force, num_cpus_per_client=args.cpus_per_client,
-                      timeout=args.timeout, echo=lambda line: print(line, flush=True), after_each=tables)
-    rows = summarise(records, args.target)
-    csv_path, md_path = write_tables(rows, out_dir, title=subtitle, target=args.target)
-    write_curves(records, out_dir)
-    plots = plot_accuracy(records, out_dir, target=args.target, subtitle=subtitle)
+        records = run_all(runs, runner, force=args.force, num_cpus_per_client=args.cpus_per_client,
+                          timeout=args.timeout, echo=lambda line: print(line, flush=True), after_each=tables)
+        rows = summarise(records, args.target)
+        csv_path, md_path = write_tables(rows, out_dir, title=subtitle, target=args.target,
+                                         wall_seconds=grid_wall_seconds(records))
+        write_curves(records, out_dir)
+        plots = plot_accuracy(records, out_dir, target=args.target, subtitle=subtitle)
     print(md_path.read_text())
     print(f"wrote {csv_path}, {md_path}, {len(plots)} plot(s) in {out_dir}")
     failed = [r for r in records if r.status == "failed"]
