@@ -18,15 +18,15 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi, Result, Strategy
 
 from flwr_fedtan import FedTAN, convert_batchnorm
 from flwr_fedtan.client import evaluate_model
+from flwr_fedtan.schema import record_bytes
 
 from .baselines import (
-    METHODS,
     FedBN,
     FixBN,
     SiloBN,
@@ -40,7 +40,6 @@ from .task import model_from_config, test_dataset
 app = ServerApp()
 log = logging.getLogger(__name__)
 
-STRATEGIES = tuple(METHODS)
 
 
 def make_evaluate_fn(config, norm: Optional[str] = None):
@@ -157,11 +156,6 @@ def make_strategy(config) -> Strategy:
 
 
 # ---------------------------------------------------------------------- traffic
-def content_bytes(content: RecordDict) -> int:
-    """Bytes of the arrays, metrics and configs of a message's content."""
-    return sum(int(record.count_bytes()) for record in content.values() if hasattr(record, "count_bytes"))
-
-
 class CountingGrid(Grid):
     """A Grid that forwards everything to another and counts the traffic.
 
@@ -189,7 +183,7 @@ class CountingGrid(Grid):
         category = self._category(messages[0])
         self._add(f"{category}-exchanges", 1)
         self._add(f"{category}-messages", len(messages))
-        self._add(f"{category}-bytes-down", sum(content_bytes(m.content) for m in messages))
+        self._add(f"{category}-bytes-down", sum(record_bytes(m.content) for m in messages))
         return category
 
     def _count_in(self, replies: Iterable[Message], category: Optional[str] = None) -> list[Message]:
@@ -198,7 +192,7 @@ class CountingGrid(Grid):
             kind = category or self._category_of.pop(reply.metadata.reply_to_message_id, None) or self._category(reply)
             self._add(f"{kind}-replies", 1)
             if not reply.has_error():
-                self._add(f"{kind}-bytes-up", content_bytes(reply.content))
+                self._add(f"{kind}-bytes-up", record_bytes(reply.content))
         return replies
 
     # Grid API, forwarded ----------------------------------------------------------------
