@@ -35,7 +35,7 @@ from .aggregation import (
 )
 from .seeds import derive_seed
 
-__all__ = ["FedTAN", "derive_seed"]
+__all__ = ["FedTAN", "ForwardingGrid", "derive_seed"]
 
 EvaluateFn = Callable[[int, ArrayRecord], Optional[MetricRecord]]
 
@@ -848,21 +848,19 @@ def _restore_state(obj: Any, state: dict) -> None:
             setattr(obj, name, value)
 
 
-class _ExchangeGrid(Grid):
-    """The Grid FedTAN hands to Flower's round loop.
+class ForwardingGrid(Grid):
+    """A Grid that forwards every call to another Grid (``inner``).
 
-    Flower's loop sends a round's train messages with one ``send_and_receive``; for FedTAN's
-    messages this runs the round's exchanges on the real Grid (:meth:`FedTAN.run_round`)
-    and returns the clients' final replies. Everything else is forwarded.
+    A base for Grid wrappers (counting traffic, intercepting a round's messages): a
+    subclass overrides only the calls it changes.
     """
 
-    def __init__(self, grid: Grid, fedtan: FedTAN) -> None:
+    def __init__(self, grid: Grid) -> None:
         self.inner = grid
-        self.fedtan = fedtan
 
     @property
     def run(self):
-        """The real Grid's run."""
+        """The inner Grid's run."""
         return self.inner.run
 
     def set_run(self, run_id: int) -> None:
@@ -884,6 +882,23 @@ class _ExchangeGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         """Forwarded."""
         return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: Optional[float] = None) -> Iterable[Message]:
+        """Forwarded."""
+        return self.inner.send_and_receive(messages, timeout=timeout)
+
+
+class _ExchangeGrid(ForwardingGrid):
+    """The Grid FedTAN hands to Flower's round loop.
+
+    Flower's loop sends a round's train messages with one ``send_and_receive``; for FedTAN's
+    messages this runs the round's exchanges on the real Grid (:meth:`FedTAN.run_round`)
+    and returns the clients' final replies. Everything else is forwarded.
+    """
+
+    def __init__(self, grid: Grid, fedtan: FedTAN) -> None:
+        super().__init__(grid)
+        self.fedtan = fedtan
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: Optional[float] = None) -> Iterable[Message]:
         """A FedTAN round for FedTAN's messages; forwarded otherwise."""

@@ -25,6 +25,7 @@ from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYog
 from flwr_fedtan import FedTAN, convert_batchnorm
 from flwr_fedtan.client import evaluate_model
 from flwr_fedtan.schema import record_bytes
+from flwr_fedtan.strategy import ForwardingGrid
 
 from .baselines import (
     FedBN,
@@ -156,7 +157,7 @@ def make_strategy(config) -> Strategy:
 
 
 # ---------------------------------------------------------------------- traffic
-class CountingGrid(Grid):
+class CountingGrid(ForwardingGrid):
     """A Grid that forwards everything to another and counts the traffic.
 
     An *exchange* is one batch of messages pushed (``push_messages`` or
@@ -166,7 +167,7 @@ class CountingGrid(Grid):
     """
 
     def __init__(self, grid: Grid) -> None:
-        self.inner = grid
+        super().__init__(grid)
         self.counts: dict[str, float] = {}
         self._category_of: dict[str, str] = {}
 
@@ -195,24 +196,7 @@ class CountingGrid(Grid):
                 self._add(f"{kind}-bytes-up", record_bytes(reply.content))
         return replies
 
-    # Grid API, forwarded ----------------------------------------------------------------
-    @property
-    def run(self):
-        """The inner Grid's run."""
-        return self.inner.run
-
-    def set_run(self, run_id: int) -> None:
-        """Forwarded."""
-        self.inner.set_run(run_id)
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        """Forwarded."""
-        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        """Forwarded."""
-        return self.inner.get_node_ids()
-
+    # Grid API: what changes is counted, the rest is forwarded ------------------------------
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Forwarded; counted."""
         messages = list(messages)
