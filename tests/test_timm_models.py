@@ -143,17 +143,17 @@ def test_app_model_timm_errors_name_the_fix(monkeypatch):
         build_model("timm:mobilenetv3_small_100")
 
 
-# Float32 through 34 BatchNorm layers: the Ray run and the in-process reference compute the
-# same sums in different orders (messages vs. one process), so they differ in the last bits.
-TIMM_FLOWER_TOLERANCE = 1e-5
-
-
 @pytest.mark.slow
 def test_flwr_run_simulation_timm_model_equals_in_process_reference(tmp_path, capsys):
     """``flwr run`` (Ray simulation, 3 nodes, 1 round) with ``model = "timm:mobilenetv3_small_100"``
     (34 BatchNormAct2d layers, 69 exchanges): the final global model equals the in-process
     FedTAN run, which is one SGD step on the pooled batch; a FedAvg step with each client's
-    own BatchNorm statistics is far from it."""
+    own BatchNorm statistics is far from it.
+
+    Float32: the Ray run and the reference sum in different orders, so they differ in the
+    last bits, amplified through 34 BatchNorm layers. Measured here: 5.3e-6 (largest in
+    ``conv_stem.weight``, whose update is 0.66); the reference alone run with 1 and with 2
+    torch threads differs by 5.4e-6. Local BatchNorm statistics give 0.64."""
     from simulations.baselines import round_seed, train_locally
     from simulations.flower_processes import FlowerProcesses
     from simulations.task import make_client, model_from_config
@@ -210,6 +210,5 @@ def test_flwr_run_simulation_timm_model_equals_in_process_reference(tmp_path, ca
     report(capsys, f"simulation timm:mobilenetv3_small_100: flwr run {outcome.wall_seconds:.1f}s wall, round "
                    f"{train['fedtan-round-seconds']:.2f}s, max |diff| {diff:.2e} (local-BN FedAvg: "
                    f"{local_bn_diff:.2e})")
-    assert TIMM_FLOWER_TOLERANCE <= TOLERANCE
-    assert diff <= TIMM_FLOWER_TOLERANCE, f"final model differs from in_process_fedtan by {diff:g}"
-    assert local_bn_diff > 100 * TIMM_FLOWER_TOLERANCE, local_bn_diff
+    assert diff <= TOLERANCE, f"final model differs from in_process_fedtan by {diff:g}"
+    assert local_bn_diff > 1000 * TOLERANCE, f"local BatchNorm should be far from FedTAN: {local_bn_diff:g}"
