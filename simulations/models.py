@@ -6,7 +6,9 @@
 - ``"resnet20"``: the CIFAR ResNet-20 of He et al. (2016), with option-A shortcuts;
 - ``"vgg"``: a small VGG-style CNN;
 - ``"mlp"``: a two-hidden-layer perceptron;
-- ``"twice-bn"``: a tiny test network that calls one normalisation module twice.
+- ``"twice-bn"``: a tiny test network that calls one normalisation module twice;
+- ``"timm:<name>"``: any timm model, ``timm.create_model(<name>, pretrained=False, ...)``
+  (randomly initialised, never downloaded; needs ``pip install timm``).
 
 ``norm`` selects the normalisation layers:
 
@@ -33,7 +35,9 @@ __all__ = [
     "MODEL_NAMES",
     "NORMS",
     "GROUP_NORM_GROUPS",
+    "TIMM_PREFIX",
     "build_model",
+    "build_timm_model",
     "count_batchnorm_layers",
     "SmallCNN",
     "ResNet20",
@@ -43,6 +47,8 @@ __all__ = [
 ]
 
 MODEL_NAMES = ("cnn", "resnet20", "vgg", "mlp", "twice-bn")
+TIMM_PREFIX = "timm:"
+"""Model names ``"timm:<name>"`` build ``timm.create_model(<name>, pretrained=False, ...)``."""
 NORMS = ("bn", "gn", "none")
 GROUP_NORM_GROUPS = 2
 """Number of groups of every ``nn.GroupNorm`` after a convolution when ``norm="gn"``."""
@@ -350,7 +356,7 @@ def build_model(
     ----------
     name : str
         One of :data:`MODEL_NAMES`: ``"cnn"``, ``"resnet20"``, ``"vgg"``, ``"mlp"``,
-        ``"twice-bn"``.
+        ``"twice-bn"``; or ``"timm:<name>"`` for a timm model (see :func:`build_timm_model`).
     num_classes : int
         Number of output logits.
     in_channels : int
@@ -369,9 +375,13 @@ def build_model(
     Raises
     ------
     ValueError
-        If ``name`` or ``norm`` is unknown.
+        If ``name`` or ``norm`` is unknown, or ``norm`` is not ``"bn"`` for a timm model.
+    ImportError
+        If a timm model is asked for and timm is not installed.
     """
     _check_norm(norm)
+    if name.startswith(TIMM_PREFIX):
+        return build_timm_model(name[len(TIMM_PREFIX):], num_classes, in_channels, norm)
     if name == "cnn":
         return SmallCNN(num_classes, in_channels, norm)
     if name == "resnet20":
@@ -382,7 +392,58 @@ def build_model(
         return MLP(num_classes, in_channels * image_size * image_size, norm=norm)
     if name == "twice-bn":
         return TwiceBN(num_classes, in_channels, norm)
-    raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODEL_NAMES)}")
+    raise ValueError(
+        f"unknown model {name!r}; valid models: {', '.join(MODEL_NAMES)}, or {TIMM_PREFIX}<name> for a timm model"
+    )
+
+
+def build_timm_model(name: str, num_classes: int = 10, in_channels: int = 1, norm: str = "bn") -> nn.Module:
+    """A randomly initialised timm model: ``timm.create_model(name, pretrained=False, ...)``.
+
+    Weights are never downloaded. timm is imported only here, so the other models work
+    without it.
+
+    Parameters
+    ----------
+    name : str
+        A timm model name (``timm.list_models()``), e.g. ``"mobilenetv3_small_100"``.
+    num_classes : int
+        Number of output logits (timm's ``num_classes``).
+    in_channels : int
+        Channels of the input images (timm's ``in_chans``).
+    norm : str
+        Must be ``"bn"``: a timm model keeps the normalisation layers it is defined with.
+
+    Returns
+    -------
+    nn.Module
+        The model, in training mode.
+
+    Raises
+    ------
+    ImportError
+        If timm is not installed (fix: ``pip install timm``).
+    ValueError
+        If ``name`` is empty or not a timm model, or ``norm`` is not ``"bn"``.
+    """
+    if norm != "bn":
+        raise ValueError(
+            f"model {TIMM_PREFIX}{name} keeps timm's own normalisation layers; norm={norm!r} is not "
+            f"available for timm models (use a strategy whose model norm is 'bn', or one of {', '.join(MODEL_NAMES)})"
+        )
+    if not name:
+        raise ValueError(f"model {TIMM_PREFIX!r} names no timm model; write e.g. '{TIMM_PREFIX}mobilenetv3_small_100'")
+    try:
+        import timm
+    except ImportError as error:
+        raise ImportError(
+            f"model {TIMM_PREFIX}{name} needs the timm package, which is not installed; fix: pip install timm"
+        ) from error
+    if not timm.is_model(name):
+        raise ValueError(
+            f"unknown timm model {name!r} (model {TIMM_PREFIX}{name}); see timm.list_models() for valid names"
+        )
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels).train()
 
 
 def count_batchnorm_layers(model: nn.Module) -> int:

@@ -107,3 +107,108 @@ def test_timm_model_flower_round_equals_centralised_sgd_step(name):
     assert got.keys() == expected.keys()
     for key, value in expected.items():
         np.testing.assert_allclose(got[key], value.numpy(), rtol=1e-9, atol=1e-10, err_msg=key)
+
+
+# ------------------------------------------------------------- the example app's timm: models
+def test_app_model_timm_name_builds_the_timm_model():
+    """``model = "timm:<name>"`` in the run config is ``timm.create_model(<name>,
+    pretrained=False)`` with the data set's classes and channels, the same for a seed."""
+    from simulations.task import model_from_config
+
+    config = {"model": "timm:mobilenetv3_small_100", "dataset": "synthetic"}  # 1x28x28, 10 classes
+    torch.manual_seed(3)
+    built = model_from_config(config)
+    torch.manual_seed(3)
+    expected = timm.create_model("mobilenetv3_small_100", pretrained=False, num_classes=10, in_chans=1)
+    assert type(built) is type(expected) and built.training
+    assert built.state_dict().keys() == expected.state_dict().keys()
+    for key, value in expected.state_dict().items():
+        assert torch.equal(built.state_dict()[key], value), key
+    assert built(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_app_model_timm_errors_name_the_fix(monkeypatch):
+    from simulations.models import build_model
+
+    with pytest.raises(ValueError, match="timm.list_models"):
+        build_model("timm:no_such_model")
+    with pytest.raises(ValueError, match="mobilenetv3_small_100"):
+        build_model("timm:")
+    with pytest.raises(ValueError, match="norm='gn'"):
+        build_model("timm:mobilenetv3_small_100", norm="gn")
+    with pytest.raises(ValueError, match="timm:<name>"):
+        build_model("mobilenet")
+    monkeypatch.setitem(__import__("sys").modules, "timm", None)  # as if timm were not installed
+    with pytest.raises(ImportError, match="pip install timm"):
+        build_model("timm:mobilenetv3_small_100")
+
+
+@pytest.mark.slow
+def test_flwr_run_simulation_timm_model_equals_in_process_reference(tmp_path, capsys):
+    """``flwr run`` (Ray simulation, 3 nodes, 1 round) with ``model = "timm:mobilenetv3_small_100"``
+    (34 BatchNormAct2d layers, 69 exchanges): the final global model equals the in-process
+    FedTAN run, which is one SGD step on the pooled batch; a FedAvg step with each client's
+    own BatchNorm statistics is far from it.
+
+    Float32: the Ray run and the reference sum in different orders, so they differ in the
+    last bits, amplified through 34 BatchNorm layers. Measured here: 5.3e-6 (largest in
+    ``conv_stem.weight``, whose update is 0.66); the reference alone run with 1 and with 2
+    torch threads differs by 5.4e-6. Local BatchNorm statistics give 0.64."""
+    from simulations.baselines import round_seed, train_locally
+    from simulations.flower_processes import FlowerProcesses
+    from simulations.task import make_client, model_from_config
+    from test_e2e_flower import (
+        REPO,
+        TOLERANCE,
+        app_config,
+        assert_completed,
+        cli_config,
+        max_abs_diff,
+        read_results,
+        reference_model,
+        report,
+    )
+
+    nodes, bn_layers = 3, 34
+    overrides = dict(dataset="synthetic", model="timm:mobilenetv3_small_100", num_server_rounds=1,
+                     local_steps=1, batch_size=8)
+    flower = FlowerProcesses(tmp_path / "flower")
+    try:
+        results_file = tmp_path / "timm.json"
+        superlink = flower.start_superlink(simulation=True)
+        flower.add_connection("e2e-timm", superlink)
+        outcome = flower.run_app(
+            REPO, connection="e2e-timm",
+            federation_config={"num-supernodes": nodes, "client-resources-num-cpus": 2, "init-args-num-cpus": 2},
+            run_config=cli_config(**overrides, results_file=str(results_file)), timeout=180,
+        )
+        assert_completed(outcome, flower)
+        summary, state_dict = read_results(results_file)
+    finally:
+        flower.stop()
+        assert not flower.remaining()
+    train = summary["train"]["1"]
+    assert train["fedtan-exchanges"] == 2 * bn_layers + 1, train
+    assert train["fedtan-clients"] == nodes and train["fedtan-restarts"] == 0, train
+
+    config = app_config(**overrides)
+    reference = reference_model(config, nodes, 1)
+    diff = max_abs_diff(reference, state_dict)
+
+    # The same round with local BatchNorm (FedAvg of per-client SGD steps on the same batches).
+    torch.manual_seed(int(config["seed"]))
+    initial = model_from_config(config).state_dict()
+    local_bn = {}
+    for partition in range(nodes):
+        client = make_client(config, {"partition-id": partition, "num-partitions": nodes})
+        client.model.load_state_dict(initial)
+        train_locally(client, round_seed(int(config["seed"]), 1, partition), local_steps=1)
+        for key, value in client.model.state_dict().items():
+            local_bn[key] = local_bn.get(key, 0) + value.double() / nodes
+    local_bn_diff = max_abs_diff(reference, local_bn)
+
+    report(capsys, f"simulation timm:mobilenetv3_small_100: flwr run {outcome.wall_seconds:.1f}s wall, round "
+                   f"{train['fedtan-round-seconds']:.2f}s, max |diff| {diff:.2e} (local-BN FedAvg: "
+                   f"{local_bn_diff:.2e})")
+    assert diff <= TOLERANCE, f"final model differs from in_process_fedtan by {diff:g}"
+    assert local_bn_diff > 1000 * TOLERANCE, f"local BatchNorm should be far from FedTAN: {local_bn_diff:g}"
