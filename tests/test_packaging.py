@@ -114,12 +114,13 @@ def test_flwr_build_makes_a_fab_without_warnings_holding_the_app_and_its_data(tm
         config = tomllib.loads(fab.read("pyproject.toml").decode())
         fab.extractall(tmp_path / "unpacked")
     assert config["tool"]["flwr"]["app"]["components"] == {
-        "serverapp": "simulations.server_app:app", "clientapp": "simulations.client_app:app"}
+        "serverapp": "simulations.server_app:app", "clientapp": "simulations.node_app:app"}
     embedded = sorted(p.relative_to(app).as_posix() for p in (app / "simulations" / "embedded_data").rglob("*")
                       if p.is_file())
     expected = {"LICENSE", "README.md", *embedded}
     for package in ("flwr_fedtan", "simulations"):
-        expected |= {p.relative_to(app).as_posix() for p in (app / package).glob("*.py")}
+        expected |= {p.relative_to(app).as_posix() for p in (app / package).rglob("*.py")
+                     if "__pycache__" not in p.parts}
     assert expected <= names, sorted(expected - names)
 
     # The data in the FAB is the data in the project.

@@ -98,8 +98,11 @@ def test_ray_cluster_homes_equal_reference_and_show_where_steps_lived(cluster, t
     assert diff <= TOLERANCE, f"final model differs from in_process_fedtan by {diff:g}"
     placements = home_placements(flower)
     assert len(placements) == 3, placements
-    # Two homes, one on each raylet (placed like the ClientAppActors).
-    assert {raylet for _, raylet in placements.values()} == {"head", "second"}, placements
+    # Each node's step lived in one home on a raylet of this cluster, for the whole run. The
+    # homes' affinity to the ClientAppActors' raylets is soft: usually one home per raylet,
+    # but Ray may put both on one (seen once in CI), which costs nothing in exactness.
+    assert {raylet for _, raylet in placements.values()} <= {"head", "second"}, placements
+    assert len({home for home, _ in placements.values()}) == 2, placements
     report(capsys, "Ray cluster (2 raylets): where each node's step lived: "
                    + ", ".join(f"node {n} -> {home} on {raylet}" for n, (home, raylet) in sorted(placements.items()))
                    + f"; rounds {summary['train']['1']['fedtan-round-seconds']:.2f}s / "
