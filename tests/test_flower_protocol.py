@@ -10,49 +10,19 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.app import Array, RecordDict
 from flwr.serverapp.strategy import FedAvg
-from torch import nn
-from torch.utils.data import TensorDataset
 
-from flwr_fedtan import FedTAN, FedTANClient, convert_batchnorm, fedtan_client_app
+from flwr_fedtan import FedTAN, FedTANClient, fedtan_client_app
 from flwr_fedtan import schema
 from flwr_fedtan.client import clear_live_rounds, client_seed_key
 from flwr_fedtan.reference import fedtan_round_in_process
 from flwr_fedtan.training import derive_seed
 
 from _grid import LocalGrid
+from _runtime_app import NUM_BN_CALLS, SmallNet, client_data, initial_arrays, max_diff, to_numpy  # noqa: F401 (shared with test_secure_flower)
 
-
-class SmallNet(nn.Module):
-    """Conv-BN-ReLU x2 with a residual add, BN1d head: 3 BatchNorm calls."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 6, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(6)
-        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
-        self.bn2 = nn.BatchNorm2d(6)
-        self.fc1 = nn.Linear(6, 8)
-        self.bn3 = nn.BatchNorm1d(8)
-        self.fc2 = nn.Linear(8, 4)
-
-    def forward(self, x):
-        h = F.relu(self.bn1(self.conv1(x)))
-        h = F.relu(self.bn2(self.conv2(h)) + h)
-        h = F.relu(self.bn3(self.fc1(h.mean(dim=(2, 3)))))
-        return self.fc2(h)
-
-
-NUM_BN_CALLS = 3
 BATCH_SIZES = [5, 8, 11]
-
-
-def client_data(partition: int) -> TensorDataset:
-    g = torch.Generator().manual_seed(100 + partition)
-    x = torch.randn(40, 1, 6, 6, generator=g, dtype=torch.float64) * (1 + partition) + 2 * partition
-    y = torch.randint(0, 4, (40,), generator=g) % (2 + partition)  # non-IID labels
-    return TensorDataset(x, y)
 
 
 def make_client(context, local_steps=1, lr=0.1) -> FedTANClient:
@@ -61,20 +31,6 @@ def make_client(context, local_steps=1, lr=0.1) -> FedTANClient:
     return FedTANClient(
         SmallNet().double(), client_data(pid), batch_size=BATCH_SIZES[pid], lr=lr, local_steps=local_steps
     )
-
-
-def initial_arrays() -> ArrayRecord:
-    torch.manual_seed(0)
-    return ArrayRecord(convert_batchnorm(SmallNet().double()).state_dict())
-
-
-def to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in arrays.items()}
-
-
-def max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max(float(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64)).max()) for k in a)
 
 
 @pytest.fixture(autouse=True)
