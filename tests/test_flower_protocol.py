@@ -134,12 +134,9 @@ def test_replay_without_the_node_local_weights_drops_the_node_with_a_clear_reaso
     assert max_diff(to_numpy(result.arrays), expected) <= 1e-10
 
 
-def test_one_round_equals_centralised_sgd_step():
-    """E=1, plain SGD: the FedTAN round is one SGD step on the pooled batch (pure PyTorch)."""
-    app = fedtan_client_app(lambda ctx: make_client(ctx, local_steps=1))
-    grid = LocalGrid(app, 3, {})
-    strategy, result = run_fedtan(grid, rounds=1)
-
+def centralised_sgd_step(grid, strategy, lr: float = 0.1) -> dict:
+    """The global model after one plain SGD step on the pooled batch of round 1's clients
+    (pure PyTorch, from the same init as :func:`initial_arrays`)."""
     round_seed = derive_seed(strategy.seed, 1, 0)
     xs, ys = [], []
     for node in grid.node_ids:
@@ -153,8 +150,17 @@ def test_one_round_equals_centralised_sgd_step():
     F.cross_entropy(central(torch.cat(xs)), torch.cat(ys)).backward()
     with torch.no_grad():
         for p in central.parameters():
-            p -= 0.1 * p.grad
-    expected = {k: v.detach().numpy() for k, v in central.state_dict().items()}
+            p -= lr * p.grad
+    return {k: v.detach().numpy() for k, v in central.state_dict().items()}
+
+
+def test_one_round_equals_centralised_sgd_step():
+    """E=1, plain SGD: the FedTAN round is one SGD step on the pooled batch (pure PyTorch)."""
+    app = fedtan_client_app(lambda ctx: make_client(ctx, local_steps=1))
+    grid = LocalGrid(app, 3, {})
+    strategy, result = run_fedtan(grid, rounds=1)
+
+    expected = centralised_sgd_step(grid, strategy)
     assert max_diff(to_numpy(result.arrays), expected) <= 1e-10
 
 

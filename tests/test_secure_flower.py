@@ -8,19 +8,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 from flwr.app import Array
 
 from flwr_fedtan import FedTAN, fedtan_client_app, schema
-from flwr_fedtan.client import clear_live_rounds, client_seed_key
-from flwr_fedtan.training import derive_seed
+from flwr_fedtan.client import clear_live_rounds
 
 from _grid import LocalGrid
 from test_flower_protocol import (
     NUM_BN_CALLS,
     FaultyGrid,
-    SmallNet,
+    centralised_sgd_step,
     initial_arrays,
     make_client,
     max_diff,
@@ -85,21 +82,7 @@ def test_secure_round_with_e1_equals_centralised_sgd():
     app = fedtan_client_app(lambda ctx: make_client(ctx, local_steps=1))
     grid = LocalGrid(app, 3, {})
     strategy, result = run_fedtan(grid, rounds=1, secure_stats=True)
-    round_seed = derive_seed(strategy.seed, 1, 0)
-    xs, ys = [], []
-    for node in grid.node_ids:
-        client = make_client(grid.contexts[node])
-        x, y = client.sample_batch(derive_seed(derive_seed(round_seed, client_seed_key(grid.contexts[node])), 0))
-        xs.append(x)
-        ys.append(y)
-    torch.manual_seed(0)
-    central = SmallNet().double()
-    central.train()
-    F.cross_entropy(central(torch.cat(xs)), torch.cat(ys)).backward()
-    with torch.no_grad():
-        for p in central.parameters():
-            p -= 0.1 * p.grad
-    expected = {k: v.detach().numpy() for k, v in central.state_dict().items()}
+    expected = centralised_sgd_step(grid, strategy)
     assert max_diff(to_numpy(result.arrays), expected) <= 1e-10
 
 
