@@ -32,10 +32,11 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
-PING = "query.ping"
+from .bench_flower import PING, empty_exchange
+
 BACKOFF_SECONDS = 0.5  # a pull slower than this waited (Flower's object-pull back-off is 1 s +- 20%, or load)
 
 
@@ -94,16 +95,6 @@ class TimingGrid(Grid):
         return [e["seconds"] for e in self.exchanges if e["type"] == kind and e["seconds"] is not None]
 
 
-def _empty_exchange(grid: Grid, nodes: list[int], poll_interval: float) -> None:
-    messages = [Message(RecordDict(), dst_node_id=n, message_type=PING) for n in nodes]
-    pending = set(grid.push_messages(messages))
-    while pending:
-        for reply in grid.pull_messages(list(pending)):
-            pending.discard(reply.metadata.reply_to_message_id)
-        if pending:
-            time.sleep(poll_interval)
-
-
 @contextlib.contextmanager
 def counted_pull_backoffs(counter: dict, initial: Optional[float] = None, cap: float = 1.0):
     """Within the block, count the retries of ``HttpGrid.pull_messages`` (a reply whose
@@ -155,9 +146,9 @@ def _run_deployment_benchmark(grid: Grid, config: Mapping[str, Any], initial: Ar
     rounds = int(config.get("bench-rounds", 1))
     pings = int(config.get("num-server-rounds", 8))
     fedtan = FedTAN(fraction_evaluate=0.0, min_available_nodes=len(nodes), min_train_nodes=len(nodes))
-    _empty_exchange(timing, nodes, fedtan.poll_interval)  # warm-up: first process starts, caches
+    empty_exchange(timing, nodes, fedtan.poll_interval)  # warm-up: first process starts, caches
     for _ in range(pings):
-        _empty_exchange(timing, nodes, fedtan.poll_interval)
+        empty_exchange(timing, nodes, fedtan.poll_interval)
     empty = timing.seconds(PING)[1:]
     pulls_before = len(timing.pull_seconds)
     retries_before = counter.get("retries", 0)

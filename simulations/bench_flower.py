@@ -34,7 +34,8 @@ from flwr_fedtan.schema import record_bytes
 PING = "query.ping"
 
 
-def _empty_exchange(grid: Grid, nodes: list[int], poll_interval: float) -> float:
+def empty_exchange(grid: Grid, nodes: list[int], poll_interval: float) -> float:
+    """Seconds for one exchange of empty ``query.ping`` messages, pulled every ``poll_interval``."""
     started = time.perf_counter()
     messages = [Message(RecordDict(), dst_node_id=n, message_type=PING) for n in nodes]
     pending = set(grid.push_messages(messages))
@@ -52,8 +53,8 @@ def run_exchange_benchmark(grid: Grid, config: Mapping[str, Any], initial: Array
     rounds = int(config.get("bench-rounds", 3))
     train_config = ConfigRecord({"lr": float(config["lr"]), "local-steps": int(config["local-steps"])})
     fedtan = FedTAN(fraction_evaluate=0.0, min_available_nodes=len(nodes), min_train_nodes=len(nodes))
-    _empty_exchange(grid, nodes, fedtan.poll_interval)  # warm-up: actors start, imports
-    empty = [_empty_exchange(grid, nodes, fedtan.poll_interval) for _ in range(10)]
+    empty_exchange(grid, nodes, fedtan.poll_interval)  # warm-up: actors start, imports
+    empty = [empty_exchange(grid, nodes, fedtan.poll_interval) for _ in range(10)]
 
     fedavg = FedAvg(fraction_evaluate=0.0, min_available_nodes=len(nodes), min_train_nodes=len(nodes))
     fedavg.start(grid=grid, initial_arrays=initial, num_rounds=1, train_config=train_config)  # warm-up
@@ -77,12 +78,12 @@ def run_exchange_benchmark(grid: Grid, config: Mapping[str, Any], initial: Array
     last = result.train_metrics_clientapp[rounds]
     exchanges = int(last["fedtan-exchanges"])
     calls = (exchanges - 1) // 2
-    empty_exchange = statistics.median(empty)
+    empty_seconds = statistics.median(empty)
     model_bytes = record_bytes(RecordDict({"arrays": initial}))
     return {
         "nodes": len(nodes),
         "bn-calls": calls,
-        "empty-exchange-seconds": empty_exchange,
+        "empty-exchange-seconds": empty_seconds,
         "fedavg-round-seconds": fedavg_round,
         "fedtan-round-seconds": fedtan_round,
         "fedtan-exchanges-per-round": exchanges,
@@ -95,7 +96,7 @@ def run_exchange_benchmark(grid: Grid, config: Mapping[str, Any], initial: Array
         "client-local-seconds": float(last.get("local-seconds", float("nan"))),
         "client-replays": [float(result.train_metrics_clientapp[r].get("replays", float("nan")))
                            for r in range(1, rounds + 1)],
-        "ratio": fedtan_round / (fedavg_round + 2 * calls * empty_exchange),
+        "ratio": fedtan_round / (fedavg_round + 2 * calls * empty_seconds),
         "secure-round-seconds": secure_round,
         "secure-exchanges-per-round": int(secure_last["fedtan-exchanges"]),
         "secure-bytes-per-round": int(secure_last["fedtan-bytes-sent"]) + int(secure_last["fedtan-bytes-received"]),
