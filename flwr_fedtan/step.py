@@ -16,10 +16,10 @@ the caller feeds back the aggregate of all clients:
 How the pauses work
 -------------------
 Forward: the forward code runs as a :class:`~.pause.PausableCall` (a greenlet on the
-caller's OS thread) under a torch function mode that intercepts every batch-statistics
-``F.batch_norm`` / ``torch.batch_norm`` call, whichever module or hand-written code makes
-it; each such call switches back to the caller with its statistics, and the step switches
-into the greenlet again with the pooled statistics. The per-call arithmetic lives in
+caller's OS thread); every batch-statistics ``F.batch_norm`` / ``torch.batch_norm`` call
+it makes, whichever module or hand-written code makes it, is handed to the step (see
+:mod:`~.intercept`); each such call switches back to the caller with its statistics,
+and the step switches into the greenlet again with the pooled statistics. The per-call arithmetic lives in
 :mod:`~.bn_ops`.
 
 Backward: nothing ever blocks inside autograd. Each synchronised BatchNorm output is an
@@ -42,8 +42,6 @@ received and returns it paused at the first sync point whose aggregate is not kn
 
 from __future__ import annotations
 
-import os
-import sys
 import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence, Union
@@ -52,12 +50,11 @@ import numpy as np
 import torch
 from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
-from torch.nn import functional as F
-from torch.overrides import TorchFunctionMode
 
 from . import bn_ops
 from .aggregation import BackwardSums, ForwardStats, SyncPoint
 from .batchnorm import UnsupportedModelError, check_model
+from .intercept import intercept_batch_norm, refuse_checkpointing
 from .losses import reduce_loss
 from .pause import PausableCall, PrivateRNG
 from .staged_backward import StagedBackward
@@ -70,73 +67,6 @@ SyncRequest = tuple[SyncPoint, Aggregate]
 
 class StepProtocolError(RuntimeError):
     """The step was driven out of order, or an aggregate does not fit the sync point."""
-
-
-def _functional_args(input, running_mean, running_var, weight=None, bias=None, training=False,
-                     momentum=0.1, eps=1e-5):  # noqa: ANN001 -- F.batch_norm's signature
-    return input, running_mean, running_var, weight, bias, training, momentum, eps
-
-
-def _aten_args(input, weight, bias, running_mean, running_var, training, momentum, eps,
-               cudnn_enabled=True):  # noqa: ANN001 -- torch.batch_norm's signature
-    return input, running_mean, running_var, weight, bias, training, momentum, eps
-
-
-_BATCH_NORM_FUNCTIONS = {F.batch_norm: _functional_args, torch.batch_norm: _aten_args}
-
-
-class _BatchNormInterceptor(TorchFunctionMode):
-    """Routes every batch-statistics ``F.batch_norm`` / ``torch.batch_norm`` call of a step's
-    forward to the step; everything else (and BatchNorm in eval mode) runs as usual.
-
-    Active only while the step's forward runs (the pause takes it off the thread's mode
-    stack whenever the forward is paused), so BatchNorm subclasses with behaviour of their
-    own (timm's ``BatchNormAct2d``), ``SyncBatchNorm`` outside a process group and
-    hand-written layers calling ``F.batch_norm`` are all synchronised, unconverted.
-    """
-
-    def __init__(self, step: "SyncStep") -> None:
-        super().__init__()
-        self.step = step
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        parse = _BATCH_NORM_FUNCTIONS.get(func)
-        if parse is None:  # every other op of the forward: keep this path short
-            return func(*args, **kwargs) if kwargs else func(*args)
-        x, running_mean, running_var, weight, bias, training, momentum, eps = parse(*args, **(kwargs or {}))
-        if not training:
-            return func(*args, **(kwargs or {}))
-        sync = self.step.sync_batch_norm
-        if "torch._dynamo" in sys.modules:  # torch.compile may be tracing: keep the exchange out
-            sync = _compiler_disabled(sync)
-        return sync(x, running_mean, running_var, weight, bias, momentum, eps)
-
-
-def _compiler_disabled(fn: Callable) -> Callable:
-    """``fn`` hidden from torch.compile (imported only when torch.compile is in use: it costs
-    seconds)."""
-    import torch._dynamo
-
-    return torch._dynamo.disable(fn, recursive=True)
-
-
-_CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")
-
-
-def _refuse_checkpointing(index: int) -> None:
-    """Refuse a BatchNorm call under activation checkpointing: its recomputation in the
-    backward pass would normalise with local statistics."""
-    frame = sys._getframe(2)
-    while frame is not None:
-        if frame.f_code.co_filename.endswith(_CHECKPOINT_FILE):
-            raise UnsupportedModelError(
-                f"BatchNorm call {index} runs under activation checkpointing "
-                "(torch.utils.checkpoint), whose recomputation in the backward pass would "
-                "normalise with local statistics. Fix: turn checkpointing off for the "
-                "synchronised steps (timm: model.set_grad_checkpointing(False); or keep "
-                "BatchNorm layers out of checkpointed segments)"
-            )
-        frame = frame.f_back
 
 
 @dataclass
@@ -401,7 +331,8 @@ class SyncStep:
 
     def _forward_body(self) -> torch.Tensor:
         """The forward code, run as the step's :class:`~.pause.PausableCall`."""
-        with _BatchNormInterceptor(self), torch.enable_grad():
+        intercept = intercept_batch_norm(self.sync_batch_norm, self.model, self._forward_fn, self.num_examples)
+        with intercept, torch.enable_grad():
             loss = self._forward_fn()
             return reduce_loss(loss, self.num_examples, self.reduction)
 
@@ -440,7 +371,7 @@ class SyncStep:
                     "tensor such as a Parameter); FedTAN adds that call's gradient to the leaf "
                     f"directly. Fix: pass the {name} Parameter itself to F.batch_norm"
                 )
-        _refuse_checkpointing(index)
+        refuse_checkpointing(index)
         local = bn_ops.to_numpy(torch.stack(bn_ops.channel_moments(x.detach())))
         count = x.numel() // x.shape[1]
         point = self._new_point("forward", index, x.shape[1])
