@@ -291,7 +291,7 @@ def test_deployment_supernode_killed_mid_round_then_rejoins(flower, tmp_path, ca
     killer.start()
     outcome = flower.run_app(REPO, connection="e2e-fault", timeout=DEPLOYMENT_RUN_TIMEOUT,
                              run_config=cli_config(dataset="synthetic", model=DEPLOYMENT_MODEL, num_server_rounds=2,
-                                                   local_steps=1, batch_size=16, exchange_timeout=30.0,
+                                                   local_steps=1, batch_size=16, exchange_timeout=60.0,
                                                    results_file=str(results_file)))
     killer.join(timeout=5)
     assert_completed(outcome, flower)
