@@ -74,24 +74,20 @@ def _forget_compiled_frames() -> None:
         torch._dynamo.reset()
 
 
-def test_steps_after_the_first_take_the_fast_route_and_stay_exact():
+@pytest.mark.parametrize("norm, later_steps_use_the_mode", [
+    (AttributeNorm, False),  # every call went through the wrapper: fast from the second step
+    (BoundNorm, True),  # the wrapper would miss the bound call: never fast
+])
+def test_the_first_step_decides_the_route_and_every_step_is_exact(norm, later_steps_use_the_mode):
     _forget_compiled_frames()
-    model, modes_seen = _model(AttributeNorm)
+    model, modes_seen = _model(norm)
     for seed in range(3):
         modes_seen.clear()
         assert_exact(model, non_iid_batches(seed=seed))
         no_thread_state_left()
+        mode = int(seed == 0 or later_steps_use_the_mode)
         # the centralised reference's forward (no step: no mode), then the 3 clients'
-        assert modes_seen == ([0, 1, 1, 1] if seed == 0 else [0, 0, 0, 0])
-
-
-def test_a_bound_reference_to_torch_batch_norm_keeps_the_mode_and_stays_exact():
-    _forget_compiled_frames()
-    model, modes_seen = _model(BoundNorm)
-    for seed in range(3):
-        modes_seen.clear()
-        assert_exact(model, non_iid_batches(seed=seed))
-        assert modes_seen == [0, 1, 1, 1]  # the wrapper would miss the bound call: never fast
+        assert modes_seen == [0, mode, mode, mode]
 
 
 def test_single_example_clients_stay_exact_on_every_step():
