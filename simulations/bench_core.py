@@ -160,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--routes", type=int, default=0, metavar="PAIRS",
+                        help="also time (a)/(b) with the torch function mode on every step against "
+                             "the default routing, alternated over PAIRS pairs each")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -264,7 +267,32 @@ def main(argv: list[str] | None = None) -> int:
               f"per-root backwards: {fallback}")
     else:
         print()
+    if args.routes:
+        compare_routes(args.routes, run_pooled, run_central)
     return 0
+
+
+def compare_routes(pairs: int, run_pooled: Callable[[], None], run_central: Callable[[], None]) -> None:
+    """(a)/(b) with the step's BatchNorm calls caught by the torch function mode on every
+    step, against the default (the mode on a forward code's first step, the torch.batch_norm
+    wrapper after it; see flwr_fedtan.intercept), interleaved."""
+    from flwr_fedtan import intercept
+
+    fast_keys = intercept._FAST_ROUTE_KEYS
+    ratios: dict[str, list[float]] = {"mode on every step": [], "default": []}
+    for i in range(2 * pairs):
+        route = list(ratios)[i % 2]
+        intercept._FAST_ROUTE_KEYS = set() if route == "mode on every step" else fast_keys
+        try:
+            if i % 4 < 2:
+                a, b = timed(run_pooled), timed(run_central)
+            else:
+                b, a = timed(run_central), timed(run_pooled)
+        finally:
+            intercept._FAST_ROUTE_KEYS = fast_keys
+        ratios[route].append(a / b)
+    print("routes: " + "; ".join(f"{route} {median(r):.2f}" for route, r in ratios.items())
+          + f" (median (a)/(b) of {pairs} back-to-back pairs each, alternated)")
 
 
 if __name__ == "__main__":

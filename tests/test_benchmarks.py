@@ -9,7 +9,7 @@ from simulations import bench_core
 
 
 def test_bench_core_runs_and_reports_its_ratios(capsys):
-    assert bench_core.main(["--model", "vgg", "--clients", "2", "--batch", "4", "--repeats", "2"]) == 0
+    assert bench_core.main(["--model", "vgg", "--clients", "2", "--batch", "4", "--repeats", "2", "--routes", "2"]) == 0
     out = capsys.readouterr().out
     ratio = re.search(r"pooled / centralised = ([0-9.]+), median of 2 back-to-back pairs", out)
     assert ratio and float(ratio.group(1)) > 0
@@ -18,3 +18,4 @@ def test_bench_core_runs_and_reports_its_ratios(capsys):
     fan = re.search(r"would visit (\d+) autograd nodes for (\d+) unique", out)
     assert fan and fan.group(1) == fan.group(2)
     assert "per-root backwards: False" in out
+    assert re.search(r"routes: mode on every step [0-9.]+; default [0-9.]+ \(median \(a\)/\(b\) of 2 ", out)
