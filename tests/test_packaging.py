@@ -122,6 +122,7 @@ def test_flwr_build_makes_a_fab_without_warnings_holding_the_app_and_its_data(tm
         expected |= {p.relative_to(app).as_posix() for p in (app / package).rglob("*.py")
                      if "__pycache__" not in p.parts}
     assert expected <= names, sorted(expected - names)
+    assert not [n for n in names if n.startswith(("docs/", "tests/"))]  # results and tests stay out
 
     # The data in the FAB is the data in the project.
     unpacked = tmp_path / "unpacked" / "simulations" / "embedded_data" / "fashion-mnist"
