@@ -574,6 +574,15 @@ def _best(curve: Mapping[int, float]) -> float:
     return max(trained) if trained else float("nan")
 
 
+LAST_ROUNDS = 5
+"""Rounds averaged for the ``last`` column: one round's accuracy swings by a few points."""
+
+
+def _last_rounds_mean(curve: Mapping[int, float], n: int = LAST_ROUNDS) -> float:
+    trained = sorted(r for r in curve if r >= 1)[-n:]
+    return float(np.mean([curve[r] for r in trained])) if trained else float("nan")
+
+
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     values = [v for v in values if v == v]
     if not values:
@@ -621,6 +630,8 @@ def summarise(records: Sequence[RunRecord], target: float) -> list[dict]:
 
     Columns: ``method``, ``variant`` (``""``: none), ``partition``, ``seeds``, ``final_mean``/``final_std`` (accuracy
     after the last round), ``best_mean``/``best_std`` (best accuracy over rounds >= 1),
+    ``last_mean``/``last_std`` (each seed's mean accuracy over its last :data:`LAST_ROUNDS`
+    rounds),
     ``rounds_to_target`` (first round where the seed-averaged accuracy reaches
     ``target``; ``None`` if never), ``wall_seconds_mean``/``_std`` (the strategy's wall
     time), ``train_exchanges_per_round``, ``train_bytes_down_per_round``,
@@ -635,6 +646,7 @@ def summarise(records: Sequence[RunRecord], target: float) -> list[dict]:
         reached = [r for r, acc in zip(rounds, mean_curve) if r >= 1 and acc >= target]
         final_mean, final_std = _mean_std([_final(c) for c in curves])
         best_mean, best_std = _mean_std([_best(c) for c in curves])
+        last_mean, last_std = _mean_std([_last_rounds_mean(c) for c in curves])
         wall_mean, wall_std = _mean_std([float(r.summary.get("seconds", float("nan"))) for r in group])
 
         def traffic(key: str) -> float:
@@ -650,6 +662,8 @@ def summarise(records: Sequence[RunRecord], target: float) -> list[dict]:
             "final_std": final_std,
             "best_mean": best_mean,
             "best_std": best_std,
+            "last_mean": last_mean,
+            "last_std": last_std,
             "rounds_to_target": reached[0] if reached else None,
             "target": target,
             "wall_seconds_mean": wall_mean,
@@ -664,7 +678,7 @@ def summarise(records: Sequence[RunRecord], target: float) -> list[dict]:
 
 CSV_COLUMNS = [
     "method", "variant", "partition", "seeds", "final_mean", "final_std", "best_mean", "best_std",
-    "rounds_to_target", "target", "wall_seconds_mean", "wall_seconds_std",
+    "last_mean", "last_std", "rounds_to_target", "target", "wall_seconds_mean", "wall_seconds_std",
     "train_exchanges_per_round", "train_bytes_down_per_round", "train_bytes_up_per_round",
     "eval_bytes_per_round",
 ]
@@ -704,8 +718,8 @@ def write_tables(rows: Sequence[Mapping[str, Any]], out_dir: Path, title: str = 
     with_variant = any(row.get("variant") for row in rows)
     lines += [
         f"| method |{' variant |' if with_variant else ''} partition | seeds | final test acc | best test acc "
-        f"| rounds to {target:g} | wall s | exchanges/round | MB/round (down + up) |",
-        f"|---|{'---|' if with_variant else ''}---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| last {LAST_ROUNDS} rounds | rounds to {target:g} | wall s | exchanges/round | MB/round (down + up) |",
+        f"|---|{'---|' if with_variant else ''}---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         reach = "-" if row["rounds_to_target"] is None else str(row["rounds_to_target"])
@@ -715,12 +729,14 @@ def write_tables(rows: Sequence[Mapping[str, Any]], out_dir: Path, title: str = 
         lines.append(
             f"| {row['method']} |{variant} {row['partition']} | {row['seeds']} "
             f"| {_pm(row['final_mean'], row['final_std'])} | {_pm(row['best_mean'], row['best_std'])} "
+            f"| {_pm(row.get('last_mean', float('nan')), row.get('last_std', float('nan')))} "
             f"| {reach} | {_pm(row['wall_seconds_mean'], row['wall_seconds_std'], 1)} "
             f"| {'-' if exchanges != exchanges else f'{exchanges:g}'} | {_megabytes(traffic)} |"
         )
     lines += [
         "",
-        "Mean ± sample std over seeds. Final: after the last round; best: best round. "
+        "Mean ± sample std over seeds. Final: after the last round; best: best round; "
+        f"last {LAST_ROUNDS} rounds: each seed's mean accuracy over its last {LAST_ROUNDS} rounds. "
         f"Rounds to {target:g}: first round where the seed-averaged test accuracy reaches it "
         "('-': never). Wall s: the strategy's wall time. Exchanges and MB: training "
         "traffic per round (federated evaluation of FedBN/SiloBN not included). FedBN and "

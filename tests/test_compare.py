@@ -154,11 +154,13 @@ def test_seeds_aggregate_into_mean_and_sample_std(tmp_path):
     assert row["seeds"] == 3
     assert row["final_mean"] == pytest.approx(0.74) and row["final_std"] == pytest.approx(0.04)
     assert row["best_mean"] == pytest.approx(0.74) and row["best_std"] == pytest.approx(0.04)
+    # Rounds 1-3 (fewer than LAST_ROUNDS): each seed's mean is 2/3 of its final accuracy.
+    assert row["last_mean"] == pytest.approx(0.74 * 2 / 3) and row["last_std"] == pytest.approx(0.04 * 2 / 3)
     assert row["rounds_to_target"] == 3  # seed mean 0.493 in round 2, 0.74 in round 3
     assert row["wall_seconds_mean"] == 10.0 and row["wall_seconds_std"] == 0.0
 
     csv_path, md_path = compare.write_tables([row], tmp_path, wall_seconds=3600.0)
-    assert "| 0.7400 ± 0.0400 |" in md_path.read_text()
+    assert "| 0.7400 ± 0.0400 | 0.7400 ± 0.0400 | 0.4933 ± 0.0267 | 3 |" in md_path.read_text()
     assert "3600 s (1.00 h)" in md_path.read_text()
     assert float(next(csv.DictReader(open(csv_path)))["final_std"]) == pytest.approx(0.04)
 
