@@ -69,9 +69,13 @@ class BoundNorm(AttributeNorm):
 
 
 def _forget_compiled_frames() -> None:
-    """Earlier tests may have used torch.compile, which keeps every later step on the mode."""
+    """As in a fresh process: an earlier test's torch.compile keeps every later step of this
+    process on the mode (``torch._dynamo.reset`` keeps the frame counters)."""
     if "torch._dynamo" in sys.modules:
+        from torch._dynamo.utils import counters
+
         torch._dynamo.reset()
+        counters.clear()
 
 
 @pytest.mark.parametrize("norm, later_steps_use_the_mode", [
@@ -139,3 +143,14 @@ def test_a_model_compiled_after_its_code_took_the_fast_route_goes_back_to_the_mo
 
     assert_exact(model, non_iid_batches(seed=2), prepare=compile_in_place)
     no_thread_state_left()
+
+
+def test_torch_compile_traces_the_wrapper_as_the_batch_norm_op():
+    """Outside a step, a compiled BatchNorm model has no graph break at the wrapper."""
+    import torch._dynamo
+
+    _forget_compiled_frames()
+    model, _ = _model(AttributeNorm)
+    explanation = torch._dynamo.explain(model)(non_iid_batches()[0][0])
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
