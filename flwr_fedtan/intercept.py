@@ -29,7 +29,7 @@ import contextvars
 import functools
 import os
 import sys
-from typing import Callable, Hashable, Iterator, Optional
+from typing import Callable, Hashable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -138,10 +138,7 @@ class _BatchNormInterceptor(TorchFunctionMode):
             return func(*args, **(kwargs or {}))
         if func is not _F_BATCH_NORM and not via_wrapper:  # F.batch_norm calls the wrapper
             route.bound_calls += 1
-        sync = route.sync
-        if "torch._dynamo" in sys.modules:  # torch.compile may be tracing: keep the exchange out
-            sync = _compiler_disabled(sync)
-        return sync(x, running_mean, running_var, weight, bias, momentum, eps)
+        return route.sync(x, running_mean, running_var, weight, bias, momentum, eps)
 
 
 def _compiler_disabled(fn: Callable) -> Callable:
@@ -167,12 +164,12 @@ _FAST_ROUTE_KEYS: set[Hashable] = set()
 """Forward codes whose BatchNorm calls all came through the wrapper under the mode."""
 
 
-def _route_key(model: nn.Module, forward_fn: Callable) -> Hashable:
+def _route_key(modules: Sequence[nn.Module], forward_fn: Callable) -> Hashable:
     """What decides which BatchNorm calls a forward makes, and how: its code."""
-    return tuple(type(m) for m in model.modules()), getattr(forward_fn, "__code__", type(forward_fn))
+    return tuple(type(m) for m in modules), getattr(forward_fn, "__code__", type(forward_fn))
 
 
-def _compiler_in_use(model: nn.Module, forward_fn: Callable) -> bool:
+def _compiler_in_use(modules: Sequence[nn.Module], forward_fn: Callable) -> bool:
     """Whether torch.compile has compiled anything in this process, or is set on the model
     or the forward function (it compiles on first call). Its graphs are guarded on the
     torch function mode stack, not on the wrapper's context variable: only the mode makes a
@@ -187,7 +184,7 @@ def _compiler_in_use(model: nn.Module, forward_fn: Callable) -> bool:
         counters["frames"]["total"]
         or hasattr(forward_fn, "_torchdynamo_orig_callable")
         or any(isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None
-               for m in model.modules())
+               for m in modules)
     )
 
 
@@ -197,9 +194,12 @@ def intercept_batch_norm(
 ) -> Iterator[None]:
     """Hand every batch-statistics BatchNorm call ``forward_fn`` makes inside the block (in
     this greenlet) to ``sync``; see the module docstring for the route taken."""
-    key = _route_key(model, forward_fn)
-    compiled = _compiler_in_use(model, forward_fn)
-    route = _Route(sync, fast=key in _FAST_ROUTE_KEYS and num_examples > 1 and not compiled)
+    modules = list(model.modules())
+    key = _route_key(modules, forward_fn)
+    fast = key in _FAST_ROUTE_KEYS and num_examples > 1 and not _compiler_in_use(modules, forward_fn)
+    if not fast and "torch._dynamo" in sys.modules:  # torch.compile may trace: keep the exchange out
+        sync = _compiler_disabled(sync)
+    route = _Route(sync, fast)
     token = _ROUTE.set(route)
     try:
         if route.fast:
@@ -207,7 +207,7 @@ def intercept_batch_norm(
             return
         with _BatchNormInterceptor(route):
             yield
-        if route.bound_calls == 0 and not _compiler_in_use(model, forward_fn):
+        if route.bound_calls == 0 and not _compiler_in_use(modules, forward_fn):  # it may have compiled now
             _FAST_ROUTE_KEYS.add(key)
     finally:
         _ROUTE.reset(token)

@@ -19,8 +19,8 @@ Forward: the forward code runs as a :class:`~.pause.PausableCall` (a greenlet on
 caller's OS thread); every batch-statistics ``F.batch_norm`` / ``torch.batch_norm`` call
 it makes, whichever module or hand-written code makes it, is handed to the step (see
 :mod:`~.intercept`); each such call switches back to the caller with its statistics,
-and the step switches into the greenlet again with the pooled statistics. The per-call arithmetic lives in
-:mod:`~.bn_ops`.
+and the step switches into the greenlet again with the pooled statistics. The per-call
+arithmetic lives in :mod:`~.bn_ops`.
 
 Backward: nothing ever blocks inside autograd. Each synchronised BatchNorm output is an
 autograd node with no path back to its input or the layer's parameters (it hangs from a

@@ -729,7 +729,7 @@ def write_tables(rows: Sequence[Mapping[str, Any]], out_dir: Path, title: str = 
         lines.append(
             f"| {row['method']} |{variant} {row['partition']} | {row['seeds']} "
             f"| {_pm(row['final_mean'], row['final_std'])} | {_pm(row['best_mean'], row['best_std'])} "
-            f"| {_pm(row.get('last_mean', float('nan')), row.get('last_std', float('nan')))} "
+            f"| {_pm(row['last_mean'], row['last_std'])} "
             f"| {reach} | {_pm(row['wall_seconds_mean'], row['wall_seconds_std'], 1)} "
             f"| {'-' if exchanges != exchanges else f'{exchanges:g}'} | {_megabytes(traffic)} |"
         )
