@@ -38,6 +38,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from flwr_fedtan.training import derive_seed
 
 from .baselines import make_method_client, round_seed
+from .recalibrate import set_exact_statistics
 from .task import pooled_dataset
 
 MODES = ("frozen", "exact", "train")
@@ -45,26 +46,6 @@ MODES = ("frozen", "exact", "train")
 
 def _batchnorm_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
     return [(name, module) for name, module in model.named_modules() if isinstance(module, _BatchNorm)]
-
-
-@torch.no_grad()
-def set_exact_statistics(model: nn.Module, inputs: torch.Tensor, chunk: int = 1000) -> None:
-    """Set every BatchNorm layer's running mean and (biased) variance to those of its input
-    over ``inputs``, layer by layer in network order, each computed with the earlier layers
-    already normalising by their exact statistics (evaluation mode)."""
-    model.eval()
-    for _, layer in _batchnorm_layers(model):
-        seen: list[torch.Tensor] = []
-        hook = layer.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
-        try:
-            for start in range(0, len(inputs), chunk):
-                model(inputs[start:start + chunk])
-        finally:
-            hook.remove()
-        values = torch.cat(seen).double()
-        dims = [0] + list(range(2, values.dim()))
-        layer.running_mean.copy_(values.mean(dims))
-        layer.running_var.copy_(values.var(dims, unbiased=False))
 
 
 def replay_round(config: Mapping[str, Any], state: Mapping[str, torch.Tensor], switch_round: int,

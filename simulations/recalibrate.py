@@ -1,0 +1,147 @@
+"""Test accuracy of a grid's final models with their BatchNorm statistics recomputed.
+
+A federated model is evaluated with the running statistics its strategy aggregated. With
+local steps those are not the statistics of the global model on the training data: each
+client's running averages follow its own model and, in steps with local BatchNorm, its
+own classes. This tool separates the two causes of a low test accuracy. For every final
+model of a :mod:`simulations.compare` grid (``runs/<partition>/<label>-seed<k>.pt``, the
+run config in the ``.json`` beside it), it evaluates the model on the test set twice:
+
+- ``stored``: with its own running statistics, as the grid's tables report it;
+- ``exact``: with every BatchNorm layer's statistics replaced by the exact mean and
+  (biased) variance of its input over the pooled training data, layer by layer, with the
+  earlier layers already normalising by theirs (precise-BN). The weights are untouched.
+
+Models without BatchNorm (``fedgn``) and methods whose reported accuracy is not the
+global model's (``fedbn``, ``silobn``: personalised) are left out. The tables go to
+``recalibrated.csv`` and ``recalibrated.md`` in the grid folder. Example::
+
+    python -m simulations.recalibrate docs/results/resnet20-3seeds
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from flwr_fedtan.client import evaluate_model
+
+from .task import model_from_config, pooled_dataset, test_dataset
+
+DEFAULT_STRIDE = 6
+"""Every ``DEFAULT_STRIDE``-th pooled training example enters the exact statistics
+(10,000 of Fashion-MNIST's 60,000)."""
+
+
+@torch.no_grad()
+def set_exact_statistics(model: nn.Module, inputs: torch.Tensor, chunk: int = 1000) -> None:
+    """Set every BatchNorm layer's running mean and (biased) variance to those of its input
+    over ``inputs``, layer by layer in network order, each computed with the earlier layers
+    already normalising by their exact statistics (evaluation mode). ``chunk``: examples
+    per forward (memory only; the result does not depend on it)."""
+    model.eval()
+    for layer in [m for m in model.modules() if isinstance(m, _BatchNorm)]:
+        seen: list[torch.Tensor] = []
+        hook = layer.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+        try:
+            for start in range(0, len(inputs), chunk):
+                model(inputs[start:start + chunk])
+        finally:
+            hook.remove()
+        values = torch.cat(seen).double()
+        dims = [0] + list(range(2, values.dim()))
+        layer.running_mean.copy_(values.mean(dims))
+        layer.running_var.copy_(values.var(dims, unbiased=False))
+
+
+def recalibrated_accuracy(model_path: Path, stride: int = DEFAULT_STRIDE) -> Optional[dict[str, Any]]:
+    """``stored`` and ``exact`` test accuracy of one run's final model, or ``None`` when
+    the run is left out (see the module docstring). A model whose weights are not finite
+    (a diverged run) gets NaN for both."""
+    summary = json.loads(model_path.with_suffix(".json").read_text())
+    config = summary["config"]
+    if summary.get("norm", "bn") != "bn" or summary.get("evaluation", "server") != "server":
+        return None
+    model = model_from_config(config, norm="bn")
+    model.load_state_dict(torch.load(model_path, map_location="cpu"), strict=True)
+    row: dict[str, Any] = {"label": model_path.stem.rsplit("-seed", 1)[0], "partition": model_path.parent.name,
+                           "seed": int(config.get("seed", 0))}
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        return {**row, "stored": float("nan"), "exact": float("nan")}
+    device = torch.device(str(config.get("device", "cpu")))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        device = torch.device("cpu")
+    model.to(device)
+    test = test_dataset(config)
+    loss_fn = nn.functional.cross_entropy
+    row["stored"] = evaluate_model(model, test, loss_fn, device)[1]
+    inputs = pooled_dataset(config, int(config["num-partitions"])).tensors[0][::stride]
+    set_exact_statistics(model, inputs.to(device))
+    row["exact"] = evaluate_model(model, test, loss_fn, device)[1]
+    return row
+
+
+def _mean_std(values: Sequence[float]) -> str:
+    values = [v for v in values if v == v]
+    if not values:
+        return "NaN"
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return f"{np.mean(values):.4f} ± {std:.4f}"
+
+
+def write_tables(rows: Sequence[dict[str, Any]], folder: Path, stride: int) -> str:
+    """Write ``recalibrated.csv`` (one row per run) and ``recalibrated.md`` (mean ± sample
+    std over seeds per method and partition) to ``folder``; return the Markdown."""
+    with open(folder / "recalibrated.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["label", "partition", "seed", "stored", "exact"])
+        writer.writeheader()
+        writer.writerows(rows)
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["label"], row["partition"]), []).append(row)
+    lines = ["| method | partition | seeds | final test acc, stored statistics | final test acc, exact statistics |",
+             "|---|---|---:|---:|---:|"]
+    for (label, partition), group in groups.items():
+        lines.append(f"| {label} | {partition} | {len(group)} | {_mean_std([r['stored'] for r in group])} | "
+                     f"{_mean_std([r['exact'] for r in group])} |")
+    text = ("\n".join(lines) + "\n\nFinal models of the grid. Stored: the model's own running statistics (what "
+            "the grid's tables report). Exact: every BatchNorm layer's statistics recomputed on every "
+            f"{stride}th pooled training example, layer by layer (precise-BN); weights unchanged. "
+            "Mean ± sample std over seeds.\n")
+    (folder / "recalibrated.md").write_text(text)
+    return text
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Evaluate every final model of a grid folder (see the module docstring)."""
+    parser = argparse.ArgumentParser(prog="python -m simulations.recalibrate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", help="a simulations.compare output folder (its runs/ hold the .pt models)")
+    parser.add_argument("--stride", type=int, default=DEFAULT_STRIDE,
+                        help=f"use every STRIDE-th pooled training example (default {DEFAULT_STRIDE})")
+    args = parser.parse_args(argv)
+    folder = Path(args.folder)
+    models = sorted((folder / "runs").glob("*/*.pt"))
+    if not models:
+        parser.error(f"no final models (runs/<partition>/*.pt) under {folder}: they are written by "
+                     "simulations.compare and not committed; re-run the grid to get them")
+    rows = []
+    for path in models:
+        row = recalibrated_accuracy(path, args.stride)
+        if row is not None:
+            rows.append(row)
+            print(f"{path.relative_to(folder)}: stored {row['stored']:.4f}  exact {row['exact']:.4f}", flush=True)
+    print(write_tables(rows, folder, args.stride))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
