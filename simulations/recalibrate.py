@@ -4,8 +4,8 @@ A federated model is evaluated with the running statistics its strategy aggregat
 local steps those are not the statistics of the global model on the training data: each
 client's running averages follow its own model and, in steps with local BatchNorm, its
 own classes. This tool separates the two causes of a low test accuracy. For every final
-model of a :mod:`simulations.compare` grid (``runs/<partition>/<label>-seed<k>.pt``, the
-run config in the ``.json`` beside it), it evaluates the model on the test set twice:
+model of a :mod:`simulations.compare` grid (``runs/[<variant>/]<partition>/<method>-seed<k>.pt``,
+the run config in the ``.json`` beside it), it evaluates the model on the test set twice:
 
 - ``stored``: with its own running statistics, as the grid's tables report it;
 - ``exact``: with every BatchNorm layer's statistics replaced by the exact mean and
@@ -73,8 +73,10 @@ def recalibrated_accuracy(model_path: Path, stride: int = DEFAULT_STRIDE) -> Opt
         return None
     model = model_from_config(config, norm="bn")
     model.load_state_dict(torch.load(model_path, map_location="cpu"), strict=True)
-    row: dict[str, Any] = {"label": model_path.stem.rsplit("-seed", 1)[0], "partition": model_path.parent.name,
-                           "seed": int(config.get("seed", 0))}
+    label = model_path.stem.rsplit("-seed", 1)[0]
+    if model_path.parent.parent.name != "runs":  # runs/<variant>/<partition>/: a --variant's run
+        label = f"{label} [{model_path.parent.parent.name}]"
+    row: dict[str, Any] = {"label": label, "partition": model_path.parent.name, "seed": int(config.get("seed", 0))}
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         return {**row, "stored": float("nan"), "exact": float("nan")}
     device = torch.device(str(config.get("device", "cpu")))
@@ -129,9 +131,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help=f"use every STRIDE-th pooled training example (default {DEFAULT_STRIDE})")
     args = parser.parse_args(argv)
     folder = Path(args.folder)
-    models = sorted((folder / "runs").glob("*/*.pt"))
+    models = sorted((folder / "runs").glob("*/*.pt")) + sorted((folder / "runs").glob("*/*/*.pt"))
     if not models:
-        parser.error(f"no final models (runs/<partition>/*.pt) under {folder}: they are written by "
+        parser.error(f"no final models (runs/[<variant>/]<partition>/*.pt) under {folder}: they are written by "
                      "simulations.compare and not committed; re-run the grid to get them")
     rows = []
     for path in models:

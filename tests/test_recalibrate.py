@@ -69,8 +69,8 @@ def test_every_layer_sees_its_own_statistics_in_the_final_evaluation_pass():
 
 
 def write_run(folder, config: dict, model: nn.Module, label: str, norm: str = "bn",
-              evaluation: str = "server"):
-    runs = folder / "runs" / config["partitioning"]
+              evaluation: str = "server", variant: str = ""):
+    runs = folder / "runs" / variant / config["partitioning"]
     runs.mkdir(parents=True, exist_ok=True)
     stem = runs / f"{label}-seed{config['seed']}"
     stem.with_suffix(".json").write_text(json.dumps({"config": config, "norm": norm, "evaluation": evaluation}))
@@ -103,18 +103,21 @@ def test_grid_folder_gets_stored_and_exact_accuracies_per_run_and_seed_means(tmp
         with torch.no_grad():
             reference(pooled)
         exact = accuracy(reference, config)
-        rows[seed] = (stored, exact, path)
+        rows[seed] = (stored, exact, path, model)
     gn_config = synthetic_config("fedgn")
     write_run(tmp_path, gn_config, model_from_config(gn_config, norm="gn"), "fedgn", norm="gn")
     write_run(tmp_path, synthetic_config("fedbn"), skewed_model(synthetic_config("fedbn"), 3), "fedbn",
               evaluation="federated")
 
+    write_run(tmp_path, synthetic_config(seed=0), rows[0][3], "fedtan", variant="sync5")
+
     assert recalibrate.main([str(tmp_path), "--stride", "3"]) == 0
 
     lines = (tmp_path / "recalibrated.csv").read_text().splitlines()
     assert lines[0] == "label,partition,seed,stored,exact"
-    assert len(lines) == 3  # fedgn (no BatchNorm) and fedbn (personalised) left out
-    for seed, (stored, exact, _) in rows.items():
+    assert len(lines) == 4  # fedgn (no BatchNorm) and fedbn (personalised) left out
+    assert lines[3] == f"fedtan [sync5],pathological,0,{lines[1].split(',', 3)[3]}"
+    for seed, (stored, exact, _, _) in rows.items():
         label, partition, seed_text, stored_text, exact_text = lines[1 + seed].split(",")
         assert (label, partition, int(seed_text)) == ("fedtan", "pathological", seed)
         assert float(stored_text) == pytest.approx(stored, abs=1e-9)
@@ -122,8 +125,8 @@ def test_grid_folder_gets_stored_and_exact_accuracies_per_run_and_seed_means(tmp
         # than one test example.
         assert float(exact_text) == pytest.approx(exact, abs=0.02)
     table = (tmp_path / "recalibrated.md").read_text()
-    exacts = [float(line.split(",")[4]) for line in lines[1:]]
-    stores = [float(line.split(",")[3]) for line in lines[1:]]
+    exacts = [float(line.split(",")[4]) for line in lines[1:3]]
+    stores = [float(line.split(",")[3]) for line in lines[1:3]]
     cell = lambda a, b: f"{(a + b) / 2:.4f} ± {abs(a - b) / math.sqrt(2):.4f}"  # noqa: E731
     assert f"| fedtan | pathological | 2 | {cell(*stores)} | {cell(*exacts)} |" in table
 
