@@ -43,24 +43,37 @@ DEFAULT_STRIDE = 6
 
 
 @torch.no_grad()
-def set_exact_statistics(model: nn.Module, inputs: torch.Tensor, chunk: int = 1000) -> None:
+def set_exact_statistics(model: nn.Module, inputs: torch.Tensor) -> None:
     """Set every BatchNorm layer's running mean and (biased) variance to those of its input
-    over ``inputs``, layer by layer in network order, each computed with the earlier layers
-    already normalising by their exact statistics (evaluation mode). ``chunk``: examples
-    per forward (memory only; the result does not depend on it)."""
+    over ``inputs``, each layer's input computed with the earlier layers normalising by
+    their exact statistics; leave ``model`` in evaluation mode.
+
+    One forward pass of all of ``inputs`` as a single batch, BatchNorm layers alone in
+    training mode: there each layer normalises with its batch's own moments, which are
+    the exact ones. Memory grows with ``len(inputs)`` (a ResNet-20 pass over 10,000
+    28x28 images peaks near 2 GB). A BatchNorm module called more than once per forward
+    gets the mean of its calls' moments."""
+    layers = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    counts: dict[nn.Module, int] = {}
+    hooks = [layer.register_forward_pre_hook(
+        lambda module, args: counts.__setitem__(module, args[0].numel() // args[0].shape[1])) for layer in layers]
+    momenta = [layer.momentum for layer in layers]
     model.eval()
-    for layer in [m for m in model.modules() if isinstance(m, _BatchNorm)]:
-        seen: list[torch.Tensor] = []
-        hook = layer.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
-        try:
-            for start in range(0, len(inputs), chunk):
-                model(inputs[start:start + chunk])
-        finally:
+    try:
+        for layer in layers:
+            layer.reset_running_stats()
+            layer.momentum = None  # a cumulative average: after one batch, that batch's moments
+            layer.train()
+        model(inputs)
+    finally:
+        for hook in hooks:
             hook.remove()
-        values = torch.cat(seen).double()
-        dims = [0] + list(range(2, values.dim()))
-        layer.running_mean.copy_(values.mean(dims))
-        layer.running_var.copy_(values.var(dims, unbiased=False))
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
+        model.eval()
+    for layer in layers:
+        count = counts[layer]
+        layer.running_var.mul_((count - 1) / count)  # PyTorch stores the unbiased variance
 
 
 def recalibrated_accuracy(model_path: Path, stride: int = DEFAULT_STRIDE) -> Optional[dict[str, Any]]:

@@ -35,7 +35,7 @@ def skewed_model(config: dict, seed: int) -> nn.Module:
 def test_first_layer_statistics_are_its_inputs_moments():
     model = model_from_config(synthetic_config())
     inputs = torch.randn(300, 1, 28, 28)
-    recalibrate.set_exact_statistics(model, inputs, chunk=128)
+    recalibrate.set_exact_statistics(model, inputs)
     first_conv, first_bn = model.features[0], model.features[1]
     with torch.no_grad():
         out = F.conv2d(inputs, first_conv.weight, first_conv.bias, padding=1).double()
@@ -50,7 +50,7 @@ def test_every_layer_sees_its_own_statistics_in_the_final_evaluation_pass():
     # hooks over the old model would miss.
     model = skewed_model(synthetic_config(), seed=1)
     inputs = torch.randn(200, 1, 28, 28)
-    recalibrate.set_exact_statistics(model, inputs, chunk=64)
+    recalibrate.set_exact_statistics(model, inputs)
     layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert len(layers) >= 2
     seen = {}
