@@ -28,13 +28,13 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from flwr_fedtan.client import evaluate_model
 
+from .compare import _mean_std, _pm
 from .task import model_from_config, pooled_dataset, test_dataset
 
 DEFAULT_STRIDE = 6
@@ -105,14 +105,6 @@ def recalibrated_accuracy(model_path: Path, stride: int = DEFAULT_STRIDE) -> Opt
     return row
 
 
-def _mean_std(values: Sequence[float]) -> str:
-    values = [v for v in values if v == v]
-    if not values:
-        return "NaN"
-    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-    return f"{np.mean(values):.4f} ± {std:.4f}"
-
-
 def write_tables(rows: Sequence[dict[str, Any]], folder: Path, stride: int) -> str:
     """Write ``recalibrated.csv`` (one row per run) and ``recalibrated.md`` (mean ± sample
     std over seeds per method and partition) to ``folder``; return the Markdown."""
@@ -126,8 +118,8 @@ def write_tables(rows: Sequence[dict[str, Any]], folder: Path, stride: int) -> s
     lines = ["| method | partition | seeds | final test acc, stored statistics | final test acc, exact statistics |",
              "|---|---|---:|---:|---:|"]
     for (label, partition), group in groups.items():
-        lines.append(f"| {label} | {partition} | {len(group)} | {_mean_std([r['stored'] for r in group])} | "
-                     f"{_mean_std([r['exact'] for r in group])} |")
+        lines.append(f"| {label} | {partition} | {len(group)} | {_pm(*_mean_std([r['stored'] for r in group]))} | "
+                     f"{_pm(*_mean_std([r['exact'] for r in group]))} |")
     text = ("\n".join(lines) + "\n\nFinal models of the grid. Stored: the model's own running statistics (what "
             "the grid's tables report). Exact: every BatchNorm layer's statistics recomputed on every "
             f"{stride}th pooled training example, layer by layer (precise-BN); weights unchanged. "
