@@ -30,6 +30,7 @@ __all__ = [
     "is_batchnorm_buffer",
     "BATCHNORM_BUFFER_SUFFIXES",
     "forward_count_violations",
+    "exact_running_statistics",
 ]
 
 BATCHNORM_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
@@ -396,3 +397,62 @@ def aggregate_arrays(
         else:
             result[key] = weighted(key).astype(ref.dtype)
     return {key: np.asarray(result[key], dtype=reference[key].dtype) for key in reference}
+
+
+def exact_running_statistics(
+    pooled: Sequence[ForwardStats],
+    buffer_calls: Mapping[str, tuple[str, Sequence[int]]],
+    reference: Mapping[str, np.ndarray],
+) -> dict[str, np.ndarray]:
+    """The BatchNorm running buffers a statistics pass gives the global model.
+
+    ``pooled[i]`` is the pooled statistics of BatchNorm call ``i`` of the pass;
+    ``buffer_calls`` says which calls fed which buffer (``{key: ("mean" | "var", [calls])}``,
+    :attr:`flwr_fedtan.statistics_pass.StatisticsPass.buffer_calls`). A ``running_mean``
+    becomes the mean over its calls of the pooled means, a ``running_var`` the mean of the
+    pooled variances unbiased with the pooled count, ``var * M / (M - 1)``: precise-BN
+    (cumulative average from reset buffers) on the union of the clients' examples.
+
+    Returns
+    -------
+    dict[str, np.ndarray]
+        The new buffers, typed as ``reference``.
+
+    Raises
+    ------
+    ValueError
+        A key that ``reference`` lacks, a call index out of range, a width that does not
+        match the buffer, a pooled count of 1 for a variance, or a non-finite or negative
+        result: nothing partial is returned.
+    """
+    out: dict[str, np.ndarray] = {}
+    for key, entry in buffer_calls.items():
+        if not (isinstance(entry, tuple) and len(entry) == 2):
+            raise ValueError(f"buffer {key!r}: expected (kind, calls), got {entry!r}")
+        kind, calls = entry
+        if key not in reference:
+            raise ValueError(f"buffer {key!r} is not an array of the global model")
+        if kind not in ("mean", "var"):
+            raise ValueError(f"buffer {key!r}: kind must be 'mean' or 'var', got {kind!r}")
+        if not calls or any(not isinstance(c, (int, np.integer)) or not 0 <= c < len(pooled) for c in calls):
+            raise ValueError(f"buffer {key!r}: call indices {list(calls)[:5]} outside 0..{len(pooled) - 1}")
+        ref = reference[key]
+        values = []
+        for call in calls:
+            stats = pooled[int(call)]
+            if np.shape(stats.mean) != ref.shape:
+                raise ValueError(f"buffer {key!r} has shape {ref.shape}, BatchNorm call {call} {np.shape(stats.mean)}")
+            if kind == "mean":
+                values.append(np.asarray(stats.mean, dtype=np.float64))
+            else:
+                if not stats.count > 1:
+                    raise ValueError(f"buffer {key!r}: BatchNorm call {call} pooled {stats.count} values per channel")
+                values.append(np.asarray(stats.var, dtype=np.float64) * (stats.count / (stats.count - 1)))
+        with np.errstate(over="ignore", invalid="ignore"):
+            value = np.mean(values, axis=0).astype(ref.dtype)
+        if not np.isfinite(value).all() or (kind == "var" and (value < 0).any()):
+            raise ValueError(
+                f"buffer {key!r}: the pooled statistics give non-finite or negative values in {ref.dtype}"
+            )
+        out[key] = value
+    return out

@@ -13,14 +13,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .aggregation import SyncPoint, pool_forward_stats, sum_backward_sums
+from .aggregation import SyncPoint, exact_running_statistics, pool_forward_stats, sum_backward_sums
 from .losses import loss_reduction, reduce_loss
+from .statistics_pass import StatisticsPass
 from .step import Aggregate, StepProtocolError, SyncRequest, SyncStep
 
 if TYPE_CHECKING:
     from .client import FedTANClient
 
-__all__ = ["pooled_backward", "aggregate_requests", "drive_steps", "fedtan_round_in_process"]
+__all__ = ["pooled_backward", "pooled_statistics", "aggregate_requests", "drive_steps", "fedtan_round_in_process"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -46,7 +47,7 @@ def aggregate_requests(requests: Mapping[Hashable, SyncRequest]) -> tuple[SyncPo
     return point, sum_backward_sums(payloads, channels=point.channels)
 
 
-def drive_steps(steps: Sequence[SyncStep]) -> int:
+def drive_steps(steps: Sequence[SyncStep | StatisticsPass]) -> int:
     """Run K fresh steps in lockstep until all complete; return the exchanges used.
 
     On any error every step is closed (no paused forward is left holding its graph) and the error
@@ -59,7 +60,7 @@ def drive_steps(steps: Sequence[SyncStep]) -> int:
             step.close()
 
 
-def _drive(steps: Sequence[SyncStep]) -> int:
+def _drive(steps: Sequence[SyncStep | StatisticsPass]) -> int:
     requests = {k: step.start() for k, step in enumerate(steps)}
     exchanges = 0
     while True:
@@ -137,6 +138,67 @@ def pooled_backward(
     if reduction == "sum":
         return sum(step.loss for step in steps)  # type: ignore[misc]
     return sum(step.loss * n / total for step, n in zip(steps, sizes))  # type: ignore[operator]
+
+
+def pooled_statistics(
+    models: Sequence[nn.Module],
+    inputs: Sequence[torch.Tensor],
+    seeds: Optional[Sequence[int]] = None,
+    load: bool = True,
+) -> dict[str, np.ndarray]:
+    """The statistics pass for K in-process clients: exact BatchNorm statistics of the
+    pooled examples, through the same pass and aggregation code as a Flower run.
+
+    Parameters
+    ----------
+    models : Sequence[nn.Module]
+        K copies of one model (the global model), one per client.
+    inputs : Sequence[Tensor]
+        Each client's examples (sizes may differ), forwarded as one batch per client.
+    seeds : Optional[Sequence[int]]
+        Per-client RNG seeds for stochastic layers (see :class:`StatisticsPass`).
+    load : bool (default: True)
+        Load the new buffers into every model.
+
+    Returns
+    -------
+    dict[str, np.ndarray]
+        The new ``running_mean``/``running_var`` buffers by ``state_dict`` key (see
+        :func:`~flwr_fedtan.aggregation.exact_running_statistics`): what precise-BN gives on
+        the concatenation of ``inputs``. Parameters and other buffers are unchanged.
+    """
+    if len(models) != len(inputs):
+        raise ValueError(f"got {len(models)} models but {len(inputs)} input batches")
+    if not models:
+        raise ValueError("pooled_statistics needs at least one client")
+    if seeds is not None and len(seeds) != len(models):
+        raise ValueError(f"got {len(seeds)} seeds for {len(models)} clients")
+    passes = [
+        StatisticsPass(model, x, seed=None if seeds is None else seeds[k])
+        for k, (model, x) in enumerate(zip(models, inputs))
+    ]
+    pooled = []
+    try:
+        requests = {k: p.start() for k, p in enumerate(passes)}
+        while any(r is not None for r in requests.values()):
+            if any(r is None for r in requests.values()):
+                raise StepProtocolError("some clients finished their statistics pass while others wait: "
+                                        "clients must run the same model")
+            _, aggregate = aggregate_requests(requests)  # type: ignore[arg-type]
+            pooled.append(aggregate)
+            requests = {k: passes[k].resume(aggregate) for k in requests}  # type: ignore[arg-type]
+    finally:
+        for p in passes:
+            p.close()
+    reference = {k: v.detach().cpu().numpy() for k, v in models[0].state_dict().items()}
+    buffers = exact_running_statistics(pooled, passes[0].buffer_calls or {}, reference)
+    if load:
+        for model in models:
+            state = model.state_dict()
+            with torch.no_grad():
+                for key, value in buffers.items():
+                    state[key].copy_(torch.as_tensor(value))
+    return buffers
 
 
 def fedtan_round_in_process(
