@@ -44,6 +44,7 @@ from .batchnorm import convert_batchnorm, validate
 from .losses import loss_reduction, reduce_loss
 from .replay_store import discard_weights, load_weights, save_weights
 from .runtime import live_rounds, run_at_home
+from .statistics_pass import StatisticsPass
 from .step import Aggregate
 from .training import ClientRound, derive_seed
 
@@ -59,6 +60,21 @@ REPLAY_LOG = "fedtan.log"  # ArrayRecord in context.state: aggregates of the rou
 SECURE_KEY = "fedtan.secure-key"  # ConfigRecord in context.state: the round's private key, attempt
 SECURE_ROSTER = "fedtan.secure-roster"  # ArrayRecord in context.state: the attempt's roster
 SECURE_SHIFTS = "fedtan.secure-shifts"  # ArrayRecord in context.state: public shifts
+STATS_STATE = "fedtan.stats-pass"  # ConfigRecord in context.state: the statistics pass in flight
+STATS_LOG = "fedtan.stats-log"  # ArrayRecord in context.state: its pooled statistics so far
+
+
+@dataclass(frozen=True)
+class _SecureRecords:
+    """Where a node keeps one protocol's secure-statistics material in ``context.state``."""
+
+    key: str  # ConfigRecord: private key, round, attempt
+    roster: str  # ArrayRecord: the attempt's roster
+    shifts: str  # ArrayRecord: public shifts
+
+
+_ROUND_SECURE = _SecureRecords(SECURE_KEY, SECURE_ROSTER, SECURE_SHIFTS)
+_PASS_SECURE = _SecureRecords("fedtan.stats-secure-key", "fedtan.stats-secure-roster", "fedtan.stats-secure-shifts")
 
 
 class FedTANClient(NumPyClient):
@@ -191,15 +207,22 @@ class FedTANClient(NumPyClient):
             params, lr=self.lr if lr is None else lr, momentum=self.momentum, weight_decay=self.weight_decay
         )
 
-    def sample_batch(self, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch drawn for a seed: ``batch_size`` distinct samples (fewer if the data is
-        smaller), collated like the DataLoader's and on ``device``."""
+    def sample_batch(self, seed: int, count: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch drawn for a seed: ``count`` (default ``batch_size``) distinct samples,
+        fewer if the data is smaller, collated like the DataLoader's and on ``device``."""
         generator = torch.Generator().manual_seed(int(seed))
-        count = min(self.batch_size, len(self.train_data))  # type: ignore[arg-type]
-        indices = torch.randperm(len(self.train_data), generator=generator)[:count]  # type: ignore[arg-type]
+        size = len(self.train_data)  # type: ignore[arg-type]
+        count = min(self.batch_size if count is None else int(count), size)
+        indices = torch.randperm(size, generator=generator)[:count]
         batch = self.collate_fn([self.train_data[int(i)] for i in indices])
         inputs, targets = self._unpack(batch)
         return inputs.to(self.device), targets.to(self.device)
+
+    def statistics_pass(self, seed: int, examples: int) -> StatisticsPass:
+        """A :class:`~flwr_fedtan.statistics_pass.StatisticsPass` of the current weights over
+        ``examples`` training samples drawn for ``seed`` (all of them if the data is smaller)."""
+        inputs, _ = self.sample_batch(seed, examples)
+        return StatisticsPass(self.model, inputs, seed=seed)
 
     def _unpack(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if self.unpack_batch is not None:
@@ -354,14 +377,25 @@ class _LiveRound:
         self.round.close()
 
 
+class _LivePass:
+    def __init__(self, client: FedTANClient, stats_pass: StatisticsPass, server_round: int) -> None:
+        self.client = client
+        self.stats_pass = stats_pass
+        self.server_round = server_round
+        self.thread = threading.current_thread()
+
+    def close(self) -> None:
+        self.stats_pass.close()
+
+
 def clear_live_rounds() -> None:
     """Drop every live round of this process (e.g. between tests)."""
     live_rounds().clear()
 
 
 # ---------------------------------------------------------------------- replay state
-def _log_append(state: RecordDict, index: int, aggregate: Aggregate) -> None:
-    log_record = state.array_records[REPLAY_LOG]
+def _log_append(state: RecordDict, index: int, aggregate: Aggregate, name: str = REPLAY_LOG) -> None:
+    log_record = state.array_records[name]
     if isinstance(aggregate, ForwardStats):
         log_record[f"{index}.mean"] = Array(np.asarray(aggregate.mean, dtype=np.float64))
         log_record[f"{index}.var"] = Array(np.asarray(aggregate.var, dtype=np.float64))
@@ -371,8 +405,8 @@ def _log_append(state: RecordDict, index: int, aggregate: Aggregate) -> None:
         log_record[f"{index}.sum-grad-xhat"] = Array(np.asarray(aggregate.sum_grad_xhat, dtype=np.float64))
 
 
-def _log_read(state: RecordDict, length: int) -> list[Aggregate]:
-    log_record = state.array_records[REPLAY_LOG]
+def _log_read(state: RecordDict, length: int, name: str = REPLAY_LOG) -> list[Aggregate]:
+    log_record = state.array_records[name]
     out: list[Aggregate] = []
     for i in range(length):
         if f"{i}.mean" in log_record:
@@ -394,17 +428,20 @@ def _request_reply(msg: Message, context: Context, round_no: int, round_: Client
     return Message(schema.encode_request(round_no, round_.step_index, point, payload), reply_to=msg)
 
 
-def _masked(context: Context, round_no: int, step: int, point, payload) -> secure.MaskedPayload:
+def _masked(
+    context: Context, round_no: int, step: int, point, payload,
+    records: _SecureRecords = _ROUND_SECURE, progress: str = REPLAY_STATE,
+) -> secure.MaskedPayload:
     """Secure statistics: the payload masked for this exchange (the number of aggregates
-    received so far in the attempt)."""
+    received so far in the attempt, from the ``progress`` record)."""
     state = context.state
-    key = state.config_records.get(SECURE_KEY)
+    key = state.config_records.get(records.key)
     if key is None or int(key["round"]) != round_no:
         raise secure.KeyAgreementError(
             f"node {context.node_id}: no private key for round {round_no} (it missed the key exchange)"
         )
-    roster = secure.Roster.from_arrays({k: v.numpy() for k, v in state.array_records[SECURE_ROSTER].items()})
-    shifts = secure.shifts_from_arrays({k: v.numpy() for k, v in state.array_records[SECURE_SHIFTS].items()})
+    roster = secure.Roster.from_arrays({k: v.numpy() for k, v in state.array_records[records.roster].items()})
+    shifts = secure.shifts_from_arrays({k: v.numpy() for k, v in state.array_records[records.shifts].items()})
     forward = point.phase == schema.PHASE_FORWARD
     return secure.client_encode(
         payload,
@@ -413,29 +450,31 @@ def _masked(context: Context, round_no: int, step: int, point, payload) -> secur
         roster=roster,
         round=round_no,
         attempt=int(key["attempt"]),
-        exchange=int(state.config_records[REPLAY_STATE]["received"]),
+        exchange=int(state.config_records[progress]["received"]),
         shift=secure.shift_for(shifts, point.index, point.channels) if forward else None,
         where=secure.describe_point(round_no, step, point.phase, point.index, point.call),
     )
 
 
-def _begin_secure(context: Context, control: schema.Control) -> None:
+def _begin_secure(context: Context, control: schema.Control, records: _SecureRecords = _ROUND_SECURE) -> None:
     """Keep (or clear) the attempt's roster and shifts in ``context.state``."""
     state = context.state
-    for name in (SECURE_ROSTER, SECURE_SHIFTS):
+    for name in (records.roster, records.shifts):
         if name in state:
             del state[name]
     if control.roster is None:
         return
-    key = state.config_records.get(SECURE_KEY)
+    key = state.config_records.get(records.key)
     if key is None or int(key["round"]) != control.round:
         raise secure.KeyAgreementError(
             f"node {context.node_id}: begin of round {control.round} with secure statistics, but this "
             "node holds no private key for that round (it missed the key exchange)"
         )
     key["attempt"] = control.attempt
-    state[SECURE_ROSTER] = ArrayRecord({k: Array(v) for k, v in control.roster.to_arrays().items()})
-    state[SECURE_SHIFTS] = ArrayRecord({k: Array(v) for k, v in secure.shifts_to_arrays(control.shifts or {}).items()})
+    state[records.roster] = ArrayRecord({k: Array(v) for k, v in control.roster.to_arrays().items()})
+    state[records.shifts] = ArrayRecord(
+        {k: Array(v) for k, v in secure.shifts_to_arrays(control.shifts or {}).items()}
+    )
 
 
 def client_seed_key(context: Context) -> int:
@@ -648,6 +687,8 @@ def fedtan_client_app(
 
 def _handle_fedtan(msg: Message, context: Context, client_fn: Callable[[Context], Any], options: _Options) -> Message:
     control = schema.decode_control(msg.content)
+    if control.phase in schema.STATS_PHASES:
+        return _handle_statistics(msg, context, client_fn, options, control)
     key = (context.run_id, context.node_id)
     state = context.state
     if control.phase == schema.PHASE_KEYS:
@@ -753,3 +794,98 @@ def _rebuild(context: Context, client_fn: Callable[[Context], Any], replay: Conf
         raise RuntimeError("replayed round completed before the pending aggregate: state is inconsistent")
     replay["replays"] = int(replay["replays"]) + 1
     return _LiveRound(client, round_, int(replay["round"]))
+
+
+# ---------------------------------------------------------------------- statistics pass
+def _handle_statistics(
+    msg: Message, context: Context, client_fn: Callable[[Context], Any], options: _Options, control: schema.Control
+) -> Message:
+    """One message of a statistics pass (:mod:`flwr_fedtan.statistics_pass`): kept live in
+    the node's home like a round, rebuilt from the stored global weights, seed and pooled
+    statistics so far when the message lands elsewhere."""
+    state = context.state
+    key = (context.run_id, context.node_id, "stats")
+    cache = live_rounds()
+    if control.phase == schema.PHASE_STATS_KEYS:
+        pair = secure.generate_key_pair()
+        state[_PASS_SECURE.key] = ConfigRecord({"round": control.round, "attempt": 0, "private-key": pair.private})
+        return Message(schema.encode_public_key(control.round, pair.public), reply_to=msg)
+    if control.phase == schema.PHASE_STATS_BEGIN:
+        cache.forget(key)
+        _begin_secure(context, control, _PASS_SECURE)
+        client = _client_from(client_fn, context)
+        client.load_arrays(msg.content.array_records[schema.ARRAYS])
+        seed = derive_seed(control.seed, client_seed_key(context))
+        state[STATS_STATE] = ConfigRecord(
+            {"round": control.round, "seed": seed, "examples": control.examples, "received": 0, "replays": 0}
+        )
+        state[STATS_LOG] = ArrayRecord()
+        store = settings.replay_store(options.replay_store)
+        save_weights(state, client.arrays(), store, context.run_id, context.node_id, directory=options.state_dir)
+        live = _LivePass(client, client.statistics_pass(seed, control.examples), control.round)
+        try:
+            request = live.stats_pass.start()
+        except BaseException:
+            live.close()
+            raise
+    else:
+        progress = state.config_records.get(STATS_STATE)
+        if progress is None or int(progress["round"]) != control.round:
+            raise RuntimeError(
+                f"node {context.node_id} got statistics for the pass of round {control.round} but holds no "
+                f"state for it (state round: {None if progress is None else progress['round']})"
+            )
+        received = int(progress["received"])
+        if control.point != received:
+            raise RuntimeError(
+                f"node {context.node_id}: pooled statistics {control.point} of the pass of round "
+                f"{control.round}, but {received} were received so far"
+            )
+        live = cache.get(key)  # type: ignore[assignment]
+        if (
+            not isinstance(live, _LivePass)
+            or live.server_round != control.round
+            or len(live.stats_pass.received) != received
+            or live.thread is not threading.current_thread()
+        ):
+            cache.forget(key)
+            live = _rebuild_pass(context, client_fn, progress)
+        try:
+            request = live.stats_pass.resume(control.aggregate)  # type: ignore[arg-type]
+        except BaseException:
+            cache.forget(key)
+            live.close()
+            raise
+        _log_append(state, received, control.aggregate, STATS_LOG)  # type: ignore[arg-type]
+        progress["received"] = received + 1
+    if request is not None:
+        cache.remember(key, live, capacity=settings.max_live_rounds(options.max_live_rounds))
+        point, payload = request
+        if _PASS_SECURE.roster in state.array_records:
+            payload = _masked(context, control.round, 0, point, payload, _PASS_SECURE, STATS_STATE)
+        return Message(schema.encode_request(control.round, 0, point, payload), reply_to=msg)
+    cache.forget(key)
+    stats_pass = live.stats_pass
+    for name in (STATS_LOG, _PASS_SECURE.key, _PASS_SECURE.roster, _PASS_SECURE.shifts):
+        if name in state:
+            del state[name]
+    discard_weights(state)
+    content = schema.encode_stats_done(control.round, stats_pass.buffer_calls or {}, stats_pass.num_examples)
+    return Message(content, reply_to=msg)
+
+
+def _rebuild_pass(context: Context, client_fn: Callable[[Context], Any], progress: ConfigRecord) -> _LivePass:
+    """Rebuild a statistics pass in this process from ``context.state``."""
+    state = context.state
+    client = _client_from(client_fn, context)
+    client.load_arrays(load_weights(state))
+    inputs, _ = client.sample_batch(int(progress["seed"]), int(progress["examples"]))
+    aggregates = _log_read(state, int(progress["received"]), STATS_LOG)
+    stats_pass, request = StatisticsPass.replay(
+        client.model, inputs, aggregates, seed=int(progress["seed"])  # type: ignore[arg-type]
+    )
+    if request is None:
+        stats_pass.close()
+        raise RuntimeError("replayed statistics pass completed before the pending statistics: state is inconsistent")
+    progress["replays"] = int(progress["replays"]) + 1
+    return _LivePass(client, stats_pass, int(progress["round"]))

@@ -18,6 +18,23 @@ exchange    server -> client                           client -> server
 
 ``L`` is the number of synchronised BatchNorm calls of the model and ``S`` the number of
 synchronised steps per round: ``2LS + 1`` exchanges a round.
+
+The statistics pass after a round's aggregation (:mod:`flwr_fedtan.statistics_pass`) is
+``L + 1`` more exchanges of the same message type (one per BatchNorm call, and one that
+hands out the last pooled statistics and collects the buffer mapping):
+
+==========  =========================================  ======================================
+exchange    server -> client                           client -> server
+==========  =========================================  ======================================
+(keys)      secure statistics only: ``stats-keys``     a fresh public key
+0           ``arrays`` (the aggregated global model),  forward payload of BatchNorm call 0
+            ``fedtan.control`` (``stats-begin``:
+            seed, examples; roster if secure)
+1 .. L-1    ``stats-aggregate`` + pooled statistics    next forward payload
+L           last pooled statistics                     ``fedtan.status`` (``stats-done``) +
+                                                       ``fedtan.stats-buffers``: which calls
+                                                       fed which running buffer
+==========  =========================================  ======================================
 """
 
 from __future__ import annotations
@@ -57,6 +74,7 @@ STATUS = "fedtan.status"  # ConfigRecord, client -> server
 STATS = "fedtan.stats"  # ArrayRecord: a client's payload or the server's aggregate
 SECURE = "fedtan.secure"  # ArrayRecord: the roster (begin) or a client's public key (keys reply)
 SHIFTS = "fedtan.shifts"  # ArrayRecord: public shifts of the forward sync points (begin, secure)
+STATS_BUFFERS = "fedtan.stats-buffers"  # ConfigRecord: "mean:<key>"/"var:<key>" -> BatchNorm calls
 
 PHASE_KEYS = "keys"  # secure statistics: the round's key exchange, before begin
 PHASE_BEGIN = "begin"
@@ -64,6 +82,11 @@ PHASE_AGGREGATE = "aggregate"
 PHASE_FORWARD = "forward"
 PHASE_BACKWARD = "backward"
 PHASE_DONE = "done"
+PHASE_STATS_KEYS = "stats-keys"  # statistics pass, secure: a fresh key exchange
+PHASE_STATS_BEGIN = "stats-begin"
+PHASE_STATS_AGGREGATE = "stats-aggregate"
+PHASE_STATS_DONE = "stats-done"
+STATS_PHASES = (PHASE_STATS_KEYS, PHASE_STATS_BEGIN, PHASE_STATS_AGGREGATE)
 
 _FORWARD_ARRAYS = ("mean", "var")
 _BACKWARD_ARRAYS = ("sum-grad", "sum-grad-xhat")
@@ -102,6 +125,7 @@ class Control:
     attempt: int = 0
     roster: Optional[Roster] = None  # secure statistics: the attempt's roster (begin)
     shifts: Optional[dict] = None  # secure statistics: public shifts by sync-point index (begin)
+    examples: int = 0  # statistics pass: examples each client forwards (stats-begin)
 
 
 @dataclass(frozen=True)
@@ -116,6 +140,8 @@ class Status:
     arrays: Optional[ArrayRecord] = None
     metrics: Optional[MetricRecord] = None
     public_key: Optional[bytes] = None  # keys reply
+    buffer_calls: Optional[dict] = None  # stats-done: {key: ("mean" | "var", [calls])}
+    num_examples: int = 0  # stats-done: examples the client forwarded
 
 
 def _stats_record(payload: Union[Payload, MaskedPayload]) -> tuple[ArrayRecord, dict]:
@@ -238,6 +264,44 @@ def encode_aggregate(
     return RecordDict({CONTROL: control, STATS: stats})
 
 
+def encode_stats_keys(round: int) -> RecordDict:
+    """Statistics pass with secure statistics: ask for a fresh public key."""
+    control = ConfigRecord(
+        {"phase": PHASE_STATS_KEYS, "round": round, "step": 0, "point": -1, "sync-steps": 1, "seed": 0}
+    )
+    return RecordDict({CONTROL: control})
+
+
+def encode_stats_begin(
+    arrays: ArrayRecord,
+    round: int,
+    seed: int,
+    examples: int,
+    attempt: int = 0,
+    roster: Optional[Roster] = None,
+    shifts: Optional[dict] = None,
+) -> RecordDict:
+    """The first message of a statistics pass: the global model, the seed that picks each
+    client's examples, how many (at most) it forwards, and if secure the roster."""
+    control = ConfigRecord(
+        {"phase": PHASE_STATS_BEGIN, "round": round, "step": 0, "point": -1, "sync-steps": 1,
+         "seed": seed, "attempt": attempt, "examples": examples}
+    )
+    content = RecordDict({ARRAYS: arrays, CONTROL: control})
+    if roster is not None:
+        content[SECURE] = ArrayRecord({k: Array(v) for k, v in roster.to_arrays().items()})
+        content[SHIFTS] = ArrayRecord({k: Array(v) for k, v in shifts_to_arrays(shifts or {}).items()})
+    return content
+
+
+def encode_stats_aggregate(round: int, index: int, aggregate: ForwardStats, seed: int) -> RecordDict:
+    """The pooled statistics of BatchNorm call ``index`` of a statistics pass."""
+    content = encode_aggregate(round, 0, index, SyncPoint(index, PHASE_FORWARD, index, len(aggregate.mean)),
+                               aggregate, 1, seed)
+    content.config_records[CONTROL]["phase"] = PHASE_STATS_AGGREGATE
+    return content
+
+
 def _server_int(control: ConfigRecord, key: str) -> int:
     value = control.get(key)
     if not isinstance(value, int) or isinstance(value, bool):
@@ -314,19 +378,24 @@ def decode_control(content: RecordDict) -> Control:
     if control is None:
         raise ServerMessageError(f"no ConfigRecord '{CONTROL}'")
     phase = control.get("phase")
-    if phase not in (PHASE_KEYS, PHASE_BEGIN, PHASE_AGGREGATE):
+    if phase not in (PHASE_KEYS, PHASE_BEGIN, PHASE_AGGREGATE, *STATS_PHASES):
         raise ServerMessageError(
-            f"unknown phase {phase!r} (expected '{PHASE_KEYS}', '{PHASE_BEGIN}' or '{PHASE_AGGREGATE}')"
+            f"unknown phase {phase!r} (expected one of "
+            f"{', '.join(repr(p) for p in (PHASE_KEYS, PHASE_BEGIN, PHASE_AGGREGATE, *STATS_PHASES))})"
         )
     fields = {k: _server_int(control, k) for k in ("round", "step", "point", "sync-steps", "seed")}
     if fields["sync-steps"] < 1:
         raise ServerMessageError(f"'sync-steps' must be >= 1, got {fields['sync-steps']}")
-    roster, shifts, attempt = None, None, 0
-    if phase == PHASE_KEYS:
+    roster, shifts, attempt, examples = None, None, 0, 0
+    if phase in (PHASE_KEYS, PHASE_STATS_KEYS):
         aggregate = None
-    elif phase == PHASE_BEGIN:
+    elif phase in (PHASE_BEGIN, PHASE_STATS_BEGIN):
         if ARRAYS not in content.array_records:
-            raise ServerMessageError(f"begin message has no ArrayRecord '{ARRAYS}'")
+            raise ServerMessageError(f"{phase} message has no ArrayRecord '{ARRAYS}'")
+        if phase == PHASE_STATS_BEGIN:
+            examples = _server_int(control, "examples")
+            if examples < 1:
+                raise ServerMessageError(f"'examples' must be >= 1, got {examples}")
         aggregate = None
         attempt = _server_int(control, "attempt") if "attempt" in control else 0
         if attempt < 0:
@@ -344,10 +413,12 @@ def decode_control(content: RecordDict) -> Control:
             raise ServerMessageError(f"aggregate index 'point' must be >= 0, got {fields['point']}")
         where = f"aggregate {fields['point']} of round {fields['round']}"
         aggregate = _aggregate_from(control, content.array_records.get(STATS), where)
+        if phase == PHASE_STATS_AGGREGATE and not isinstance(aggregate, ForwardStats):
+            raise ServerMessageError(f"{where}: a statistics pass carries forward statistics only")
     return Control(
         phase=phase, round=fields["round"], step=fields["step"], point=fields["point"],
         sync_steps=fields["sync-steps"], seed=fields["seed"], aggregate=aggregate,
-        attempt=attempt, roster=roster, shifts=shifts,
+        attempt=attempt, roster=roster, shifts=shifts, examples=examples,
     )
 
 
@@ -377,6 +448,35 @@ def encode_done(round: int, arrays: ArrayRecord, metrics: MetricRecord) -> Recor
     return RecordDict({STATUS: status, ARRAYS: arrays, METRICS: metrics})
 
 
+def encode_stats_done(round: int, buffer_calls: dict, num_examples: int) -> RecordDict:
+    """A client's last reply of a statistics pass: which BatchNorm calls fed which running
+    buffer (``{key: ("mean" | "var", [calls])}``) and how many examples it forwarded."""
+    status = ConfigRecord(
+        {"phase": PHASE_STATS_DONE, "round": round, "step": -1, "point": -1, "num-examples": int(num_examples)}
+    )
+    buffers = ConfigRecord({f"{kind}:{key}": [int(c) for c in calls] for key, (kind, calls) in buffer_calls.items()})
+    return RecordDict({STATUS: status, STATS_BUFFERS: buffers})
+
+
+def _buffer_calls_from(sender: Hashable, record: Optional[ConfigRecord]) -> dict:
+    if record is None:
+        raise PayloadError(sender, f"stats-done reply has no ConfigRecord '{STATS_BUFFERS}'")
+    calls: dict = {}
+    for name, value in record.items():
+        kind, _, key = name.partition(":")
+        if kind not in ("mean", "var") or not key:
+            raise PayloadError(sender, f"'{STATS_BUFFERS}' entry {name!r:.80} is not 'mean:<key>' or 'var:<key>'")
+        if (not isinstance(value, list) or not value
+                or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in value)):
+            raise PayloadError(
+                sender, f"'{STATS_BUFFERS}' entry {name!r:.80} must list call indices, got {value!r:.80}"
+            )
+        if key in calls:
+            raise PayloadError(sender, f"'{STATS_BUFFERS}' names buffer {key!r:.80} twice")
+        calls[key] = (kind, list(value))
+    return calls
+
+
 def decode_reply(content: RecordDict, sender: Hashable, weighted_by_key: str) -> Status:
     """Decode and validate a client's reply; :class:`PayloadError` names ``sender``."""
     status = content.config_records.get(STATUS)
@@ -404,6 +504,12 @@ def decode_reply(content: RecordDict, sender: Hashable, weighted_by_key: str) ->
         if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not weight > 0:
             raise PayloadError(sender, f"'{weighted_by_key}' must be a positive number, got {weight!r}")
         return Status(phase=phase, round=round_, step=step, arrays=arrays, metrics=metrics)
+    if phase == PHASE_STATS_DONE:
+        examples = _get_int(sender, status, "num-examples")
+        if examples < 1:
+            raise PayloadError(sender, f"'num-examples' must be >= 1, got {examples}")
+        buffer_calls = _buffer_calls_from(sender, content.config_records.get(STATS_BUFFERS))
+        return Status(phase=phase, round=round_, step=step, buffer_calls=buffer_calls, num_examples=examples)
     if phase not in (PHASE_FORWARD, PHASE_BACKWARD):
         raise PayloadError(sender, f"unknown reply phase {phase!r}")
     point = SyncPoint(

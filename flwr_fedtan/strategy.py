@@ -33,6 +33,13 @@ from .aggregation import (
     pool_forward_stats,
     sum_backward_sums,
 )
+from .exact_statistics import (
+    DEFAULT_STATISTICS_EXAMPLES,
+    StatisticsPassDriver,
+    apply_buffers,
+    check_statistics_options,
+    pass_due,
+)
 from .seeds import derive_seed
 
 __all__ = ["FedTAN", "ForwardingGrid", "derive_seed"]
@@ -221,6 +228,21 @@ class FedTAN(Strategy):
         extra exchange a round agrees pairwise keys, every client payload is masked, and
         the server learns only the sums over clients (and each client's batch size, its
         averaging weight). The models returned at the end of a round stay in the clear.
+        The statistics pass is masked the same way (its own key exchange).
+    statistics : {"exact", "running"} (default: "exact")
+        The BatchNorm statistics of the global model. ``"exact"``: after aggregation (and
+        before evaluation) the round's clients run a statistics pass over the new global
+        model (:mod:`flwr_fedtan.exact_statistics`, ``L + 1`` more exchanges): its
+        ``running_mean``/``running_var`` become the pooled mean and unbiased variance of
+        the clients' examples at every BatchNorm call, exactly what precise-BN on their
+        union gives. ``"running"``: the pooled aggregate of the running averages the
+        clients collected during the round (models drifting apart over the local steps
+        collect statistics that are not the averaged model's). If the pass fails (too
+        few clients left), the round keeps the aggregated statistics, logged.
+    statistics_examples : int (default: 512)
+        Examples each client forwards in the pass (all of its data if it has fewer).
+    statistics_every : int (default: 1)
+        Run the pass every this many rounds, and always after the last round.
 
     Examples
     --------
@@ -257,6 +279,9 @@ class FedTAN(Strategy):
         checkpoint_dir: Optional[str | os.PathLike] = None,
         keep_checkpoints: int = 2,
         secure_stats: bool = False,
+        statistics: str = "exact",
+        statistics_examples: int = DEFAULT_STATISTICS_EXAMPLES,
+        statistics_every: int = 1,
     ) -> None:
         options = {name: value for name, value in zip(_FEDAVG_OPTIONS, (
             fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, min_available_nodes,
@@ -281,6 +306,7 @@ class FedTAN(Strategy):
             raise ValueError(f"quarantine_after must be >= 1 or None, got {quarantine_after}")
         if max_quarantine_rounds < 1:
             raise ValueError(f"max_quarantine_rounds must be >= 1, got {max_quarantine_rounds}")
+        check_statistics_options(statistics, statistics_examples, statistics_every)
         self.strategy = strategy
         self.sync_steps = sync_steps
         self.exchange_timeout = exchange_timeout
@@ -296,6 +322,15 @@ class FedTAN(Strategy):
         self.keep_checkpoints = keep_checkpoints
         self.secure_stats = bool(secure_stats)
         self._secure = secure.ServerSession() if self.secure_stats else None
+        self.statistics = statistics
+        self.statistics_every = int(statistics_every)
+        self._statistics_pass = StatisticsPassDriver(
+            examples=statistics_examples, exchange_timeout=exchange_timeout, poll_interval=poll_interval,
+            max_restarts=max_restarts, seed=seed, secure_stats=self.secure_stats,
+            uniform_positions=uniform_positions,
+        )
+        self._grid: Optional[Grid] = None
+        self._num_rounds: Optional[int] = None
         # Why nodes were dropped, by round: {server_round: {node_id: reason}}.
         self.dropped: dict[int, dict[int, str]] = {}
         self.failures: dict[int, _FailureRecord] = {}
@@ -330,6 +365,8 @@ class FedTAN(Strategy):
         log(INFO, "\t│\t├── Exchange timeout: %.1fs, poll interval %.3fs", self.exchange_timeout, self.poll_interval)
         log(INFO, "\t│\t├── Max restarts per round: %d; sit out after %s failed rounds (at most %d rounds)",
             self.max_restarts, self.quarantine_after, self.max_quarantine_rounds)
+        log(INFO, "\t│\t├── BatchNorm statistics: %s", "exact (pass every %d rounds, %d examples per client)" % (
+            self.statistics_every, self._statistics_pass.examples) if self.statistics == "exact" else "running")
         log(INFO, "\t│\t└── Client weight: %s; seed %d", self.client_weight, self.seed)
         self.strategy.summary()
 
@@ -363,6 +400,7 @@ class FedTAN(Strategy):
             ``initial_arrays`` is ignored.
         """
         self._resumed_through = 0
+        self._num_rounds = num_rounds
         if resume_from is not None:
             done, initial_arrays = self.load_checkpoint(resume_from)
             if done >= num_rounds:
@@ -397,6 +435,7 @@ class FedTAN(Strategy):
             log(INFO, "FedTAN: round %d was completed before the checkpoint", server_round)
             return []
         inner = getattr(grid, "inner", grid)
+        self._grid = inner
         params = ArrayRecord({k: v for k, v in arrays.items() if not self.is_buffer(k)})
         buffers = {k: v for k, v in arrays.items() if self.is_buffer(k)}
         with _sampling_seed(derive_seed(self.seed, server_round)):
@@ -458,19 +497,28 @@ class FedTAN(Strategy):
             params = ArrayRecord({k: v for k, v in status.arrays.items() if not self.is_buffer(k)})  # type: ignore[union-attr]
             content = RecordDict({self.arrayrecord_key: params, "metrics": metrics})
             wrapped_replies.append(Message(content=content, metadata=by_node[node].metadata))
-        self._update_failures(round_, completed=bool(contributions))
         if contributions:
             aggregated, metrics = self.strategy.aggregate_train(server_round, wrapped_replies)
             if aggregated is None:
                 log(WARNING, "Round %d: %s returned no arrays, global model kept", server_round,
                     type(self.strategy).__name__)
         if not contributions or aggregated is None:
+            self._update_failures(round_, completed=bool(contributions))
             if self.checkpoint_dir is not None:  # the failure records changed; the model did not
                 unchanged = ArrayRecord({k: Array(v) for k, v in round_.reference.items()})
                 self.save_checkpoint(self.checkpoint_dir, server_round, unchanged)
             return None, self._skipped(round_)
         merged = self._merge(aggregated, contributions, round_.reference)
         metrics = MetricRecord() if metrics is None else metrics
+        if self.statistics == "exact" and self._grid is not None and pass_due(
+            server_round, self.statistics_every, self._num_rounds
+        ):
+            outcome = self._statistics_pass.run(self._grid, sorted(contributions), merged, server_round)
+            merged = apply_buffers(merged, outcome.buffers)
+            metrics.update(outcome.metrics())
+            for node, why in outcome.dropped.items():
+                ledger.dropped.setdefault(node, f"statistics pass: {why}")
+        self._update_failures(round_, completed=True)
         metrics.update(self._ledger_metrics(ledger, len(contributions)))
         if self.checkpoint_dir is not None:
             self.save_checkpoint(self.checkpoint_dir, server_round, merged)

@@ -3,19 +3,27 @@
 Every method runs through the same Flower app (``flwr run .``), chosen with the run-config
 key ``strategy``; :data:`METHODS` says what each one does:
 
-==============  =====  ============================  ====================================
-``strategy``    norm   BatchNorm entries              test accuracy ("test-accuracy")
-==============  =====  ============================  ====================================
-``fedtan``      BN     pooled-batch sync, averaged    global model, on the server
-``fedavg``      BN     averaged as plain arrays       global model, on the server
-``fedbn``       BN     all local (never sent)         personalised models, on the clients
-``silobn``      BN     gamma/beta averaged,           personalised models, on the clients
-                       statistics local
-``fixbn``       BN     averaged until the switch      global model, on the server
-                       round, then statistics frozen
-``fedgn``       GN     (GroupNorm: nothing special)   global model, on the server
-``centralised`` BN     one client holding all data    global model, on the server
-==============  =====  ============================  ====================================
+================  =====  ============================  ====================================
+``strategy``      norm   BatchNorm entries              test accuracy ("test-accuracy")
+================  =====  ============================  ====================================
+``fedtan``        BN     pooled-batch sync, averaged,   global model, on the server
+                         then the statistics pass
+``fedavg``        BN     averaged as plain arrays       global model, on the server
+``fedavg-exact``  BN     averaged, then the running     global model, on the server
+                         statistics of the pass
+``fedbn``         BN     all local (never sent)         personalised models, on the clients
+``silobn``        BN     gamma/beta averaged,           personalised models, on the clients
+                         statistics local
+``fixbn``         BN     averaged until the switch      global model, on the server
+                         round, then statistics frozen
+``fedgn``         GN     (GroupNorm: nothing special)   global model, on the server
+``centralised``   BN     one client holding all data    global model, on the server
+================  =====  ============================  ====================================
+
+The statistics pass (:mod:`flwr_fedtan.exact_statistics`): after aggregation the clients
+forward up to ``statistics-examples`` training examples through the new global model,
+every BatchNorm call pooled over all clients, and the global running statistics become
+the exact pooled ones (``fedtan`` with ``statistics='exact'``, the default).
 
 Server side: :class:`PartialFedAvg` (Flower's FedAvg over the *shared* entries; the
 server keeps its own value of every other entry) and its specialisations :class:`FedBN`,
@@ -134,6 +142,8 @@ METHODS: dict[str, MethodSpec] = {
                    "FedTAN: synchronised pooled-batch BatchNorm, BN-aware averaging"),
         MethodSpec("fedavg", "bn", "none", "server", False, False,
                    "Flower's FedAvg: BatchNorm entries averaged as plain arrays"),
+        MethodSpec("fedavg-exact", "bn", "none", "server", False, False,
+                   "Flower's FedAvg, then the exact statistics pass over its global model"),
         MethodSpec("fedbn", "bn", "all", "federated", False, True,
                    "FedBN: BatchNorm layers stay local"),
         MethodSpec("silobn", "bn", "stats", "federated", False, True,

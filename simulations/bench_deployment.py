@@ -145,7 +145,11 @@ def _run_deployment_benchmark(grid: Grid, config: Mapping[str, Any], initial: Ar
     nodes = sorted(grid.get_node_ids())
     rounds = int(config.get("bench-rounds", 1))
     pings = int(config.get("num-server-rounds", 8))
-    fedtan = FedTAN(fraction_evaluate=0.0, min_available_nodes=len(nodes), min_train_nodes=len(nodes))
+    # The round alone (statistics="running"); the statistics pass is timed from its own metrics.
+    exact_pass = str(config.get("statistics", "running")) == "exact"
+    fedtan = FedTAN(fraction_evaluate=0.0, min_available_nodes=len(nodes), min_train_nodes=len(nodes),
+                    statistics="exact" if exact_pass else "running",
+                    statistics_examples=int(config.get("statistics-examples", 512)))
     empty_exchange(timing, nodes, fedtan.poll_interval)  # warm-up: first process starts, caches
     for _ in range(pings):
         empty_exchange(timing, nodes, fedtan.poll_interval)
@@ -175,6 +179,10 @@ def _run_deployment_benchmark(grid: Grid, config: Mapping[str, Any], initial: Ar
         "fedtan-pull-backoffs": sum(1 for s in pulls if s > BACKOFF_SECONDS),
         "fedtan-pull-seconds-max": max(pulls) if pulls else 0.0,
         "fedtan-pull-backoff-seconds": sum(s for s in pulls if s > BACKOFF_SECONDS),
+        "pass-seconds": [float(m.get("fedtan-stats-seconds", float("nan"))) for m in metrics],
+        "pass-exchanges": int(metrics[-1].get("fedtan-stats-exchanges", 0)),
+        "pass-bytes": [int(m.get("fedtan-stats-bytes-sent", 0)) + int(m.get("fedtan-stats-bytes-received", 0))
+                       for m in metrics],
         "fedtan-object-retries": counter.get("retries", 0) - retries_before,
         "empty-object-retries": retries_before,
         "empty-pull-backoffs": sum(1 for s in timing.pull_seconds[:pulls_before] if s > BACKOFF_SECONDS),
@@ -224,6 +232,12 @@ def format_report(bench: Mapping[str, Any], imports: Optional[Mapping[str, float
         ("  the rest of an exchange", f"{max(fedtan - sync, 0):.2f} s: Flower (SuperNode polling, SuperExec, "
                                       "flwr-clientapp process) and the worker hop"),
     ]
+    if bench.get("pass-exchanges"):
+        round_seconds = statistics.mean(bench["fedtan-round-seconds"])
+        pass_seconds = statistics.mean(bench["pass-seconds"])
+        rows.append(("statistics pass", f"{pass_seconds:.1f} s, {bench['pass-exchanges']} exchanges, "
+                                        f"{statistics.mean(bench['pass-bytes']) / 1e6:.2f} MB; "
+                                        f"{pass_seconds / (round_seconds - pass_seconds):.2f} x the round alone"))
     for name, seconds in (imports or {}).items():
         rows.append((f"  fresh process: {name}", f"{seconds:.2f} s"))
     rows.append(("FedTAN exchange / empty exchange", f"{fedtan / empty:.2f}"))
@@ -242,6 +256,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--dataset", default="synthetic")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--timeout", type=float, default=3600.0)
+    parser.add_argument("--statistics", choices=("running", "exact"), default="running",
+                        help="'exact': FedTAN's statistics pass after each round, timed on its own")
     parser.add_argument("--short-pull-backoff", action="store_true",
                         help="measure with Flower's object-pull back-off at 0.05 s instead of 1 s (a proposal)")
     args = parser.parse_args(argv)
@@ -264,6 +280,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                         "model": args.model, "dataset": args.dataset,
                         "partitioning": "iid", "batch-size": args.batch_size, "local-steps": 1,
                         "bench-rounds": args.rounds, "num-server-rounds": args.pings,
+                        "statistics": args.statistics,
                         "results-file": str(results)},
         )
         if outcome.status != "finished:completed" or not results.exists():

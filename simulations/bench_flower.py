@@ -13,8 +13,11 @@ and bytes per round and the ratio
     FedTAN_round / (FedAvg_round + 2L * empty_exchange)
 
 (target <= 1.2): what FedTAN costs beyond FedAvg plus the bare latency of its 2L extra
-exchanges. Then the same FedTAN rounds with ``secure_stats=True`` (masked statistics, one
-extra key exchange a round): seconds and bytes per round against clear FedTAN.
+exchanges (these rounds run with ``statistics="running"``: the round alone). Then the same
+FedTAN rounds with ``secure_stats=True`` (masked statistics, one extra key exchange a
+round): seconds and bytes per round against clear FedTAN. Last, FedTAN with its default
+``statistics="exact"``: the statistics pass's seconds, exchanges and bytes per round against
+the round alone (target for ResNet-20: pass <= 0.5 x round).
 """
 
 from __future__ import annotations
@@ -52,7 +55,8 @@ def run_exchange_benchmark(grid: Grid, config: Mapping[str, Any], initial: Array
     nodes = sorted(grid.get_node_ids())
     rounds = int(config.get("bench-rounds", 3))
     train_config = ConfigRecord({"lr": float(config["lr"]), "local-steps": int(config["local-steps"])})
-    fedtan = FedTAN(fraction_evaluate=0.0, min_available_nodes=len(nodes), min_train_nodes=len(nodes))
+    fedtan = FedTAN(fraction_evaluate=0.0, min_available_nodes=len(nodes), min_train_nodes=len(nodes),
+                    statistics="running")
     empty_exchange(grid, nodes, fedtan.poll_interval)  # warm-up: actors start, imports
     empty = [empty_exchange(grid, nodes, fedtan.poll_interval) for _ in range(10)]
 
@@ -68,12 +72,19 @@ def run_exchange_benchmark(grid: Grid, config: Mapping[str, Any], initial: Array
     fedtan_round = (time.perf_counter() - started) / rounds
 
     secure = FedTAN(fraction_evaluate=0.0, min_available_nodes=len(nodes), min_train_nodes=len(nodes),
-                    secure_stats=True)
+                    secure_stats=True, statistics="running")
     secure.start(grid=grid, initial_arrays=initial, num_rounds=1, train_config=train_config)  # warm-up
     started = time.perf_counter()
     secure_result = secure.start(grid=grid, initial_arrays=initial, num_rounds=rounds, train_config=train_config)
     secure_round = (time.perf_counter() - started) / rounds
     secure_last = secure_result.train_metrics_clientapp[rounds]
+
+    exact = FedTAN(fraction_evaluate=0.0, min_available_nodes=len(nodes), min_train_nodes=len(nodes),
+                   statistics="exact", statistics_examples=int(config.get("statistics-examples", 512)))
+    started = time.perf_counter()
+    exact_result = exact.start(grid=grid, initial_arrays=initial, num_rounds=rounds, train_config=train_config)
+    exact_round = (time.perf_counter() - started) / rounds
+    passes = [exact_result.train_metrics_clientapp[r] for r in range(1, rounds + 1)]
 
     last = result.train_metrics_clientapp[rounds]
     exchanges = int(last["fedtan-exchanges"])
@@ -101,6 +112,13 @@ def run_exchange_benchmark(grid: Grid, config: Mapping[str, Any], initial: Array
         "secure-exchanges-per-round": int(secure_last["fedtan-exchanges"]),
         "secure-bytes-per-round": int(secure_last["fedtan-bytes-sent"]) + int(secure_last["fedtan-bytes-received"]),
         "secure-client-sync-seconds": float(secure_last.get("sync-seconds", float("nan"))),
+        "exact-round-seconds": exact_round,
+        "pass-seconds": statistics.mean(float(m["fedtan-stats-seconds"]) for m in passes),
+        "pass-exchanges": int(passes[-1]["fedtan-stats-exchanges"]),
+        "pass-bytes": statistics.mean(
+            int(m["fedtan-stats-bytes-sent"]) + int(m["fedtan-stats-bytes-received"]) for m in passes),
+        "pass-examples": int(passes[-1]["fedtan-stats-examples"]),
+        "pass-applied": [int(m["fedtan-stats-applied"]) for m in passes],
     }
 
 
@@ -129,6 +147,13 @@ def format_report(bench: Mapping[str, Any]) -> str:
                                                 "(mean per client)"),
         ("  secure / clear FedTAN", f"{bench['secure-round-seconds'] / bench['fedtan-round-seconds']:.2f} x time, "
                                     f"{bench['secure-bytes-per-round'] / bench['fedtan-bytes-per-round']:.2f} x bytes"),
+        ("FedTAN round with the statistics pass", f"{bench['exact-round-seconds'] * 1e3:.1f} ms"),
+        ("  statistics pass", f"{bench['pass-seconds'] * 1e3:.1f} ms, {bench['pass-exchanges']} exchanges, "
+                              f"{bench['pass-bytes'] / 1e6:.2f} MB, {bench['pass-examples']} examples pooled, "
+                              f"applied {bench['pass-applied']}"),
+        ("  pass / FedTAN round", f"{bench['pass-seconds'] / bench['fedtan-round-seconds']:.2f} x time, "
+                                  f"{bench['pass-bytes'] / bench['fedtan-bytes-per-round']:.2f} x bytes  "
+                                  "(target <= 0.5 x time for ResNet-20)"),
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
@@ -143,6 +168,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--local-steps", type=int, default=1)
     parser.add_argument("--num-cpus-per-client", type=float, default=2.0)
+    parser.add_argument("--statistics-examples", type=int, default=512)
     args = parser.parse_args()
 
     from .flower_processes import run_app
@@ -155,6 +181,7 @@ def main() -> None:
             "dataset": args.dataset,
             "batch-size": args.batch_size,
             "local-steps": args.local_steps,
+            "statistics-examples": args.statistics_examples,
             "partitioning": "iid",
         },
         num_supernodes=args.supernodes,

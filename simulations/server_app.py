@@ -24,6 +24,7 @@ from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYog
 
 from flwr_fedtan import FedTAN, convert_batchnorm
 from flwr_fedtan.client import evaluate_model
+from flwr_fedtan.exact_statistics import DEFAULT_STATISTICS_EXAMPLES, ExactStatistics
 from flwr_fedtan.schema import record_bytes
 from flwr_fedtan.strategy import ForwardingGrid
 
@@ -129,11 +130,15 @@ def make_strategy(config) -> Strategy:
     spec = method_spec(name)
     common = dict(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=2, min_available_nodes=2)
     optimizer = str(config.get("server-optimizer", "none")).lower()
+    statistics = dict(statistics_examples=int(config.get("statistics-examples", DEFAULT_STATISTICS_EXAMPLES)),
+                      statistics_every=int(config.get("statistics-every", 1)))
+    exchanges = dict(exchange_timeout=float(config.get("exchange-timeout", 120.0)), seed=int(config.get("seed", 0)),
+                     secure_stats=bool(config.get("secure-stats", False)))
     if name == "fedtan":
         return FedTAN(strategy=server_optimizer(config, **common), sync_steps=int(config.get("sync-steps", 1)),
-                      exchange_timeout=float(config.get("exchange-timeout", 120.0)),
-                      seed=int(config.get("seed", 0)),
-                      secure_stats=bool(config.get("secure-stats", False)))
+                      statistics=str(config.get("statistics", "exact")), **statistics, **exchanges)
+    if name == "fedavg-exact":
+        return ExactStatistics(server_optimizer(config, **common), **statistics, **exchanges)
     if name in ("fedavg", "fedgn"):
         return server_optimizer(config, **common)
     if name == "centralised":

@@ -13,7 +13,7 @@ from torch.utils.data import TensorDataset
 
 from flwr_fedtan import FedTANClient, convert_batchnorm, fedtan_client_app
 from flwr_fedtan.client import client_seed_key
-from flwr_fedtan.reference import fedtan_round_in_process
+from flwr_fedtan.reference import fedtan_round_in_process, pooled_statistics
 from flwr_fedtan.runtime import node_client_app
 from flwr_fedtan.training import derive_seed
 
@@ -77,8 +77,11 @@ def max_diff(a: dict, b: dict) -> float:
     return max(float(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64)).max()) for k in a)
 
 
-def reference_rounds(contexts, strategy_seed: int, rounds: int, local_steps: int = 2, attempts=None) -> dict:
-    """FedTAN rounds computed in one process: pooled_backward + SGD + BN-aware averaging."""
+def reference_rounds(contexts, strategy_seed: int, rounds: int, local_steps: int = 2, attempts=None,
+                     statistics: bool = False) -> dict:
+    """FedTAN rounds computed in one process: pooled_backward + SGD + BN-aware averaging;
+    with ``statistics``, then the statistics pass over every client's whole data (what
+    FedTAN's default ``statistics_examples`` covers for these 40-example clients)."""
     arrays = to_numpy(initial_arrays())
     for server_round in range(1, rounds + 1):
         attempt = (attempts or {}).get(server_round, 0)
@@ -88,4 +91,12 @@ def reference_rounds(contexts, strategy_seed: int, rounds: int, local_steps: int
         keys = [client_seed_key(c) for c in contexts]
         arrays = fedtan_round_in_process(clients, keys, arrays, derive_seed(strategy_seed, server_round, attempt),
                                          lr=LR, local_steps=local_steps)
+        if statistics:
+            models = []
+            for _ in contexts:
+                model = convert_batchnorm(SmallNet().double())
+                model.load_state_dict({k: torch.as_tensor(v) for k, v in arrays.items()})
+                models.append(model)
+            inputs = [client_data(int(c.node_config["partition-id"])).tensors[0] for c in contexts]
+            arrays.update(pooled_statistics(models, inputs, load=False))
     return arrays

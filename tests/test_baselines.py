@@ -98,12 +98,17 @@ def test_every_method_runs_one_round_end_to_end(method):
 
     traffic = summary["communication"][1]
     exchanges = 2 * CNN_BN_CALLS + 1 if method == "fedtan" else 1
+    if method in ("fedtan", "fedavg-exact"):  # the statistics pass: one exchange per BatchNorm call, + done
+        exchanges += CNN_BN_CALLS + 1
+        assert summary["train"][1]["fedtan-stats-applied"] == 1
+        assert summary["train"][1]["fedtan-stats-exchanges"] == CNN_BN_CALLS + 1
     assert traffic["train-exchanges"] == exchanges
     assert traffic["train-messages"] == traffic["train-replies"] == nodes * exchanges
     assert traffic.get("evaluate-exchanges", 0) == (1 if spec.evaluation == "federated" else 0)
     if method == "fedtan":  # the Grid's count agrees with FedTAN's own ledger
-        assert traffic["train-bytes-down"] == summary["train"][1]["fedtan-bytes-sent"]
-        assert traffic["train-bytes-up"] == summary["train"][1]["fedtan-bytes-received"]
+        train = summary["train"][1]
+        assert traffic["train-bytes-down"] == train["fedtan-bytes-sent"] + train["fedtan-stats-bytes-sent"]
+        assert traffic["train-bytes-up"] == train["fedtan-bytes-received"] + train["fedtan-stats-bytes-received"]
 
     model = model_from_config(config, norm=spec.norm)
     has_gn = any(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
@@ -263,7 +268,7 @@ def test_centralised_equals_fedtan_with_one_client_on_iid_data():
     assert torch.equal(pooled.tensors[1], single.tensors[1])
 
     central_result, central_summary = run_experiment(LocalGrid(app, 1, central), central)
-    single_fedtan = FedTAN(min_train_nodes=1, min_available_nodes=1, fraction_evaluate=0.0,
+    single_fedtan = FedTAN(statistics="running", min_train_nodes=1, min_available_nodes=1, fraction_evaluate=0.0,
                            seed=int(fedtan["seed"]))
     fedtan_result, fedtan_summary = run_experiment(LocalGrid(app, 1, fedtan), fedtan, strategy=single_fedtan)
 

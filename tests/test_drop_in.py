@@ -110,6 +110,14 @@ def centralised_sgd_step(task) -> dict:
     with torch.no_grad():
         for p in net.parameters():
             p -= RUN_CONFIG["lr"] * p.grad
+        # FedTAN's statistics pass (its default): the stepped model's BatchNorm statistics,
+        # exact, over every node's examples (here all of them): precise-BN, done the plain way.
+        # (num_batches_tracked ends at 1 either way: the pass leaves the step's count alone.)
+        for module in net.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.momentum = None
+                module.reset_running_stats()
+        net(torch.cat(inputs))
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
@@ -342,7 +350,7 @@ def test_settings_arguments_defaults_and_environment_overrides(monkeypatch, tmp_
 
 def _round_replays(app, **strategy_options) -> tuple[float, LocalGrid]:
     grid = LocalGrid(app, 2, {})
-    result = FedTAN(min_available_nodes=2, fraction_evaluate=0.0, **strategy_options).start(
+    result = FedTAN(statistics="running", min_available_nodes=2, fraction_evaluate=0.0, **strategy_options).start(
         grid, ArrayRecord(_model().double().state_dict()), num_rounds=1)
     metrics = result.train_metrics_clientapp[1]
     assert metrics["fedtan-clients"] == 2, metrics
@@ -379,7 +387,7 @@ def test_state_dir_and_replay_store_arguments_and_their_overrides(monkeypatch, t
     def run(**options):
         seen.clear()
         grid = LocalGrid(fedtan_client_app(_client_fn, **options), 2, {}, intercept=spy)
-        FedTAN(min_available_nodes=2, fraction_evaluate=0.0).start(
+        FedTAN(statistics="running", min_available_nodes=2, fraction_evaluate=0.0).start(
             grid, ArrayRecord(_model().double().state_dict()), num_rounds=1)
         return grid
 

@@ -54,7 +54,7 @@ def reference_rounds(
 
 
 def run_fedtan(grid, rounds=2, **kwargs):
-    strategy = FedTAN(min_available_nodes=len(grid.node_ids), fraction_evaluate=0.0, **kwargs)
+    strategy = FedTAN(statistics="running", min_available_nodes=len(grid.node_ids), fraction_evaluate=0.0, **kwargs)
     result = strategy.start(grid, initial_arrays(), num_rounds=rounds)
     return strategy, result
 
@@ -125,7 +125,7 @@ def test_replay_without_the_node_local_weights_drops_the_node_with_a_clear_reaso
             return super().push_messages(messages)
 
     grid = LosesFiles(app, 3, {}, separate_processes=True)
-    strategy = FedTAN(min_available_nodes=3, min_train_nodes=2, fraction_evaluate=0.0)
+    strategy = FedTAN(statistics="running", min_available_nodes=3, min_train_nodes=2, fraction_evaluate=0.0)
     result = strategy.start(grid, initial_arrays(), num_rounds=1)
     reason = strategy.dropped[1][1007]
     assert "node-local store" in reason and "replay_store='context'" in reason
@@ -236,7 +236,8 @@ def test_faulty_client_is_dropped_and_round_completes(fault):
     kwargs = dict(separate_processes=(fault == "raises"))
     last = 2 * NUM_BN_CALLS if fault == "nan-model" else 1
     grid = FaultyGrid(app, 3, {}, bad=1007, fault=fault, from_exchange=last, **kwargs)
-    strategy = FedTAN(min_available_nodes=3, min_train_nodes=2, fraction_evaluate=0.0, exchange_timeout=0.5)
+    strategy = FedTAN(statistics="running", min_available_nodes=3, min_train_nodes=2, fraction_evaluate=0.0,
+                      exchange_timeout=0.5)
     result = strategy.start(grid, initial_arrays(), num_rounds=1)
     final = to_numpy(result.arrays)
     assert all(np.all(np.isfinite(v)) for v in final.values())
@@ -260,7 +261,8 @@ def test_faulty_client_is_dropped_and_round_completes(fault):
 def test_round_skipped_when_too_few_clients_survive():
     app = fedtan_client_app(make_client)
     grid = FaultyGrid(app, 2, {}, bad=1007, fault="silent", from_exchange=0)
-    strategy = FedTAN(min_available_nodes=2, min_train_nodes=2, fraction_evaluate=0.0, exchange_timeout=0.3)
+    strategy = FedTAN(statistics="running", min_available_nodes=2, min_train_nodes=2, fraction_evaluate=0.0,
+                      exchange_timeout=0.3)
     result = strategy.start(grid, initial_arrays(), num_rounds=1)
     assert max_diff(to_numpy(result.arrays), to_numpy(initial_arrays())) == 0
     assert result.train_metrics_clientapp[1]["fedtan-skipped"] == 1

@@ -280,7 +280,7 @@ def test_run_folders_are_gone_after_the_run(tmp_path):
     replay_root = tmp_path / "state" / "replay"
     grid = ModeCheckingGrid(fedtan_client_app(make_client, replay_store="disk"), 3, {},
                             separate_processes=True, replay_root=replay_root)
-    strategy = FedTAN(min_available_nodes=3, fraction_evaluate=0.0)
+    strategy = FedTAN(statistics="running", min_available_nodes=3, fraction_evaluate=0.0)
     result = strategy.start(grid, initial_arrays(), num_rounds=2)
     assert result.train_metrics_clientapp[2]["fedtan-clients"] == 3
     assert result.train_metrics_clientapp[2]["replays"] == 2  # each of the 2 aggregates replayed
@@ -462,7 +462,7 @@ def test_a_node_sent_a_malformed_aggregate_is_dropped_and_the_round_completes():
         return None  # let the ClientApp handle the (altered) message
 
     grid = LocalGrid(fedtan_client_app(make_client), 3, {}, intercept=corrupt)
-    strategy = FedTAN(min_available_nodes=3, min_train_nodes=2, fraction_evaluate=0.0)
+    strategy = FedTAN(statistics="running", min_available_nodes=3, min_train_nodes=2, fraction_evaluate=0.0)
     result = strategy.start(grid, initial_arrays(), num_rounds=1)
     reason = strategy.dropped[1][victim]
     assert "invalid train.fedtan message from the server" in reason and "dtype float32" in reason

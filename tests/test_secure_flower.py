@@ -101,7 +101,8 @@ def test_dropout_mid_step_restarts_the_survivors_with_fresh_masks(fault):
     # the bad node answers the key exchange and two sync points, then fails
     grid = FaultyGrid(app, 3, {}, bad=1007, fault="silent" if fault == "silent" else "none", from_exchange=3,
                       separate_processes=(fault != "silent"))
-    strategy = FedTAN(min_available_nodes=3, min_train_nodes=2, fraction_evaluate=0.0, exchange_timeout=0.5,
+    strategy = FedTAN(statistics="running", min_available_nodes=3, min_train_nodes=2, fraction_evaluate=0.0,
+                      exchange_timeout=0.5,
                       secure_stats=True)
     result = strategy.start(grid, initial_arrays(), num_rounds=1)
     assert 1007 in strategy.dropped[1]
@@ -129,7 +130,8 @@ class WrongKeyGrid(LocalGrid):
 def test_a_wrong_key_drops_that_client_with_a_clear_reason_and_the_others_finish():
     app = fedtan_client_app(lambda ctx: make_client(ctx, local_steps=1))
     grid = WrongKeyGrid(app, 3, {})
-    strategy = FedTAN(min_available_nodes=3, min_train_nodes=2, fraction_evaluate=0.0, secure_stats=True)
+    strategy = FedTAN(statistics="running", min_available_nodes=3, min_train_nodes=2, fraction_evaluate=0.0,
+                      secure_stats=True)
     result = strategy.start(grid, initial_arrays(), num_rounds=1)
     assert "its private key does not match its public key in the roster" in strategy.dropped[1][1007]
     assert result.train_metrics_clientapp[1]["fedtan-clients"] == 2
@@ -225,7 +227,8 @@ class StaleReplyGrid(LocalGrid):
 def test_masks_that_do_not_cancel_restart_the_step_with_fresh_masks():
     app = fedtan_client_app(lambda ctx: make_client(ctx, local_steps=1))
     grid = StaleReplyGrid(app, 3, {})
-    strategy = FedTAN(min_available_nodes=3, min_train_nodes=2, fraction_evaluate=0.0, secure_stats=True)
+    strategy = FedTAN(statistics="running", min_available_nodes=3, min_train_nodes=2, fraction_evaluate=0.0,
+                      secure_stats=True)
     result = strategy.start(grid, initial_arrays(), num_rounds=1)
     metrics = result.train_metrics_clientapp[1]
     assert metrics["fedtan-restarts"] == 1 and metrics["fedtan-clients"] == 3 and not strategy.dropped[1]
@@ -236,7 +239,8 @@ def test_masks_that_do_not_cancel_restart_the_step_with_fresh_masks():
 def test_a_lone_survivor_skips_the_round_instead_of_sending_its_statistics():
     app = fedtan_client_app(lambda ctx: make_client(ctx, local_steps=1))
     grid = FaultyGrid(app, 2, {}, bad=1007, fault="silent", from_exchange=1)
-    strategy = FedTAN(min_available_nodes=2, min_train_nodes=1, fraction_evaluate=0.0, exchange_timeout=0.5,
+    strategy = FedTAN(statistics="running", min_available_nodes=2, min_train_nodes=1, fraction_evaluate=0.0,
+                      exchange_timeout=0.5,
                       secure_stats=True)
     result = strategy.start(grid, initial_arrays(), num_rounds=1)
     assert result.train_metrics_clientapp[1]["fedtan-skipped"] == 1

@@ -190,7 +190,8 @@ def test_fedadam_20_rounds_non_iid_stays_finite_and_learns_flower_fedadam_beside
     chance. Flower's FedAdam alone on the same app moves the BatchNorm buffers with Adam."""
     rounds = 20
     grid = LocalGrid(fedtan_client_app(make_client), 4, {})
-    wrapped = FedTAN(strategy=FedAdam(eta=0.03, fraction_evaluate=0.0, min_available_nodes=4), seed=3)
+    wrapped = FedTAN(statistics="running", strategy=FedAdam(eta=0.03, fraction_evaluate=0.0, min_available_nodes=4),
+                     seed=3)
     result = wrapped.start(grid, initial_arrays(), num_rounds=rounds, train_config=ConfigRecord({"lr": 0.1}))
     final = to_numpy(result.arrays)
     assert all(np.isfinite(v).all() for v in final.values())
@@ -225,7 +226,7 @@ def test_fedadam_20_rounds_non_iid_stays_finite_and_learns_flower_fedadam_beside
 def test_fedavgm_update_is_a_momentum_step_on_the_pooled_update():
     lr_server, momentum = 0.7, 0.9
     grid = RecordingGrid(fedtan_client_app(make_client), 3, {})
-    strategy = FedTAN(strategy=FedAvgM(server_learning_rate=lr_server, server_momentum=momentum,
+    strategy = FedTAN(statistics="running", strategy=FedAvgM(server_learning_rate=lr_server, server_momentum=momentum,
                                        fraction_evaluate=0.0, min_available_nodes=3))
     result = strategy.start(grid, initial_arrays(), num_rounds=3)
 
@@ -250,7 +251,7 @@ def test_fedavgm_update_is_a_momentum_step_on_the_pooled_update():
 @pytest.mark.parametrize("optimiser", [FedYogi, FedAdagrad])
 def test_other_fedopt_strategies_keep_buffers_pooled(optimiser):
     grid = RecordingGrid(fedtan_client_app(make_client), 3, {})
-    strategy = FedTAN(strategy=optimiser(eta=0.01, fraction_evaluate=0.0, min_available_nodes=3))
+    strategy = FedTAN(statistics="running", strategy=optimiser(eta=0.01, fraction_evaluate=0.0, min_available_nodes=3))
     result = strategy.start(grid, initial_arrays(), num_rounds=2)
     final = to_numpy(result.arrays)
     expected = pooled_buffers(grid.finals[2], sorted(grid.finals[2]))
@@ -281,7 +282,7 @@ def test_configure_train_schedule_reaches_the_clients():
     grid = RecordingGrid(fedtan_client_app(double_client), 3, {})
     torch.manual_seed(0)
     start = ArrayRecord(convert_batchnorm(Net().double()).state_dict())
-    strategy = FedTAN(strategy=ScheduledLR(fraction_evaluate=0.0, min_available_nodes=3))
+    strategy = FedTAN(statistics="running", strategy=ScheduledLR(fraction_evaluate=0.0, min_available_nodes=3))
     result = strategy.start(grid, start, num_rounds=2)
     assert {cfg["lr"] for cfg in grid.train_configs.values()} == {0.2 * 0.25}  # round 2's
 
@@ -301,7 +302,7 @@ def test_server_side_dp_clips_the_parameter_update_and_adds_noise():
     dp = DifferentialPrivacyServerSideFixedClipping(
         FedAvg(fraction_evaluate=0.0, min_available_nodes=nodes), noise_multiplier=noise_multiplier,
         clipping_norm=clip, num_sampled_clients=nodes)
-    strategy = FedTAN(strategy=dp)
+    strategy = FedTAN(statistics="running", strategy=dp)
     np.random.seed(11)  # Flower's DP noise comes from NumPy's global generator
     result = strategy.start(grid, initial_arrays(), num_rounds=1)
 
@@ -332,8 +333,9 @@ def test_server_side_dp_clips_the_parameter_update_and_adds_noise():
 # ---------------------------------------------------------------------- resume
 def test_resumed_run_equals_uninterrupted(tmp_path):
     def strategy(**kwargs):
-        return FedTAN(strategy=FedAdam(eta=0.02, fraction_train=0.75, min_train_nodes=2, fraction_evaluate=0.0,
-                                       min_available_nodes=4), seed=5, **kwargs)
+        return FedTAN(statistics="running", strategy=FedAdam(eta=0.02, fraction_train=0.75, min_train_nodes=2,
+                                                             fraction_evaluate=0.0, min_available_nodes=4),
+                      seed=5, **kwargs)
 
     grid = LocalGrid(fedtan_client_app(make_client), 4, {})
     full = strategy(checkpoint_dir=tmp_path, keep_checkpoints=0)
@@ -356,9 +358,11 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
 
 def test_resume_refuses_another_strategy(tmp_path):
     grid = LocalGrid(fedtan_client_app(make_client), 2, {})
-    FedTAN(fraction_evaluate=0.0, checkpoint_dir=tmp_path).start(grid, initial_arrays(), num_rounds=1)
+    FedTAN(statistics="running", fraction_evaluate=0.0, checkpoint_dir=tmp_path).start(grid, initial_arrays(),
+           num_rounds=1)
     with pytest.raises(ValueError, match="FedAvg.*FedAdam|build the same strategy"):
-        FedTAN(strategy=FedAdam(fraction_evaluate=0.0)).start(grid, initial_arrays(), num_rounds=2,
+        FedTAN(statistics="running", strategy=FedAdam(fraction_evaluate=0.0)).start(grid, initial_arrays(),
+               num_rounds=2,
                                                               resume_from=tmp_path)
 
 
@@ -372,7 +376,8 @@ def test_sampling_is_seeded_and_leaves_the_global_random_stream_alone():
         random.seed(123)
         before = random.random()
         random.seed(123)
-        FedTAN(fraction_train=0.5, fraction_evaluate=0.0, seed=9).start(grid, initial_arrays(), num_rounds=2)
+        FedTAN(statistics="running", fraction_train=0.5, fraction_evaluate=0.0, seed=9).start(grid, initial_arrays(),
+               num_rounds=2)
         assert random.random() == before  # the caller's stream is untouched
         picks.append({r: sorted(f) for r, f in grid.finals.items()})
     assert picks[0] == picks[1]
@@ -386,7 +391,7 @@ def test_client_inflating_num_examples_is_dropped_and_model_is_the_honest_averag
             metrics["num-examples"] = 1e9
 
     grid = RecordingGrid(fedtan_client_app(make_client), 3, {}, alter=inflate)
-    strategy = FedTAN(fraction_evaluate=0.0, min_available_nodes=3)
+    strategy = FedTAN(statistics="running", fraction_evaluate=0.0, min_available_nodes=3)
     with caplog.at_level(logging.WARNING):
         result = strategy.start(grid, initial_arrays(), num_rounds=1)
     reason = strategy.dropped[1][1007]
@@ -406,7 +411,7 @@ def test_reported_weight_option_trusts_the_client():
             metrics["num-examples"] = 90
 
     grid = RecordingGrid(fedtan_client_app(make_client), 3, {}, alter=inflate)
-    strategy = FedTAN(fraction_evaluate=0.0, min_available_nodes=3, client_weight="reported")
+    strategy = FedTAN(statistics="running", fraction_evaluate=0.0, min_available_nodes=3, client_weight="reported")
     result = strategy.start(grid, initial_arrays(), num_rounds=1)
     assert not strategy.dropped[1]
     finals = grid.finals[1]
@@ -428,7 +433,7 @@ def test_forward_counts_inconsistent_across_layers_drop_the_client(lie):
                 status["count"] = float(status["count"]) * 2
 
     grid = RecordingGrid(fedtan_client_app(make_client), 3, {}, alter=alter)
-    strategy = FedTAN(fraction_evaluate=0.0, min_available_nodes=3, min_train_nodes=2)
+    strategy = FedTAN(statistics="running", fraction_evaluate=0.0, min_available_nodes=3, min_train_nodes=2)
     result = strategy.start(grid, initial_arrays(), num_rounds=1)
     reason = strategy.dropped[1][1007]
     assert ("values per example" in reason) if lie == "count" else ("at the step's first call" in reason)
@@ -440,7 +445,8 @@ def test_forward_counts_inconsistent_across_layers_drop_the_client(lie):
 # ---------------------------------------------------------------------- drops and repeat offenders
 def test_nan_data_is_logged_with_node_and_reason_and_the_node_sits_out_after_repeated_failures(caplog):
     grid = LocalGrid(fedtan_client_app(lambda ctx: make_client(ctx, nan_partition=1)), 3, {})
-    strategy = FedTAN(fraction_evaluate=0.0, min_available_nodes=3, min_train_nodes=2, quarantine_after=2,
+    strategy = FedTAN(statistics="running", fraction_evaluate=0.0, min_available_nodes=3, min_train_nodes=2,
+                      quarantine_after=2,
                       max_quarantine_rounds=2)
     with caplog.at_level(logging.INFO):
         result = strategy.start(grid, initial_arrays(), num_rounds=7)
@@ -458,7 +464,8 @@ def test_nan_data_is_logged_with_node_and_reason_and_the_node_sits_out_after_rep
 
 def test_quarantine_can_be_disabled():
     grid = LocalGrid(fedtan_client_app(lambda ctx: make_client(ctx, nan_partition=1)), 3, {})
-    strategy = FedTAN(fraction_evaluate=0.0, min_available_nodes=3, min_train_nodes=2, quarantine_after=None)
+    strategy = FedTAN(statistics="running", fraction_evaluate=0.0, min_available_nodes=3, min_train_nodes=2,
+                      quarantine_after=None)
     result = strategy.start(grid, initial_arrays(), num_rounds=3)
     assert [result.train_metrics_clientapp[r]["fedtan-restarts"] for r in (1, 2, 3)] == [1, 1, 1]
 
@@ -467,7 +474,7 @@ def test_quarantine_can_be_disabled():
 def test_fedavg_options_and_strategy_are_exclusive():
     with pytest.raises(ValueError, match="set them on the wrapped strategy"):
         FedTAN(fraction_train=0.5, strategy=FedAdam())
-    assert FedTAN(fraction_train=0.5).strategy.fraction_train == 0.5
+    assert FedTAN(statistics="running", fraction_train=0.5).strategy.fraction_train == 0.5
     with pytest.raises(ValueError, match="client_weight"):
         FedTAN(client_weight="claimed")
 
@@ -512,7 +519,7 @@ def test_error_replies_and_malformed_done_replies_do_not_reach_the_wrapped_strat
             arrays["fc2.bias"] = Array(bad)
 
     grid = RecordingGrid(fedtan_client_app(make_client), 3, {}, alter=nan_model)
-    strategy = FedTAN(strategy=Spy(fraction_evaluate=0.0, min_available_nodes=3))
+    strategy = FedTAN(statistics="running", strategy=Spy(fraction_evaluate=0.0, min_available_nodes=3))
     strategy.start(grid, initial_arrays(), num_rounds=1)
     assert seen == [1000, 1007]
     assert "NaN" in strategy.dropped[1][1014]
