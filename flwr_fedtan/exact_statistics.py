@@ -48,6 +48,7 @@ __all__ = [
     "PassOutcome",
     "StatisticsPassDriver",
     "pass_due",
+    "pass_seed",
 ]
 
 STATISTICS_MODES = ("exact", "running")
@@ -60,6 +61,12 @@ README's measurement for why."""
 
 _PASS_SEED_TAG = 0x57A7  # keeps the pass's example draws apart from the round's batches
 _NONE = np.zeros(0)
+
+
+def pass_seed(seed: int, server_round: int, attempt: int = 0) -> int:
+    """The seed a pass sends its clients (each mixes in its own key, like a round's batch
+    seed): which examples they forward."""
+    return derive_seed(seed, server_round, attempt, _PASS_SEED_TAG)
 
 
 def pass_due(server_round: int, every: int, num_rounds: Optional[int]) -> bool:
@@ -214,7 +221,7 @@ class StatisticsPassDriver:
     ) -> tuple[dict, dict[int, int]]:
         """One attempt; the pooled statistics go into ``released`` as they are sent out.
         Returns the agreed buffer mapping and each client's examples."""
-        seed = derive_seed(self.seed, server_round, attempt, _PASS_SEED_TAG)
+        seed = pass_seed(self.seed, server_round, attempt)
         roster = None
         if self._secure is not None:
             participants = self._key_exchange(grid, outcome, participants, server_round)

@@ -359,6 +359,13 @@ IGNORED_CONFIG_KEYS = ("results-file",)
 results file is read from where it is; a moved output folder stays reusable)."""
 
 
+LEGACY_VALUES: dict[str, tuple[str, Any]] = {"statistics": ("fedtan", "running")}
+"""Run-config keys whose introduction changed a method's behaviour: ``{key: (method,
+value)}``, the value a run of that method recorded before the key existed had in effect.
+Such a summary is reused only when that value is the one wanted (a FedTAN run from before
+the statistics pass is not a run with it)."""
+
+
 def _same_value(value: Any, other: Any) -> bool:
     if isinstance(value, bool) or isinstance(other, bool):
         return value is other or value == other and type(value) is type(other)
@@ -377,14 +384,20 @@ def _config_mismatch(summary: Mapping[str, Any], run_config: Mapping[str, Any],
     """
     recorded = summary.get("config") or {}
     declared = declared if declared is not None else {}
+    # What a key the summary does not record meant for it: its legacy value, else the default.
+    absent = dict(declared)
+    absent.update({key: legacy for key, (method, legacy) in LEGACY_VALUES.items()
+                   if recorded.get("strategy") == method})
+    wanted = dict(run_config)
+    wanted.update({key: declared[key] for key in LEGACY_VALUES if key not in run_config and key in declared})
     mismatch = []
-    for key, value in run_config.items():
+    for key, value in wanted.items():
         if key in IGNORED_CONFIG_KEYS:
             continue
         if key in recorded:
             if not _same_value(value, recorded[key]):
                 mismatch.append(key)
-        elif not (key in declared and _same_value(value, declared[key])):
+        elif not (key in absent and _same_value(value, absent[key])):
             mismatch.append(key)
     return mismatch
 
@@ -415,7 +428,8 @@ def result_state(spec: RunSpec, declared: Optional[Mapping[str, Any]] = None) ->
     mismatch = _config_mismatch(summary, spec.run_config, _declared_defaults() if declared is None else declared)
     if mismatch:
         recorded = summary.get("config") or {}
-        details = ", ".join(f"{k}: {recorded.get(k, '(absent)')!r} != {spec.run_config[k]!r}" for k in mismatch[:4])
+        wanted = {**(_declared_defaults() if declared is None else declared), **spec.run_config}
+        details = ", ".join(f"{k}: {recorded.get(k, '(absent)')!r} != {wanted.get(k)!r}" for k in mismatch[:4])
         return "mismatched", None, details
     return _completeness(summary, spec.run_config)
 

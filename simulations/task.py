@@ -101,10 +101,13 @@ def in_process_fedtan(config: Mapping[str, Any], num_partitions: int, num_rounds
     """The app's FedTAN run computed in one process, without Flower (the reference).
 
     Same initial model, data partitions, batch seeds and plain-SGD steps as
-    ``flwr run .`` with ``strategy = "fedtan"``; returns the final global arrays.
+    ``flwr run .`` with ``strategy = "fedtan"``, and with ``statistics = "exact"`` the
+    statistics pass after every ``statistics-every`` rounds and the last (the same examples
+    drawn, :func:`flwr_fedtan.reference.pooled_statistics`); returns the final global arrays.
     """
     from flwr_fedtan import convert_batchnorm
-    from flwr_fedtan.reference import fedtan_round_in_process
+    from flwr_fedtan.exact_statistics import DEFAULT_STATISTICS_EXAMPLES, pass_due, pass_seed
+    from flwr_fedtan.reference import fedtan_round_in_process, pooled_statistics
     from flwr_fedtan.training import derive_seed
 
     seed = int(config.get("seed", 0))
@@ -118,4 +121,12 @@ def in_process_fedtan(config: Mapping[str, Any], num_partitions: int, num_rounds
             clients, list(range(num_partitions)), arrays, derive_seed(seed, server_round, 0),
             lr=float(config["lr"]), local_steps=int(config["local-steps"]),
         )
+        every = int(config.get("statistics-every", 1))
+        if str(config.get("statistics", "exact")) == "exact" and pass_due(server_round, every, num_rounds):
+            examples = int(config.get("statistics-examples", DEFAULT_STATISTICS_EXAMPLES))
+            inputs = []
+            for partition, client in enumerate(clients):
+                client.model.load_state_dict({k: torch.as_tensor(v) for k, v in arrays.items()})
+                inputs.append(client.sample_batch(derive_seed(pass_seed(seed, server_round), partition), examples)[0])
+            arrays.update(pooled_statistics([c.model for c in clients], inputs, load=False))
     return {k: np.asarray(v) for k, v in arrays.items()}

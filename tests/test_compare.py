@@ -127,6 +127,23 @@ def test_a_run_older_than_an_option_matches_only_its_default(tmp_path):
     assert state == "mismatched" and "sync-steps: '(absent)'" in reason
 
 
+def test_a_fedtan_run_from_before_the_statistics_pass_is_not_reused(tmp_path):
+    """Runs recorded before ``statistics`` existed ran with the running statistics: a FedTAN
+    one is redone now that the default is the pass; FedAvg's (which the key does not
+    touch) is reused, and so is FedTAN's when ``statistics=running`` is asked for."""
+    runs = plan(tmp_path, methods=["fedtan", "fedavg"], seeds=[0])
+    quiet(runs, FakeRunner())
+    for spec in runs:
+        summary = json.loads(spec.results_file.read_text())
+        del summary["config"]["statistics"]
+        spec.results_file.write_text(json.dumps(summary))
+    states = {spec.method: compare.result_state(spec, DECLARED) for spec in runs}
+    assert states["fedtan"][0] == "mismatched" and "statistics" in states["fedtan"][2]
+    assert states["fedavg"][0] == "complete"
+    running = plan(tmp_path, methods=["fedtan"], seeds=[0], statistics="running")
+    assert compare.result_state(running[0], DECLARED)[0] == "complete"
+
+
 def test_a_moved_output_folder_is_still_reused(tmp_path):
     quiet(plan(tmp_path / "a", methods=["fedtan"], seeds=[0]), FakeRunner())
     (tmp_path / "a").rename(tmp_path / "b")

@@ -2,7 +2,7 @@
 test starts, in Ray simulation and in a loopback deployment with three SuperNodes.
 
 The final global model must equal :func:`simulations.task.in_process_fedtan` (the same
-FedTAN run computed in one process, without Flower). Every process a test starts is
+FedTAN run computed in one process, without Flower, statistics pass included). Every process a test starts is
 stopped by PID in the fixture's finalizer (see ``simulations/flower_processes.py``).
 
 Run with ``pytest -m slow tests/test_e2e_flower.py``.
@@ -162,6 +162,9 @@ def test_ray_simulation_matches_in_process_reference(flower, tmp_path, capsys, c
         assert train["fedtan-exchanges"] == CNN_EXCHANGES, train
         assert train["fedtan-clients"] == 3 and train["fedtan-restarts"] == 0, train
         assert train["replays"] == 0, train
+        # The statistics pass (the app's default) ran over all three clients; the reference has it too.
+        assert train["fedtan-stats-applied"] == 1 and train["fedtan-stats-clients"] == 3, train
+        assert train["fedtan-stats-exchanges"] == CNN_BN_CALLS + 1, train
     if spec["actors"] > 1:
         assert f"Constructed ActorPool with: {spec['actors']} actors" in outcome.output, outcome.output[-4000:]
     homes = home_lines(flower)
@@ -224,6 +227,7 @@ def test_deployment_loopback_one_round(flower, tmp_path, capsys):
     assert train["fedtan-exchanges"] == exchanges and train["fedtan-clients"] == 3, train
     # Every aggregate message found the node's round alive in its worker.
     assert train["replays"] == 0, train
+    assert train["fedtan-stats-applied"] == 1 and train["fedtan-stats-clients"] == 3, train
     logs = worker_logs(flower)
     assert len(logs) == 3 and all("FedTAN node worker pid" in text for text in logs.values()), logs
 
