@@ -55,7 +55,7 @@ STATISTICS_MODES = ("exact", "running")
 """``"exact"``: the statistics pass; ``"running"``: the running averages the clients
 collected during the round, aggregated (FedTAN's behaviour before the pass existed)."""
 
-DEFAULT_STATISTICS_EXAMPLES = 512
+DEFAULT_STATISTICS_EXAMPLES = 256
 """Examples each client forwards in a pass (all of its data if it has fewer); see the
 README's measurement for why."""
 
@@ -381,7 +381,7 @@ class ExactStatistics(Strategy):
     ----------
     strategy : Strategy
         E.g. ``FedAvg(...)``, ``FedAdam(...)``, a DP wrapper.
-    statistics_examples : int (default: 512)
+    statistics_examples : int (default: 256)
         Examples each client forwards (all of its data if it has fewer).
     statistics_every : int (default: 1)
         Run the pass every this many rounds (and always after the last).

@@ -239,7 +239,7 @@ class FedTAN(Strategy):
         clients collected during the round (models drifting apart over the local steps
         collect statistics that are not the averaged model's). If the pass fails (too
         few clients left), the round keeps the aggregated statistics, logged.
-    statistics_examples : int (default: 512)
+    statistics_examples : int (default: 256)
         Examples each client forwards in the pass (all of its data if it has fewer).
     statistics_every : int (default: 1)
         Run the pass every this many rounds, and always after the last round.

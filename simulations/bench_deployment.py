@@ -35,6 +35,8 @@ from typing import Any, Iterable, Mapping, Optional
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
+from flwr_fedtan.exact_statistics import DEFAULT_STATISTICS_EXAMPLES
+
 from .bench_flower import PING, empty_exchange
 
 BACKOFF_SECONDS = 0.5  # a pull slower than this waited (Flower's object-pull back-off is 1 s +- 20%, or load)
@@ -149,7 +151,7 @@ def _run_deployment_benchmark(grid: Grid, config: Mapping[str, Any], initial: Ar
     exact_pass = str(config.get("statistics", "running")) == "exact"
     fedtan = FedTAN(fraction_evaluate=0.0, min_available_nodes=len(nodes), min_train_nodes=len(nodes),
                     statistics="exact" if exact_pass else "running",
-                    statistics_examples=int(config.get("statistics-examples", 512)))
+                    statistics_examples=int(config.get("statistics-examples", DEFAULT_STATISTICS_EXAMPLES)))
     empty_exchange(timing, nodes, fedtan.poll_interval)  # warm-up: first process starts, caches
     for _ in range(pings):
         empty_exchange(timing, nodes, fedtan.poll_interval)

@@ -32,6 +32,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from flwr_fedtan import FedTAN
+from flwr_fedtan.exact_statistics import DEFAULT_STATISTICS_EXAMPLES
 from flwr_fedtan.schema import record_bytes
 
 PING = "query.ping"
@@ -80,7 +81,8 @@ def run_exchange_benchmark(grid: Grid, config: Mapping[str, Any], initial: Array
     secure_last = secure_result.train_metrics_clientapp[rounds]
 
     exact = FedTAN(fraction_evaluate=0.0, min_available_nodes=len(nodes), min_train_nodes=len(nodes),
-                   statistics="exact", statistics_examples=int(config.get("statistics-examples", 512)))
+                   statistics="exact",
+                   statistics_examples=int(config.get("statistics-examples", DEFAULT_STATISTICS_EXAMPLES)))
     started = time.perf_counter()
     exact_result = exact.start(grid=grid, initial_arrays=initial, num_rounds=rounds, train_config=train_config)
     exact_round = (time.perf_counter() - started) / rounds
@@ -168,7 +170,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--local-steps", type=int, default=1)
     parser.add_argument("--num-cpus-per-client", type=float, default=2.0)
-    parser.add_argument("--statistics-examples", type=int, default=512)
+    parser.add_argument("--statistics-examples", type=int, default=DEFAULT_STATISTICS_EXAMPLES)
     args = parser.parse_args()
 
     from .flower_processes import run_app

@@ -142,8 +142,9 @@ def test_evaluate_fn_sees_the_exact_statistics():
 
 def _grid_with_hostile_node(mode: str) -> tuple[LocalGrid, int]:
     """A grid whose second node misbehaves in the statistics pass only: ``error`` (its
-    ClientApp fails), ``nan`` (a NaN in its forward payloads), ``mapping`` (it reports
-    another buffer mapping than the model's)."""
+    ClientApp fails), ``nan`` (a NaN in its forward payloads), ``count`` (its examples
+    change after the first call), ``mapping`` (it reports another buffer mapping than the
+    model's)."""
     app = fedtan_client_app(client_fn)
     holder: dict = {}
 
@@ -159,6 +160,9 @@ def _grid_with_hostile_node(mode: str) -> tuple[LocalGrid, int]:
             mean = stats["mean"].numpy().copy()
             mean[0] = np.nan
             stats["mean"] = Array(mean)
+        status = reply.content.config_records.get(schema.STATUS)
+        if mode == "count" and status is not None and status.get("point", 0) >= 1:  # another n_k than at call 0
+            status["num-examples"] = int(status["num-examples"]) + 1
         if mode == "mapping" and schema.STATS_BUFFERS in reply.content.config_records:
             record = reply.content.config_records[schema.STATS_BUFFERS]
             record[next(iter(record.keys()))] = [1]  # the first buffer is fed by call 0
@@ -169,7 +173,7 @@ def _grid_with_hostile_node(mode: str) -> tuple[LocalGrid, int]:
     return grid, holder["bad"]
 
 
-@pytest.mark.parametrize("mode", ["error", "nan", "mapping"])
+@pytest.mark.parametrize("mode", ["error", "nan", "count", "mapping"])
 def test_a_client_failing_in_the_pass_is_dropped_and_the_pass_restarts_without_it(mode, caplog):
     grid, bad = _grid_with_hostile_node(mode)
     strategy = FedTAN(min_available_nodes=3, fraction_evaluate=0.0, statistics_examples=ALL, quarantine_after=None)
