@@ -39,7 +39,7 @@ from .aggregation import ForwardStats, SyncPoint
 from .batchnorm import check_model
 from .intercept import intercept_batch_norm
 from .pause import PausableCall, PrivateRNG
-from .step import StepProtocolError, SyncRequest
+from .step import StepProtocolError, SyncRequest, check_pooled_forward
 
 __all__ = ["StatisticsPass", "BufferCalls", "MEAN", "VAR"]
 
@@ -126,7 +126,9 @@ class StatisticsPass:
             raise StepProtocolError("no BatchNorm call of the statistics pass is waiting for statistics")
         if self._thread is not threading.current_thread():
             raise StepProtocolError("a statistics pass must be resumed in the thread that started it")
-        self._check_aggregate(*self._pending, aggregate)
+        point, own = self._pending
+        check_pooled_forward(f"statistics pass, BatchNorm call {point.call}", point, own, aggregate,
+                             self.num_examples, self.total_examples)
         self.received.append(aggregate)
         return self._advance(aggregate)
 
@@ -180,29 +182,6 @@ class StatisticsPass:
             raise
         self._pending = request  # type: ignore[assignment]
         return request
-
-    def _check_aggregate(self, point: SyncPoint, own: ForwardStats, aggregate: ForwardStats) -> None:
-        where = f"statistics pass, BatchNorm call {point.call}"
-        if not isinstance(aggregate, ForwardStats):
-            raise StepProtocolError(f"{where}: needs ForwardStats, got {type(aggregate).__name__}")
-        c = point.channels
-        if np.shape(aggregate.mean) != (c,) or np.shape(aggregate.var) != (c,):
-            raise StepProtocolError(
-                f"{where}: expected {c} channels, got mean {np.shape(aggregate.mean)}, var {np.shape(aggregate.var)}"
-            )
-        if not (np.isfinite(aggregate.mean).all() and np.isfinite(aggregate.var).all()):
-            raise StepProtocolError(f"{where}: non-finite pooled moments")
-        if (np.asarray(aggregate.var) < 0).any():
-            raise StepProtocolError(f"{where}: negative pooled variance")
-        if not (aggregate.count >= own.count) or aggregate.num_examples < self.num_examples:
-            raise StepProtocolError(
-                f"{where}: pooled count {aggregate.count} / examples {aggregate.num_examples} smaller than "
-                f"this client's own ({own.count:g} / {self.num_examples})"
-            )
-        if self.total_examples is not None and aggregate.num_examples != self.total_examples:
-            raise StepProtocolError(
-                f"{where}: pooled examples {aggregate.num_examples}, earlier calls pooled {self.total_examples}"
-            )
 
     def _cuda_devices(self) -> list[torch.device]:
         return sorted({p.device for p in self.model.parameters() if p.device.type == "cuda"}, key=str)

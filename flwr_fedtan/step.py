@@ -59,7 +59,7 @@ from .losses import reduce_loss
 from .pause import PausableCall, PrivateRNG
 from .staged_backward import StagedBackward
 
-__all__ = ["SyncStep", "SyncRequest", "Aggregate", "StepProtocolError"]
+__all__ = ["SyncStep", "SyncRequest", "Aggregate", "StepProtocolError", "check_pooled_forward"]
 
 Aggregate = Union[ForwardStats, BackwardSums]
 SyncRequest = tuple[SyncPoint, Aggregate]
@@ -67,6 +67,47 @@ SyncRequest = tuple[SyncPoint, Aggregate]
 
 class StepProtocolError(RuntimeError):
     """The step was driven out of order, or an aggregate does not fit the sync point."""
+
+
+def check_pooled_forward(
+    where: str,
+    point: SyncPoint,
+    own: object,
+    aggregate: object,
+    num_examples: int,
+    total_examples: Optional[int],
+) -> None:
+    """Refuse pooled forward statistics that cannot be this forward call's: another type
+    or width, non-finite or negative moments, a pooled count or batch smaller than this
+    client's own payload (``own``), or another pooled batch than earlier calls'.
+
+    Raises
+    ------
+    StepProtocolError
+        Naming ``where`` and what does not fit.
+    """
+    c = point.channels
+    if not isinstance(aggregate, ForwardStats):
+        raise StepProtocolError(f"{where} needs ForwardStats, got {type(aggregate).__name__}")
+    if np.shape(aggregate.mean) != (c,) or np.shape(aggregate.var) != (c,):
+        raise StepProtocolError(
+            f"{where}: expected {c} channels, got mean {np.shape(aggregate.mean)}, var {np.shape(aggregate.var)}"
+        )
+    if not (np.isfinite(aggregate.mean).all() and np.isfinite(aggregate.var).all()):
+        raise StepProtocolError(f"{where}: non-finite pooled moments")
+    if (np.asarray(aggregate.var) < 0).any():
+        raise StepProtocolError(f"{where}: negative pooled variance")
+    own_count = own.count if isinstance(own, ForwardStats) else 1.0
+    # ``not >=`` so that a NaN count is refused too.
+    if not (aggregate.count >= max(own_count, 1.0)) or aggregate.num_examples < num_examples:
+        raise StepProtocolError(
+            f"{where}: pooled count {aggregate.count} / examples {aggregate.num_examples} smaller than this "
+            f"client's own ({own_count:g} / {num_examples})"
+        )
+    if total_examples is not None and aggregate.num_examples != total_examples:
+        raise StepProtocolError(
+            f"{where}: pooled batch has {aggregate.num_examples} examples, expected {total_examples}"
+        )
 
 
 @dataclass
@@ -274,33 +315,10 @@ class SyncStep:
     def _check_aggregate(self, point: SyncPoint, aggregate: Aggregate) -> None:
         c = point.channels
         if point.phase == "forward":
-            if not isinstance(aggregate, ForwardStats):
-                raise StepProtocolError(
-                    f"sync point {point.index} needs ForwardStats, got {type(aggregate).__name__}"
-                )
-            if aggregate.mean.shape != (c,) or aggregate.var.shape != (c,):
-                raise StepProtocolError(
-                    f"sync point {point.index}: expected {c} channels, got mean "
-                    f"{aggregate.mean.shape}, var {aggregate.var.shape}"
-                )
-            if not (np.isfinite(aggregate.mean).all() and np.isfinite(aggregate.var).all()):
-                raise StepProtocolError(f"sync point {point.index}: non-finite pooled moments")
-            if (aggregate.var < 0).any():
-                raise StepProtocolError(f"sync point {point.index}: negative pooled variance")
-            own = self._pending_payload
-            own_count = own.count if isinstance(own, ForwardStats) else 1.0
-            # ``not >=`` so that a NaN count is refused too.
-            if not (aggregate.count >= max(own_count, 1.0)) or aggregate.num_examples < self.num_examples:
-                raise StepProtocolError(
-                    f"sync point {point.index}: pooled count {aggregate.count} / examples "
-                    f"{aggregate.num_examples} smaller than this client's own "
-                    f"({own_count:g} / {self.num_examples})"
-                )
-            if self.total_examples is not None and aggregate.num_examples != self.total_examples:
-                raise StepProtocolError(
-                    f"sync point {point.index}: pooled batch has {aggregate.num_examples} "
-                    f"examples, expected {self.total_examples}"
-                )
+            check_pooled_forward(
+                f"sync point {point.index}", point, self._pending_payload, aggregate, self.num_examples,
+                self.total_examples,
+            )
         else:
             if not isinstance(aggregate, BackwardSums):
                 raise StepProtocolError(
