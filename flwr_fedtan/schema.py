@@ -141,8 +141,11 @@ def _payload_from(
     if stats is None:
         raise PayloadError(sender, f"missing ArrayRecord '{STATS}'")
     if scalars.get("masked") is True:
+        expected = {"masked", "roster-digest"} | ({"shift"} if phase == PHASE_FORWARD else set())
+        if set(stats.keys()) != expected:  # before decoding anything a client sent
+            raise PayloadError(sender, f"masked payload holds {sorted(stats.keys())}, expected {sorted(expected)}")
         try:
-            arrays = {name: stats[name].numpy() for name in stats.keys()}
+            arrays = {name: stats[name].numpy() for name in expected}
         except Exception as error:  # a corrupt Array
             raise PayloadError(sender, f"'{STATS}' cannot be decoded: {error}") from None
         return MaskedPayload.from_arrays(

@@ -1,4 +1,9 @@
-"""Secure aggregation of BatchNorm statistics: the server learns only the sums over clients.
+"""Secure aggregation of BatchNorm statistics: an honest-but-curious server (one that runs
+the protocol faithfully) learns only the sums over clients.
+
+A malicious server is not covered: it can substitute public keys (a man in the middle) and
+then read each client's payload. What the clients refuse from any server (invalid keys,
+repeated or decreasing attempts) is listed in the README's "What FedTAN trusts".
 
 Pure functions on NumPy arrays and byte strings, built on ``cryptography`` (a Flower
 dependency); no torch, no Flower.
@@ -76,6 +81,7 @@ __all__ = [
     "server_decode",
     "value_bound",
     "describe_point",
+    "check_public_key",
     "shift_for",
     "shifts_to_arrays",
     "shifts_from_arrays",
@@ -145,6 +151,30 @@ def generate_key_pair() -> KeyPair:
     return KeyPair(private=key.private_bytes_raw(), public=_public_of(key))
 
 
+@functools.lru_cache(maxsize=256)
+def check_public_key(key: bytes) -> None:
+    """Refuse a public key that cannot key a pair: not 32 bytes, or a point of small order
+    (the all-zero key among them), whose shared secret with any private key is all zero,
+    so every pair key with it would be the same public value.
+
+    Raises
+    ------
+    KeyAgreementError
+        Naming what is wrong with the key.
+    """
+    if not isinstance(key, (bytes, bytearray)) or len(key) != _KEY_BYTES:
+        raise KeyAgreementError(
+            f"public key must be {_KEY_BYTES} raw bytes (X25519), got {type(key).__name__} of length "
+            f"{len(key) if hasattr(key, '__len__') else '?'}"
+        )
+    try:
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(bytes(key)))
+    except ValueError:
+        raise KeyAgreementError(
+            "public key is a point of small order (e.g. all zeros): it gives an all-zero shared secret"
+        ) from None
+
+
 def _public_of(key: X25519PrivateKey) -> bytes:
     return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
@@ -179,7 +209,8 @@ class Roster:
         ------
         KeyAgreementError
             Fewer than two nodes (a lone client's payload could not be masked), a key that
-            is not 32 bytes, or two nodes with the same key.
+            is not 32 bytes or of small order (naming its node), or two nodes with the same
+            key.
         """
         if len(keys) < 2:
             raise KeyAgreementError(
@@ -190,11 +221,10 @@ class Roster:
         public = []
         for node in ids:
             key = keys[node]
-            if not isinstance(key, (bytes, bytearray)) or len(key) != _KEY_BYTES:
-                raise KeyAgreementError(
-                    f"node {node}: public key must be {_KEY_BYTES} raw bytes (X25519), got "
-                    f"{type(key).__name__} of length {len(key) if hasattr(key, '__len__') else '?'}"
-                )
+            try:
+                check_public_key(bytes(key) if isinstance(key, bytearray) else key)
+            except KeyAgreementError as error:
+                raise KeyAgreementError(f"node {node}: {error}") from None
             public.append(bytes(key))
         if len(set(public)) != len(public):
             raise KeyAgreementError("two nodes of the roster sent the same public key")
@@ -505,8 +535,14 @@ class MaskedPayload:
                 raise PayloadError(
                     sender, f"shift must be finite float64 ({channels},), got {shift.dtype} {shift.shape}"
                 )
-        if phase == "forward" and count is not None:
-            if not (isinstance(count, (int, float)) and math.isfinite(count) and count >= 1):
+        if phase == "forward":
+            if count is None or num_examples is None:
+                raise PayloadError(
+                    sender, "masked forward payload lacks its clear 'count' or 'num-examples' (the server "
+                    "binds the client's averaging weight to them)"
+                )
+            if (not isinstance(count, (int, float)) or isinstance(count, bool) or not math.isfinite(count)
+                    or count < 1):
                 raise PayloadError(sender, f"count must be a finite number >= 1, got {count!r}")
             if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples < 1:
                 raise PayloadError(sender, f"num-examples must be an int >= 1, got {num_examples!r}")
@@ -778,11 +814,16 @@ class ServerSession:
         self.public_keys = {}
 
     def accept_public_key(self, node: int, key: object) -> None:
-        """Record ``node``'s public key; :class:`PayloadError` naming it if malformed."""
+        """Record ``node``'s public key; :class:`PayloadError` naming it if malformed or of
+        small order (refused on receipt, so it never reaches a roster)."""
         if isinstance(key, np.ndarray) and key.dtype == np.uint8:
             key = key.tobytes()
         if not isinstance(key, (bytes, bytearray)) or len(key) != _KEY_BYTES:
             raise PayloadError(node, f"public key must be {_KEY_BYTES} bytes (X25519 raw), got {key!r:.60}")
+        try:
+            check_public_key(bytes(key))
+        except KeyAgreementError as error:
+            raise PayloadError(node, str(error)) from None
         if bytes(key) in self.public_keys.values():
             raise PayloadError(node, "sent a public key another node of this round already sent")
         self.public_keys[int(node)] = bytes(key)

@@ -1,0 +1,282 @@
+"""One hostile party never takes the federation down (issue 22).
+
+Each test plays one attack through the real strategy, the real ClientApp and the in-process
+grid (or, for the node side, the real handler), and checks what the issue asks for: the
+offending client is dropped with its node and a reason, charged, and the run goes on with
+a finite global model; the other side refuses what it must refuse.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAdam, FedAvg
+from flwr.supercore.task_identity import TaskIdentity
+
+from flwr_fedtan import FedTAN, fedtan_client_app, schema
+from flwr_fedtan.aggregation import PayloadError, aggregate_arrays
+from flwr_fedtan.client import clear_live_rounds
+
+from test_flower_protocol import initial_arrays as initial_arrays64
+from test_flower_protocol import make_client as protocol_client
+from test_strategy_composition import (
+    RecordingGrid,
+    initial_arrays,
+    make_client,
+    max_diff,
+    pooled_buffers,
+    to_numpy,
+    weighted_params,
+)
+
+BAD = 1007  # the second of the grid's nodes 1000, 1007, 1014
+HONEST = [1000, 1014]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_live_rounds():
+    clear_live_rounds()
+    yield
+    clear_live_rounds()
+
+
+def make_client64(context):
+    return protocol_client(context, local_steps=2)
+
+
+def run(alter, rounds=1, nodes=3, client=make_client, start=initial_arrays, **options):
+    grid = RecordingGrid(fedtan_client_app(client), nodes, {}, alter=alter)
+    options = {"fraction_evaluate": 0.0, "min_available_nodes": nodes, "min_train_nodes": 2, **options}
+    strategy = FedTAN(**{k: v for k, v in options.items() if v is not None})
+    result = strategy.start(grid, start(), num_rounds=rounds)
+    return grid, strategy, result
+
+
+def all_finite(arrays) -> bool:
+    return all(np.isfinite(v).all() for v in to_numpy(arrays).values() if v.dtype.kind == "f")
+
+
+def first_forward_reply(node, control, reply, bad=BAD):
+    status = reply.content.config_records.get(schema.STATUS)
+    return node == bad and status is not None and status["phase"] == "forward" and status["point"] == 0
+
+
+def final_reply(node, reply, bad=BAD):
+    return node == bad and schema.ARRAYS in reply.content.array_records
+
+
+# ---------------------------------------------------------------------- 1: crash-proof server
+def test_secure_forward_payload_without_clear_counts_drops_that_client_not_the_run(caplog):
+    """Item 1: a masked forward payload whose clear count and num-examples are removed used to
+    pass decoding and raise a TypeError out of strategy.start."""
+    def strip_counts(node, control, reply):
+        if first_forward_reply(node, control, reply):
+            status = reply.content.config_records[schema.STATUS]
+            del status["count"]
+            del status["num-examples"]
+
+    with caplog.at_level(logging.WARNING):
+        grid, strategy, result = run(strip_counts, secure_stats=True)
+    assert "lacks its clear 'count' or 'num-examples'" in strategy.dropped[1][BAD]
+    assert any(f"dropping node {BAD}" in r.getMessage() for r in caplog.records)
+    metrics = result.train_metrics_clientapp[1]
+    assert metrics["fedtan-clients"] == 2 and metrics["fedtan-restarts"] == 1
+    assert sorted(grid.finals[1]) == HONEST and all_finite(result.arrays)
+
+
+def test_an_unexpected_exception_reading_one_reply_drops_that_client_not_the_run(monkeypatch):
+    """The general rule: whatever goes wrong while handling one client's reply (here the
+    decoder itself raises for that node) drops that client, named, and the round goes on."""
+    real = schema.decode_reply
+
+    def decode(content, sender, key):
+        if sender == BAD:
+            raise RuntimeError("boom in the decoder")
+        return real(content, sender, key)
+
+    monkeypatch.setattr(schema, "decode_reply", decode)
+    grid, strategy, result = run(None)
+    assert strategy.dropped[1][BAD] == "its reply could not be handled (RuntimeError: boom in the decoder)"
+    assert result.train_metrics_clientapp[1]["fedtan-clients"] == 2 and sorted(grid.finals[1]) == HONEST
+
+
+def test_a_client_whose_metrics_differ_from_the_others_does_not_end_the_run(caplog):
+    """Flower's FedAvg raises on replies whose metrics have different keys: one client adding
+    a metric (or sending a non-finite one) used to end the run from aggregate_train."""
+    def odd_metrics(node, control, reply):
+        metrics = reply.content.metric_records.get(schema.METRICS)
+        if node == BAD and metrics is not None:
+            metrics["extra"] = 1.0
+            metrics["train-loss"] = float("nan")
+
+    with caplog.at_level(logging.WARNING):
+        grid, strategy, result = run(odd_metrics)
+    assert not strategy.dropped[1]  # its model is fine: only the odd metrics are left out
+    assert any(f"node {BAD}'s metrics ['extra', 'train-loss'] left out" in r.getMessage() for r in caplog.records)
+    finals = grid.finals[1]
+    expected = {**weighted_params(finals, sorted(finals)), **pooled_buffers(finals, sorted(finals))}
+    assert max_diff(to_numpy(result.arrays), expected) <= 1e-6
+
+
+# ---------------------------------------------------------------------- 2-3: bounded, finite aggregates
+def poison_running_mean(value, key="bn1.running_mean", rounds=(1,)):
+    def alter(node, control, reply):
+        if final_reply(node, reply) and int(control["round"]) in rounds:
+            arrays = reply.content.array_records[schema.ARRAYS]
+            mean = arrays[key].numpy().copy()
+            mean[0] = value
+            arrays[key] = Array(mean)
+    return alter
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_huge_finite_running_mean_is_refused_and_charged_and_later_rounds_go_on(dtype):
+    """Item 2: one running_mean entry of 1e160 in a float64 model (1e20 in float32, with
+    this node's weight of 1/3) made the pooled running_var Inf for good: every later model was refused and
+    every round skipped, nobody charged. Now the client is dropped by the magnitude bound
+    relative to the global model, charged, and the next round runs with everyone."""
+    value = 1e20 if dtype == "float32" else 1e160
+    client, start = (make_client, initial_arrays) if dtype == "float32" else (make_client64, initial_arrays64)
+    grid, strategy, result = run(poison_running_mean(value), rounds=2, client=client, start=start)
+    assert "bn1.running_mean reaches" in strategy.dropped[1][BAD] and "beyond its limit" in strategy.dropped[1][BAD]
+    assert result.train_metrics_clientapp[1]["fedtan-clients"] == 2
+    assert result.train_metrics_clientapp[2]["fedtan-clients"] == 3  # not skipped: nobody refused the model
+    assert BAD not in strategy.failures  # charged in round 1, cleared by its clean round 2
+    assert all_finite(result.arrays)
+    finals = grid.finals[2]
+    expected = {**weighted_params(finals, sorted(finals)), **pooled_buffers(finals, sorted(finals))}
+    assert max_diff(to_numpy(result.arrays), expected) <= 1e-6
+
+
+def test_a_huge_running_mean_is_charged_to_its_node():
+    _, strategy, _ = run(poison_running_mean(1e20), rounds=1)
+    assert strategy.failures[BAD].consecutive == 1 and "bn1.running_mean" in strategy.failures[BAD].reason
+
+
+class SumThenDivide(FedAvg):
+    """A plausible wrapped strategy: sums ``n_k * x_k`` in the arrays' dtype, then divides
+    (float32 overflows at 3.4e38); it counts the rounds it aggregated (its state)."""
+
+    aggregated_rounds = 0
+
+    def aggregate_train(self, server_round, replies):
+        replies = list(replies)
+        weights = [float(r.content["metrics"]["num-examples"]) for r in replies]
+        keys = list(replies[0].content["arrays"].keys())
+        with np.errstate(over="ignore"):
+            total = {k: sum(w * r.content["arrays"][k].numpy() for w, r in zip(weights, replies)) for k in keys}
+        self.aggregated_rounds += 1
+        return ArrayRecord({k: Array(np.asarray(v / sum(weights), dtype=np.float32)) for k, v in total.items()}), None
+
+
+def test_an_aggregated_model_that_is_not_finite_is_never_used_its_cause_is_dropped():
+    """The last line of defence: with the magnitude bound relaxed (max_growth=1e300), a
+    parameter of 5e37 passes the per-client checks, but the wrapped strategy's sum overflows
+    float32. The aggregated model is checked before it is used: the client with the
+    largest values there is dropped and charged, the wrapped strategy's state restored,
+    and the aggregation redone without it."""
+    def poison(node, control, reply):
+        if final_reply(node, reply):
+            arrays = reply.content.array_records[schema.ARRAYS]
+            arrays["fc2.bias"] = Array(np.full_like(arrays["fc2.bias"].numpy(), 5e37))
+
+    wrapped = SumThenDivide(fraction_evaluate=0.0, min_available_nodes=3, min_train_nodes=2)
+    grid, strategy, result = run(poison, strategy=wrapped, max_growth=1e300, min_available_nodes=None,
+                                 min_train_nodes=None, fraction_evaluate=None)
+    assert "with it the aggregated fc2.bias holds NaN or Inf" in strategy.dropped[1][BAD]
+    assert strategy.failures[BAD].consecutive == 1
+    assert wrapped.aggregated_rounds == 1  # the failed aggregation's state change was undone
+    assert all_finite(result.arrays) and result.train_metrics_clientapp[1]["fedtan-clients"] == 2
+    finals = grid.finals[1]
+    expected = {**weighted_params(finals, HONEST), **pooled_buffers(finals, HONEST)}
+    assert max_diff(to_numpy(result.arrays), expected) <= 1e-5
+
+
+@pytest.mark.parametrize("where", ["forward-mean-1e300", "forward-mean-1e160", "backward-sum-1.7e308"])
+def test_finite_payloads_whose_pooled_aggregate_would_be_inf_drop_that_client(where):
+    """Item 3: finite inputs (means 1e300, a mean whose square overflows, sums 1.7e308)
+    pooled to Inf, which was broadcast; every honest client refused it and was dropped,
+    nobody charged. Now the aggregate is checked before it is sent and its cause named."""
+    phase, _, value = where.split("-", 2)
+    value = float(value)
+
+    def inflate(node, control, reply):
+        status = reply.content.config_records.get(schema.STATUS)
+        if node != BAD or status is None or status["phase"] != phase:
+            return
+        stats = reply.content.array_records[schema.STATS]
+        name = "mean" if phase == "forward" else "sum-grad"
+        array = stats[name].numpy().copy()
+        array[0] = value
+        stats[name] = Array(array)
+
+    grid, strategy, result = run(inflate)
+    reason = strategy.dropped[1][BAD]
+    assert f"payload rejected at {phase}" in reason and ("non-finite or larger than" in reason
+                                                         or "times the other clients' largest" in reason)
+    assert strategy.failures[BAD].consecutive == 1
+    metrics = result.train_metrics_clientapp[1]
+    assert metrics["fedtan-clients"] == 2 and metrics["fedtan-restarts"] == 1
+    assert sorted(grid.finals[1]) == HONEST and all_finite(result.arrays)
+
+
+def test_pooling_names_the_client_that_overflows_even_without_the_relative_bound():
+    from flwr_fedtan.aggregation import BackwardSums, ForwardStats, pool_forward_stats, sum_backward_sums
+
+    def stats(mean):
+        return ForwardStats(count=4.0, num_examples=2, mean=np.array(mean), var=np.ones(2))
+
+    with pytest.raises(PayloadError, match="client b: its statistics .*make the pooled moments non-finite"):
+        pool_forward_stats({"a": stats([1.0, 2.0]), "b": stats([1e160, 0.0])})
+    with pytest.raises(PayloadError, match="client b: .*larger than 3.4"):
+        pool_forward_stats({"a": stats([1.0, 2.0]), "b": stats([1e20, 0.0])},
+                           limit=float(np.finfo(np.float32).max))
+    sums = {c: BackwardSums(sum_grad=np.array([v, 0.0]), sum_grad_xhat=np.zeros(2))
+            for c, v in (("a", 1.7e308), ("b", 1.7e308), ("c", 1.0))}
+    with pytest.raises(PayloadError, match="client a: its backward sums"):
+        sum_backward_sums(sums)
+
+
+def test_magnitude_bound_unit():
+    from flwr_fedtan.aggregation import check_magnitudes
+
+    reference = {"bn.running_mean": np.zeros(3, np.float32), "bn.running_var": np.ones(3, np.float32),
+                 "w": np.full(3, 2.0, np.float32), "bn.num_batches_tracked": np.array(5, np.int64)}
+    fine = {"bn.running_mean": np.full(3, 9e5, np.float32), "bn.running_var": np.full(3, 9e11, np.float32),
+            "w": np.full(3, -1.9e6, np.float32), "bn.num_batches_tracked": np.array(4_000_000, np.int64)}
+    check_magnitudes(0, fine, reference)
+    for key, value in [("bn.running_mean", 2e19), ("bn.running_var", 2e12), ("w", 2.1e6),
+                       ("bn.num_batches_tracked", 2**62)]:
+        bad = {**fine, key: np.full_like(fine[key], value)}
+        with pytest.raises(PayloadError, match=f"client 0: {key} reaches"):
+            check_magnitudes(0, bad, reference)
+    # what the bound prevents: the old average of a 2e19 float32 running mean
+    poisoned = {**fine, "bn.running_mean": np.full(3, 4e19, np.float32)}
+    with np.errstate(over="ignore"):
+        average = aggregate_arrays({0: (fine, 1.0), 1: (poisoned, 1.0)}, reference)
+    assert not np.isfinite(average["bn.running_var"]).all()
+
+
+def test_wrapped_strategy_failing_keeps_the_model_and_the_run(caplog):
+    class Broken(FedAdam):
+        def aggregate_train(self, server_round, replies):
+            raise RuntimeError("wrapped strategy bug")
+
+    grid, strategy, result = run(None, strategy=Broken(fraction_evaluate=0.0, min_available_nodes=3),
+                                 min_available_nodes=None, min_train_nodes=None, fraction_evaluate=None)
+    assert result.train_metrics_clientapp[1]["fedtan-skipped"] == 1
+    assert max_diff(to_numpy(result.arrays), to_numpy(initial_arrays())) == 0.0
+
+
+def test_evaluation_metrics_that_differ_do_not_end_the_run(caplog):
+    """Flower's FedAvg raises on evaluate replies whose metric keys differ; FedTAN logs it and
+    the run goes on without that round's evaluation metrics."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    replies = [Message(RecordDict({"metrics": MetricRecord(m)}), dst_node_id=n, message_type="evaluate")
+               for n, m in ((1, {"num-examples": 3, "eval-loss": 1.0}), (2, {"num-examples": 3, "odd": 1.0}))]
+    with caplog.at_level(logging.WARNING):
+        assert FedTAN().aggregate_evaluate(1, replies) is None
+    assert any("aggregate_evaluate failed (InconsistentMessageReplies" in r.getMessage() for r in caplog.records)
