@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import pickle
 import random
 import time
 from collections import Counter
@@ -23,7 +22,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result, Strategy
 from flwr.supercore import log
 
-from . import schema, secure
+from . import checkpoint, schema, secure
 from .aggregation import (
     DEFAULT_MAX_GROWTH,
     ForwardStats,
@@ -47,7 +46,7 @@ EvaluateFn = Callable[[int, ArrayRecord], Optional[MetricRecord]]
 
 CLIENT_WEIGHTS = ("synchronised", "reported")
 _NONE = np.zeros(0)  # mean/var of a masked forward payload's stand-in: only its counts are checked
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = checkpoint.FORMAT
 _REASON_CHARS = 400  # a drop reason quotes the client's own text: keep the log readable
 
 
@@ -869,63 +868,53 @@ class FedTAN(Strategy):
     def save_checkpoint(self, path: str | os.PathLike, server_round: int, arrays: ArrayRecord) -> Path:
         """Write the state after ``server_round`` (atomically); return the file.
 
-        ``path`` is a folder (the file is ``round-NNNNN.fedtan-ckpt`` in it). The file holds
-        the global arrays, the wrapped strategy's state (every attribute that is data, not
-        a function: e.g. FedAdam's ``current_arrays``, ``m_t``, ``v_t``; FedAvgM's momentum),
-        FedTAN's failure records and seed. It is a pickle: load only checkpoints you wrote.
+        ``path`` is a folder (the file is ``round-NNNNN.fedtan-ckpt`` in it), created or
+        verified private (``0700``, this user's, not a link); the file is ``0600``. It holds
+        the global arrays, the wrapped strategy's state (every attribute that is plain
+        data: e.g. FedAdam's ``current_arrays``, ``m_t``, ``v_t``; FedAvgM's momentum),
+        FedTAN's failure records and seed, as a NumPy archive with a JSON document: no
+        pickle, so loading a checkpoint runs no code.
         """
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        target = folder / f"round-{server_round:05d}.fedtan-ckpt"
-        payload = {
-            "format": CHECKPOINT_FORMAT,
-            "round": server_round,
+        header = {
+            "round": int(server_round),
             "seed": self.seed,
             "strategy-class": type(self.strategy).__name__,
-            "arrays": {k: v.numpy() for k, v in arrays.items()},
-            "strategy": _capture_state(self.strategy),
-            "failures": {n: vars(r).copy() for n, r in self.failures.items()},
+            "failures": [[int(n), vars(r).copy()] for n, r in self.failures.items()],
         }
-        partial = target.with_suffix(".partial")
-        with open(partial, "wb") as stream:
-            pickle.dump(payload, stream, protocol=pickle.HIGHEST_PROTOCOL)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(partial, target)
+        state = {"arrays": ArrayRecord({k: v for k, v in arrays.items()}), "strategy": _capture_state(self.strategy)}
+        target = checkpoint.write(Path(path), server_round, header, state)
         if self.keep_checkpoints > 0:
-            for old in sorted(folder.glob("round-*.fedtan-ckpt"))[: -self.keep_checkpoints]:
+            for _, old in checkpoint.list_checkpoints(target.parent)[: -self.keep_checkpoints]:
                 old.unlink(missing_ok=True)
         return target
 
     def load_checkpoint(self, path: str | os.PathLike) -> tuple[int, ArrayRecord]:
-        """Restore the state of a checkpoint (a file, or a folder: its latest); return its
-        round and global arrays."""
+        """Restore the state of a checkpoint (a file, or a folder: the one of the highest
+        round number); return its round and global arrays."""
         file = Path(path)
-        if file.is_dir():
-            found = sorted(file.glob("round-*.fedtan-ckpt"))
+        if file.is_dir() and not file.is_symlink():
+            found = checkpoint.list_checkpoints(file)
             if not found:
-                raise FileNotFoundError(f"no FedTAN checkpoint (round-*.fedtan-ckpt) in {file}")
-            file = found[-1]
-        with open(file, "rb") as stream:
-            payload = pickle.load(stream)
-        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{file} is not a FedTAN checkpoint of format {CHECKPOINT_FORMAT}")
-        if payload["strategy-class"] != type(self.strategy).__name__:
+                raise FileNotFoundError(f"no FedTAN checkpoint (round-*{checkpoint.SUFFIX}) in {file}")
+            file = found[-1][1]
+        payload, state = checkpoint.read(file)
+        if payload.get("strategy-class") != type(self.strategy).__name__:
             raise ValueError(
-                f"{file} was written by FedTAN around {payload['strategy-class']}, this one wraps "
+                f"{file} was written by FedTAN around {payload.get('strategy-class')}, this one wraps "
                 f"{type(self.strategy).__name__}: build the same strategy to resume"
             )
-        if payload["seed"] != self.seed:
+        if payload.get("seed") != self.seed:
             log(WARNING, "FedTAN: checkpoint seed %s differs from this strategy's %s: the resumed rounds "
-                "will not match the original run", payload["seed"], self.seed)
-        _restore_state(self.strategy, payload["strategy"])
-        self.failures = {int(n): _FailureRecord(**r) for n, r in payload["failures"].items()}
+                "will not match the original run", payload.get("seed"), self.seed)
+        _restore_state(self.strategy, state["strategy"])
+        self.failures = {int(n): _FailureRecord(**r) for n, r in payload["failures"]}
         log(INFO, "FedTAN: resuming after round %d from %s", payload["round"], file)
-        return int(payload["round"]), ArrayRecord({k: Array(v) for k, v in payload["arrays"].items()})
+        return int(payload["round"]), state["arrays"]
 
 
 def _capture_state(obj: Any) -> dict:
-    """A strategy's data attributes (nested wrapped strategies included), picklable."""
+    """A strategy's plain-data attributes (nested wrapped strategies included), encodable
+    in a checkpoint (:mod:`flwr_fedtan.checkpoint`)."""
     state = {}
     for name, value in vars(obj).items():
         if isinstance(value, Strategy):
@@ -934,9 +923,10 @@ def _capture_state(obj: Any) -> dict:
             continue
         else:
             try:
-                state[name] = ("value", pickle.loads(pickle.dumps(value)))
-            except Exception:  # e.g. a lock or a client handle: not state to resume
+                checkpoint.encode_state(value, {})
+            except checkpoint.Unsupported:  # e.g. a lock or a client handle: not state to resume
                 continue
+            state[name] = ("value", value)
     return state
 
 

@@ -9,6 +9,9 @@ a finite global model; the other side refuses what it must refuse.
 from __future__ import annotations
 
 import logging
+import os
+import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -280,3 +283,101 @@ def test_evaluation_metrics_that_differ_do_not_end_the_run(caplog):
     with caplog.at_level(logging.WARNING):
         assert FedTAN().aggregate_evaluate(1, replies) is None
     assert any("aggregate_evaluate failed (InconsistentMessageReplies" in r.getMessage() for r in caplog.records)
+
+
+# ---------------------------------------------------------------------- 8: checkpoints
+posix = pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+
+
+def saved_run(folder, rounds=2, **options):
+    grid = RecordingGrid(fedtan_client_app(make_client), 3, {})
+    strategy = FedTAN(strategy=FedAdam(eta=0.02, fraction_evaluate=0.0, min_available_nodes=3), seed=3,
+                      checkpoint_dir=folder, **options)
+    return strategy, strategy.start(grid, initial_arrays(), num_rounds=rounds)
+
+
+@posix
+def test_checkpoints_are_private_whatever_the_umask(tmp_path):
+    previous = os.umask(0)
+    try:
+        saved_run(tmp_path / "ckpt")
+    finally:
+        os.umask(previous)
+    folder = tmp_path / "ckpt"
+    assert stat.S_IMODE(os.lstat(folder).st_mode) == 0o700
+    files = sorted(folder.iterdir())
+    assert [f.name for f in files] == ["round-00001.fedtan-ckpt", "round-00002.fedtan-ckpt"]
+    assert {stat.S_IMODE(os.lstat(f).st_mode) for f in files} == {0o600}
+
+
+@posix
+def test_a_symlink_planted_at_a_checkpoint_name_is_not_followed(tmp_path):
+    folder = tmp_path / "ckpt"
+    folder.mkdir(mode=0o700)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    (folder / "round-00001.fedtan-ckpt").symlink_to(victim)
+    (folder / "round-00001.partial").symlink_to(victim)  # the old, predictable temporary name
+    saved_run(folder, rounds=1)
+    assert victim.read_bytes() == b"precious"
+    assert not (folder / "round-00001.fedtan-ckpt").is_symlink()
+
+
+class _RunsCode:
+    """Unpickling this object creates a marker file: what a planted pickle could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+@posix
+def test_a_planted_pickle_is_never_loaded_and_rounds_sort_by_number(tmp_path):
+    """A checkpoint folder holding round 99999 (a planted pickle that would run code) and
+    round 100000 (a real checkpoint): resuming from the folder takes round 100000 (by
+    number; it sorts first by name), and loading the pickle itself runs nothing."""
+    import pickle
+
+    folder = tmp_path / "ckpt"
+    strategy, result = saved_run(folder, rounds=1)
+    real = folder / "round-00001.fedtan-ckpt"
+    real.rename(folder / "round-100000.fedtan-ckpt")
+    marker = tmp_path / "code-ran"
+    planted = folder / "round-99999.fedtan-ckpt"
+    planted.write_bytes(pickle.dumps({"format": 1, "x": _RunsCode(marker)}))
+    planted.chmod(0o600)
+
+    fresh = FedTAN(strategy=FedAdam(eta=0.02, fraction_evaluate=0.0, min_available_nodes=3), seed=3)
+    done, arrays = fresh.load_checkpoint(folder)
+    assert done == 1  # the round recorded inside round-100000's file
+    assert max_diff(to_numpy(arrays), to_numpy(result.arrays)) == 0
+    assert max_diff(fresh.strategy.m_t, strategy.strategy.m_t) == 0  # FedAdam's state restored
+    with pytest.raises(ValueError, match="not a FedTAN checkpoint of format 2"):
+        fresh.load_checkpoint(planted)
+    assert not marker.exists()
+
+
+def test_old_checkpoints_are_deleted_by_round_number(tmp_path):
+    strategy = FedTAN(keep_checkpoints=1)
+    arrays = initial_arrays()
+    for server_round in (99999, 100000):
+        strategy.save_checkpoint(tmp_path / "ckpt", server_round, arrays)
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["round-100000.fedtan-ckpt"]
+
+
+@posix
+def test_a_checkpoint_readable_by_others_or_in_an_open_folder_is_refused(tmp_path):
+    from flwr_fedtan.private_files import UnsafePathError
+
+    folder = tmp_path / "ckpt"
+    saved_run(folder, rounds=1)
+    file = folder / "round-00001.fedtan-ckpt"
+    file.chmod(0o644)
+    with pytest.raises(UnsafePathError, match="not private to this user"):
+        FedTAN(strategy=FedAdam(fraction_evaluate=0.0)).load_checkpoint(file)
+    file.chmod(0o600)
+    folder.chmod(0o755)
+    with pytest.raises(UnsafePathError, match="accessible to its group or to others"):
+        saved_run(folder, rounds=1)
