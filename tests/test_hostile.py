@@ -381,3 +381,90 @@ def test_a_checkpoint_readable_by_others_or_in_an_open_folder_is_refused(tmp_pat
     folder.chmod(0o755)
     with pytest.raises(UnsafePathError, match="accessible to its group or to others"):
         saved_run(folder, rounds=1)
+
+
+# ---------------------------------------------------------------------- 11: the node worker's socket
+def test_node_worker_survives_a_huge_frame_claim_and_a_silent_peer(tmp_path_factory, monkeypatch):
+    """A same-user peer that claims a 2**64-byte frame used to kill the worker (it allocated
+    the claim), and one that connects and says nothing blocked it for good (no receive
+    timeout). Now both connections are dropped and the next request is served."""
+    import socket
+    import struct
+    import subprocess
+    import sys
+    import time
+
+    from flwr_fedtan.runtime import worker as worker_mod
+    from flwr_fedtan.runtime.private import private_folder
+
+    folder = Path(tmp_path_factory.mktemp("rt")) / "sockets"
+    monkeypatch.setenv("FEDTAN_RUNTIME_DIR", str(folder))
+    path = private_folder() / "hostile.sock"
+    repo = Path(worker_mod.__file__).resolve().parents[2]  # the flwr_fedtan under test
+    process = subprocess.Popen([sys.executable, "-m", "flwr_fedtan.runtime.worker", "serve", "--socket", str(path),
+                                "--idle-timeout", "0", "--receive-timeout", "1"],
+                               env={**os.environ, "PYTHONPATH": str(repo)}, cwd=repo, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        claim.connect(str(path))
+        claim.sendall(struct.pack("!Q", 2**64 - 1))
+        claim.close()
+        silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        silent.connect(str(path))  # says nothing and keeps the connection open
+        started = time.monotonic()
+        stats = worker_mod.worker_request(path, "stats", timeout=20)
+        assert stats["pid"] == process.pid and time.monotonic() - started < 15
+        assert process.poll() is None
+        silent.close()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+# ---------------------------------------------------------------------- 12: what a reply is checked for
+def test_a_reply_for_another_round_drops_its_client():
+    def other_round(node, control, reply):
+        if first_forward_reply(node, control, reply):
+            reply.content.config_records[schema.STATUS]["round"] = 7
+
+    grid, strategy, result = run(other_round)
+    assert strategy.dropped[1][BAD].endswith("replied for round 7 during round 1")
+    assert result.train_metrics_clientapp[1]["fedtan-clients"] == 2 and sorted(grid.finals[1]) == HONEST
+
+
+def test_unknown_arrays_in_a_masked_payload_are_refused_before_anything_is_decoded(monkeypatch):
+    """An extra array in a masked payload was decoded (any size, any content) before the
+    payload's keys were checked. Now the keys are checked first: nothing is decoded."""
+    decoded = []
+    real_numpy = Array.numpy
+
+    def spying_numpy(self):
+        decoded.append(self.shape)
+        return real_numpy(self)
+
+    def junk(node, control, reply):
+        if first_forward_reply(node, control, reply):
+            reply.content.array_records[schema.STATS]["junk"] = Array(
+                dtype="float64", shape=(2**30,), stype="numpy.ndarray", data=b"junk")
+            monkeypatch.setattr(Array, "numpy", spying_numpy)
+
+    grid, strategy, result = run(junk, secure_stats=True)
+    assert "masked payload holds ['junk', 'masked', 'roster-digest', 'shift']" in strategy.dropped[1][BAD]
+    assert (2**30,) not in decoded
+    assert result.train_metrics_clientapp[1]["fedtan-clients"] == 2
+
+
+# ---------------------------------------------------------------------- 13: what the docstrings promise
+def test_every_promise_that_the_server_learns_only_sums_names_the_honest_but_curious_server():
+    import flwr_fedtan.secure as secure_module
+    from flwr_fedtan import strategy as strategy_module
+
+    texts = {"secure": secure_module.__doc__, "FedTAN": strategy_module.FedTAN.__doc__}
+    for name, text in texts.items():
+        flat = " ".join(text.split())
+        assert "learns only the sums" in flat, name
+        for at in [i for i in range(len(flat)) if flat.startswith("learns only the sums", i)]:
+            assert "honest-but-curious" in flat[max(0, at - 120):at], (name, flat[max(0, at - 120):at + 30])
