@@ -22,6 +22,7 @@ process. A round in flight is therefore kept two ways:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -191,12 +192,16 @@ class FedTANClient(NumPyClient):
             params, lr=self.lr if lr is None else lr, momentum=self.momentum, weight_decay=self.weight_decay
         )
 
+    def batch_indices(self, seed: int) -> list[int]:
+        """The indices of the samples :meth:`sample_batch` draws for a seed."""
+        generator = torch.Generator().manual_seed(int(seed))
+        count = min(self.batch_size, len(self.train_data))  # type: ignore[arg-type]
+        return torch.randperm(len(self.train_data), generator=generator)[:count].tolist()  # type: ignore[arg-type]
+
     def sample_batch(self, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch drawn for a seed: ``batch_size`` distinct samples (fewer if the data is
         smaller), collated like the DataLoader's and on ``device``."""
-        generator = torch.Generator().manual_seed(int(seed))
-        count = min(self.batch_size, len(self.train_data))  # type: ignore[arg-type]
-        indices = torch.randperm(len(self.train_data), generator=generator)[:count]  # type: ignore[arg-type]
+        indices = self.batch_indices(seed)
         batch = self.collate_fn([self.train_data[int(i)] for i in indices])
         inputs, targets = self._unpack(batch)
         return inputs.to(self.device), targets.to(self.device)
@@ -419,21 +424,50 @@ def _masked(context: Context, round_no: int, step: int, point, payload) -> secur
     )
 
 
-def _begin_secure(context: Context, control: schema.Control) -> None:
-    """Keep (or clear) the attempt's roster and shifts in ``context.state``."""
+def _forget_secure(state: RecordDict) -> None:
+    """Remove the round's key material (private key, roster, shifts) from ``context.state``."""
+    for name in (SECURE_KEY, SECURE_ROSTER, SECURE_SHIFTS):
+        if name in state:
+            del state[name]
+
+
+def _begin_secure(context: Context, control: schema.Control, require_secure_stats: bool) -> None:
+    """Keep (or clear) the attempt's roster and shifts in ``context.state``.
+
+    Refuses what a malicious server could use to unmask this node's statistics: a begin
+    in the clear after the round's key exchange (or at all, with ``require_secure_stats``),
+    and a begin whose attempt is not above the last one begun with the same key (the same
+    pair keys and exchange numbers would mask other data with the same masks)."""
     state = context.state
     for name in (SECURE_ROSTER, SECURE_SHIFTS):
         if name in state:
             del state[name]
-    if control.roster is None:
-        return
     key = state.config_records.get(SECURE_KEY)
-    if key is None or int(key["round"]) != control.round:
+    keyed = key is not None and int(key["round"]) == control.round
+    if control.roster is None:
+        if require_secure_stats:
+            raise schema.ServerMessageError(
+                f"begin of round {control.round} without a roster: this node requires secure statistics "
+                "(require_secure_stats=True) and never sends its statistics in the clear"
+            )
+        if keyed:
+            raise schema.ServerMessageError(
+                f"begin of round {control.round} without a roster after this round's key exchange: the "
+                "statistics would go out in the clear"
+            )
+        return
+    if not keyed:
         raise secure.KeyAgreementError(
             f"node {context.node_id}: begin of round {control.round} with secure statistics, but this "
             "node holds no private key for that round (it missed the key exchange)"
         )
-    key["attempt"] = control.attempt
+    begun = int(key.get("begun", -1))
+    if control.attempt <= begun:
+        raise schema.ServerMessageError(
+            f"begin of round {control.round}, attempt {control.attempt}: this node already began attempt {begun} "
+            "with this key; a repeated or earlier attempt would reuse its masks"
+        )
+    key["attempt"] = key["begun"] = control.attempt
     state[SECURE_ROSTER] = ArrayRecord({k: Array(v) for k, v in control.roster.to_arrays().items()})
     state[SECURE_SHIFTS] = ArrayRecord({k: Array(v) for k, v in secure.shifts_to_arrays(control.shifts or {}).items()})
 
@@ -462,6 +496,7 @@ class _Options:
     state_dir: Optional[Union[str, os.PathLike]] = None
     max_live_rounds: Optional[int] = None
     live_home: Optional[str] = None
+    require_secure_stats: bool = False
 
     def __post_init__(self) -> None:
         settings.check_replay_store(self.replay_store)
@@ -477,6 +512,7 @@ def add_fedtan(
     state_dir: Optional[Union[str, os.PathLike]] = None,
     max_live_rounds: Optional[int] = None,
     live_home: Optional[str] = None,
+    require_secure_stats: bool = False,
 ) -> Any:
     """Add FedTAN to an existing message-API ``ClientApp``; the app's own handlers stay.
 
@@ -520,6 +556,10 @@ def add_fedtan(
         single-actor simulation, a Ray home actor when the simulation runs several
         ClientAppActors (or on a Ray cluster), and the node worker in a deployed
         ``flwr-clientapp`` process. ``FEDTAN_LIVE_HOME`` overrides it.
+    require_secure_stats : bool (default: False)
+        Refuse every round that would send this node's statistics in the clear (a begin
+        without a roster): for nodes that must only take part under
+        ``FedTAN(secure_stats=True)``, whatever the server asks.
 
     Returns
     -------
@@ -558,13 +598,13 @@ def add_fedtan(
         )
     if schema.MESSAGE_TYPE in getattr(app, "_registered_funcs", {}):
         raise ValueError(f"this ClientApp already handles {schema.MESSAGE_TYPE!r} (add_fedtan called twice?)")
-    options = _Options(replay_store, state_dir, max_live_rounds, live_home)
+    options = _Options(replay_store, state_dir, max_live_rounds, live_home, bool(require_secure_stats))
     if client_fn is None:
 
         def register(function: Callable[[Context], FedTANClient]) -> Callable[[Context], FedTANClient]:
             add_fedtan(
                 app, function, replay_store=replay_store, state_dir=state_dir,
-                max_live_rounds=max_live_rounds, live_home=live_home,
+                max_live_rounds=max_live_rounds, live_home=live_home, require_secure_stats=require_secure_stats,
             )
             return function
 
@@ -588,6 +628,7 @@ def fedtan_client_app(
     state_dir: Optional[Union[str, os.PathLike]] = None,
     max_live_rounds: Optional[int] = None,
     live_home: Optional[str] = None,
+    require_secure_stats: bool = False,
 ) -> ClientApp:
     """A message-API ``ClientApp`` that serves every message FedTAN and FedAvg send.
 
@@ -599,8 +640,8 @@ def fedtan_client_app(
     client_fn : Callable[[Context], FedTANClient]
         Builds the node's client (model, data, settings) from the context, like the
         ``client_fn`` of a legacy ``ClientApp``.
-    replay_store, state_dir, max_live_rounds, live_home
-        As in :func:`add_fedtan` (environment variables override them).
+    replay_store, state_dir, max_live_rounds, live_home, require_secure_stats
+        As in :func:`add_fedtan` (environment variables override the first four).
 
     Returns
     -------
@@ -616,7 +657,7 @@ def fedtan_client_app(
     """
     app = add_fedtan(
         ClientApp(), client_fn, replay_store=replay_store, state_dir=state_dir,
-        max_live_rounds=max_live_rounds, live_home=live_home,
+        max_live_rounds=max_live_rounds, live_home=live_home, require_secure_stats=require_secure_stats,
     )
 
     @app.train()
@@ -652,19 +693,24 @@ def _handle_fedtan(msg: Message, context: Context, client_fn: Callable[[Context]
     state = context.state
     if control.phase == schema.PHASE_KEYS:
         pair = secure.generate_key_pair()
-        state[SECURE_KEY] = ConfigRecord({"round": control.round, "attempt": 0, "private-key": pair.private})
+        state[SECURE_KEY] = ConfigRecord(
+            {"round": control.round, "attempt": 0, "begun": -1, "private-key": pair.private}
+        )
         return Message(schema.encode_public_key(control.round, pair.public), reply_to=msg)
     cache = live_rounds()
     if control.phase == schema.PHASE_BEGIN:
         cache.forget(key)
-        _begin_secure(context, control)
+        _begin_secure(context, control, options.require_secure_stats)
         client = _client_from(client_fn, context)
         arrays = msg.content.array_records[schema.ARRAYS]
         client.load_arrays(arrays)
         config = dict(msg.content.config_records.get(schema.CONFIG, ConfigRecord()))
         seed = derive_seed(control.seed, client_seed_key(context))
+        batch = _batch_digest(client, seed)
+        if control.roster is not None:
+            _refuse_differencing(context, control, batch)
         state[REPLAY_STATE] = ConfigRecord(
-            {"round": control.round, "seed": seed, "sync-steps": control.sync_steps,
+            {"round": control.round, "seed": seed, "sync-steps": control.sync_steps, "batch": batch,
              "received": 0, "replays": 0, "sync-seconds": 0.0,
              "local-steps": int(config.get("local-steps", client.local_steps)),
              **({"lr": float(config["lr"])} if "lr" in config else {})}
@@ -725,8 +771,30 @@ def _handle_fedtan(msg: Message, context: Context, client_fn: Callable[[Context]
     metrics["replays"] = float(replay["replays"])
     del state[REPLAY_LOG]
     discard_weights(state)
+    _forget_secure(state)
     content = schema.encode_done(control.round, live.client.arrays(), MetricRecord(metrics))
     return Message(content, reply_to=msg)
+
+
+def _batch_digest(client: FedTANClient, seed: int) -> str:
+    """Which samples the round's first synchronised step uses (a digest of their indices)."""
+    indices = sorted(client.batch_indices(derive_seed(seed, 0)))
+    return hashlib.sha256(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest()
+
+
+def _refuse_differencing(context: Context, control: schema.Control, batch: str) -> None:
+    """Secure statistics: refuse a restart of a round whose aggregates this node already
+    received, when its first step would use the same samples again (its batch is all of
+    its data). The survivors' sums over the same model and data, subtracted from the
+    earlier ones, would be the dropped clients' statistics."""
+    previous = context.state.config_records.get(REPLAY_STATE)
+    if (previous is not None and int(previous["round"]) == control.round and int(previous["received"]) > 0
+            and previous.get("batch") == batch):
+        raise secure.SecureStatsError(
+            f"node {context.node_id}: round {control.round} restarted (attempt {control.attempt}) on the same "
+            "samples this node already pooled in an earlier attempt (its batch is all of its data): the "
+            "difference of the two pooled sums would be the dropped clients' statistics; it sits this round out"
+        )
 
 
 def _add_seconds(state: RecordDict, seconds: float) -> None:

@@ -546,6 +546,8 @@ class FedTAN(Strategy):
                 log(WARNING, "Round %d: restarting the synchronised step with %d clients (without %s)",
                     round_.server_round, len(participants),
                     "; ".join(f"node {n}: {round_.ledger.dropped[n]}" for n in failed))
+                if self._secure is not None:  # fresh keys: clients that finished have dropped theirs
+                    participants = self._key_exchange(grid, round_, participants)
                 continue
             return replies
         return []

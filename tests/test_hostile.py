@@ -468,3 +468,117 @@ def test_every_promise_that_the_server_learns_only_sums_names_the_honest_but_cur
         assert "learns only the sums" in flat, name
         for at in [i for i in range(len(flat)) if flat.startswith("learns only the sums", i)]:
             assert "honest-but-curious" in flat[max(0, at - 120):at], (name, flat[max(0, at - 120):at + 30])
+
+
+# ---------------------------------------------------------------------- 5, 6, 10, 4: the secure protocol's gaps
+def test_a_small_order_public_key_is_refused_on_receipt_and_the_others_finish():
+    """Item 5: an all-zero X25519 key was relayed in the roster; every honest client then
+    failed its key agreement and was dropped, nobody charged. Now the server refuses the
+    key on receipt and drops its sender."""
+    def zero_key(node, control, reply):
+        record = reply.content.array_records.get(schema.SECURE)
+        if node == BAD and record is not None:
+            record["public-key"] = Array(np.zeros(32, dtype=np.uint8))
+
+    grid, strategy, result = run(zero_key, secure_stats=True)
+    assert "public key is a point of small order" in strategy.dropped[1][BAD]
+    assert set(strategy.dropped[1]) == {BAD} and strategy.failures[BAD].consecutive == 1
+    assert result.train_metrics_clientapp[1]["fedtan-clients"] == 2 and sorted(grid.finals[1]) == HONEST
+
+
+def test_no_key_material_is_left_in_the_node_state_after_a_secure_round():
+    """Item 10: the round's private key, roster and shifts stayed in context.state."""
+    grid, strategy, result = run(None, secure_stats=True)
+    assert result.train_metrics_clientapp[1]["fedtan-clients"] == 3
+    for node, context in grid.contexts.items():
+        left = [name for name in context.state.keys() if name.startswith("fedtan.secure")]
+        assert not left, (node, left)
+
+
+class _HandDriven:
+    """Two nodes driven message by message through the real ClientApp (a malicious server)."""
+
+    def __init__(self, **app_options):
+        from _grid import LocalGrid
+
+        self.grid = LocalGrid(fedtan_client_app(make_client, **app_options), 2, {})
+        self.nodes = self.grid.node_ids
+
+    def send(self, node, content):
+        (reply,) = self.grid.send_and_receive([Message(content, dst_node_id=node, message_type=schema.MESSAGE_TYPE)])
+        return reply
+
+    def roster(self):
+        from flwr_fedtan.secure import Roster
+
+        keys = {}
+        for node in self.nodes:
+            reply = self.send(node, schema.encode_keys(1, 1))
+            keys[node] = reply.content.array_records[schema.SECURE]["public-key"].numpy().tobytes()
+        return Roster.from_keys(keys)
+
+    def begin(self, node, attempt=0, roster=None, shifts=None):
+        from flwr.app import ConfigRecord
+
+        return self.send(node, schema.encode_begin(initial_arrays(), ConfigRecord(), 1, 1, 5, attempt, roster, shifts))
+
+
+def test_a_repeated_begin_with_the_same_attempt_is_refused_so_masks_are_never_reused():
+    """Item 6: a second begin with the same attempt and roster but another shift made the
+    client mask other sums with the same masks; the difference gave its mean."""
+    driven = _HandDriven()
+    roster = driven.roster()
+    node = driven.nodes[0]
+    first = driven.begin(node, 0, roster, {0: np.zeros(6)})
+    assert not first.has_error() and first.content.config_records[schema.STATUS]["phase"] == "forward"
+    again = driven.begin(node, 0, roster, {0: np.ones(6)})
+    assert again.has_error() and "already began attempt 0 with this key" in again.error.reason
+    assert driven.begin(node, 1, roster, {0: np.ones(6)}).has_error() is False  # a later attempt is fine
+
+
+def test_a_begin_in_the_clear_after_the_key_exchange_is_refused():
+    driven = _HandDriven()
+    driven.roster()
+    reply = driven.begin(driven.nodes[0])
+    assert reply.has_error() and "without a roster after this round's key exchange" in reply.error.reason
+
+
+def test_nodes_that_require_secure_statistics_refuse_a_clear_round():
+    grid = RecordingGrid(fedtan_client_app(make_client, require_secure_stats=True), 3, {})
+    strategy = FedTAN(fraction_evaluate=0.0, min_available_nodes=3)
+    result = strategy.start(grid, initial_arrays(), num_rounds=1)
+    assert result.train_metrics_clientapp[1]["fedtan-skipped"] == 1
+    assert all("requires secure statistics (require_secure_stats=True)" in why for why in strategy.dropped[1].values())
+    secure_grid = RecordingGrid(fedtan_client_app(make_client, require_secure_stats=True), 3, {})
+    secure_result = FedTAN(fraction_evaluate=0.0, min_available_nodes=3, secure_stats=True).start(
+        secure_grid, initial_arrays(), num_rounds=1)
+    assert secure_result.train_metrics_clientapp[1]["fedtan-clients"] == 3
+
+
+def make_whole_data_client(context):
+    """Each step's batch is all of the node's data (64 samples)."""
+    from flwr_fedtan import FedTANClient
+    from test_strategy_composition import Net, client_data
+
+    return FedTANClient(Net(), client_data(int(context.node_config["partition-id"])), batch_size=64, lr=0.1)
+
+
+def test_a_restart_on_the_same_samples_is_refused_so_sums_cannot_be_differenced():
+    """Item 4: with batches that are the clients' whole data, a restart without a dropped
+    client pooled the same samples; the difference of the two sums was the dropped
+    client's statistics. Now a survivor whose first step would use the same samples again
+    after it received the superset's aggregates refuses the restart."""
+    def break_second_payload(node, control, reply):
+        status = reply.content.config_records.get(schema.STATUS)
+        if node == BAD and status is not None and status["phase"] == "forward" and status["point"] == 1:
+            stats = reply.content.array_records[schema.STATS]
+            stats["masked"] = Array(stats["masked"].numpy()[:, :-1].copy())
+
+    grid = RecordingGrid(fedtan_client_app(make_whole_data_client), 3, {}, alter=break_second_payload)
+    strategy = FedTAN(fraction_evaluate=0.0, min_available_nodes=3, min_train_nodes=2, secure_stats=True)
+    result = strategy.start(grid, initial_arrays(), num_rounds=1)
+    assert "masked payload is uint64" in strategy.dropped[1][BAD]
+    for node in HONEST:
+        assert "restarted (attempt 1) on the same samples" in strategy.dropped[1][node]
+    assert result.train_metrics_clientapp[1]["fedtan-skipped"] == 1
+    assert max_diff(to_numpy(result.arrays), to_numpy(initial_arrays())) == 0.0
