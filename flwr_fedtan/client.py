@@ -411,17 +411,42 @@ def _masked(context: Context, round_no: int, step: int, point, payload) -> secur
     roster = secure.Roster.from_arrays({k: v.numpy() for k, v in state.array_records[SECURE_ROSTER].items()})
     shifts = secure.shifts_from_arrays({k: v.numpy() for k, v in state.array_records[SECURE_SHIFTS].items()})
     forward = point.phase == schema.PHASE_FORWARD
-    return secure.client_encode(
+    replay = state.config_records[REPLAY_STATE]
+    exchange = int(replay["received"])
+    masked = secure.client_encode(
         payload,
         node_id=context.node_id,
         private_key=key["private-key"],  # type: ignore[arg-type]
         roster=roster,
         round=round_no,
         attempt=int(key["attempt"]),
-        exchange=int(state.config_records[REPLAY_STATE]["received"]),
+        exchange=exchange,
         shift=secure.shift_for(shifts, point.index, point.channels) if forward else None,
         where=secure.describe_point(round_no, step, point.phase, point.index, point.call),
     )
+    # The length of each exchange's payload: a blame request may reveal only that canary's masks.
+    lengths = list(replay.get("masked-lengths", []))[:exchange]
+    replay["masked-lengths"] = lengths + [int(masked.masked.shape[1])]
+    return masked
+
+
+def _canary_masks(context: Context, control: schema.Control) -> dict:
+    """Secure statistics, after the canaries failed: this node's canary masks of the asked
+    exchange, if it is one this node sent in the current attempt, at its true length."""
+    state = context.state
+    key = state.config_records.get(SECURE_KEY)
+    replay = state.config_records.get(REPLAY_STATE)
+    if key is None or int(key["round"]) != control.round or replay is None or int(replay["round"]) != control.round:
+        raise schema.ServerMessageError(f"blame request for round {control.round}, which this node is not in")
+    lengths = list(replay.get("masked-lengths", []))
+    if not 0 <= control.exchange < len(lengths) or lengths[control.exchange] != control.length:
+        raise schema.ServerMessageError(
+            f"blame request for exchange {control.exchange} with length {control.length}, but this node sent "
+            f"payloads of lengths {lengths} this attempt: it reveals only the canary of a payload it sent"
+        )
+    roster = secure.Roster.from_arrays({k: v.numpy() for k, v in state.array_records[SECURE_ROSTER].items()})
+    return secure.canary_masks(key["private-key"], context.node_id, roster, control.round,  # type: ignore[arg-type]
+                               int(key["attempt"]), control.exchange, control.length)
 
 
 def _forget_secure(state: RecordDict) -> None:
@@ -697,6 +722,8 @@ def _handle_fedtan(msg: Message, context: Context, client_fn: Callable[[Context]
             {"round": control.round, "attempt": 0, "begun": -1, "private-key": pair.private}
         )
         return Message(schema.encode_public_key(control.round, pair.public), reply_to=msg)
+    if control.phase == schema.PHASE_BLAME:
+        return Message(schema.encode_canary_masks(control.round, _canary_masks(context, control)), reply_to=msg)
     cache = live_rounds()
     if control.phase == schema.PHASE_BEGIN:
         cache.forget(key)

@@ -68,6 +68,9 @@ __all__ = [
     "KeyAgreementError",
     "FixedPointOverflowError",
     "MaskMismatchError",
+    "CanaryMismatchError",
+    "canary_masks",
+    "blame_canary",
     "MissingPayloadError",
     "KeyPair",
     "Roster",
@@ -120,6 +123,12 @@ class MaskMismatchError(SecureStatsError):
 
     Only the masks are checked: a client that encodes false statistics under the right
     masks is outside the threat model (see the README's "Secure statistics")."""
+
+
+class CanaryMismatchError(MaskMismatchError):
+    """The canaries did not sum to zero: some client's masks, or its canary, are not what
+    its pair keys give. :func:`blame_canary` finds which client, from the pair masks of the
+    canary position every client reveals (:func:`canary_masks`)."""
 
 
 class MissingPayloadError(SecureStatsError):
@@ -466,6 +475,72 @@ def _attempt_keys(private_key: bytes, node_id: int, roster: Roster, round: int, 
     )
 
 
+def canary_masks(
+    private_key: bytes, node_id: int, roster: Roster, round: int, attempt: int, exchange: int, length: int
+) -> dict[int, np.ndarray]:
+    """The pair masks of the canary, the last of ``length`` elements, of one exchange: for
+    every peer, that element of the pair's keystream (unsigned, ``(2,)`` uint64).
+
+    Revealed to the server after the canaries did not cancel, so that it can tell which
+    client's canary is wrong (:func:`blame_canary`). The canary carries an encoded zero and
+    each keystream element is an independent output of ChaCha20, so these elements tell
+    nothing about the masks of the statistics; ``length`` must be the true length of the
+    payload the client sent at that exchange, or another element would be revealed.
+    """
+    if exchange < 0 or length < 1:
+        raise ValueError(f"exchange must be >= 0 and length >= 1, got {exchange}, {length}")
+    return {
+        peer: _keystream(key, exchange, length)[:, -1].copy()
+        for peer, key in _attempt_keys(bytes(private_key), int(node_id), roster, int(round), int(attempt))
+    }
+
+
+def blame_canary(
+    payloads: Mapping[int, "MaskedPayload"], roster: Roster, revealed: Mapping[int, Mapping[int, np.ndarray]]
+) -> dict[int, str]:
+    """Which clients made the canaries fail, with the reason (server side).
+
+    ``revealed[i][j]`` is the canary mask client ``i`` says it shares with ``j``. Client ``i``
+    is named if it revealed nothing usable, or if its canary is not the signed sum of the
+    masks it revealed (it added something else). Otherwise some pair disagrees about its
+    shared mask (one of the two lies): a client that disagrees with more peers than any
+    other is named; a lone disagreeing pair names both (the server cannot tell which of the
+    two lies). Empty if every canary is what the revealed masks give and every pair agrees
+    (then the canaries did cancel).
+    """
+    blamed: dict[int, str] = {}
+    nodes = roster.node_ids
+    for node in nodes:
+        claims = revealed.get(node)
+        peers = set(nodes) - {node}
+        if (claims is None or set(claims) != peers
+                or any(np.asarray(v).dtype != _U64 or np.shape(v) != (2,) for v in claims.values())):
+            blamed[node] = "did not reveal its canary masks for every peer of the roster"
+            continue
+        expected = np.zeros((2, 1), dtype=_U64)
+        for peer, mask in claims.items():
+            element = np.asarray(mask, dtype=_U64).reshape(2, 1)
+            expected = _ring_add(expected, element if node < peer else _ring_neg(element))
+        if not np.array_equal(expected[:, 0], payloads[node].masked[:, -1]):
+            blamed[node] = "its canary is not the sum of the pair masks it revealed (it added something else)"
+    if blamed:
+        return blamed
+    disagreements: dict[int, list[int]] = {node: [] for node in nodes}
+    for i, node in enumerate(nodes):
+        for peer in nodes[i + 1:]:
+            if not np.array_equal(revealed[node][peer], revealed[peer][node]):
+                disagreements[node].append(peer)
+                disagreements[peer].append(node)
+    most = max((len(peers) for peers in disagreements.values()), default=0)
+    if most == 0:
+        return {}
+    if most > 1:
+        return {node: f"disagrees with nodes {peers} about their pair keys' canary masks"
+                for node, peers in disagreements.items() if len(peers) == most}
+    return {node: f"disagrees with node {peers[0]} about their pair key's canary mask (one of the two lies)"
+            for node, peers in disagreements.items() if peers}
+
+
 # ---------------------------------------------------------------------- payloads
 @dataclass(frozen=True)
 class MaskedPayload:
@@ -706,7 +781,7 @@ def server_decode(
         _check_shared_shift(payloads, where)
     total = ring_sum([payloads[node].masked for node in roster.node_ids])
     if total[0, -1] != 0 or total[1, -1] != 0:
-        raise MaskMismatchError(
+        raise CanaryMismatchError(
             f"{where}: the masks of nodes {list(roster.node_ids)} did not cancel; some client used "
             "another key, round, attempt or exchange index (a stale or replayed payload?)"
         )

@@ -632,6 +632,8 @@ class FedTAN(Strategy):
                 raise _Restart() from None
             except secure.SecureStatsError as error:  # names no client: retry with fresh masks
                 log(WARNING, "Round %d: secure statistics failed, restarting: %s", round_.server_round, error)
+                if isinstance(error, secure.CanaryMismatchError):
+                    self._blame(grid, round_, roster, payloads, received)  # type: ignore[arg-type]
                 raise _Restart() from None
             except Exception as error:  # unexpected: find whose payload caused it, never end the run
                 node, why = _first_bad_payload(payloads, point, roster is not None)
@@ -682,6 +684,26 @@ class FedTAN(Strategy):
                     self._drop(round_, node, _unexpected(error))
             return [n for n in participants if n in session.public_keys]
         return []
+
+    def _blame(self, grid: Grid, round_: _Round, roster: Any, payloads: dict, exchange: int) -> None:
+        """The canaries of ``exchange`` did not cancel: every client reveals its pair masks of
+        that canary (and nothing else), and the client whose canary or masks do not add up
+        is dropped (:func:`flwr_fedtan.secure.blame_canary`)."""
+        length = int(next(iter(payloads.values())).masked.shape[1])
+        content = schema.encode_blame(round_.server_round, self.sync_steps, exchange, length)
+        try:
+            statuses, _ = self._exchange(grid, round_, {n: content for n in payloads})
+        except _Restart:  # whoever did not answer is dropped already
+            return
+        revealed = {n: s.canary_masks for n, s in statuses.items() if s.phase == schema.PHASE_BLAME}
+        try:
+            blamed = secure.blame_canary(payloads, roster, revealed)
+        except Exception as error:  # pylint: disable=broad-except
+            log(WARNING, "Round %d: could not tell whose canary failed (%s: %s)", round_.server_round,
+                type(error).__name__, error)
+            return
+        for node, why in blamed.items():
+            self._drop(round_, node, f"masks did not cancel at exchange {exchange}: {why}")
 
     def _drop_minority(self, round_: _Round, statuses: dict[int, schema.Status]) -> None:
         done = [n for n, s in statuses.items() if s.phase == schema.PHASE_DONE]

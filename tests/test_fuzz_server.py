@@ -65,14 +65,21 @@ class FakeClient:
     round: int = 0
     attempt: int = 0
     received: int = 0
+    lengths: list = field(default_factory=list)  # of the masked payloads sent in the attempt
 
     def handle(self, content: RecordDict) -> RecordDict:
         control = schema.decode_control(content)  # the clients' own checks of server messages
         if control.phase == schema.PHASE_KEYS:
             self.key = secure.generate_key_pair()
             return schema.encode_public_key(control.round, self.key.public)
+        if control.phase == schema.PHASE_BLAME:  # reveal the canary masks of a payload it sent
+            if not 0 <= control.exchange < len(self.lengths) or self.lengths[control.exchange] != control.length:
+                raise RuntimeError(f"blame for exchange {control.exchange} of length {control.length}")
+            masks = secure.canary_masks(self.key.private, self.node, self.roster, self.round, self.attempt,
+                                        control.exchange, control.length)
+            return schema.encode_canary_masks(self.round, masks)
         if control.phase == schema.PHASE_BEGIN:
-            self.round, self.attempt, self.received = control.round, control.attempt, 0
+            self.round, self.attempt, self.received, self.lengths = control.round, control.attempt, 0, []
             self.roster, self.shifts = control.roster, control.shifts or {}
             self.model = {k: v.numpy() for k, v in content.array_records[schema.ARRAYS].items()}
         else:
@@ -102,6 +109,7 @@ class FakeClient:
             payload = secure.client_encode(payload, node_id=self.node, private_key=self.key.private,
                                            roster=self.roster, round=self.round, attempt=self.attempt,
                                            exchange=self.received, shift=shift)
+            self.lengths = self.lengths[:self.received] + [payload.masked.shape[1]]
         return schema.encode_request(self.round, 0, point, payload)
 
     def done(self) -> RecordDict:
@@ -277,6 +285,7 @@ def test_fuzzed_replies_never_crash_the_server_nor_poison_the_model(capsys):
                     counts["drops of the mutated node"] += 1
                 else:
                     counts["other nodes dropped"] += 1
+                    failures.append((case, federation.mutation, f"node {node} dropped, {target} mutated: {reason}"))
             if target is None and (dropped or result.train_metrics_clientapp[1]["fedtan-clients"] != 3):
                 failures.append((case, "none", f"an unmutated round lost clients: {dropped}"))
     finally:

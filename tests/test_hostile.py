@@ -582,3 +582,64 @@ def test_a_restart_on_the_same_samples_is_refused_so_sums_cannot_be_differenced(
         assert "restarted (attempt 1) on the same samples" in strategy.dropped[1][node]
     assert result.train_metrics_clientapp[1]["fedtan-skipped"] == 1
     assert max_diff(to_numpy(result.arrays), to_numpy(initial_arrays())) == 0.0
+
+
+# ---------------------------------------------------------------------- 9: a corrupted canary is named
+def corrupt_canary(cover_with_peer=None):
+    """Node BAD adds 1 to its first payload's canary; with ``cover_with_peer`` it also lies
+    about its canary mask with that peer, so that its canary matches what it reveals."""
+    def alter(node, control, reply):
+        if node != BAD:
+            return
+        status = reply.content.config_records.get(schema.STATUS)
+        if first_forward_reply(node, control, reply):
+            stats = reply.content.array_records[schema.STATS]
+            masked = stats["masked"].numpy().copy()
+            masked[0, -1] += np.uint64(1)
+            stats["masked"] = Array(masked)
+        elif status is not None and status["phase"] == "blame" and cover_with_peer is not None:
+            record = reply.content.array_records[schema.SECURE]
+            peers, masks = list(record["peers"].numpy()), record["masks"].numpy().copy()
+            column = peers.index(cover_with_peer)
+            masks[0, column] += np.uint64(1) if BAD < cover_with_peer else np.uint64(2**64 - 1)
+            record["masks"] = Array(masks)
+    return alter
+
+
+def test_a_corrupted_canary_is_traced_to_its_client_which_is_dropped_and_charged():
+    """Item 9: a corrupted canary restarted the round anonymously until it was skipped. Now
+    every client reveals its pair masks of that canary (nothing else), and the client
+    whose canary is not their signed sum is named."""
+    grid, strategy, result = run(corrupt_canary(), secure_stats=True)
+    assert list(strategy.dropped[1]) == [BAD]
+    assert "masks did not cancel at exchange 0: its canary is not the sum" in strategy.dropped[1][BAD]
+    assert strategy.failures[BAD].consecutive == 1
+    assert result.train_metrics_clientapp[1]["fedtan-clients"] == 2 and sorted(grid.finals[1]) == HONEST
+
+
+def test_a_client_that_lies_about_a_pair_mask_goes_down_with_at_most_that_peer():
+    """Covering a corrupted canary needs a false mask with some peer: that pair disagrees,
+    and the server, which cannot tell which of the two lies, drops both; the rest finish."""
+    peer = 1014
+    grid, strategy, result = run(corrupt_canary(cover_with_peer=peer), nodes=4, secure_stats=True)
+    assert sorted(strategy.dropped[1]) == [BAD, peer]
+    assert "(one of the two lies)" in strategy.dropped[1][BAD]
+    assert result.train_metrics_clientapp[1]["fedtan-clients"] == 2 and sorted(grid.finals[1]) == [1000, 1021]
+
+
+def test_a_client_reveals_only_the_canary_of_a_payload_it_sent():
+    """A malicious server asking for the 'canary' at another length would get an element
+    that masks a statistic: the client answers only for a payload it sent, at its length."""
+    driven = _HandDriven()
+    roster = driven.roster()
+    node = driven.nodes[0]
+    first = driven.begin(node, 0, roster, {})
+    length = first.content.array_records[schema.STATS]["masked"].numpy().shape[1]
+    wrong = driven.send(node, schema.encode_blame(1, 1, 0, length - 1))
+    assert wrong.has_error() and "reveals only the canary of a payload it sent" in wrong.error.reason
+    later = driven.send(node, schema.encode_blame(1, 1, 1, length))
+    assert later.has_error()
+    right = driven.send(node, schema.encode_blame(1, 1, 0, length))
+    assert not right.has_error()
+    record = right.content.array_records[schema.SECURE]
+    assert list(record["peers"].numpy()) == [driven.nodes[1]] and record["masks"].numpy().shape == (2, 1)
