@@ -643,3 +643,30 @@ def test_a_client_reveals_only_the_canary_of_a_payload_it_sent():
     assert not right.has_error()
     record = right.content.array_records[schema.SECURE]
     assert list(record["peers"].numpy()) == [driven.nodes[1]] and record["masks"].numpy().shape == (2, 1)
+
+
+# ---------------------------------------------------------------------- 7: what the weight check is
+def test_the_weight_check_is_consistency_not_truth_and_the_readme_says_so():
+    """Item 7: a client that scales all its counts by 1000, consistently, is not caught; it
+    weighs 1000 times its batch in the average. The README used to say a client "cannot buy
+    a larger share"; it now says what is checked."""
+    def scale(node, control, reply):
+        if node != BAD:
+            return
+        status = reply.content.config_records.get(schema.STATUS)
+        if status is not None and status["phase"] == "forward":
+            status["count"] = float(status["count"]) * 1000
+            status["num-examples"] = int(status["num-examples"]) * 1000
+        metrics = reply.content.metric_records.get(schema.METRICS)
+        if metrics is not None:
+            metrics["num-examples"] = int(metrics["num-examples"]) * 1000
+
+    grid, strategy, result = run(scale)
+    assert not strategy.dropped[1]
+    finals = grid.finals[1]
+    assert finals[BAD][1]["num-examples"] == 9000
+    expected = {**weighted_params(finals, sorted(finals)), **pooled_buffers(finals, sorted(finals))}
+    assert max_diff(to_numpy(result.arrays), expected) <= 1e-6
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    assert "cannot buy a larger share" not in readme
+    assert "These checks are consistency, not truth" in readme
