@@ -734,10 +734,16 @@ def _handle_fedtan(msg: Message, context: Context, client_fn: Callable[[Context]
         config = dict(msg.content.config_records.get(schema.CONFIG, ConfigRecord()))
         seed = derive_seed(control.seed, client_seed_key(context))
         batch = _batch_digest(client, seed)
-        if control.roster is not None:
-            _refuse_differencing(context, control, batch)
+        pooled = _pooled_batches(context, control)
+        if control.roster is not None and batch in pooled:
+            raise secure.SecureStatsError(
+                f"node {context.node_id}: round {control.round} restarted (attempt {control.attempt}) on the same "
+                "samples this node already pooled in an earlier attempt (its batch is all of its data): the "
+                "difference of the two pooled sums would be the dropped clients' statistics; it sits this round out"
+            )
         state[REPLAY_STATE] = ConfigRecord(
             {"round": control.round, "seed": seed, "sync-steps": control.sync_steps, "batch": batch,
+             "pooled": pooled,
              "received": 0, "replays": 0, "sync-seconds": 0.0,
              "local-steps": int(config.get("local-steps", client.local_steps)),
              **({"lr": float(config["lr"])} if "lr" in config else {})}
@@ -809,19 +815,18 @@ def _batch_digest(client: FedTANClient, seed: int) -> str:
     return hashlib.sha256(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest()
 
 
-def _refuse_differencing(context: Context, control: schema.Control, batch: str) -> None:
-    """Secure statistics: refuse a restart of a round whose aggregates this node already
-    received, when its first step would use the same samples again (its batch is all of
-    its data). The survivors' sums over the same model and data, subtracted from the
-    earlier ones, would be the dropped clients' statistics."""
+def _pooled_batches(context: Context, control: schema.Control) -> list[str]:
+    """Digests of the batches this node pooled in earlier attempts of the round, i.e. whose
+    aggregates it received. With secure statistics a restart on one of them is refused:
+    the survivors' sums over the same model and data, subtracted from the earlier ones,
+    would be the dropped clients' statistics."""
     previous = context.state.config_records.get(REPLAY_STATE)
-    if (previous is not None and int(previous["round"]) == control.round and int(previous["received"]) > 0
-            and previous.get("batch") == batch):
-        raise secure.SecureStatsError(
-            f"node {context.node_id}: round {control.round} restarted (attempt {control.attempt}) on the same "
-            "samples this node already pooled in an earlier attempt (its batch is all of its data): the "
-            "difference of the two pooled sums would be the dropped clients' statistics; it sits this round out"
-        )
+    if previous is None or int(previous["round"]) != control.round:
+        return []
+    pooled = [str(b) for b in previous.get("pooled", [])]
+    if int(previous["received"]) > 0 and "batch" in previous and previous["batch"] not in pooled:
+        pooled.append(str(previous["batch"]))
+    return pooled
 
 
 def _add_seconds(state: RecordDict, seconds: float) -> None:

@@ -517,10 +517,11 @@ class _HandDriven:
             keys[node] = reply.content.array_records[schema.SECURE]["public-key"].numpy().tobytes()
         return Roster.from_keys(keys)
 
-    def begin(self, node, attempt=0, roster=None, shifts=None):
+    def begin(self, node, attempt=0, roster=None, shifts=None, seed=5):
         from flwr.app import ConfigRecord
 
-        return self.send(node, schema.encode_begin(initial_arrays(), ConfigRecord(), 1, 1, 5, attempt, roster, shifts))
+        return self.send(node, schema.encode_begin(initial_arrays(), ConfigRecord(), 1, 1, seed, attempt, roster,
+                                                   shifts))
 
 
 def test_a_repeated_begin_with_the_same_attempt_is_refused_so_masks_are_never_reused():
@@ -670,3 +671,21 @@ def test_the_weight_check_is_consistency_not_truth_and_the_readme_says_so():
     readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
     assert "cannot buy a larger share" not in readme
     assert "These checks are consistency, not truth" in readme
+
+
+def test_a_restart_back_on_an_earlier_attempts_samples_is_refused_too():
+    """A server that restarts twice, the second time with the first attempt's seed, would
+    get the same samples pooled again: the node remembers every batch it pooled this round."""
+    from flwr_fedtan.aggregation import ForwardStats, SyncPoint
+
+    driven = _HandDriven()
+    roster = driven.roster()
+    node = driven.nodes[0]
+    status = driven.begin(node, 0, roster, {}, seed=5).content.config_records[schema.STATUS]
+    pooled = ForwardStats(count=2 * status["count"], num_examples=2 * status["num-examples"],
+                          mean=np.zeros(status["channels"]), var=np.ones(status["channels"]))
+    point = SyncPoint(0, "forward", 0, status["channels"])
+    assert not driven.send(node, schema.encode_aggregate(1, 0, 0, point, pooled, 1, 5)).has_error()
+    assert not driven.begin(node, 1, roster, {}, seed=6).has_error()  # other samples: fine
+    again = driven.begin(node, 2, roster, {}, seed=5)
+    assert again.has_error() and "on the same samples this node already pooled" in again.error.reason
