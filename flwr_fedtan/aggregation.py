@@ -34,6 +34,7 @@ __all__ = [
     "value_limit",
     "check_payload",
     "check_magnitudes",
+    "check_layout",
     "nonfinite_culprit",
 ]
 
@@ -386,6 +387,30 @@ def running_stat_keys(keys: Sequence[str]) -> dict[str, str]:
     return pairs
 
 
+def check_layout(
+    client: Hashable, shapes: Mapping[str, Sequence[int]], reference: Mapping[str, np.ndarray]
+) -> None:
+    """The keys and shapes of a client's model against the global one, from what its arrays
+    declare, before any of them is decoded.
+
+    Raises
+    ------
+    PayloadError
+        Naming ``client``: missing or unexpected keys, or a shape that differs.
+    """
+    missing = set(reference) - set(shapes)
+    extra = set(shapes) - set(reference)
+    if missing or extra:
+        raise PayloadError(
+            client,
+            f"arrays do not match the global model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(extra)[:5]}",
+        )
+    for key, ref in reference.items():
+        if tuple(shapes[key]) != tuple(np.shape(ref)):
+            raise PayloadError(client, f"{key} has shape {tuple(shapes[key])}, expected {tuple(np.shape(ref))}")
+
+
 def check_arrays(
     client: Hashable,
     arrays: Mapping[str, np.ndarray],
@@ -407,14 +432,7 @@ def check_arrays(
         raise PayloadError(client, f"num_examples is not a number: {num_examples!r}") from None
     if not np.isfinite(weight) or weight <= 0:
         raise PayloadError(client, f"num_examples must be positive, got {num_examples}")
-    missing = set(reference) - set(arrays)
-    extra = set(arrays) - set(reference)
-    if missing or extra:
-        raise PayloadError(
-            client,
-            f"arrays do not match the global model: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(extra)[:5]}",
-        )
+    check_layout(client, {key: np.shape(value) for key, value in arrays.items()}, reference)
     for key, ref in reference.items():
         value = arrays[key]
         if not isinstance(value, np.ndarray):

@@ -23,7 +23,7 @@ from typing import Any, Optional
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 
-from .private_files import private_dir, read_private_file, write_private_file
+from .private_files import UnsafePathError, private_dir, read_private_file, write_private_file
 
 __all__ = ["FORMAT", "SUFFIX", "checkpoint_name", "round_of", "list_checkpoints", "write", "read",
            "encode_state", "decode_state", "Unsupported"]
@@ -136,7 +136,11 @@ def write(folder: Path, server_round: int, header: dict, state: Any) -> Path:
     if not folder.is_absolute():
         folder = Path.cwd() / folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    folder = private_dir(base=folder)
+    try:
+        folder = private_dir(base=folder)
+    except UnsafePathError as error:
+        raise UnsafePathError(f"checkpoint_dir {folder}: {error} (for checkpoints: or choose another "
+                              "checkpoint_dir)") from None
     arrays: dict[str, np.ndarray] = {}
     document = {"format": FORMAT, **header, "state": encode_state(state, arrays)}
     arrays[_STATE] = np.frombuffer(json.dumps(document).encode(), dtype=np.uint8)

@@ -29,6 +29,7 @@ from .aggregation import (
     PayloadError,
     aggregate_arrays,
     check_arrays,
+    check_layout,
     check_magnitudes,
     check_payload,
     forward_count_violations,
@@ -160,8 +161,10 @@ class FedTAN(Strategy):
     reason, and the synchronised step restarts without it (at most ``max_restarts`` times a
     round); if too few remain the round is skipped and the global model kept. A final model
     that fails the checks (keys, shapes, dtypes, NaN, negative running variance, a weight
-    that does not match what the client synchronised with) is left out of the average, also
-    logged. The reasons are kept in ``dropped[round][node]``.
+    that does not match what the client synchronised with, values beyond ``max_growth`` times
+    the global model's) is left out of the average, also logged; so is a client whose model
+    makes the aggregated model non-finite. Any unexpected error while handling one client's
+    reply drops that client; it never ends the run. The reasons are kept in ``dropped[round][node]``.
 
     **Repeat offenders.** A node dropped in ``quarantine_after`` consecutive rounds sits out
     the next round; each further consecutive failure doubles its time out (1, 2, 4, ...
@@ -471,6 +474,7 @@ class FedTAN(Strategy):
         contributions, wrapped_replies = {}, {}
         for node, status in round_.statuses.items():
             try:
+                check_layout(node, {k: v.shape for k, v in status.arrays.items()}, round_.reference)  # type: ignore[union-attr]
                 arrays = {k: v.numpy() for k, v in status.arrays.items()}  # type: ignore[union-attr]
                 check_arrays(node, arrays, status.metrics[key], round_.reference)  # type: ignore[index]
                 check_magnitudes(node, arrays, round_.reference, self.max_growth)

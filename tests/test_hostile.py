@@ -689,3 +689,34 @@ def test_a_restart_back_on_an_earlier_attempts_samples_is_refused_too():
     assert not driven.begin(node, 1, roster, {}, seed=6).has_error()  # other samples: fine
     again = driven.begin(node, 2, roster, {}, seed=5)
     assert again.has_error() and "on the same samples this node already pooled" in again.error.reason
+
+
+def test_unknown_arrays_in_a_final_model_are_refused_before_anything_is_decoded(monkeypatch):
+    from _grid import LocalGrid
+
+    decoded = []
+    real_numpy = Array.numpy
+
+    def spying_numpy(self):
+        decoded.append(self.shape)
+        return real_numpy(self)
+
+    class JunkGrid(LocalGrid):
+        def push_messages(self, messages):
+            messages = list(messages)
+            ids = super().push_messages(messages)
+            for msg, mid in zip(messages, ids):
+                reply = self._replies.get(mid)
+                if msg.metadata.dst_node_id == BAD and reply is not None and not reply.has_error() \
+                        and schema.ARRAYS in reply.content.array_records:
+                    reply.content.array_records[schema.ARRAYS]["junk"] = Array(
+                        dtype="float64", shape=(2**30,), stype="numpy.ndarray", data=b"junk")
+                    monkeypatch.setattr(Array, "numpy", spying_numpy)
+            return ids
+
+    grid = JunkGrid(fedtan_client_app(make_client), 3, {})
+    strategy = FedTAN(fraction_evaluate=0.0, min_available_nodes=3, min_train_nodes=2)
+    result = strategy.start(grid, initial_arrays(), num_rounds=1)
+    assert "unexpected ['junk']" in strategy.dropped[1][BAD]
+    assert (2**30,) not in decoded
+    assert result.train_metrics_clientapp[1]["fedtan-clients"] == 2
