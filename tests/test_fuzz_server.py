@@ -138,7 +138,8 @@ def _mutated_array(value: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         special = [np.nan, np.inf, -np.inf, 1e300, 1e160][choice] if value.dtype.kind == "f" else \
             [0, 2**63 - 1, -1, 255, 7][choice]
         try:
-            out.flat[int(rng.integers(value.size))] = special
+            with np.errstate(over="ignore"):  # 1e300 in a float32 array becomes Inf: also a mutation
+                out.flat[int(rng.integers(value.size))] = special
         except (OverflowError, ValueError):
             out = out.astype(np.float64)
             out.flat[0] = special
