@@ -31,7 +31,19 @@ __all__ = [
     "BATCHNORM_BUFFER_SUFFIXES",
     "forward_count_violations",
     "exact_running_statistics",
+    "DEFAULT_MAX_GROWTH",
+    "value_limit",
+    "check_payload",
+    "check_magnitudes",
+    "check_layout",
+    "nonfinite_culprit",
 ]
+
+DEFAULT_MAX_GROWTH = 1e6
+"""How far a client's returned model may reach beyond the global model it was sent: every
+value within ``max_growth`` times the largest magnitude of the same array in the global
+model (at least 1), ``max_growth**2`` times for running variances (see
+:func:`check_magnitudes`)."""
 
 BATCHNORM_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 """Last name component of the buffers of ``torch.nn.BatchNorm*`` in a ``state_dict``."""
@@ -133,8 +145,42 @@ def _positive(value: object) -> float:
     return number if number > 0 and number != float("inf") else float("nan")
 
 
+def value_limit(reference: Mapping[str, np.ndarray]) -> float:
+    """The largest magnitude an aggregate may hold: the range of the model's narrowest
+    floating dtype (float32's 3.4e38 for a float32 model), float64's without float arrays.
+
+    The clients cast the aggregates to the model's dtype; a value beyond its range would
+    become Inf there."""
+    limits = [float(np.finfo(a.dtype).max) for a in reference.values() if np.asarray(a).dtype.kind == "f"]
+    return min(limits, default=float(np.finfo(np.float64).max))
+
+
+def _out_of_range(values: Sequence[np.ndarray], limit: float) -> bool:
+    return any(not (np.isfinite(v).all() and (np.abs(v) <= limit).all()) for v in values)
+
+
+def _largest(clients: Sequence[Hashable], *stacks: np.ndarray) -> Hashable:
+    """The client whose vectors hold the largest magnitude: the one that can push a pooled
+    result out of range, since every term is bounded by its largest input."""
+    magnitude = np.max([np.abs(stack).max(axis=1) for stack in stacks], axis=0)
+    return clients[int(np.argmax(magnitude))]
+
+
+def _outlier(clients: Sequence[Hashable], magnitudes: np.ndarray, max_growth: float | None) -> int | None:
+    """Index of the client whose largest magnitude exceeds ``max_growth`` times the others'
+    largest (at least 1), the biggest such; ``None`` with fewer than two clients."""
+    if max_growth is None or len(clients) < 2:
+        return None
+    order = np.argsort(magnitudes)
+    top, runner_up = int(order[-1]), float(magnitudes[order[-2]])
+    return top if magnitudes[top] > max_growth * max(1.0, runner_up) else None
+
+
 def pool_forward_stats(
-    contributions: Mapping[Hashable, ForwardStats], channels: int | None = None
+    contributions: Mapping[Hashable, ForwardStats],
+    channels: int | None = None,
+    limit: float | None = None,
+    max_growth: float | None = None,
 ) -> ForwardStats:
     """Exact mean and biased variance of the pooled batch, for any counts.
 
@@ -147,6 +193,15 @@ def pool_forward_stats(
         One entry per client.
     channels : Optional[int]
         Expected number of channels; defaults to the first client's.
+    limit : Optional[float]
+        The largest magnitude the pooled mean and variance may reach (default: float64's
+        range, see :func:`value_limit`). Finite inputs can pool to Inf (means of 1e300, or
+        a mean of 1e160 whose square is the variance): the client with the largest values
+        is then named.
+    max_growth : Optional[float]
+        With two clients or more, the largest ``|mean|`` or standard deviation of one client
+        may not exceed ``max_growth`` times the other clients' largest (at least 1): a finite
+        but absurd contribution is named before it steers everyone's normalisation.
 
     Returns
     -------
@@ -180,15 +235,40 @@ def pool_forward_stats(
         )
     weights = np.array(counts)[:, None]
     total = float(weights.sum())
-    mu = (weights * means_arr).sum(axis=0) / total
-    var = (weights * (vars_arr + (means_arr - mu) ** 2)).sum(axis=0) / total
+    if not np.isfinite(total):
+        culprit = clients[int(np.argmax(weights))]
+        raise PayloadError(culprit, f"count {weights.max():.3g} makes the pooled count non-finite")
+    magnitudes = np.maximum(np.abs(means_arr).max(axis=1), np.sqrt(vars_arr).max(axis=1))
+    odd = _outlier(clients, magnitudes, max_growth)
+    if odd is not None:
+        raise PayloadError(
+            clients[odd], f"its statistics reach {magnitudes[odd]:.3g} (largest |mean| or standard deviation), "
+            f"more than {max_growth:g} times the other clients' largest (at least 1)"
+        )
+    with np.errstate(over="ignore", invalid="ignore"):
+        mu = (weights * means_arr).sum(axis=0) / total
+        var = (weights * (vars_arr + (means_arr - mu) ** 2)).sum(axis=0) / total
+    limit = float(np.finfo(np.float64).max) if limit is None else limit
+    if _out_of_range([mu, var], limit):
+        culprit = _largest(clients, means_arr, np.sqrt(vars_arr))
+        raise PayloadError(
+            culprit, f"its statistics (largest |mean| {np.abs(means_arr[clients.index(culprit)]).max():.3g}, "
+            f"largest var {vars_arr[clients.index(culprit)].max():.3g}) make the pooled moments "
+            f"non-finite or larger than {limit:.3g}, the model's floating-point range"
+        )
     return ForwardStats(count=total, num_examples=examples, mean=mu, var=var)
 
 
 def sum_backward_sums(
-    contributions: Mapping[Hashable, BackwardSums], channels: int | None = None
+    contributions: Mapping[Hashable, BackwardSums],
+    channels: int | None = None,
+    limit: float | None = None,
+    max_growth: float | None = None,
 ) -> BackwardSums:
-    """Sum the per-channel backward statistics over clients (in float64)."""
+    """Sum the per-channel backward statistics over clients (in float64); a sum beyond
+    ``limit`` (default: float64's range) names the client with the largest values, and so
+    does, with ``max_growth``, one client's largest magnitude beyond ``max_growth`` times
+    the other clients' largest (at least 1)."""
     width = channels if channels is not None else _first_width(contributions, "sum_grad")
     clients, grads, grads_xhat = [], [], []
     for client, sums in contributions.items():
@@ -197,10 +277,27 @@ def sum_backward_sums(
         clients.append(client)
         grads.append(_check_vector(client, "sum_grad", sums.sum_grad, width))
         grads_xhat.append(_check_vector(client, "sum_grad_xhat", sums.sum_grad_xhat, width))
-    return BackwardSums(
-        sum_grad=_stack_checked(clients, "sum_grad", grads).sum(axis=0),
-        sum_grad_xhat=_stack_checked(clients, "sum_grad_xhat", grads_xhat).sum(axis=0),
-    )
+    grads_arr = _stack_checked(clients, "sum_grad", grads)
+    grads_xhat_arr = _stack_checked(clients, "sum_grad_xhat", grads_xhat)
+    magnitudes = np.maximum(np.abs(grads_arr).max(axis=1), np.abs(grads_xhat_arr).max(axis=1))
+    odd = _outlier(clients, magnitudes, max_growth)
+    if odd is not None:
+        raise PayloadError(
+            clients[odd], f"its backward sums reach {magnitudes[odd]:.3g}, more than {max_growth:g} times the "
+            "other clients' largest (at least 1)"
+        )
+    with np.errstate(over="ignore", invalid="ignore"):
+        summed = BackwardSums(sum_grad=grads_arr.sum(axis=0), sum_grad_xhat=grads_xhat_arr.sum(axis=0))
+    limit = float(np.finfo(np.float64).max) if limit is None else limit
+    if _out_of_range([summed.sum_grad, summed.sum_grad_xhat], limit):
+        culprit = _largest(clients, grads_arr, grads_xhat_arr)
+        row = clients.index(culprit)
+        largest = max(np.abs(grads_arr[row]).max(), np.abs(grads_xhat_arr[row]).max())
+        raise PayloadError(
+            culprit, f"its backward sums (largest magnitude {largest:.3g}) make the summed aggregate "
+            f"non-finite or larger than {limit:.3g}, the model's floating-point range"
+        )
+    return summed
 
 
 def is_batchnorm_buffer(key: str) -> bool:
@@ -291,6 +388,30 @@ def running_stat_keys(keys: Sequence[str]) -> dict[str, str]:
     return pairs
 
 
+def check_layout(
+    client: Hashable, shapes: Mapping[str, Sequence[int]], reference: Mapping[str, np.ndarray]
+) -> None:
+    """The keys and shapes of a client's model against the global one, from what its arrays
+    declare, before any of them is decoded.
+
+    Raises
+    ------
+    PayloadError
+        Naming ``client``: missing or unexpected keys, or a shape that differs.
+    """
+    missing = set(reference) - set(shapes)
+    extra = set(shapes) - set(reference)
+    if missing or extra:
+        raise PayloadError(
+            client,
+            f"arrays do not match the global model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(extra)[:5]}",
+        )
+    for key, ref in reference.items():
+        if tuple(shapes[key]) != tuple(np.shape(ref)):
+            raise PayloadError(client, f"{key} has shape {tuple(shapes[key])}, expected {tuple(np.shape(ref))}")
+
+
 def check_arrays(
     client: Hashable,
     arrays: Mapping[str, np.ndarray],
@@ -312,14 +433,7 @@ def check_arrays(
         raise PayloadError(client, f"num_examples is not a number: {num_examples!r}") from None
     if not np.isfinite(weight) or weight <= 0:
         raise PayloadError(client, f"num_examples must be positive, got {num_examples}")
-    missing = set(reference) - set(arrays)
-    extra = set(arrays) - set(reference)
-    if missing or extra:
-        raise PayloadError(
-            client,
-            f"arrays do not match the global model: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(extra)[:5]}",
-        )
+    check_layout(client, {key: np.shape(value) for key, value in arrays.items()}, reference)
     for key, ref in reference.items():
         value = arrays[key]
         if not isinstance(value, np.ndarray):
@@ -456,3 +570,90 @@ def exact_running_statistics(
             )
         out[key] = value
     return out
+
+
+def check_payload(client: Hashable, payload: object, phase: str, channels: int) -> None:
+    """Check one client's clear payload on its own: what :func:`pool_forward_stats` or
+    :func:`sum_backward_sums` would refuse, named. For finding, after an unexpected error,
+    which client's payload caused it."""
+    if phase == "forward":
+        pool_forward_stats({client: payload}, channels=channels)  # type: ignore[dict-item]
+    else:
+        sum_backward_sums({client: payload}, channels=channels)  # type: ignore[dict-item]
+
+
+def _magnitude_limit(key: str, reference: np.ndarray, max_growth: float) -> float:
+    """The largest magnitude a client may return for ``key``: ``max_growth`` times the
+    global array's largest magnitude (at least 1); squared growth for a running variance
+    (a variance scales as the square of the values). Capped so that any average of such
+    values stays finite in the array's dtype (a running mean's spread is squared into the
+    pooled variance, hence its square-root cap)."""
+    ref = np.asarray(reference)
+    scale = max(1.0, float(np.abs(ref.astype(np.float64)).max())) if ref.size else 1.0
+    is_var = key == "running_var" or key.endswith(".running_var")
+    is_mean = key == "running_mean" or key.endswith(".running_mean")
+    limit = scale * max_growth * (max_growth if is_var else 1.0)  # float products saturate to inf
+    if ref.dtype.kind == "f":
+        top = float(np.finfo(ref.dtype).max)
+        cap = np.sqrt(top) / 4 if is_mean else top / 4
+    elif ref.dtype.kind in "iu":
+        cap = float(np.iinfo(ref.dtype).max) / 4
+    else:
+        cap = float("inf")
+    return min(limit, cap)
+
+
+def check_magnitudes(
+    client: Hashable,
+    arrays: Mapping[str, np.ndarray],
+    reference: Mapping[str, np.ndarray],
+    max_growth: float = DEFAULT_MAX_GROWTH,
+) -> None:
+    """Bound one client's returned model by the global model the server sent.
+
+    A finite but huge value (a running mean of 1e160, whose square makes the pooled running
+    variance Inf; 2e19 is enough in float32) would poison the average for good. Every value
+    must stay within ``max_growth`` times the largest magnitude of the same array in the
+    global model (at least 1; ``max_growth**2`` for running variances), and within a
+    quarter of its dtype's range (the square root of it for running means).
+
+    Raises
+    ------
+    PayloadError
+        Naming ``client`` and the array, its largest magnitude and the limit.
+    """
+    for key, ref in reference.items():
+        value = np.asarray(arrays[key])
+        if value.dtype.kind not in "fiu" or not value.size:
+            continue
+        largest = float(np.abs(value.astype(np.float64)).max())
+        limit = _magnitude_limit(key, ref, max_growth)
+        if not largest <= limit:
+            raise PayloadError(
+                client,
+                f"{key} reaches {largest:.3g}, beyond its limit {limit:.3g} ({max_growth:g} times the global "
+                "model's largest value in that array, or the dtype's safe range); if honest training "
+                "legitimately grows values that fast, raise FedTAN(max_growth=...)",
+            )
+
+
+def nonfinite_culprit(
+    aggregated: Mapping[str, np.ndarray],
+    contributions: Mapping[Hashable, tuple[Mapping[str, np.ndarray], float]],
+) -> tuple[str, Hashable] | None:
+    """``(key, client)`` if an aggregated floating array holds NaN or Inf: the first such
+    array and the client that returned the largest magnitude in it (the one that can push
+    an average out of range). ``None`` if the aggregate is finite."""
+    for key, value in aggregated.items():
+        value = np.asarray(value)
+        if value.dtype.kind not in "fc" or np.isfinite(value).all():
+            continue
+        largest = {
+            client: float(np.abs(np.asarray(arrays[key], dtype=np.float64)).max(initial=0.0))
+            for client, (arrays, _) in contributions.items()
+            if key in arrays
+        }
+        if not largest:
+            return key, None
+        return key, max(largest, key=lambda c: largest[c])
+    return None

@@ -22,6 +22,7 @@ process. A round in flight is therefore kept two ways:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -207,13 +208,17 @@ class FedTANClient(NumPyClient):
             params, lr=self.lr if lr is None else lr, momentum=self.momentum, weight_decay=self.weight_decay
         )
 
-    def sample_batch(self, seed: int, count: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch drawn for a seed: ``count`` (default ``batch_size``) distinct samples,
-        fewer if the data is smaller, collated like the DataLoader's and on ``device``."""
+    def batch_indices(self, seed: int, count: Optional[int] = None) -> list[int]:
+        """The indices of the samples :meth:`sample_batch` draws for a seed."""
         generator = torch.Generator().manual_seed(int(seed))
         size = len(self.train_data)  # type: ignore[arg-type]
         count = min(self.batch_size if count is None else int(count), size)
-        indices = torch.randperm(size, generator=generator)[:count]
+        return torch.randperm(size, generator=generator)[:count].tolist()
+
+    def sample_batch(self, seed: int, count: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch drawn for a seed: ``count`` (default ``batch_size``) distinct samples,
+        fewer if the data is smaller, collated like the DataLoader's and on ``device``."""
+        indices = self.batch_indices(seed, count)
         batch = self.collate_fn([self.train_data[int(i)] for i in indices])
         inputs, targets = self._unpack(batch)
         return inputs.to(self.device), targets.to(self.device)
@@ -443,34 +448,90 @@ def _masked(
     roster = secure.Roster.from_arrays({k: v.numpy() for k, v in state.array_records[records.roster].items()})
     shifts = secure.shifts_from_arrays({k: v.numpy() for k, v in state.array_records[records.shifts].items()})
     forward = point.phase == schema.PHASE_FORWARD
-    return secure.client_encode(
+    replay = state.config_records[progress]
+    exchange = int(replay["received"])
+    masked = secure.client_encode(
         payload,
         node_id=context.node_id,
         private_key=key["private-key"],  # type: ignore[arg-type]
         roster=roster,
         round=round_no,
         attempt=int(key["attempt"]),
-        exchange=int(state.config_records[progress]["received"]),
+        exchange=exchange,
         shift=secure.shift_for(shifts, point.index, point.channels) if forward else None,
         where=secure.describe_point(round_no, step, point.phase, point.index, point.call),
     )
+    # The length of each exchange's payload: a blame request may reveal only that canary's masks.
+    lengths = list(replay.get("masked-lengths", []))[:exchange]
+    replay["masked-lengths"] = lengths + [int(masked.masked.shape[1])]
+    return masked
 
 
-def _begin_secure(context: Context, control: schema.Control, records: _SecureRecords = _ROUND_SECURE) -> None:
-    """Keep (or clear) the attempt's roster and shifts in ``context.state``."""
+def _canary_masks(context: Context, control: schema.Control) -> dict:
+    """Secure statistics, after the canaries failed: this node's canary masks of the asked
+    exchange, if it is one this node sent in the current attempt, at its true length."""
+    state = context.state
+    key = state.config_records.get(SECURE_KEY)
+    replay = state.config_records.get(REPLAY_STATE)
+    if key is None or int(key["round"]) != control.round or replay is None or int(replay["round"]) != control.round:
+        raise schema.ServerMessageError(f"blame request for round {control.round}, which this node is not in")
+    lengths = list(replay.get("masked-lengths", []))
+    if not 0 <= control.exchange < len(lengths) or lengths[control.exchange] != control.length:
+        raise schema.ServerMessageError(
+            f"blame request for exchange {control.exchange} with length {control.length}, but this node sent "
+            f"payloads of lengths {lengths} this attempt: it reveals only the canary of a payload it sent"
+        )
+    roster = secure.Roster.from_arrays({k: v.numpy() for k, v in state.array_records[SECURE_ROSTER].items()})
+    return secure.canary_masks(key["private-key"], context.node_id, roster, control.round,  # type: ignore[arg-type]
+                               int(key["attempt"]), control.exchange, control.length)
+
+
+def _forget_secure(state: RecordDict) -> None:
+    """Remove the round's key material (private key, roster, shifts) from ``context.state``."""
+    for name in (SECURE_KEY, SECURE_ROSTER, SECURE_SHIFTS):
+        if name in state:
+            del state[name]
+
+
+def _begin_secure(
+    context: Context, control: schema.Control, require_secure_stats: bool, records: _SecureRecords = _ROUND_SECURE
+) -> None:
+    """Keep (or clear) the attempt's roster and shifts in ``context.state``.
+
+    Refuses what a malicious server could use to unmask this node's statistics: a begin
+    in the clear after the round's key exchange (or at all, with ``require_secure_stats``),
+    and a begin whose attempt is not above the last one begun with the same key (the same
+    pair keys and exchange numbers would mask other data with the same masks)."""
     state = context.state
     for name in (records.roster, records.shifts):
         if name in state:
             del state[name]
-    if control.roster is None:
-        return
     key = state.config_records.get(records.key)
-    if key is None or int(key["round"]) != control.round:
+    keyed = key is not None and int(key["round"]) == control.round
+    if control.roster is None:
+        if require_secure_stats:
+            raise schema.ServerMessageError(
+                f"begin of round {control.round} without a roster: this node requires secure statistics "
+                "(require_secure_stats=True) and never sends its statistics in the clear"
+            )
+        if keyed:
+            raise schema.ServerMessageError(
+                f"begin of round {control.round} without a roster after this round's key exchange: the "
+                "statistics would go out in the clear"
+            )
+        return
+    if not keyed:
         raise secure.KeyAgreementError(
             f"node {context.node_id}: begin of round {control.round} with secure statistics, but this "
             "node holds no private key for that round (it missed the key exchange)"
         )
-    key["attempt"] = control.attempt
+    begun = int(key.get("begun", -1))
+    if control.attempt <= begun:
+        raise schema.ServerMessageError(
+            f"begin of round {control.round}, attempt {control.attempt}: this node already began attempt {begun} "
+            "with this key; a repeated or earlier attempt would reuse its masks"
+        )
+    key["attempt"] = key["begun"] = control.attempt
     state[records.roster] = ArrayRecord({k: Array(v) for k, v in control.roster.to_arrays().items()})
     state[records.shifts] = ArrayRecord(
         {k: Array(v) for k, v in secure.shifts_to_arrays(control.shifts or {}).items()}
@@ -501,6 +562,7 @@ class _Options:
     state_dir: Optional[Union[str, os.PathLike]] = None
     max_live_rounds: Optional[int] = None
     live_home: Optional[str] = None
+    require_secure_stats: bool = False
 
     def __post_init__(self) -> None:
         settings.check_replay_store(self.replay_store)
@@ -516,6 +578,7 @@ def add_fedtan(
     state_dir: Optional[Union[str, os.PathLike]] = None,
     max_live_rounds: Optional[int] = None,
     live_home: Optional[str] = None,
+    require_secure_stats: bool = False,
 ) -> Any:
     """Add FedTAN to an existing message-API ``ClientApp``; the app's own handlers stay.
 
@@ -559,6 +622,10 @@ def add_fedtan(
         single-actor simulation, a Ray home actor when the simulation runs several
         ClientAppActors (or on a Ray cluster), and the node worker in a deployed
         ``flwr-clientapp`` process. ``FEDTAN_LIVE_HOME`` overrides it.
+    require_secure_stats : bool (default: False)
+        Refuse every round that would send this node's statistics in the clear (a begin
+        without a roster): for nodes that must only take part under
+        ``FedTAN(secure_stats=True)``, whatever the server asks.
 
     Returns
     -------
@@ -597,13 +664,13 @@ def add_fedtan(
         )
     if schema.MESSAGE_TYPE in getattr(app, "_registered_funcs", {}):
         raise ValueError(f"this ClientApp already handles {schema.MESSAGE_TYPE!r} (add_fedtan called twice?)")
-    options = _Options(replay_store, state_dir, max_live_rounds, live_home)
+    options = _Options(replay_store, state_dir, max_live_rounds, live_home, bool(require_secure_stats))
     if client_fn is None:
 
         def register(function: Callable[[Context], FedTANClient]) -> Callable[[Context], FedTANClient]:
             add_fedtan(
                 app, function, replay_store=replay_store, state_dir=state_dir,
-                max_live_rounds=max_live_rounds, live_home=live_home,
+                max_live_rounds=max_live_rounds, live_home=live_home, require_secure_stats=require_secure_stats,
             )
             return function
 
@@ -627,6 +694,7 @@ def fedtan_client_app(
     state_dir: Optional[Union[str, os.PathLike]] = None,
     max_live_rounds: Optional[int] = None,
     live_home: Optional[str] = None,
+    require_secure_stats: bool = False,
 ) -> ClientApp:
     """A message-API ``ClientApp`` that serves every message FedTAN and FedAvg send.
 
@@ -638,8 +706,8 @@ def fedtan_client_app(
     client_fn : Callable[[Context], FedTANClient]
         Builds the node's client (model, data, settings) from the context, like the
         ``client_fn`` of a legacy ``ClientApp``.
-    replay_store, state_dir, max_live_rounds, live_home
-        As in :func:`add_fedtan` (environment variables override them).
+    replay_store, state_dir, max_live_rounds, live_home, require_secure_stats
+        As in :func:`add_fedtan` (environment variables override the first four).
 
     Returns
     -------
@@ -655,7 +723,7 @@ def fedtan_client_app(
     """
     app = add_fedtan(
         ClientApp(), client_fn, replay_store=replay_store, state_dir=state_dir,
-        max_live_rounds=max_live_rounds, live_home=live_home,
+        max_live_rounds=max_live_rounds, live_home=live_home, require_secure_stats=require_secure_stats,
     )
 
     @app.train()
@@ -693,19 +761,32 @@ def _handle_fedtan(msg: Message, context: Context, client_fn: Callable[[Context]
     state = context.state
     if control.phase == schema.PHASE_KEYS:
         pair = secure.generate_key_pair()
-        state[SECURE_KEY] = ConfigRecord({"round": control.round, "attempt": 0, "private-key": pair.private})
+        state[SECURE_KEY] = ConfigRecord(
+            {"round": control.round, "attempt": 0, "begun": -1, "private-key": pair.private}
+        )
         return Message(schema.encode_public_key(control.round, pair.public), reply_to=msg)
+    if control.phase == schema.PHASE_BLAME:
+        return Message(schema.encode_canary_masks(control.round, _canary_masks(context, control)), reply_to=msg)
     cache = live_rounds()
     if control.phase == schema.PHASE_BEGIN:
         cache.forget(key)
-        _begin_secure(context, control)
+        _begin_secure(context, control, options.require_secure_stats)
         client = _client_from(client_fn, context)
         arrays = msg.content.array_records[schema.ARRAYS]
         client.load_arrays(arrays)
         config = dict(msg.content.config_records.get(schema.CONFIG, ConfigRecord()))
         seed = derive_seed(control.seed, client_seed_key(context))
+        batch = _batch_digest(client, seed)
+        pooled = _pooled_batches(context, control)
+        if control.roster is not None and batch in pooled:
+            raise secure.SecureStatsError(
+                f"node {context.node_id}: round {control.round} restarted (attempt {control.attempt}) on the same "
+                "samples this node already pooled in an earlier attempt (its batch is all of its data): the "
+                "difference of the two pooled sums would be the dropped clients' statistics; it sits this round out"
+            )
         state[REPLAY_STATE] = ConfigRecord(
-            {"round": control.round, "seed": seed, "sync-steps": control.sync_steps,
+            {"round": control.round, "seed": seed, "sync-steps": control.sync_steps, "batch": batch,
+             "pooled": pooled,
              "received": 0, "replays": 0, "sync-seconds": 0.0,
              "local-steps": int(config.get("local-steps", client.local_steps)),
              **({"lr": float(config["lr"])} if "lr" in config else {})}
@@ -766,8 +847,29 @@ def _handle_fedtan(msg: Message, context: Context, client_fn: Callable[[Context]
     metrics["replays"] = float(replay["replays"])
     del state[REPLAY_LOG]
     discard_weights(state)
+    _forget_secure(state)
     content = schema.encode_done(control.round, live.client.arrays(), MetricRecord(metrics))
     return Message(content, reply_to=msg)
+
+
+def _batch_digest(client: FedTANClient, seed: int) -> str:
+    """Which samples the round's first synchronised step uses (a digest of their indices)."""
+    indices = sorted(client.batch_indices(derive_seed(seed, 0)))
+    return hashlib.sha256(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest()
+
+
+def _pooled_batches(context: Context, control: schema.Control) -> list[str]:
+    """Digests of the batches this node pooled in earlier attempts of the round, i.e. whose
+    aggregates it received. With secure statistics a restart on one of them is refused:
+    the survivors' sums over the same model and data, subtracted from the earlier ones,
+    would be the dropped clients' statistics."""
+    previous = context.state.config_records.get(REPLAY_STATE)
+    if previous is None or int(previous["round"]) != control.round:
+        return []
+    pooled = [str(b) for b in previous.get("pooled", [])]
+    if int(previous["received"]) > 0 and "batch" in previous and previous["batch"] not in pooled:
+        pooled.append(str(previous["batch"]))
+    return pooled
 
 
 def _add_seconds(state: RecordDict, seconds: float) -> None:
@@ -812,7 +914,7 @@ def _handle_statistics(
         return Message(schema.encode_public_key(control.round, pair.public), reply_to=msg)
     if control.phase == schema.PHASE_STATS_BEGIN:
         cache.forget(key)
-        _begin_secure(context, control, _PASS_SECURE)
+        _begin_secure(context, control, options.require_secure_stats, _PASS_SECURE)
         client = _client_from(client_fn, context)
         client.load_arrays(msg.content.array_records[schema.ARRAYS])
         seed = derive_seed(control.seed, client_seed_key(context))

@@ -33,11 +33,14 @@ from flwr.supercore import log
 
 from . import schema, secure
 from .aggregation import (
+    DEFAULT_MAX_GROWTH,
     ForwardStats,
     PayloadError,
+    check_magnitudes,
     exact_running_statistics,
     forward_count_violations,
     pool_forward_stats,
+    value_limit,
 )
 from .seeds import derive_seed
 
@@ -144,6 +147,10 @@ class StatisticsPassDriver:
         As in :class:`~flwr_fedtan.FedTAN`: every client's values per example must agree.
     min_clients : int
         Fewest clients a pass may pool (2 at least with ``secure_stats``).
+    max_growth : float
+        As in :class:`~flwr_fedtan.FedTAN`: one client's statistics may not exceed this many
+        times the other clients' largest (it is named and dropped), and no pooled statistic
+        may leave the model dtype's range.
     """
 
     def __init__(
@@ -157,8 +164,10 @@ class StatisticsPassDriver:
         secure_stats: bool = False,
         uniform_positions: bool = True,
         min_clients: int = 1,
+        max_growth: float = DEFAULT_MAX_GROWTH,
     ) -> None:
         self.examples = int(examples)
+        self.max_growth = float(max_growth)
         self.exchange_timeout = exchange_timeout
         self.poll_interval = poll_interval
         self.max_restarts = max_restarts
@@ -194,10 +203,14 @@ class StatisticsPassDriver:
                         break
                     continue
                 try:
-                    outcome.buffers = exact_running_statistics(released, buffer_calls, reference)
-                except ValueError as error:
+                    buffers = exact_running_statistics(released, buffer_calls, reference)
+                    # No more than a client may move them in a round (statistics masked, or within
+                    # max_growth of the other clients', can still be absurd): the same bound.
+                    check_magnitudes("statistics pass", buffers, {k: reference[k] for k in buffers}, self.max_growth)
+                except (ValueError, PayloadError) as error:
                     log(WARNING, "Statistics pass of round %d: %s", server_round, error)
                     break
+                outcome.buffers = buffers
                 outcome.clients = len(examples)
                 outcome.examples = sum(examples.values())
                 return outcome
@@ -233,6 +246,7 @@ class StatisticsPassDriver:
             roster, None if self._secure is None else self._secure.shifts,
         )
         statuses = self._exchange(grid, outcome, {n: begin for n in participants}, server_round)
+        limit = value_limit({k: v.numpy() for k, v in arrays.items()})
         examples: dict[int, int] = {}
         while True:
             phases = {s.phase for s in statuses.values()}
@@ -253,6 +267,12 @@ class StatisticsPassDriver:
             if outcome.dropped.keys() & statuses.keys():
                 raise _Restart()
             payloads = {n: s.payload for n, s in statuses.items()}
+            for node, payload in payloads.items():
+                if (roster is not None) != isinstance(payload, secure.MaskedPayload):
+                    self._drop(outcome, node, f"sent {'clear' if roster is not None else 'masked'} statistics "
+                                              f"in a {'secure' if roster is not None else 'clear'} statistics pass")
+            if outcome.dropped.keys() & statuses.keys():
+                raise _Restart()
             claims = payloads if roster is None else {
                 n: ForwardStats(count=p.count, num_examples=p.num_examples, mean=_NONE, var=_NONE)  # type: ignore
                 for n, p in payloads.items()
@@ -267,9 +287,10 @@ class StatisticsPassDriver:
                     where = f"statistics pass of round {server_round}, BatchNorm call {index}"
                     aggregate = self._secure.decode(payloads, roster, index, where)  # type: ignore
                 else:
-                    aggregate = pool_forward_stats(payloads, channels=expected)  # type: ignore[arg-type]
-                if not (np.isfinite(aggregate.mean).all() and np.isfinite(aggregate.var).all()):
-                    raise secure.SecureStatsError(f"BatchNorm call {index}: non-finite pooled statistics")
+                    aggregate = pool_forward_stats(payloads, expected, limit, self.max_growth)  # type: ignore[arg-type]
+                values = (np.asarray(aggregate.mean), np.asarray(aggregate.var))
+                if not all(np.isfinite(v).all() and (np.abs(v) <= limit).all() for v in values):
+                    raise secure.SecureStatsError(f"BatchNorm call {index}: pooled statistics out of the model's range")
             except PayloadError as error:
                 self._drop(outcome, error.client, f"statistics pass, BatchNorm call {index}: {error}")
                 raise _Restart() from None

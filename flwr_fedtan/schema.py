@@ -77,6 +77,7 @@ SHIFTS = "fedtan.shifts"  # ArrayRecord: public shifts of the forward sync point
 STATS_BUFFERS = "fedtan.stats-buffers"  # ConfigRecord: "mean:<key>"/"var:<key>" -> BatchNorm calls
 
 PHASE_KEYS = "keys"  # secure statistics: the round's key exchange, before begin
+PHASE_BLAME = "blame"  # secure statistics: after canaries failed, each client reveals their pair masks
 PHASE_BEGIN = "begin"
 PHASE_AGGREGATE = "aggregate"
 PHASE_FORWARD = "forward"
@@ -126,6 +127,8 @@ class Control:
     roster: Optional[Roster] = None  # secure statistics: the attempt's roster (begin)
     shifts: Optional[dict] = None  # secure statistics: public shifts by sync-point index (begin)
     examples: int = 0  # statistics pass: examples each client forwards (stats-begin)
+    exchange: int = -1  # blame: the exchange whose canary masks are asked for
+    length: int = 0  # blame: the length of the masked payloads of that exchange
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,7 @@ class Status:
     public_key: Optional[bytes] = None  # keys reply
     buffer_calls: Optional[dict] = None  # stats-done: {key: ("mean" | "var", [calls])}
     num_examples: int = 0  # stats-done: examples the client forwarded
+    canary_masks: Optional[dict] = None  # blame reply: {peer: (2,) uint64}
 
 
 def _stats_record(payload: Union[Payload, MaskedPayload]) -> tuple[ArrayRecord, dict]:
@@ -167,8 +171,11 @@ def _payload_from(
     if stats is None:
         raise PayloadError(sender, f"missing ArrayRecord '{STATS}'")
     if scalars.get("masked") is True:
+        expected = {"masked", "roster-digest"} | ({"shift"} if phase == PHASE_FORWARD else set())
+        if set(stats.keys()) != expected:  # before decoding anything a client sent
+            raise PayloadError(sender, f"masked payload holds {sorted(stats.keys())}, expected {sorted(expected)}")
         try:
-            arrays = {name: stats[name].numpy() for name in stats.keys()}
+            arrays = {name: stats[name].numpy() for name in expected}
         except Exception as error:  # a corrupt Array
             raise PayloadError(sender, f"'{STATS}' cannot be decoded: {error}") from None
         return MaskedPayload.from_arrays(
@@ -204,6 +211,16 @@ def encode_keys(round: int, sync_steps: int) -> RecordDict:
     """Secure statistics: ask the round's clients for a fresh public key."""
     control = ConfigRecord(
         {"phase": PHASE_KEYS, "round": round, "step": 0, "point": -1, "sync-steps": sync_steps, "seed": 0}
+    )
+    return RecordDict({CONTROL: control})
+
+
+def encode_blame(round: int, sync_steps: int, exchange: int, length: int) -> RecordDict:
+    """Secure statistics: the canaries of ``exchange`` did not cancel; ask each client for the
+    canary's pair masks (:func:`flwr_fedtan.secure.canary_masks`)."""
+    control = ConfigRecord(
+        {"phase": PHASE_BLAME, "round": round, "step": 0, "point": -1, "sync-steps": sync_steps, "seed": 0,
+         "exchange": exchange, "length": length}
     )
     return RecordDict({CONTROL: control})
 
@@ -378,17 +395,20 @@ def decode_control(content: RecordDict) -> Control:
     if control is None:
         raise ServerMessageError(f"no ConfigRecord '{CONTROL}'")
     phase = control.get("phase")
-    if phase not in (PHASE_KEYS, PHASE_BEGIN, PHASE_AGGREGATE, *STATS_PHASES):
+    known = (PHASE_KEYS, PHASE_BEGIN, PHASE_AGGREGATE, PHASE_BLAME, *STATS_PHASES)
+    if phase not in known:
         raise ServerMessageError(
-            f"unknown phase {phase!r} (expected one of "
-            f"{', '.join(repr(p) for p in (PHASE_KEYS, PHASE_BEGIN, PHASE_AGGREGATE, *STATS_PHASES))})"
+            f"unknown phase {phase!r} (expected one of {', '.join(repr(p) for p in known)})"
         )
     fields = {k: _server_int(control, k) for k in ("round", "step", "point", "sync-steps", "seed")}
     if fields["sync-steps"] < 1:
         raise ServerMessageError(f"'sync-steps' must be >= 1, got {fields['sync-steps']}")
-    roster, shifts, attempt, examples = None, None, 0, 0
+    roster, shifts, attempt, examples, exchange, length = None, None, 0, 0, -1, 0
     if phase in (PHASE_KEYS, PHASE_STATS_KEYS):
         aggregate = None
+    elif phase == PHASE_BLAME:
+        aggregate = None
+        exchange, length = _server_int(control, "exchange"), _server_int(control, "length")
     elif phase in (PHASE_BEGIN, PHASE_STATS_BEGIN):
         if ARRAYS not in content.array_records:
             raise ServerMessageError(f"{phase} message has no ArrayRecord '{ARRAYS}'")
@@ -418,7 +438,7 @@ def decode_control(content: RecordDict) -> Control:
     return Control(
         phase=phase, round=fields["round"], step=fields["step"], point=fields["point"],
         sync_steps=fields["sync-steps"], seed=fields["seed"], aggregate=aggregate,
-        attempt=attempt, roster=roster, shifts=shifts, examples=examples,
+        attempt=attempt, roster=roster, shifts=shifts, examples=examples, exchange=exchange, length=length,
     )
 
 
@@ -428,6 +448,18 @@ def encode_public_key(round: int, public_key: bytes) -> RecordDict:
     status = ConfigRecord({"phase": PHASE_KEYS, "round": round, "step": -1, "point": -1})
     key = ArrayRecord({"public-key": Array(np.frombuffer(public_key, dtype=np.uint8).copy())})
     return RecordDict({STATUS: status, SECURE: key})
+
+
+def encode_canary_masks(round: int, masks: dict) -> RecordDict:
+    """A client's reply to a blame request: its canary mask with every peer."""
+    peers = sorted(masks)
+    status = ConfigRecord({"phase": PHASE_BLAME, "round": round, "step": -1, "point": -1})
+    record = ArrayRecord({
+        "peers": Array(np.array(peers, dtype=np.uint64)),
+        "masks": Array(np.stack([np.asarray(masks[p], dtype=np.uint64) for p in peers], axis=1)
+                       if peers else np.zeros((2, 0), dtype=np.uint64)),
+    })
+    return RecordDict({STATUS: status, SECURE: record})
 
 
 def encode_request(
@@ -493,6 +525,17 @@ def decode_reply(content: RecordDict, sender: Hashable, weighted_by_key: str) ->
         if key.dtype != np.uint8 or key.shape != (32,):
             raise PayloadError(sender, f"public-key is {key.dtype} {key.shape}, expected uint8 (32,)")
         return Status(phase=phase, round=round_, step=step, public_key=key.tobytes())
+    if phase == PHASE_BLAME:
+        record = content.array_records.get(SECURE)
+        if record is None or set(record.keys()) != {"peers", "masks"}:
+            raise PayloadError(sender, f"blame reply needs ArrayRecord '{SECURE}' with 'peers' and 'masks'")
+        peers, masks = record["peers"].numpy(), record["masks"].numpy()
+        if (peers.dtype != np.uint64 or peers.ndim != 1 or masks.dtype != np.uint64
+                or masks.shape != (2, peers.shape[0])):
+            raise PayloadError(sender, f"blame reply: peers {peers.dtype} {peers.shape}, masks {masks.dtype} "
+                                       f"{masks.shape}; expected uint64 (P,) and (2, P)")
+        revealed = {int(peer): masks[:, i].copy() for i, peer in enumerate(peers)}
+        return Status(phase=phase, round=round_, step=step, canary_masks=revealed)
     if phase == PHASE_DONE:
         arrays = content.array_records.get(ARRAYS)
         metrics = content.metric_records.get(METRICS)

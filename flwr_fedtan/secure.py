@@ -1,4 +1,9 @@
-"""Secure aggregation of BatchNorm statistics: the server learns only the sums over clients.
+"""Secure aggregation of BatchNorm statistics: an honest-but-curious server (one that runs
+the protocol faithfully) learns only the sums over clients.
+
+A malicious server is not covered: it can substitute public keys (a man in the middle) and
+then read each client's payload. What the clients refuse from any server (invalid keys,
+repeated or decreasing attempts) is listed in the README's "What FedTAN trusts".
 
 Pure functions on NumPy arrays and byte strings, built on ``cryptography`` (a Flower
 dependency); no torch, no Flower.
@@ -63,6 +68,9 @@ __all__ = [
     "KeyAgreementError",
     "FixedPointOverflowError",
     "MaskMismatchError",
+    "CanaryMismatchError",
+    "canary_masks",
+    "blame_canary",
     "MissingPayloadError",
     "KeyPair",
     "Roster",
@@ -76,6 +84,7 @@ __all__ = [
     "server_decode",
     "value_bound",
     "describe_point",
+    "check_public_key",
     "shift_for",
     "shifts_to_arrays",
     "shifts_from_arrays",
@@ -116,6 +125,12 @@ class MaskMismatchError(SecureStatsError):
     masks is outside the threat model (see the README's "Secure statistics")."""
 
 
+class CanaryMismatchError(MaskMismatchError):
+    """The canaries did not sum to zero: some client's masks, or its canary, are not what
+    its pair keys give. :func:`blame_canary` finds which client, from the pair masks of the
+    canary position every client reveals (:func:`canary_masks`)."""
+
+
 class MissingPayloadError(SecureStatsError):
     """Payloads of some roster members are missing: the sum cannot be unmasked without
     them. Restart the step with the survivors (a new attempt, so fresh masks)."""
@@ -143,6 +158,30 @@ def generate_key_pair() -> KeyPair:
     """A fresh X25519 key pair (one per client and round)."""
     key = X25519PrivateKey.generate()
     return KeyPair(private=key.private_bytes_raw(), public=_public_of(key))
+
+
+@functools.lru_cache(maxsize=256)
+def check_public_key(key: bytes) -> None:
+    """Refuse a public key that cannot key a pair: not 32 bytes, or a point of small order
+    (the all-zero key among them), whose shared secret with any private key is all zero,
+    so every pair key with it would be the same public value.
+
+    Raises
+    ------
+    KeyAgreementError
+        Naming what is wrong with the key.
+    """
+    if not isinstance(key, (bytes, bytearray)) or len(key) != _KEY_BYTES:
+        raise KeyAgreementError(
+            f"public key must be {_KEY_BYTES} raw bytes (X25519), got {type(key).__name__} of length "
+            f"{len(key) if hasattr(key, '__len__') else '?'}"
+        )
+    try:
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(bytes(key)))
+    except ValueError:
+        raise KeyAgreementError(
+            "public key is a point of small order (e.g. all zeros): it gives an all-zero shared secret"
+        ) from None
 
 
 def _public_of(key: X25519PrivateKey) -> bytes:
@@ -179,7 +218,8 @@ class Roster:
         ------
         KeyAgreementError
             Fewer than two nodes (a lone client's payload could not be masked), a key that
-            is not 32 bytes, or two nodes with the same key.
+            is not 32 bytes or of small order (naming its node), or two nodes with the same
+            key.
         """
         if len(keys) < 2:
             raise KeyAgreementError(
@@ -190,11 +230,10 @@ class Roster:
         public = []
         for node in ids:
             key = keys[node]
-            if not isinstance(key, (bytes, bytearray)) or len(key) != _KEY_BYTES:
-                raise KeyAgreementError(
-                    f"node {node}: public key must be {_KEY_BYTES} raw bytes (X25519), got "
-                    f"{type(key).__name__} of length {len(key) if hasattr(key, '__len__') else '?'}"
-                )
+            try:
+                check_public_key(bytes(key) if isinstance(key, bytearray) else key)
+            except KeyAgreementError as error:
+                raise KeyAgreementError(f"node {node}: {error}") from None
             public.append(bytes(key))
         if len(set(public)) != len(public):
             raise KeyAgreementError("two nodes of the roster sent the same public key")
@@ -436,6 +475,72 @@ def _attempt_keys(private_key: bytes, node_id: int, roster: Roster, round: int, 
     )
 
 
+def canary_masks(
+    private_key: bytes, node_id: int, roster: Roster, round: int, attempt: int, exchange: int, length: int
+) -> dict[int, np.ndarray]:
+    """The pair masks of the canary, the last of ``length`` elements, of one exchange: for
+    every peer, that element of the pair's keystream (unsigned, ``(2,)`` uint64).
+
+    Revealed to the server after the canaries did not cancel, so that it can tell which
+    client's canary is wrong (:func:`blame_canary`). The canary carries an encoded zero and
+    each keystream element is an independent output of ChaCha20, so these elements tell
+    nothing about the masks of the statistics; ``length`` must be the true length of the
+    payload the client sent at that exchange, or another element would be revealed.
+    """
+    if exchange < 0 or length < 1:
+        raise ValueError(f"exchange must be >= 0 and length >= 1, got {exchange}, {length}")
+    return {
+        peer: _keystream(key, exchange, length)[:, -1].copy()
+        for peer, key in _attempt_keys(bytes(private_key), int(node_id), roster, int(round), int(attempt))
+    }
+
+
+def blame_canary(
+    payloads: Mapping[int, "MaskedPayload"], roster: Roster, revealed: Mapping[int, Mapping[int, np.ndarray]]
+) -> dict[int, str]:
+    """Which clients made the canaries fail, with the reason (server side).
+
+    ``revealed[i][j]`` is the canary mask client ``i`` says it shares with ``j``. Client ``i``
+    is named if it revealed nothing usable, or if its canary is not the signed sum of the
+    masks it revealed (it added something else). Otherwise some pair disagrees about its
+    shared mask (one of the two lies): a client that disagrees with more peers than any
+    other is named; a lone disagreeing pair names both (the server cannot tell which of the
+    two lies). Empty if every canary is what the revealed masks give and every pair agrees
+    (then the canaries did cancel).
+    """
+    blamed: dict[int, str] = {}
+    nodes = roster.node_ids
+    for node in nodes:
+        claims = revealed.get(node)
+        peers = set(nodes) - {node}
+        if (claims is None or set(claims) != peers
+                or any(np.asarray(v).dtype != _U64 or np.shape(v) != (2,) for v in claims.values())):
+            blamed[node] = "did not reveal its canary masks for every peer of the roster"
+            continue
+        expected = np.zeros((2, 1), dtype=_U64)
+        for peer, mask in claims.items():
+            element = np.asarray(mask, dtype=_U64).reshape(2, 1)
+            expected = _ring_add(expected, element if node < peer else _ring_neg(element))
+        if not np.array_equal(expected[:, 0], payloads[node].masked[:, -1]):
+            blamed[node] = "its canary is not the sum of the pair masks it revealed (it added something else)"
+    if blamed:
+        return blamed
+    disagreements: dict[int, list[int]] = {node: [] for node in nodes}
+    for i, node in enumerate(nodes):
+        for peer in nodes[i + 1:]:
+            if not np.array_equal(revealed[node][peer], revealed[peer][node]):
+                disagreements[node].append(peer)
+                disagreements[peer].append(node)
+    most = max((len(peers) for peers in disagreements.values()), default=0)
+    if most == 0:
+        return {}
+    if most > 1:
+        return {node: f"disagrees with nodes {peers} about their pair keys' canary masks"
+                for node, peers in disagreements.items() if len(peers) == most}
+    return {node: f"disagrees with node {peers[0]} about their pair key's canary mask (one of the two lies)"
+            for node, peers in disagreements.items() if peers}
+
+
 # ---------------------------------------------------------------------- payloads
 @dataclass(frozen=True)
 class MaskedPayload:
@@ -505,8 +610,14 @@ class MaskedPayload:
                 raise PayloadError(
                     sender, f"shift must be finite float64 ({channels},), got {shift.dtype} {shift.shape}"
                 )
-        if phase == "forward" and count is not None:
-            if not (isinstance(count, (int, float)) and math.isfinite(count) and count >= 1):
+        if phase == "forward":
+            if count is None or num_examples is None:
+                raise PayloadError(
+                    sender, "masked forward payload lacks its clear 'count' or 'num-examples' (the server "
+                    "binds the client's averaging weight to them)"
+                )
+            if (not isinstance(count, (int, float)) or isinstance(count, bool) or not math.isfinite(count)
+                    or count < 1):
                 raise PayloadError(sender, f"count must be a finite number >= 1, got {count!r}")
             if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples < 1:
                 raise PayloadError(sender, f"num-examples must be an int >= 1, got {num_examples!r}")
@@ -670,7 +781,7 @@ def server_decode(
         _check_shared_shift(payloads, where)
     total = ring_sum([payloads[node].masked for node in roster.node_ids])
     if total[0, -1] != 0 or total[1, -1] != 0:
-        raise MaskMismatchError(
+        raise CanaryMismatchError(
             f"{where}: the masks of nodes {list(roster.node_ids)} did not cancel; some client used "
             "another key, round, attempt or exchange index (a stale or replayed payload?)"
         )
@@ -778,11 +889,16 @@ class ServerSession:
         self.public_keys = {}
 
     def accept_public_key(self, node: int, key: object) -> None:
-        """Record ``node``'s public key; :class:`PayloadError` naming it if malformed."""
+        """Record ``node``'s public key; :class:`PayloadError` naming it if malformed or of
+        small order (refused on receipt, so it never reaches a roster)."""
         if isinstance(key, np.ndarray) and key.dtype == np.uint8:
             key = key.tobytes()
         if not isinstance(key, (bytes, bytearray)) or len(key) != _KEY_BYTES:
             raise PayloadError(node, f"public key must be {_KEY_BYTES} bytes (X25519 raw), got {key!r:.60}")
+        try:
+            check_public_key(bytes(key))
+        except KeyAgreementError as error:
+            raise PayloadError(node, str(error)) from None
         if bytes(key) in self.public_keys.values():
             raise PayloadError(node, "sent a public key another node of this round already sent")
         self.public_keys[int(node)] = bytes(key)

@@ -6,8 +6,8 @@ No torch here: a ServerApp running FedTAN needs NumPy and Flower only.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
-import pickle
 import random
 import time
 from collections import Counter
@@ -22,16 +22,22 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result, Strategy
 from flwr.supercore import log
 
-from . import schema, secure
+from . import checkpoint, schema, secure
 from .aggregation import (
+    DEFAULT_MAX_GROWTH,
     ForwardStats,
     PayloadError,
     aggregate_arrays,
     check_arrays,
+    check_layout,
+    check_magnitudes,
+    check_payload,
     forward_count_violations,
     is_batchnorm_buffer,
+    nonfinite_culprit,
     pool_forward_stats,
     sum_backward_sums,
+    value_limit,
 )
 from .exact_statistics import (
     DEFAULT_STATISTICS_EXAMPLES,
@@ -48,7 +54,16 @@ EvaluateFn = Callable[[int, ArrayRecord], Optional[MetricRecord]]
 
 CLIENT_WEIGHTS = ("synchronised", "reported")
 _NONE = np.zeros(0)  # mean/var of a masked forward payload's stand-in: only its counts are checked
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = checkpoint.FORMAT
+_REASON_CHARS = 400  # a drop reason quotes the client's own text: keep the log readable
+
+
+def _brief(text: str) -> str:
+    return text if len(text) <= _REASON_CHARS else text[:_REASON_CHARS] + "..."
+
+
+def _unexpected(error: Exception) -> str:
+    return f"its reply could not be handled ({type(error).__name__}: {error})"
 
 
 @contextlib.contextmanager
@@ -153,8 +168,10 @@ class FedTAN(Strategy):
     reason, and the synchronised step restarts without it (at most ``max_restarts`` times a
     round); if too few remain the round is skipped and the global model kept. A final model
     that fails the checks (keys, shapes, dtypes, NaN, negative running variance, a weight
-    that does not match what the client synchronised with) is left out of the average, also
-    logged. The reasons are kept in ``dropped[round][node]``.
+    that does not match what the client synchronised with, values beyond ``max_growth`` times
+    the global model's) is left out of the average, also logged; so is a client whose model
+    makes the aggregated model non-finite. Any unexpected error while handling one client's
+    reply drops that client; it never ends the run. The reasons are kept in ``dropped[round][node]``.
 
     **Repeat offenders.** A node dropped in ``quarantine_after`` consecutive rounds sits out
     the next round; each further consecutive failure doubles its time out (1, 2, 4, ...
@@ -223,11 +240,18 @@ class FedTAN(Strategy):
         Where to write ``round-NNNNN.fedtan-ckpt`` after every round (none by default).
     keep_checkpoints : int (default: 2)
         Checkpoints kept in ``checkpoint_dir`` (older ones are deleted); 0 keeps all.
+    max_growth : float (default: 1e6)
+        How far a client's returned model may reach: every value within ``max_growth``
+        times the largest magnitude of the same array in the global model it was sent (at
+        least 1; squared for running variances). A client beyond it is left out of the
+        average and charged (a finite but huge value would poison the average for good).
     secure_stats : bool (default: False)
         Secure aggregation of the BatchNorm statistics (:mod:`flwr_fedtan.secure`): one
         extra exchange a round agrees pairwise keys, every client payload is masked, and
-        the server learns only the sums over clients (and each client's batch size, its
-        averaging weight). The models returned at the end of a round stay in the clear.
+        an honest-but-curious server (one that follows the protocol) learns only the sums
+        over clients (and each client's batch size, its averaging weight); a malicious
+        server is out of scope (README, "What FedTAN trusts"). The models returned at the
+        end of a round stay in the clear.
         The statistics pass is masked the same way (its own key exchange).
     statistics : {"exact", "running"} (default: "exact")
         The BatchNorm statistics of the global model. ``"exact"``: after aggregation (and
@@ -282,6 +306,7 @@ class FedTAN(Strategy):
         statistics: str = "exact",
         statistics_examples: int = DEFAULT_STATISTICS_EXAMPLES,
         statistics_every: int = 1,
+        max_growth: float = DEFAULT_MAX_GROWTH,
     ) -> None:
         options = {name: value for name, value in zip(_FEDAVG_OPTIONS, (
             fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, min_available_nodes,
@@ -307,6 +332,8 @@ class FedTAN(Strategy):
         if max_quarantine_rounds < 1:
             raise ValueError(f"max_quarantine_rounds must be >= 1, got {max_quarantine_rounds}")
         check_statistics_options(statistics, statistics_examples, statistics_every)
+        if not max_growth > 1:
+            raise ValueError(f"max_growth must be a number > 1, got {max_growth!r}")
         self.strategy = strategy
         self.sync_steps = sync_steps
         self.exchange_timeout = exchange_timeout
@@ -321,13 +348,14 @@ class FedTAN(Strategy):
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.keep_checkpoints = keep_checkpoints
         self.secure_stats = bool(secure_stats)
+        self.max_growth = float(max_growth)
         self._secure = secure.ServerSession() if self.secure_stats else None
         self.statistics = statistics
         self.statistics_every = int(statistics_every)
         self._statistics_pass = StatisticsPassDriver(
             examples=statistics_examples, exchange_timeout=exchange_timeout, poll_interval=poll_interval,
             max_restarts=max_restarts, seed=seed, secure_stats=self.secure_stats,
-            uniform_positions=uniform_positions,
+            uniform_positions=uniform_positions, max_growth=max_growth,
         )
         self._grid: Optional[Grid] = None
         self._num_rounds: Optional[int] = None
@@ -482,33 +510,34 @@ class FedTAN(Strategy):
         self._round = None
         ledger, key = round_.ledger, self.weighted_by_key
         by_node = {reply.metadata.src_node_id: reply for reply in replies}
-        contributions, wrapped_replies = {}, []
+        contributions, wrapped_replies = {}, {}
         for node, status in round_.statuses.items():
-            arrays = {k: v.numpy() for k, v in status.arrays.items()}  # type: ignore[union-attr]
             try:
+                check_layout(node, {k: v.shape for k, v in status.arrays.items()}, round_.reference)  # type: ignore[union-attr]
+                arrays = {k: v.numpy() for k, v in status.arrays.items()}  # type: ignore[union-attr]
                 check_arrays(node, arrays, status.metrics[key], round_.reference)  # type: ignore[index]
+                check_magnitudes(node, arrays, round_.reference, self.max_growth)
                 weight = self._weight(node, status.metrics[key], round_)  # type: ignore[index]
+                metrics = MetricRecord(dict(status.metrics))  # type: ignore[arg-type]
+                metrics[key] = int(weight) if float(weight).is_integer() else float(weight)
+                params = ArrayRecord({k: v for k, v in status.arrays.items() if not self.is_buffer(k)})  # type: ignore[union-attr]
+                content = RecordDict({self.arrayrecord_key: params, "metrics": metrics})
+                wrapped_replies[node] = Message(content=content, metadata=by_node[node].metadata)
             except PayloadError as error:
                 self._drop(round_, node, f"model left out of the average: {error}")
                 continue
+            except Exception as error:  # pylint: disable=broad-except
+                self._drop(round_, node, f"model left out of the average: {_unexpected(error)}")
+                continue
             contributions[node] = (arrays, weight)
-            metrics = MetricRecord(dict(status.metrics))  # type: ignore[arg-type]
-            metrics[key] = int(weight) if float(weight).is_integer() else float(weight)
-            params = ArrayRecord({k: v for k, v in status.arrays.items() if not self.is_buffer(k)})  # type: ignore[union-attr]
-            content = RecordDict({self.arrayrecord_key: params, "metrics": metrics})
-            wrapped_replies.append(Message(content=content, metadata=by_node[node].metadata))
-        if contributions:
-            aggregated, metrics = self.strategy.aggregate_train(server_round, wrapped_replies)
-            if aggregated is None:
-                log(WARNING, "Round %d: %s returned no arrays, global model kept", server_round,
-                    type(self.strategy).__name__)
-        if not contributions or aggregated is None:
+        _keep_shared_metrics(server_round, wrapped_replies, key)
+        aggregated, metrics, merged = self._aggregate_finite(server_round, round_, contributions, wrapped_replies)
+        if merged is None:
             self._update_failures(round_, completed=bool(contributions))
             if self.checkpoint_dir is not None:  # the failure records changed; the model did not
                 unchanged = ArrayRecord({k: Array(v) for k, v in round_.reference.items()})
                 self.save_checkpoint(self.checkpoint_dir, server_round, unchanged)
             return None, self._skipped(round_)
-        merged = self._merge(aggregated, contributions, round_.reference)
         metrics = MetricRecord() if metrics is None else metrics
         if self.statistics == "exact" and self._grid is not None and pass_due(
             server_round, self.statistics_every, self._num_rounds
@@ -533,8 +562,14 @@ class FedTAN(Strategy):
         return self.strategy.configure_evaluate(server_round, arrays, config, getattr(grid, "inner", grid))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Optional[MetricRecord]:
-        """The wrapped strategy's."""
-        return self.strategy.aggregate_evaluate(server_round, replies)
+        """The wrapped strategy's; if it fails on the replies (one client's metrics unlike
+        the others', say), the round's evaluation metrics are left out, the run goes on."""
+        try:
+            return self.strategy.aggregate_evaluate(server_round, replies)
+        except Exception as error:  # pylint: disable=broad-except
+            log(WARNING, "Round %d: %s.aggregate_evaluate failed (%s: %s), evaluation metrics left out",
+                server_round, type(self.strategy).__name__, type(error).__name__, _brief(str(error)))
+            return None
 
     # ------------------------------------------------------------------ the exchanges
     def run_round(self, grid: Grid, messages: list[Message]) -> list[Message]:
@@ -563,6 +598,8 @@ class FedTAN(Strategy):
                 log(WARNING, "Round %d: restarting the synchronised step with %d clients (without %s)",
                     round_.server_round, len(participants),
                     "; ".join(f"node {n}: {round_.ledger.dropped[n]}" for n in failed))
+                if self._secure is not None:  # fresh keys: clients that finished have dropped theirs
+                    participants = self._key_exchange(grid, round_, participants)
                 continue
             return replies
         return []
@@ -570,6 +607,7 @@ class FedTAN(Strategy):
     def _drop(self, round_: _Round, node: int, reason: str) -> None:
         if node in round_.ledger.dropped:
             return
+        reason = _brief(reason)
         round_.ledger.dropped[node] = reason
         log(WARNING, "FedTAN round %d: dropping node %s: %s", round_.server_round, node, reason)
 
@@ -582,6 +620,7 @@ class FedTAN(Strategy):
             roster = self._secure.roster(participants)
             begin = {n: schema.with_roster(c, attempt, roster, self._secure.shifts) for n, c in begin.items()}
         ledger = round_.ledger
+        limit = value_limit(round_.reference)
         t0 = time.perf_counter()
         statuses, replies = self._exchange(grid, round_, begin)
         received, step_examples, current_step = 0, {}, None
@@ -604,6 +643,12 @@ class FedTAN(Strategy):
             point = next(iter(statuses.values())).point
             step = next(iter(statuses.values())).step
             payloads = {n: s.payload for n, s in statuses.items()}
+            for node, payload in payloads.items():
+                if (roster is not None) != isinstance(payload, secure.MaskedPayload):
+                    self._drop(round_, node, f"sent {'clear' if roster is not None else 'masked'} statistics "
+                                             f"in a {'secure' if roster is not None else 'clear'} round")
+            if ledger.dropped.keys() & statuses.keys():
+                raise _Restart()
             try:
                 if point.phase == schema.PHASE_FORWARD:
                     if step != current_step:
@@ -626,14 +671,29 @@ class FedTAN(Strategy):
                     where = secure.describe_point(round_.server_round, step, point.phase, point.index, point.call)
                     aggregate = self._secure.decode(payloads, roster, point.index, where)  # type: ignore[union-attr]
                 elif point.phase == schema.PHASE_FORWARD:
-                    aggregate = pool_forward_stats(payloads, channels=point.channels)
+                    aggregate = pool_forward_stats(payloads, point.channels, limit, self.max_growth)
                 else:
-                    aggregate = sum_backward_sums(payloads, channels=point.channels)
+                    aggregate = sum_backward_sums(payloads, point.channels, limit, self.max_growth)
+                if not _within(aggregate, limit):  # clear pooling names the client; masked sums cannot
+                    raise secure.FixedPointOverflowError(
+                        f"round {round_.server_round}: the pooled {point.phase} statistics of BatchNorm call "
+                        f"{point.call} exceed the model's floating-point range {limit:.3g}"
+                    )
             except PayloadError as error:
                 self._drop(round_, error.client, f"payload rejected at {point.phase} call {point.call}: {error}")
                 raise _Restart() from None
             except secure.SecureStatsError as error:  # names no client: retry with fresh masks
                 log(WARNING, "Round %d: secure statistics failed, restarting: %s", round_.server_round, error)
+                if isinstance(error, secure.CanaryMismatchError):
+                    self._blame(grid, round_, roster, payloads, received)  # type: ignore[arg-type]
+                raise _Restart() from None
+            except Exception as error:  # unexpected: find whose payload caused it, never end the run
+                node, why = _first_bad_payload(payloads, point, roster is not None)
+                if node is None:
+                    log(WARNING, "Round %d: %s at %s call %d, no client to blame, restarting: %s",
+                        round_.server_round, type(error).__name__, point.phase, point.call, error)
+                else:
+                    self._drop(round_, node, f"payload rejected at {point.phase} call {point.call}: {why}")
                 raise _Restart() from None
             content = schema.encode_aggregate(
                 round_.server_round, step, received, point, aggregate, self.sync_steps, seed
@@ -672,8 +732,30 @@ class FedTAN(Strategy):
                     session.accept_public_key(node, status.public_key)
                 except PayloadError as error:
                     self._drop(round_, node, str(error))
+                except Exception as error:
+                    self._drop(round_, node, _unexpected(error))
             return [n for n in participants if n in session.public_keys]
         return []
+
+    def _blame(self, grid: Grid, round_: _Round, roster: Any, payloads: dict, exchange: int) -> None:
+        """The canaries of ``exchange`` did not cancel: every client reveals its pair masks of
+        that canary (and nothing else), and the client whose canary or masks do not add up
+        is dropped (:func:`flwr_fedtan.secure.blame_canary`)."""
+        length = int(next(iter(payloads.values())).masked.shape[1])
+        content = schema.encode_blame(round_.server_round, self.sync_steps, exchange, length)
+        try:
+            statuses, _ = self._exchange(grid, round_, {n: content for n in payloads})
+        except _Restart:  # whoever did not answer is dropped already
+            return
+        revealed = {n: s.canary_masks for n, s in statuses.items() if s.phase == schema.PHASE_BLAME}
+        try:
+            blamed = secure.blame_canary(payloads, roster, revealed)
+        except Exception as error:  # pylint: disable=broad-except
+            log(WARNING, "Round %d: could not tell whose canary failed (%s: %s)", round_.server_round,
+                type(error).__name__, error)
+            return
+        for node, why in blamed.items():
+            self._drop(round_, node, f"masks did not cancel at exchange {exchange}: {why}")
 
     def _drop_minority(self, round_: _Round, statuses: dict[int, schema.Status]) -> None:
         done = [n for n, s in statuses.items() if s.phase == schema.PHASE_DONE]
@@ -712,14 +794,19 @@ class FedTAN(Strategy):
         # Node order, not arrival order: sums over clients are then bitwise reproducible.
         replies = dict(sorted(replies.items()))
         for node, reply in replies.items():
-            if reply.has_error():
-                self._drop(round_, node, f"error reply: {reply.error.reason}")
-                continue
-            ledger.bytes_received += schema.record_bytes(reply.content)
             try:
-                statuses[node] = schema.decode_reply(reply.content, node, self.weighted_by_key)
+                if reply.has_error():
+                    self._drop(round_, node, f"error reply: {reply.error.reason}")
+                    continue
+                ledger.bytes_received += schema.record_bytes(reply.content)
+                status = schema.decode_reply(reply.content, node, self.weighted_by_key)
+                if status.round != round_.server_round:
+                    raise PayloadError(node, f"replied for round {status.round} during round {round_.server_round}")
+                statuses[node] = status
             except PayloadError as error:
                 self._drop(round_, node, str(error))
+            except Exception as error:  # whatever one reply holds, it ends that client, not the run
+                self._drop(round_, node, _unexpected(error))
         if len(statuses) != len(contents):
             raise _Restart()
         return statuses, replies
@@ -737,6 +824,46 @@ class FedTAN(Strategy):
                 "FedTAN(client_weight='reported')",
             )
         return float(synchronised)
+
+    def _aggregate_finite(
+        self,
+        server_round: int,
+        round_: _Round,
+        contributions: dict[int, tuple[dict[str, np.ndarray], float]],
+        wrapped_replies: dict[int, Message],
+    ) -> tuple[Optional[ArrayRecord], Optional[MetricRecord], Optional[ArrayRecord]]:
+        """The wrapped strategy's aggregate merged with the pooled buffers, checked finite
+        before it becomes the global model. A non-finite result names the client with the
+        largest values in the offending array: it is dropped (``contributions`` loses it)
+        and the aggregation redone without it, the wrapped strategy's state (e.g. FedAdam's
+        moments) restored first. ``(None, None, None)`` if nothing usable is left."""
+        name = type(self.strategy).__name__
+        while contributions:
+            saved = _snapshot(self.strategy)
+            try:
+                replies = [wrapped_replies[n] for n in contributions]
+                aggregated, metrics = self.strategy.aggregate_train(server_round, replies)
+                if aggregated is None:
+                    log(WARNING, "Round %d: %s returned no arrays, global model kept", server_round, name)
+                    return None, None, None
+                merged = self._merge(aggregated, contributions, round_.reference)
+            except Exception as error:  # pylint: disable=broad-except
+                _restore_snapshot(self.strategy, saved)
+                log(WARNING, "Round %d: %s.aggregate_train failed (%s: %s), global model kept", server_round,
+                    name, type(error).__name__, _brief(str(error)))
+                return None, None, None
+            bad = nonfinite_culprit({k: v.numpy() for k, v in merged.items()}, contributions)
+            if bad is None:
+                return aggregated, metrics, merged
+            _restore_snapshot(self.strategy, saved)
+            array, node = bad
+            if node is None:
+                log(WARNING, "Round %d: %s aggregated %s to NaN or Inf, global model kept", server_round, name, array)
+                return None, None, None
+            self._drop(round_, node, f"model left out of the average: with it the aggregated {array} holds "
+                                     "NaN or Inf (its values there are the largest)")
+            del contributions[node]
+        return None, None, None
 
     def _merge(
         self,
@@ -817,63 +944,53 @@ class FedTAN(Strategy):
     def save_checkpoint(self, path: str | os.PathLike, server_round: int, arrays: ArrayRecord) -> Path:
         """Write the state after ``server_round`` (atomically); return the file.
 
-        ``path`` is a folder (the file is ``round-NNNNN.fedtan-ckpt`` in it). The file holds
-        the global arrays, the wrapped strategy's state (every attribute that is data, not
-        a function: e.g. FedAdam's ``current_arrays``, ``m_t``, ``v_t``; FedAvgM's momentum),
-        FedTAN's failure records and seed. It is a pickle: load only checkpoints you wrote.
+        ``path`` is a folder (the file is ``round-NNNNN.fedtan-ckpt`` in it), created or
+        verified private (``0700``, this user's, not a link); the file is ``0600``. It holds
+        the global arrays, the wrapped strategy's state (every attribute that is plain
+        data: e.g. FedAdam's ``current_arrays``, ``m_t``, ``v_t``; FedAvgM's momentum),
+        FedTAN's failure records and seed, as a NumPy archive with a JSON document: no
+        pickle, so loading a checkpoint runs no code.
         """
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        target = folder / f"round-{server_round:05d}.fedtan-ckpt"
-        payload = {
-            "format": CHECKPOINT_FORMAT,
-            "round": server_round,
+        header = {
+            "round": int(server_round),
             "seed": self.seed,
             "strategy-class": type(self.strategy).__name__,
-            "arrays": {k: v.numpy() for k, v in arrays.items()},
-            "strategy": _capture_state(self.strategy),
-            "failures": {n: vars(r).copy() for n, r in self.failures.items()},
+            "failures": [[int(n), vars(r).copy()] for n, r in self.failures.items()],
         }
-        partial = target.with_suffix(".partial")
-        with open(partial, "wb") as stream:
-            pickle.dump(payload, stream, protocol=pickle.HIGHEST_PROTOCOL)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(partial, target)
+        state = {"arrays": ArrayRecord({k: v for k, v in arrays.items()}), "strategy": _capture_state(self.strategy)}
+        target = checkpoint.write(Path(path), server_round, header, state)
         if self.keep_checkpoints > 0:
-            for old in sorted(folder.glob("round-*.fedtan-ckpt"))[: -self.keep_checkpoints]:
+            for _, old in checkpoint.list_checkpoints(target.parent)[: -self.keep_checkpoints]:
                 old.unlink(missing_ok=True)
         return target
 
     def load_checkpoint(self, path: str | os.PathLike) -> tuple[int, ArrayRecord]:
-        """Restore the state of a checkpoint (a file, or a folder: its latest); return its
-        round and global arrays."""
+        """Restore the state of a checkpoint (a file, or a folder: the one of the highest
+        round number); return its round and global arrays."""
         file = Path(path)
-        if file.is_dir():
-            found = sorted(file.glob("round-*.fedtan-ckpt"))
+        if file.is_dir() and not file.is_symlink():
+            found = checkpoint.list_checkpoints(file)
             if not found:
-                raise FileNotFoundError(f"no FedTAN checkpoint (round-*.fedtan-ckpt) in {file}")
-            file = found[-1]
-        with open(file, "rb") as stream:
-            payload = pickle.load(stream)
-        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{file} is not a FedTAN checkpoint of format {CHECKPOINT_FORMAT}")
-        if payload["strategy-class"] != type(self.strategy).__name__:
+                raise FileNotFoundError(f"no FedTAN checkpoint (round-*{checkpoint.SUFFIX}) in {file}")
+            file = found[-1][1]
+        payload, state = checkpoint.read(file)
+        if payload.get("strategy-class") != type(self.strategy).__name__:
             raise ValueError(
-                f"{file} was written by FedTAN around {payload['strategy-class']}, this one wraps "
+                f"{file} was written by FedTAN around {payload.get('strategy-class')}, this one wraps "
                 f"{type(self.strategy).__name__}: build the same strategy to resume"
             )
-        if payload["seed"] != self.seed:
+        if payload.get("seed") != self.seed:
             log(WARNING, "FedTAN: checkpoint seed %s differs from this strategy's %s: the resumed rounds "
-                "will not match the original run", payload["seed"], self.seed)
-        _restore_state(self.strategy, payload["strategy"])
-        self.failures = {int(n): _FailureRecord(**r) for n, r in payload["failures"].items()}
+                "will not match the original run", payload.get("seed"), self.seed)
+        _restore_state(self.strategy, state["strategy"])
+        self.failures = {int(n): _FailureRecord(**r) for n, r in payload["failures"]}
         log(INFO, "FedTAN: resuming after round %d from %s", payload["round"], file)
-        return int(payload["round"]), ArrayRecord({k: Array(v) for k, v in payload["arrays"].items()})
+        return int(payload["round"]), state["arrays"]
 
 
 def _capture_state(obj: Any) -> dict:
-    """A strategy's data attributes (nested wrapped strategies included), picklable."""
+    """A strategy's plain-data attributes (nested wrapped strategies included), encodable
+    in a checkpoint (:mod:`flwr_fedtan.checkpoint`)."""
     state = {}
     for name, value in vars(obj).items():
         if isinstance(value, Strategy):
@@ -882,9 +999,10 @@ def _capture_state(obj: Any) -> dict:
             continue
         else:
             try:
-                state[name] = ("value", pickle.loads(pickle.dumps(value)))
-            except Exception:  # e.g. a lock or a client handle: not state to resume
+                checkpoint.encode_state(value, {})
+            except checkpoint.Unsupported:  # e.g. a lock or a client handle: not state to resume
                 continue
+            state[name] = ("value", value)
     return state
 
 
@@ -894,6 +1012,87 @@ def _restore_state(obj: Any, state: dict) -> None:
             _restore_state(getattr(obj, name), value)
         else:
             setattr(obj, name, value)
+
+
+def _snapshot(obj: Any) -> dict:
+    """A deep copy of a strategy's data attributes (wrapped strategies included); the key
+    ``None`` holds the names of all its attributes, to remove those added later."""
+    saved: dict = {None: ("names", set(vars(obj)))}
+    for name, value in vars(obj).items():
+        if isinstance(value, Strategy):
+            saved[name] = ("strategy", _snapshot(value))
+        elif not callable(value):
+            try:
+                saved[name] = ("value", copy.deepcopy(value))
+            except Exception:  # pylint: disable=broad-except  # a lock, a client handle: not state
+                continue
+    return saved
+
+
+def _restore_snapshot(obj: Any, saved: dict) -> None:
+    for name in set(vars(obj)) - saved[None][1]:
+        delattr(obj, name)
+    for name, (kind, value) in saved.items():
+        if kind == "names":
+            continue
+        if kind == "strategy":
+            _restore_snapshot(getattr(obj, name), value)
+        else:
+            setattr(obj, name, value)
+
+
+def _metric_shape(value: Any) -> Optional[tuple]:
+    """``("scalar",)`` or ``("list", n)`` for a finite number or list of numbers, else None."""
+    def finite_number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+    if finite_number(value):
+        return ("scalar",)
+    if isinstance(value, list) and all(finite_number(v) for v in value):
+        return ("list", len(value))
+    return None
+
+
+def _keep_shared_metrics(server_round: int, replies: dict[int, Message], weight_key: str) -> None:
+    """Leave in every client's metrics only the keys all clients report with finite values of
+    the same shape: Flower's strategies refuse (raise on) replies whose metrics differ, so
+    one client's extra, missing or non-finite metric would otherwise end the run."""
+    if not replies:
+        return
+    records = {n: m.content.metric_records["metrics"] for n, m in replies.items()}
+    shapes = [{k: _metric_shape(v) for k, v in r.items()} for r in records.values()]
+    shared = {k for k, shape in shapes[0].items()
+              if shape is not None and all(other.get(k) == shape for other in shapes[1:])}
+    shared.add(weight_key)
+    for node, record in records.items():
+        left_out = sorted(k for k in record.keys() if k not in shared)
+        if left_out:
+            log(WARNING, "FedTAN round %d: node %s's metrics %s left out (not reported alike by every client)",
+                server_round, node, _brief(str(left_out)))
+            for k in left_out:
+                del record[k]
+
+
+def _within(aggregate: Any, limit: float) -> bool:
+    """Whether every value of an aggregate is finite and within ``limit`` in magnitude."""
+    values = ([aggregate.mean, aggregate.var] if isinstance(aggregate, ForwardStats)
+              else [aggregate.sum_grad, aggregate.sum_grad_xhat])
+    return all(np.isfinite(v).all() and (np.abs(v) <= limit).all() for v in values)
+
+
+def _first_bad_payload(payloads: dict, point: Any, masked: bool) -> tuple[Optional[int], str]:
+    """The first client whose payload, checked on its own, is malformed, and why."""
+    for node, payload in payloads.items():
+        try:
+            if not masked:
+                check_payload(node, payload, point.phase, point.channels)
+            elif point.phase == schema.PHASE_FORWARD and not (
+                isinstance(payload.count, float) and isinstance(payload.num_examples, int)
+            ):
+                raise PayloadError(node, "masked forward payload without its clear counts")
+        except Exception as error:  # pylint: disable=broad-except
+            return node, str(error) if isinstance(error, PayloadError) else _unexpected(error)
+    return None, ""
 
 
 class ForwardingGrid(Grid):

@@ -371,8 +371,11 @@ def test_roster_validation_and_wire_round_trip():
         Roster.from_keys({4: keys[4].public, 11: keys[4].public})
     with pytest.raises(KeyAgreementError, match="lacks 'public-keys'"):
         Roster.from_arrays({"node-ids": np.array([1, 2], dtype=np.uint64)})
-    # an X25519 point of small order gives no shared secret: refused, naming the pair
-    weak = Roster.from_keys({4: keys[4].public, 11: bytes(32)})
+    # an X25519 point of small order gives no shared secret: refused on receipt, naming its node
+    with pytest.raises(KeyAgreementError, match="node 11: public key is a point of small order"):
+        Roster.from_keys({4: keys[4].public, 11: bytes(32)})
+    # and, should one get past the roster, key agreement names the pair
+    weak = Roster(node_ids=(4, 11), public_keys=(keys[4].public, bytes(32)))
     with pytest.raises(KeyAgreementError, match="between nodes 4 and 11"):
         secure.pairwise_masks(keys[4].private, 4, weak, 1, 0, 0, 3)
 
@@ -383,14 +386,17 @@ def test_masked_payload_wire_round_trip_and_validation():
     payload = client_encode(ForwardStats(count=6.0, num_examples=3, mean=np.ones(4), var=np.ones(4)),
                             node_id=23, private_key=keys[23].private, roster=roster, round=1, attempt=0, exchange=0)
     arrays = payload.to_arrays()
-    back = MaskedPayload.from_arrays(23, "forward", 4, arrays)
+    back = MaskedPayload.from_arrays(23, "forward", 4, arrays, count=6.0, num_examples=3)
     assert np.array_equal(back.masked, payload.masked) and back.roster_digest == payload.roster_digest
     with pytest.raises(PayloadError, match=r"client 23: masked payload is uint64 \(2, 11\), expected uint64 \(2, 9\)"):
-        MaskedPayload.from_arrays(23, "forward", 3, arrays)
+        MaskedPayload.from_arrays(23, "forward", 3, arrays, count=6.0, num_examples=3)
     with pytest.raises(PayloadError, match="client 23: masked payload holds"):
         MaskedPayload.from_arrays(23, "backward", 4, arrays)
     with pytest.raises(PayloadError, match="client 23: shift must be finite"):
-        MaskedPayload.from_arrays(23, "forward", 4, {**arrays, "shift": np.array([np.nan] * 4)})
+        MaskedPayload.from_arrays(23, "forward", 4, {**arrays, "shift": np.array([np.nan] * 4)}, count=6.0,
+                                  num_examples=3)
+    with pytest.raises(PayloadError, match="client 23: masked forward payload lacks its clear 'count'"):
+        MaskedPayload.from_arrays(23, "forward", 4, arrays)
 
 
 def test_server_names_a_client_with_a_different_shift_or_an_unknown_node():

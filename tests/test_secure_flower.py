@@ -224,15 +224,20 @@ class StaleReplyGrid(LocalGrid):
         return ids
 
 
-def test_masks_that_do_not_cancel_restart_the_step_with_fresh_masks():
+def test_masks_that_do_not_cancel_name_the_stale_client_and_restart_with_fresh_masks():
+    """The canaries fail; every client reveals its pair masks of that canary only; the
+    client whose canary is not the sum of its revealed masks (the stale payload's sender)
+    is named and dropped, and the others restart with fresh keys."""
     app = fedtan_client_app(lambda ctx: make_client(ctx, local_steps=1))
     grid = StaleReplyGrid(app, 3, {})
     strategy = FedTAN(statistics="running", min_available_nodes=3, min_train_nodes=2, fraction_evaluate=0.0,
                       secure_stats=True)
     result = strategy.start(grid, initial_arrays(), num_rounds=1)
     metrics = result.train_metrics_clientapp[1]
-    assert metrics["fedtan-restarts"] == 1 and metrics["fedtan-clients"] == 3 and not strategy.dropped[1]
-    expected = reference_rounds(grid, strategy, to_numpy(initial_arrays()), 1, 1, attempt=1)
+    assert metrics["fedtan-restarts"] == 1 and metrics["fedtan-clients"] == 2
+    assert list(strategy.dropped[1]) == [1007]
+    assert "masks did not cancel at exchange 1: its canary is not the sum" in strategy.dropped[1][1007]
+    expected = reference_rounds(grid, strategy, to_numpy(initial_arrays()), 1, 1, nodes=[1000, 1014], attempt=1)
     assert max_diff(to_numpy(result.arrays), expected) <= 1e-10
 
 

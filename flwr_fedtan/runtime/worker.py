@@ -71,6 +71,9 @@ SOCKET_VARIABLE = "FEDTAN_NODE_WORKER_SOCKET"
 IDLE_VARIABLE = "FEDTAN_WORKER_IDLE_TIMEOUT"
 DEFAULT_IDLE_TIMEOUT = 600.0
 START_TIMEOUT = 60.0
+RECEIVE_TIMEOUT = 30.0  # a peer that connects and goes silent frees the worker after this
+MAX_FRAME_BYTES = 1 << 34  # 16 GiB: a frame header claiming more is refused, not allocated
+_CHUNK = 1 << 20
 _HEADER = struct.Struct("!Q")
 
 
@@ -84,18 +87,20 @@ def _send(conn: socket.socket, *frames: bytes) -> None:
 
 
 def _recv_exact(conn: socket.socket, size: int) -> bytes:
-    buffer = bytearray(size)
-    view, got = memoryview(buffer), 0
-    while got < size:
-        n = conn.recv_into(view[got:], size - got)
-        if n == 0:
+    """``size`` bytes; memory grows with the bytes that arrive, not with the size claimed."""
+    buffer = bytearray()
+    while len(buffer) < size:
+        chunk = conn.recv(min(_CHUNK, size - len(buffer)))
+        if not chunk:
             raise EOFError("connection closed mid-frame")
-        got += n
+        buffer += chunk
     return bytes(buffer)
 
 
 def _recv(conn: socket.socket) -> bytes:
     (size,) = _HEADER.unpack(_recv_exact(conn, _HEADER.size))
+    if size > MAX_FRAME_BYTES:
+        raise EOFError(f"frame header claims {size} bytes, more than the {MAX_FRAME_BYTES} a frame may hold")
     return _recv_exact(conn, size)
 
 
@@ -298,9 +303,12 @@ class _Worker:
             return "error", f"{type(error).__name__}: {error}"
 
 
-def serve(path: Path, idle_timeout: float = DEFAULT_IDLE_TIMEOUT, watch_pid: int = 0) -> None:
+def serve(path: Path, idle_timeout: float = DEFAULT_IDLE_TIMEOUT, watch_pid: int = 0,
+          receive_timeout: float = RECEIVE_TIMEOUT) -> None:
     """Serve requests on ``path`` until idle for ``idle_timeout`` s (0: never) or until
-    ``watch_pid`` (0: none) is gone, or SIGTERM."""
+    ``watch_pid`` (0: none) is gone, or SIGTERM. A connection whose request has not fully
+    arrived within ``receive_timeout`` s, or whose frame header claims more than
+    ``MAX_FRAME_BYTES``, is closed and the next one served."""
     from .dispatch import mark_home
     from .live import live_rounds
 
@@ -333,14 +341,15 @@ def serve(path: Path, idle_timeout: float = DEFAULT_IDLE_TIMEOUT, watch_pid: int
                     break
                 continue
             with conn:
-                conn.settimeout(None)
+                conn.settimeout(receive_timeout)
                 uid = _peer_uid(conn)
                 if uid is not None and uid != os.getuid():
                     print(f"refused a connection from uid {uid}", flush=True)
                     continue
                 try:
                     header, body = _recv(conn), _recv(conn)
-                except (OSError, EOFError):
+                except (OSError, EOFError, MemoryError) as error:  # socket.timeout is an OSError
+                    print(f"dropped a connection: {type(error).__name__}: {error}", flush=True)
                     continue
                 status, value = worker.answer(header, body)
                 try:
@@ -374,12 +383,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     p_serve.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT,
                          help="exit after this many seconds without a message (0: never)")
     p_serve.add_argument("--watch-pid", type=int, default=0, help="exit when this process is gone (0: none)")
+    p_serve.add_argument("--receive-timeout", type=float, default=RECEIVE_TIMEOUT,
+                         help="seconds a connection may take to send its request")
     for name in ("status", "stop"):
         p = sub.add_parser(name, help=f"{name} the workers of this user (or one, with --socket)")
         p.add_argument("--socket", default=None)
     args = parser.parse_args(argv)
     if args.command == "serve":
-        serve(Path(args.socket), args.idle_timeout, args.watch_pid)
+        serve(Path(args.socket), args.idle_timeout, args.watch_pid, args.receive_timeout)
         return 0
     out = io.StringIO()
     for path in _sockets(args):
