@@ -375,21 +375,23 @@ def _same_value(value: Any, other: Any) -> bool:
 
 
 def _config_mismatch(summary: Mapping[str, Any], run_config: Mapping[str, Any],
-                     declared: Optional[Mapping[str, Any]] = None) -> list[str]:
+                     declared: Optional[Mapping[str, Any]] = None, recorded_before: bool = True) -> list[str]:
     """The run-config keys whose recorded value differs from the wanted one.
 
     A key the summary does not record at all matches if the wanted value is the app's
     declared default (``declared``): the run predates the option, whose default keeps
-    the behaviour it had then.
+    the behaviour it had then, except for :data:`LEGACY_VALUES`. ``recorded_before``
+    false: the summary was just written by this code (no legacy meanings).
     """
     recorded = summary.get("config") or {}
     declared = declared if declared is not None else {}
+    legacy_values = LEGACY_VALUES if recorded_before else {}
     # What a key the summary does not record meant for it: its legacy value, else the default.
     absent = dict(declared)
-    absent.update({key: legacy for key, (method, legacy) in LEGACY_VALUES.items()
+    absent.update({key: legacy for key, (method, legacy) in legacy_values.items()
                    if recorded.get("strategy") == method})
     wanted = dict(run_config)
-    wanted.update({key: declared[key] for key in LEGACY_VALUES if key not in run_config and key in declared})
+    wanted.update({key: declared[key] for key in legacy_values if key not in run_config and key in declared})
     mismatch = []
     for key, value in wanted.items():
         if key in IGNORED_CONFIG_KEYS:
@@ -544,7 +546,8 @@ def run_all(
                     raise TypeError(f"the runner returned {type(summary).__name__}, not a summary dict")
                 summary.setdefault("wall-seconds", time.time() - started)
                 state, _, reason = _completeness(summary, spec.run_config)
-                mismatch = _config_mismatch(summary, spec.run_config, declared) if "config" in summary else []
+                mismatch = (_config_mismatch(summary, spec.run_config, declared, recorded_before=False)
+                            if "config" in summary else [])
                 if state != "complete" or mismatch:
                     raise RuntimeError(f"the run's summary is {state if state != 'complete' else 'for another config'}"
                                        f" ({reason or ', '.join(mismatch)})")
