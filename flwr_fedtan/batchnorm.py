@@ -230,11 +230,14 @@ def validate(
     - activation checkpointing switched on in a module (``grad_checkpointing`` as in timm,
       ``gradient_checkpointing`` as in Hugging Face);
     - with ``loss_fn``: a reduction that has no exact pooled form (see
-      :func:`flwr_fedtan.losses.loss_issues`).
+      :func:`flwr_fedtan.losses.loss_issues`), and a scalar loss that sums without declaring
+      ``reduction="sum"`` (probed on synthetic logits, no forward pass:
+      :func:`flwr_fedtan.losses.probe_loss`).
 
     Caught when the step runs instead, before the call's statistics leave the client:
     ``torch.utils.checkpoint`` around a BatchNorm call, a BatchNorm ``weight``/``bias``
-    computed in the forward rather than passed as a leaf tensor.
+    computed in the forward rather than passed as a leaf tensor, and an undeclared summing
+    loss the synthetic probe could not judge (probed on a round's first real outputs).
 
     Parameters
     ----------
@@ -285,9 +288,13 @@ def validate(
                 "compute the normalisation with torch.nn.functional.batch_norm in its forward",
             ))
     if loss_fn is not None:
-        from .losses import loss_issues
+        from .losses import loss_issues, probe_loss
 
-        issues.extend(loss_issues(loss_fn))
+        declared = loss_issues(loss_fn)
+        issues.extend(declared)
+        summed = None if declared else probe_loss(loss_fn)
+        if summed is not None:
+            issues.append(summed)
     if strict and issues:
         raise UnsupportedModelError(issues)
     return issues

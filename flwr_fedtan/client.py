@@ -41,7 +41,9 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, default_colla
 
 from . import schema, secure, settings
 from .aggregation import BackwardSums, ForwardStats
-from .batchnorm import convert_batchnorm, validate
+from .arguments import InvalidArgumentsError
+from .batchnorm import UnsupportedModelError, convert_batchnorm, validate
+from .client_checks import ClientDataError, check_client_arguments, check_training_data
 from .losses import loss_reduction, reduce_loss
 from .replay_store import discard_weights, load_weights, save_weights
 from .runtime import live_rounds, run_at_home
@@ -131,9 +133,19 @@ class FedTANClient(NumPyClient):
 
     Raises
     ------
+    InvalidArgumentsError
+        Listing every invalid setting with its fix: types and ranges of ``batch_size``,
+        ``lr`` (> 0), ``momentum`` (in [0, 1)), ``weight_decay`` (>= 0), ``local_steps``,
+        ``eval_batch_size`` (>= 1), functions that are not callable, a ``device`` this
+        machine does not have.
     ValueError
-        If the batch size is missing, ambiguous or not positive, or ``train_data`` is
-        empty.
+        If the batch size is missing or ambiguous, or ``train_data`` is empty.
+    ClientDataError
+        If ``train_data`` holds NaN or infinite values, or does not fit the model and loss
+        (checked on the ``meta`` device: no forward pass).
+    UnsupportedModelError
+        For what :func:`~flwr_fedtan.validate` refuses in the model and loss (a scalar loss
+        that sums without declaring ``reduction="sum"`` included).
     TypeError
         If ``train_data`` is not a ``Dataset`` or ``DataLoader``.
     """
@@ -155,6 +167,11 @@ class FedTANClient(NumPyClient):
         optimizer_fn: Optional[Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]] = None,
         unpack_batch: Optional[UnpackBatch] = None,
     ) -> None:
+        check_client_arguments(
+            loss_fn=loss_fn, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
+            local_steps=local_steps, device=device, eval_batch_size=eval_batch_size, optimizer_fn=optimizer_fn,
+            unpack_batch=unpack_batch,
+        )
         self.device = torch.device(device)
         self.train_data, self.batch_size, self.collate_fn = _training_data(train_data, batch_size)
         self.model = convert_batchnorm(model).to(self.device)
@@ -167,11 +184,10 @@ class FedTANClient(NumPyClient):
         validate(self.model, self.loss_fn, strict=True)
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         self.local_steps = int(local_steps)
-        if self.local_steps < 1:
-            raise ValueError(f"local_steps must be >= 1, got {local_steps}")
         self.eval_batch_size = eval_batch_size
         self.optimizer_fn = optimizer_fn
         self.unpack_batch = unpack_batch
+        check_training_data(self.model, self.train_data, self._collated, self.loss_fn, self.batch_size)
 
     # ------------------------------------------------------------------ weights
     def state_keys(self) -> list[str]:
@@ -221,6 +237,10 @@ class FedTANClient(NumPyClient):
         indices = self.batch_indices(seed, count)
         batch = self.collate_fn([self.train_data[int(i)] for i in indices])
         inputs, targets = self._unpack(batch)
+        return inputs.to(self.device), targets.to(self.device)
+
+    def _collated(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = self._unpack(self.collate_fn([self.train_data[i] for i in indices]))
         return inputs.to(self.device), targets.to(self.device)
 
     def statistics_pass(self, seed: int, examples: int) -> StatisticsPass:
@@ -546,7 +566,17 @@ def client_seed_key(context: Context) -> int:
 
 
 def _client_from(client_fn: Callable[[Context], Any], context: Context) -> FedTANClient:
-    client = client_fn(context)
+    try:
+        client = client_fn(context)
+    # The reply goes to the server, which drops the node: say which node, and why.
+    except InvalidArgumentsError as error:
+        raise InvalidArgumentsError(f"node {context.node_id}: {error.owner}", error.problems) from error
+    except UnsupportedModelError as error:
+        named = UnsupportedModelError(f"node {context.node_id}: {error}")
+        named.issues = error.issues
+        raise named from error
+    except ClientDataError as error:
+        raise ClientDataError(f"node {context.node_id}: {error}") from error
     client = getattr(client, "numpy_client", client)  # accept NumPyClient.to_client()
     if not isinstance(client, FedTANClient):
         raise TypeError(f"FedTAN's client_fn must return a FedTANClient, got {type(client).__name__}")

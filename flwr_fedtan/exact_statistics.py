@@ -32,6 +32,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
 
 from . import schema, secure
+from .arguments import ArgumentChecks
 from .aggregation import (
     DEFAULT_MAX_GROWTH,
     ForwardStats,
@@ -78,14 +79,18 @@ def pass_due(server_round: int, every: int, num_rounds: Optional[int]) -> bool:
     return server_round % every == 0 or (num_rounds is not None and server_round >= num_rounds)
 
 
-def check_statistics_options(statistics: str, examples: int, every: int) -> None:
-    """Refuse invalid statistics options with the fix."""
-    if statistics not in STATISTICS_MODES:
-        raise ValueError(f"statistics must be one of {STATISTICS_MODES}, got {statistics!r}")
-    if isinstance(examples, bool) or not isinstance(examples, (int, np.integer)) or examples < 1:
-        raise ValueError(f"statistics_examples must be an integer >= 1, got {examples!r}")
-    if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
-        raise ValueError(f"statistics_every must be an integer >= 1 (1: every round), got {every!r}")
+def check_statistics_options(statistics: str, examples: int, every: int,
+                             checks: Optional[ArgumentChecks] = None) -> None:
+    """Refuse invalid statistics options with the fix (all of them in one error); with
+    ``checks``, add the problems to it instead of raising."""
+    own = checks is None
+    checks = ArgumentChecks("statistics options") if checks is None else checks
+    checks.choice("statistics", statistics, STATISTICS_MODES,
+                  fix="'exact' (the statistics pass after aggregation) or 'running' (averaged running statistics)")
+    checks.integer("statistics_examples", examples, 1, fix="give the training examples per client of the pass, >= 1")
+    checks.integer("statistics_every", every, 1, fix="give a whole number >= 1 (1: a pass after every round)")
+    if own:
+        checks.raise_if_any()
 
 
 @dataclass

@@ -11,21 +11,26 @@ losses (the usual ``reduction="mean"``), or their *sum* for a loss with
 
 The reduction is read from the loss module's ``reduction`` attribute (``nn.*Loss``) or a
 ``functools.partial``'s ``reduction`` keyword; a plain callable must return the mean loss
-of its batch or per-sample losses (a plain callable that sums is indistinguishable from
-one that averages, and would weigh each sample by its own client's batch size).
+of its batch or per-sample losses. A scalar loss that sums without declaring it would weigh
+each sample by its own client's batch size; :func:`summed_loss_issue` tells it apart by
+the loss alone, with no forward pass: on a batch repeated twice a mean is unchanged and a
+sum doubles (:func:`~flwr_fedtan.batchnorm.validate` probes synthetic logits, a round its
+first real outputs).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+import math
+import warnings
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
 from .batchnorm import ModelIssue, UnsupportedModelError
 
-__all__ = ["loss_issues", "loss_reduction", "reduce_loss"]
+__all__ = ["loss_issues", "loss_reduction", "probe_loss", "reduce_loss", "summed_loss_issue"]
 
 _MEAN_LIKE = {"mean", "batchmean", "elementwise_mean", "none"}
 
@@ -91,3 +96,70 @@ def reduce_loss(loss: Any, num_examples: int, reduction: str) -> torch.Tensor:
         f"the loss must be a scalar (the batch's mean loss, or its sum with reduction='sum') "
         f"or per-sample losses of shape ({num_examples}, ...); got shape {tuple(loss.shape)}"
     )
+
+
+_PROBE_TOLERANCE = 1e-4
+
+
+def summed_loss_issue(
+    loss_fn: Callable[..., Any], outputs: torch.Tensor, targets: torch.Tensor, declared: Optional[str] = None
+) -> Optional[ModelIssue]:
+    """The issue when ``loss_fn`` sums where it declares a mean (or the reverse), else ``None``.
+
+    ``loss_fn`` is called on ``(outputs, targets)`` and on both repeated twice, without
+    gradients: a mean (or per-sample losses) gives the same value, a sum twice the value.
+    Inconclusive (``None``): the loss fails on them, returns per-sample losses, zero, a
+    non-finite value, or neither relation holds (a loss coupling the samples).
+    ``declared`` defaults to :func:`loss_reduction`'s reading of ``loss_fn``.
+    """
+    declared = declared or loss_reduction(loss_fn)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. broadcasting warnings on a probe that does not fit
+            once = loss_fn(outputs, targets)
+            twice = loss_fn(torch.cat([outputs, outputs]), torch.cat([targets, targets]))
+    except Exception:  # noqa: BLE001 - a probe the loss cannot take says nothing about it
+        return None
+    if not all(isinstance(v, torch.Tensor) and v.numel() == 1 for v in (once, twice)):
+        return None
+    single, double = float(once), float(twice)
+    if not (math.isfinite(single) and math.isfinite(double)) or abs(single) < 1e-12:
+        return None
+    sums = math.isclose(double, 2 * single, rel_tol=_PROBE_TOLERANCE)
+    averages = math.isclose(double, single, rel_tol=_PROBE_TOLERANCE)
+    if declared == "mean" and sums:
+        return ModelIssue(
+            "loss_fn",
+            "it returns the batch's sum (twice the value on the batch repeated twice) but declares no "
+            "reduction='sum', so a synchronised step would weigh each sample by its own client's batch size",
+            "declare the sum (nn.CrossEntropyLoss(reduction='sum'), functools.partial(F.cross_entropy, "
+            "reduction='sum'), or a reduction='sum' attribute on the callable), return the batch's mean, "
+            "or return per-sample losses (reduction='none')",
+        )
+    if declared == "sum" and averages:
+        return ModelIssue(
+            "loss_fn",
+            "it declares reduction='sum' but returns the batch's mean (the same value on the batch "
+            "repeated twice)",
+            "declare reduction='mean' (or none), or make it return the batch's sum",
+        )
+    return None
+
+
+def probe_loss(loss_fn: Callable[..., Any]) -> Optional[ModelIssue]:
+    """:func:`summed_loss_issue` on synthetic data: logits with class targets, then
+    outputs with same-shaped float targets; the first pair the loss takes decides."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 3, generator=generator)
+    pairs = ((logits, torch.tensor([0, 2, 1, 0])), (logits, torch.randn(4, 3, generator=generator)))
+    declared = loss_reduction(loss_fn)
+    for outputs, targets in pairs:
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                value = loss_fn(outputs, targets)
+        except Exception:  # noqa: BLE001 - this loss does not take this kind of pair
+            continue
+        if isinstance(value, torch.Tensor) and value.numel() >= 1:
+            return summed_loss_issue(loss_fn, outputs, targets, declared)
+    return None

@@ -23,6 +23,7 @@ from flwr.serverapp.strategy import FedAvg, Result, Strategy
 from flwr.supercore import log
 
 from . import checkpoint, schema, secure
+from .arguments import ArgumentChecks
 from .aggregation import (
     DEFAULT_MAX_GROWTH,
     ForwardStats,
@@ -321,19 +322,21 @@ class FedTAN(Strategy):
             )
         if not isinstance(strategy, Strategy):
             raise TypeError(f"strategy must be a flwr.serverapp.strategy.Strategy, got {type(strategy).__name__}")
-        if sync_steps < 1:
-            raise ValueError(f"sync_steps must be >= 1, got {sync_steps}")
-        if exchange_timeout <= 0:
-            raise ValueError(f"exchange_timeout must be positive, got {exchange_timeout}")
-        if client_weight not in CLIENT_WEIGHTS:
-            raise ValueError(f"client_weight must be one of {CLIENT_WEIGHTS}, got {client_weight!r}")
-        if quarantine_after is not None and quarantine_after < 1:
-            raise ValueError(f"quarantine_after must be >= 1 or None, got {quarantine_after}")
-        if max_quarantine_rounds < 1:
-            raise ValueError(f"max_quarantine_rounds must be >= 1, got {max_quarantine_rounds}")
-        check_statistics_options(statistics, statistics_examples, statistics_every)
-        if not max_growth > 1:
-            raise ValueError(f"max_growth must be a number > 1, got {max_growth!r}")
+        checks = ArgumentChecks("FedTAN")
+        checks.integer("sync_steps", sync_steps, 1)
+        checks.number("exchange_timeout", exchange_timeout, above=0, fix="give the seconds to wait for a reply, > 0")
+        checks.integer("max_restarts", max_restarts, 0)
+        checks.number("poll_interval", poll_interval, above=0)
+        checks.integer("seed", seed)
+        checks.choice("client_weight", client_weight, CLIENT_WEIGHTS)
+        if quarantine_after is not None:
+            checks.integer("quarantine_after", quarantine_after, 1, fix="give a whole number >= 1, or None")
+        checks.integer("max_quarantine_rounds", max_quarantine_rounds, 1)
+        checks.integer("keep_checkpoints", keep_checkpoints, 0, fix="give a whole number >= 0 (0 keeps all)")
+        checks.boolean("secure_stats", secure_stats)
+        checks.number("max_growth", max_growth, above=1)
+        check_statistics_options(statistics, statistics_examples, statistics_every, checks)
+        checks.raise_if_any()
         self.strategy = strategy
         self.sync_steps = sync_steps
         self.exchange_timeout = exchange_timeout

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .losses import loss_reduction, reduce_loss
+from .batchnorm import UnsupportedModelError
+from .losses import loss_reduction, reduce_loss, summed_loss_issue
 from .seeds import derive_seed
 from .step import Aggregate, SyncRequest, SyncStep
 
@@ -81,6 +82,7 @@ class ClientRound:
         self.sync_seconds = 0.0
         self._step: Optional[SyncStep] = None
         self._started = False
+        self._loss_probed = False
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -142,7 +144,7 @@ class ClientRound:
         for s in range(self.sync_steps, self.local_steps):
             inputs, targets = self.sample_batch(derive_seed(self.seed, s))
             self._clear_gradients()
-            loss = reduce_loss(self.loss_fn(self.model(inputs), targets), int(inputs.shape[0]), self.reduction)
+            loss = reduce_loss(self._loss_of(inputs, targets), int(inputs.shape[0]), self.reduction)
             loss.backward()
             self.optimizer.step()
             self.losses.append(float(loss.detach()))
@@ -162,6 +164,17 @@ class ClientRound:
             self._step = None
 
     # ------------------------------------------------------------------ internals
+    def _loss_of(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The loss of a batch; the round's first one also probes, on these very outputs
+        (no extra forward), that a scalar loss sums only if it says so."""
+        outputs = self.model(inputs)
+        if not self._loss_probed and isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor):
+            self._loss_probed = True
+            issue = summed_loss_issue(self.loss_fn, outputs.detach(), targets, self.reduction)
+            if issue is not None:
+                raise UnsupportedModelError([issue])
+        return self.loss_fn(outputs, targets)
+
     def _timed(self, fn: Callable[[], Optional[SyncRequest]]) -> Optional[SyncRequest]:
         start = time.perf_counter()
         try:
@@ -175,10 +188,9 @@ class ClientRound:
             step_seed = derive_seed(self.seed, index)
             inputs, targets = self.sample_batch(step_seed)
             self._clear_gradients()
-            model, loss_fn = self.model, self.loss_fn
             self._step = SyncStep(
-                model,
-                lambda: loss_fn(model(inputs), targets),
+                self.model,
+                lambda: self._loss_of(inputs, targets),
                 num_examples=int(inputs.shape[0]),
                 seed=step_seed,
                 reduction=self.reduction,

@@ -37,6 +37,7 @@ from .baselines import (
     method_spec,
     model_norm,
 )
+from .run_config import check_run_config
 from .task import model_from_config, test_dataset
 
 app = ServerApp()
@@ -340,8 +341,13 @@ def run_experiment(grid: Grid, config: Mapping[str, Any], strategy: Optional[Str
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run the configured method; write the summary to ``results-file`` if given."""
+    """Run the configured method; write the summary to ``results-file`` if given.
+
+    The whole run config is checked first (:func:`simulations.run_config.check_run_config`):
+    a misconfigured run stops here, with every problem and its fix, before any round.
+    """
     config = context.run_config
+    check_run_config(config)
     mode = str(config.get("mode", "train"))
     if mode == "bench":
         from .bench_flower import run_exchange_benchmark

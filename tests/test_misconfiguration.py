@@ -1,0 +1,230 @@
+"""Misconfiguration is refused before the first round, every problem with its fix (issue 27):
+the app's run config, FedTAN's and FedTANClient's arguments, a client's device and data,
+and a scalar loss that sums without declaring it."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from flwr.app import Context, RecordDict
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from flwr_fedtan import FedTAN, FedTANClient, validate
+from flwr_fedtan.arguments import InvalidArgumentsError
+from flwr_fedtan.batchnorm import UnsupportedModelError
+from flwr_fedtan.client import _client_from
+from flwr_fedtan.client_checks import ClientDataError
+from flwr_fedtan.training import ClientRound
+from simulations.run_config import check_run_config, run_config_problems
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def app_config(**overrides) -> dict:
+    with (REPO / "pyproject.toml").open("rb") as f:
+        config = dict(tomllib.load(f)["tool"]["flwr"]["app"]["config"])
+    config.update(overrides)
+    return config
+
+
+def problem_names(problems) -> list[str]:
+    return [problem.name for problem in problems]
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    """A machine without CUDA, whatever this one has."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+# ---------------------------------------------------------------------- the run config
+def test_the_default_run_config_has_no_problem():
+    assert run_config_problems(app_config()) == []
+
+
+@pytest.mark.parametrize("key, value", [
+    ("local-steps", -1), ("batch-size", 0), ("num-server-rounds", 0), ("local-steps", 2.5), ("lr", 0),
+    ("lr", "fast"), ("strategy", "fedtann"), ("model", "resnet21"), ("dataset", "cifar100"),
+    ("partitioning", "random"), ("server-optimizer", "adam"), ("statistics", "precise"),
+    ("statistics-examples", 0), ("statistics-every", 0), ("secure-stats", 1), ("fixbn-switch", 1.5),
+    ("exchange-timeout", 0), ("mode", "benchmark"), ("seed", True),
+])
+def test_each_bad_setting_is_named(key, value):
+    assert problem_names(run_config_problems(app_config(**{key: value}))) == [key]
+
+
+@pytest.mark.parametrize("overrides, name, words", [
+    ({"sync-steps": 3, "local-steps": 2}, "sync-steps", "exceeds local-steps=2"),
+    ({"secure-stats": True, "strategy": "fedbn"}, "secure-stats", "no statistics to protect"),
+    ({"server-optimizer": "fedadam", "strategy": "silobn"}, "server-optimizer", "not available"),
+    ({"model": "mlp", "dataset": "cifar10"}, "model", "28x28"),
+])
+def test_combinations_that_cannot_run_are_refused(overrides, name, words):
+    problems = run_config_problems(app_config(**overrides))
+    assert problem_names(problems) == [name] and words in problems[0].problem
+
+
+def test_combinations_that_can_run_are_accepted():
+    assert run_config_problems(app_config(**{"sync-steps": 2, "local-steps": 2, "secure-stats": True,
+                                             "strategy": "fedavg-exact", "server-optimizer": "fedadam"})) == []
+
+
+def test_a_missing_cuda_device_is_refused(no_cuda):
+    problems = run_config_problems(app_config(device="cuda:0"))
+    assert problem_names(problems) == ["device"] and "no CUDA device" in problems[0].problem
+    assert "'cpu'" in problems[0].fix
+
+
+def test_every_problem_in_one_message(no_cuda):
+    config = app_config(**{"local-steps": -1, "batch-size": 0, "device": "cuda:0", "statistics-every": 0})
+    with pytest.raises(InvalidArgumentsError) as caught:
+        check_run_config(config)
+    assert problem_names(caught.value.problems) == ["local-steps", "batch-size", "statistics-every", "device"]
+    message = str(caught.value)
+    assert "4 invalid settings" in message and message.count("Fix: ") == 4
+    assert "local-steps=-1: must be >= 1" in message
+
+
+# ---------------------------------------------------------------------- FedTAN
+def test_fedtan_lists_every_bad_argument():
+    with pytest.raises(InvalidArgumentsError) as caught:
+        FedTAN(sync_steps=0, exchange_timeout=-1, max_restarts=-1, client_weight="heavy",
+               statistics="precise", statistics_every=0, keep_checkpoints=0)
+    assert set(problem_names(caught.value.problems)) == {
+        "sync_steps", "exchange_timeout", "max_restarts", "client_weight", "statistics", "statistics_every",
+        "keep_checkpoints"}
+
+
+# ---------------------------------------------------------------------- FedTANClient
+def _model() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
+
+
+def _data(n: int = 12, features: int = 4) -> TensorDataset:
+    generator = torch.Generator().manual_seed(1)
+    return TensorDataset(torch.randn(n, features, generator=generator), torch.arange(n) % 3)
+
+
+def test_client_lists_every_bad_argument(no_cuda):
+    with pytest.raises(InvalidArgumentsError) as caught:
+        FedTANClient(_model(), _data(), batch_size=4, lr=-0.1, momentum=1.0, weight_decay=-1, local_steps=0,
+                     eval_batch_size=0, device="cuda:1")
+    assert problem_names(caught.value.problems) == [
+        "lr", "momentum", "weight_decay", "local_steps", "eval_batch_size", "device"]
+
+
+def test_client_lr_is_not_checked_when_an_optimizer_replaces_sgd():
+    client = FedTANClient(_model(), _data(), batch_size=4, lr=-1.0,
+                          optimizer_fn=lambda params: torch.optim.Adam(params, lr=0.01))
+    assert isinstance(client.make_optimizer(client.model.parameters()), torch.optim.Adam)
+
+
+def test_client_refuses_nan_in_its_data():
+    data = _data()
+    data.tensors[0][5, 2] = float("nan")
+    with pytest.raises(ClientDataError, match=r"NaN or infinite inputs \(first in sample 5\)"):
+        FedTANClient(_model(), data, batch_size=4)
+
+
+def test_client_refuses_data_of_the_wrong_shape():
+    with pytest.raises(ClientDataError, match=r"inputs of shape \(5,\) per sample .*Fix: "):
+        FedTANClient(_model(), _data(features=5), batch_size=4)
+
+
+def test_the_shape_check_runs_no_forward_on_real_data():
+    model, devices = _model(), []
+    model[0].register_forward_hook(lambda module, args, output: devices.append(args[0].device.type))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    FedTANClient(model, _data(), batch_size=4)
+    assert devices == ["meta"]
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # running statistics untouched
+
+
+def test_a_client_that_cannot_be_built_names_its_node():
+    context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(ClientDataError, match=r"^node 7: FedTANClient: the model cannot train"):
+        _client_from(lambda ctx: FedTANClient(_model(), _data(features=5), batch_size=4), context)
+    with pytest.raises(InvalidArgumentsError, match=r"^node 7: FedTANClient: 1 invalid setting"):
+        _client_from(lambda ctx: FedTANClient(_model(), _data(), batch_size=4, lr=0), context)
+
+
+# ---------------------------------------------------------------------- summing losses
+def summing_cross_entropy(outputs, targets):
+    return F.cross_entropy(outputs, targets, reduction="sum")
+
+
+class DeclaresSumButAverages:
+    reduction = "sum"
+
+    def __call__(self, outputs, targets):
+        return F.cross_entropy(outputs, targets)
+
+
+@pytest.mark.parametrize("loss_fn, refused", [
+    (summing_cross_entropy, True),
+    (DeclaresSumButAverages(), True),
+    (lambda o, t: F.cross_entropy(o, t), False),
+    (nn.CrossEntropyLoss(reduction="sum"), False),
+    (lambda o, t: F.cross_entropy(o, t, reduction="none"), False),
+    (lambda o, t: F.mse_loss(o, t, reduction="sum"), True),  # judged on the float-target probe
+    (lambda o, t: F.mse_loss(o, t), False),
+])
+def test_validate_finds_a_loss_that_sums_without_declaring_it(loss_fn, refused):
+    issues = [i for i in validate(_model(), loss_fn) if i.module == "loss_fn"]
+    assert bool(issues) is refused, issues
+    if refused:
+        assert "reduction" in issues[0].fix
+
+
+def test_client_refuses_a_summing_loss_at_construction():
+    with pytest.raises(UnsupportedModelError, match="declares no reduction='sum'"):
+        FedTANClient(_model(), _data(), summing_cross_entropy, batch_size=4)
+
+
+def first_two_outputs_summed(outputs, targets):
+    """Fits only (n, 2+) outputs with (n, 2) targets: the synthetic probe cannot judge it."""
+    return ((outputs[:, :2] - targets) ** 2).sum()
+
+
+def test_the_step_finds_a_summing_loss_the_synthetic_probe_cannot_judge():
+    assert validate(_model(), first_two_outputs_summed) == []
+    data = TensorDataset(torch.randn(8, 4), torch.randn(8, 2))
+    batches = [data.tensors[0][:4], data.tensors[1][:4]]
+    # An ordinary step (a synchronised one probes the same way, once its forward is through).
+    round_ = ClientRound(_model(), lambda seed: tuple(batches), first_two_outputs_summed,
+                         lambda params: torch.optim.SGD(params, lr=0.1), sync_steps=0, local_steps=1, seed=0)
+    assert round_.start() is None
+    with pytest.raises(UnsupportedModelError, match="declares no reduction='sum'"):
+        round_.finish()
+    mean_round = ClientRound(_model(), lambda seed: tuple(batches), lambda o, t: ((o[:, :2] - t) ** 2).mean(),
+                             lambda params: torch.optim.SGD(params, lr=0.1), sync_steps=0, local_steps=1, seed=0)
+    assert mean_round.start() is None and mean_round.finish()["num-examples"] == 4
+
+
+# ---------------------------------------------------------------------- through flwr run
+@pytest.mark.slow
+def test_flwr_run_refuses_a_bad_run_config_before_the_first_round(tmp_path):
+    from simulations.flower_processes import FlowerProcesses
+
+    flower = FlowerProcesses(tmp_path / "flower")
+    try:
+        superlink = flower.start_superlink(simulation=True)
+        flower.add_connection("misconfigured", superlink)
+        outcome = flower.run_app(REPO, run_config={"num-server-rounds": 1, "local-steps": -1, "batch-size": 0,
+                                                   "strategy": "fedtann", "statistics-every": 0}, timeout=120)
+    finally:
+        flower.stop()
+        assert not flower.remaining()
+    assert outcome.status.startswith("finished:failed"), (outcome.status, outcome.output[-4000:])
+    text = outcome.output
+    for line in ("local-steps=-1: must be >= 1", "batch-size=0: must be >= 1", "strategy='fedtann': must be one of",
+                 "statistics-every=0: must be >= 1"):
+        assert line in text, text[-4000:]
+    assert "4 invalid settings" in text
+    assert "Starting FedTAN" not in text and "[ROUND 1]" not in text  # refused before any round
