@@ -31,7 +31,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
 
-from . import schema, secure
+from . import progress, schema, secure
 from .arguments import ArgumentChecks
 from .aggregation import (
     DEFAULT_MAX_GROWTH,
@@ -43,6 +43,7 @@ from .aggregation import (
     pool_forward_stats,
     value_limit,
 )
+from .progress import DEFAULT_PROGRESS_INTERVAL, ExchangeProgress, ExchangeTiming, describe_bytes
 from .seeds import derive_seed
 
 __all__ = [
@@ -106,10 +107,13 @@ class PassOutcome:
     clients: int = 0
     examples: int = 0  # pooled examples of the pass that was applied
     dropped: dict[int, str] = field(default_factory=dict)
+    progress: ExchangeProgress = field(default_factory=lambda: ExchangeProgress("Statistics pass"))
+    last_exchange: Optional[ExchangeTiming] = None
 
     def metrics(self, prefix: str = "fedtan-stats-") -> dict:
         """The outcome as train metrics (``fedtan-stats-*``)."""
         return {
+            **self.progress.metrics(prefix),
             f"{prefix}applied": int(self.buffers is not None),
             f"{prefix}clients": self.clients,
             f"{prefix}examples": self.examples,
@@ -156,6 +160,10 @@ class StatisticsPassDriver:
         As in :class:`~flwr_fedtan.FedTAN`: one client's statistics may not exceed this many
         times the other clients' largest (it is named and dropped), and no pooled statistic
         may leave the model dtype's range.
+    progress_interval : float or None
+        As in :class:`~flwr_fedtan.FedTAN`: at most one per-exchange line every this many
+        seconds besides the pass's first and last exchange (``None``: none); one summary line
+        per pass in any case.
     """
 
     def __init__(
@@ -170,8 +178,10 @@ class StatisticsPassDriver:
         uniform_positions: bool = True,
         min_clients: int = 1,
         max_growth: float = DEFAULT_MAX_GROWTH,
+        progress_interval: Optional[float] = DEFAULT_PROGRESS_INTERVAL,
     ) -> None:
         self.examples = int(examples)
+        self.progress_interval = progress_interval
         self.max_growth = float(max_growth)
         self.exchange_timeout = exchange_timeout
         self.poll_interval = poll_interval
@@ -185,7 +195,8 @@ class StatisticsPassDriver:
         """Run the pass of ``server_round`` over ``arrays`` (the aggregated global model) on
         ``nodes``; the outcome's ``buffers`` are the new running statistics, or ``None``
         when the pass failed (the reason is logged)."""
-        outcome = PassOutcome()
+        outcome = PassOutcome(progress=ExchangeProgress(f"Statistics pass of round {server_round}",
+                                                        self.progress_interval))
         started = time.perf_counter()
         reference = {k: v.numpy() for k, v in arrays.items()}
         participants = sorted(set(int(n) for n in nodes))
@@ -225,6 +236,11 @@ class StatisticsPassDriver:
             return outcome
         finally:
             outcome.seconds = time.perf_counter() - started
+            log(INFO, "Statistics pass of round %d: %s, %d exchanges in %.1f s; %s; %s sent, %s received; "
+                "%d restarts; %d dropped", server_round, "applied" if outcome.buffers is not None else "not applied",
+                outcome.exchanges, outcome.seconds, outcome.progress.describe(),
+                describe_bytes(outcome.bytes_sent), describe_bytes(outcome.bytes_received), outcome.restarts,
+                len(outcome.dropped))
 
     # ------------------------------------------------------------------ one attempt
     def _attempt(
@@ -251,6 +267,7 @@ class StatisticsPassDriver:
             roster, None if self._secure is None else self._secure.shifts,
         )
         statuses = self._exchange(grid, outcome, {n: begin for n in participants}, server_round)
+        self._note_progress(outcome, statuses, 1, attempt)
         limit = value_limit({k: v.numpy() for k, v in arrays.items()})
         examples: dict[int, int] = {}
         while True:
@@ -307,6 +324,24 @@ class StatisticsPassDriver:
             released.append(aggregate)  # type: ignore[arg-type]
             content = schema.encode_stats_aggregate(server_round, index, aggregate, seed)  # type: ignore[arg-type]
             statuses = self._exchange(grid, outcome, {n: content for n in statuses}, server_round)
+            self._note_progress(outcome, statuses, len(released) + 1, attempt)
+
+    @staticmethod
+    def _note_progress(outcome: PassOutcome, statuses: dict[int, schema.Status], index: int, attempt: int) -> None:
+        """The progress line of the attempt's exchange ``index`` (from 1): ``L + 1`` in all,
+        known only when the clients report done."""
+        timing = outcome.last_exchange
+        if timing is None or not statuses:
+            return
+        (phase, point), _ = Counter((s.phase, s.point) for s in statuses.values()).most_common(1)[0]
+        final = phase == schema.PHASE_STATS_DONE
+        if final:
+            number, what = f"{index}/{index}", "BatchNorm buffers"
+        else:
+            number, what = f"{index}", phase if point is None else f"forward, BatchNorm call {point.call}"
+        if attempt:
+            what += f", attempt {attempt + 1}"
+        outcome.progress.record(timing, f"{number} ({what})", force=index == 1 or final)
 
     def _agreed_buffers(self, outcome: PassOutcome, statuses: dict[int, schema.Status], examples: dict) -> dict:
         """The buffer mapping most clients report (it is the model's, the same for all);
@@ -357,6 +392,7 @@ class StatisticsPassDriver:
         messages = [Message(content=c, dst_node_id=n, message_type=schema.MESSAGE_TYPE) for n, c in contents.items()]
         outcome.exchanges += 1
         outcome.bytes_sent += sum(schema.record_bytes(c) for c in contents.values())
+        started, slowest = progress.clock(), None
         message_ids = {mid: m.metadata.dst_node_id for mid, m in zip(grid.push_messages(messages), messages)}
         replies: dict[int, Message] = {}
         pending = set(message_ids)
@@ -367,9 +403,11 @@ class StatisticsPassDriver:
                 if reply_to in pending:
                     pending.discard(reply_to)
                     replies[message_ids[reply_to]] = reply
+                    slowest = message_ids[reply_to]
             if not pending or time.monotonic() >= deadline:
                 break
             time.sleep(self.poll_interval)
+        outcome.last_exchange = ExchangeTiming(progress.clock() - started, slowest)
         for mid in pending:
             self._drop(outcome, message_ids[mid], f"no reply within {self.exchange_timeout:g}s")
         statuses: dict[int, schema.Status] = {}

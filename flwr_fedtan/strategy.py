@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result, Strategy
 from flwr.supercore import log
 
-from . import checkpoint, schema, secure
+from . import checkpoint, progress, schema, secure
 from .arguments import ArgumentChecks
 from .aggregation import (
     DEFAULT_MAX_GROWTH,
@@ -47,6 +47,7 @@ from .exact_statistics import (
     check_statistics_options,
     pass_due,
 )
+from .progress import DEFAULT_PROGRESS_INTERVAL, ExchangeProgress, ExchangeTiming, describe_bytes
 from .seeds import derive_seed
 
 __all__ = ["FedTAN", "ForwardingGrid", "derive_seed"]
@@ -96,6 +97,9 @@ class _RoundLedger:
     restarts: int = 0
     started: float = field(default_factory=time.perf_counter)
     dropped: dict[int, str] = field(default_factory=dict)
+    progress: ExchangeProgress = field(default_factory=lambda: ExchangeProgress("FedTAN"))
+    last_exchange: Optional[ExchangeTiming] = None
+    batchnorm_calls: Optional[int] = None  # L, known from the first backward sync point
 
 
 @dataclass
@@ -268,6 +272,13 @@ class FedTAN(Strategy):
         Examples each client forwards in the pass (all of its data if it has fewer).
     statistics_every : int (default: 1)
         Run the pass every this many rounds, and always after the last round.
+    progress_interval : float or None (default: 30.0)
+        The ServerApp log gets one INFO line per exchange (the round, the exchange's index
+        out of ``2L * sync_steps + 1``, its phase and BatchNorm call, its seconds and the
+        node that replied last), at most one every ``progress_interval`` seconds besides
+        the first and last exchange of a round (0: every exchange; ``None``: none), and one
+        summary line per round and per statistics pass. The figures are in the round's
+        train metrics either way (README, "Metrics").
 
     Examples
     --------
@@ -308,6 +319,7 @@ class FedTAN(Strategy):
         statistics_examples: int = DEFAULT_STATISTICS_EXAMPLES,
         statistics_every: int = 1,
         max_growth: float = DEFAULT_MAX_GROWTH,
+        progress_interval: Optional[float] = DEFAULT_PROGRESS_INTERVAL,
     ) -> None:
         options = {name: value for name, value in zip(_FEDAVG_OPTIONS, (
             fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, min_available_nodes,
@@ -335,6 +347,9 @@ class FedTAN(Strategy):
         checks.integer("keep_checkpoints", keep_checkpoints, 0, fix="give a whole number >= 0 (0 keeps all)")
         checks.boolean("secure_stats", secure_stats)
         checks.number("max_growth", max_growth, above=1)
+        if progress_interval is not None:
+            checks.number("progress_interval", progress_interval, at_least=0,
+                          fix="give the seconds between two progress lines, >= 0, or None for no such line")
         check_statistics_options(statistics, statistics_examples, statistics_every, checks)
         checks.raise_if_any()
         self.strategy = strategy
@@ -352,13 +367,14 @@ class FedTAN(Strategy):
         self.keep_checkpoints = keep_checkpoints
         self.secure_stats = bool(secure_stats)
         self.max_growth = float(max_growth)
+        self.progress_interval = None if progress_interval is None else float(progress_interval)
         self._secure = secure.ServerSession() if self.secure_stats else None
         self.statistics = statistics
         self.statistics_every = int(statistics_every)
         self._statistics_pass = StatisticsPassDriver(
             examples=statistics_examples, exchange_timeout=exchange_timeout, poll_interval=poll_interval,
             max_restarts=max_restarts, seed=seed, secure_stats=self.secure_stats,
-            uniform_positions=uniform_positions, max_growth=max_growth,
+            uniform_positions=uniform_positions, max_growth=max_growth, progress_interval=self.progress_interval,
         )
         self._grid: Optional[Grid] = None
         self._num_rounds: Optional[int] = None
@@ -493,7 +509,7 @@ class FedTAN(Strategy):
             contents[node] = schema.encode_begin(
                 full, node_config, server_round, self.sync_steps, self.round_seed(server_round, 0)
             )
-        ledger = _RoundLedger()
+        ledger = _RoundLedger(progress=ExchangeProgress(f"FedTAN round {server_round}", self.progress_interval))
         self.dropped[server_round] = ledger.dropped
         self._round = _Round(server_round, {k: v.numpy() for k, v in arrays.items()}, contents, ledger)
         return [
@@ -551,7 +567,7 @@ class FedTAN(Strategy):
             for node, why in outcome.dropped.items():
                 ledger.dropped.setdefault(node, f"statistics pass: {why}")
         self._update_failures(round_, completed=True)
-        metrics.update(self._ledger_metrics(ledger, len(contributions)))
+        metrics.update(self._round_summary(round_, len(contributions)))
         if self.checkpoint_dir is not None:
             self.save_checkpoint(self.checkpoint_dir, server_round, merged)
         return merged, metrics
@@ -626,6 +642,7 @@ class FedTAN(Strategy):
         limit = value_limit(round_.reference)
         t0 = time.perf_counter()
         statuses, replies = self._exchange(grid, round_, begin)
+        self._note_progress(round_, statuses, 1, attempt)
         received, step_examples, current_step = 0, {}, None
         synchronised = {n: 0 for n in participants}
         round_.saw_forward = False
@@ -706,6 +723,32 @@ class FedTAN(Strategy):
             statuses, replies = self._exchange(grid, round_, {n: content for n in statuses})
             ledger.final_exchange_seconds = time.perf_counter() - t_exchange
             ledger.sync_seconds = t_exchange - t0
+            self._note_progress(round_, statuses, received + 1, attempt)
+
+    def _note_progress(self, round_: _Round, statuses: dict[int, schema.Status], index: int, attempt: int) -> None:
+        """The progress line of the attempt's exchange ``index`` (from 1), described by the
+        sync point most replies reached. Its seconds count towards the round's median and
+        max unless it is the final exchange (``fedtan-final-exchange-seconds``)."""
+        ledger = round_.ledger
+        timing = ledger.last_exchange
+        if timing is None or not statuses:
+            return
+        (phase, step, point), _ = Counter((s.phase, s.step, s.point) for s in statuses.values()).most_common(1)[0]
+        if ledger.batchnorm_calls is None:
+            if point is not None and point.phase == schema.PHASE_BACKWARD and step == 0:
+                ledger.batchnorm_calls = point.index  # forward points are 0..L-1 of every step
+            elif phase == schema.PHASE_DONE:
+                ledger.batchnorm_calls = 0
+        total = None if ledger.batchnorm_calls is None else 2 * ledger.batchnorm_calls * self.sync_steps + 1
+        number = f"{index}" if total is None else f"{index}/{total}"
+        if point is None:
+            what = "local steps and final models" if phase == schema.PHASE_DONE else phase
+        else:
+            what = f"step {step + 1}, {point.phase}, BatchNorm call {point.call}"
+        if attempt:
+            what += f", attempt {attempt + 1}"
+        final = phase == schema.PHASE_DONE
+        ledger.progress.record(timing, f"{number} ({what})", force=index == 1 or final, counted=not final)
 
     @staticmethod
     def _with_seed(content: RecordDict, seed: int) -> RecordDict:
@@ -778,6 +821,7 @@ class FedTAN(Strategy):
             messages.append(Message(content=content, dst_node_id=node, message_type=schema.MESSAGE_TYPE))
             ledger.bytes_sent += schema.record_bytes(content)
         ledger.exchanges += 1
+        started, slowest = progress.clock(), None
         message_ids = {mid: msg.metadata.dst_node_id for mid, msg in zip(grid.push_messages(messages), messages)}
         replies: dict[int, Message] = {}
         deadline = time.monotonic() + self.exchange_timeout
@@ -788,9 +832,11 @@ class FedTAN(Strategy):
                 if reply_to in pending:
                     pending.discard(reply_to)
                     replies[message_ids[reply_to]] = reply
+                    slowest = message_ids[reply_to]
             if not pending or time.monotonic() >= deadline:
                 break
             time.sleep(self.poll_interval)
+        ledger.last_exchange = ExchangeTiming(progress.clock() - started, slowest)
         for mid in pending:
             self._drop(round_, message_ids[mid], f"no reply within {self.exchange_timeout:g}s")
         statuses: dict[int, schema.Status] = {}
@@ -900,7 +946,21 @@ class FedTAN(Strategy):
         reason = "; ".join(f"node {n}: {why}" for n, why in round_.ledger.dropped.items()) or "too few clients"
         log(WARNING, "Round %d skipped, global model kept (%s)", round_.server_round, reason)
         metrics = MetricRecord({"fedtan-skipped": 1})
-        metrics.update(self._ledger_metrics(round_.ledger, 0))
+        metrics.update(self._round_summary(round_, 0))
+        return metrics
+
+    def _round_summary(self, round_: _Round, clients: int) -> dict:
+        """Log the round's summary line; return its ``fedtan-*`` metrics."""
+        ledger = round_.ledger
+        replays = sum(int(s.metrics.get("replays", 0)) for s in round_.statuses.values() if s.metrics is not None)
+        metrics = self._ledger_metrics(ledger, clients)
+        metrics.update(ledger.progress.metrics("fedtan-"))
+        metrics["fedtan-replays"] = replays
+        log(INFO, "FedTAN round %d done in %.1f s: %d exchanges; synchronised step: %s; final exchange %.2f s; "
+            "%s sent, %s received; %d replays; %d restarts; %d dropped", round_.server_round,
+            metrics["fedtan-round-seconds"], ledger.exchanges, ledger.progress.describe(),
+            ledger.final_exchange_seconds, describe_bytes(ledger.bytes_sent), describe_bytes(ledger.bytes_received),
+            replays, ledger.restarts, len(ledger.dropped))
         return metrics
 
     @staticmethod

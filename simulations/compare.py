@@ -90,6 +90,7 @@ __all__ = [
     "plan_runs",
     "run_all",
     "accuracy_curve",
+    "seconds_curve",
     "summarise",
     "grid_wall_seconds",
     "describe_plan",
@@ -582,6 +583,15 @@ def accuracy_curve(summary: Optional[Mapping[str, Any]], metric: str = METRIC) -
     return dict(sorted(curve.items()))
 
 
+def seconds_curve(summary: Optional[Mapping[str, Any]]) -> dict[int, float]:
+    """``{round: wall seconds}`` of a run summary (its ``round-seconds``; empty for
+    summaries that predate it)."""
+    if not summary:
+        return {}
+    seconds = summary.get("round-seconds") or {}
+    return dict(sorted((int(r), float(v)) for r, v in seconds.items() if isinstance(v, (int, float))))
+
+
 def _final(curve: Mapping[int, float]) -> float:
     return curve[max(curve)] if curve else float("nan")
 
@@ -785,11 +795,14 @@ def write_curves(records: Sequence[RunRecord], out_dir: Path) -> Path:
 
 def plot_accuracy(records: Sequence[RunRecord], out_dir: Path, target: Optional[float] = None,
                   subtitle: str = "") -> list[Path]:
-    """One PNG per partition setting: test accuracy against round, one line per method
-    (and variant).
+    """One PNG per partition setting, two panels: test accuracy against round, one line
+    per method (and variant), and beside it the wall seconds of each round (the summaries'
+    ``round-seconds``: training, the statistics pass and evaluation).
 
-    Lines are seed means with a band of +/- one sample std; a dashed line marks
-    ``target``. Returns the paths written (``accuracy-<partition>.png``).
+    Accuracy lines are seed means with a band of +/- one sample std; a dashed line marks
+    ``target``. Time lines are seed means over the rounds every seed recorded (none for
+    summaries without ``round-seconds``). Returns the paths written
+    (``accuracy-<partition>.png``).
     """
     import matplotlib
 
@@ -801,7 +814,8 @@ def plot_accuracy(records: Sequence[RunRecord], out_dir: Path, target: Optional[
     partitions = list(dict.fromkeys(p for _, _, p in groups))
     paths = []
     for partition in partitions:
-        figure, axes = plt.subplots(figsize=(7, 4.5))
+        figure, (axes, time_axes) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+        timed = False
         for (method, variant, part), group in groups.items():
             if part != partition:
                 continue
@@ -810,12 +824,26 @@ def plot_accuracy(records: Sequence[RunRecord], out_dir: Path, target: Optional[
                               label=f"{group[0].spec.label} ({len(group)} seed{'s' if len(group) > 1 else ''})")
             if len(group) > 1:
                 axes.fill_between(rounds, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+            seconds = [seconds_curve(r.summary) for r in group]
+            if all(seconds):
+                rounds, mean, _ = _mean_curve(seconds)
+                time_axes.plot(rounds, mean, color=line.get_color(), marker="o" if len(rounds) <= 12 else None,
+                               markersize=3)
+                timed = timed or bool(rounds)
+        if not timed:
+            time_axes.text(0.5, 0.5, "no round-seconds recorded", ha="center", va="center",
+                           transform=time_axes.transAxes, color="grey")
+        time_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        time_axes.set_xlabel("round")
+        time_axes.set_ylabel("seconds per round (seed mean)")
+        time_axes.set_ylim(bottom=0)
+        time_axes.grid(alpha=0.3)
         if target is not None:
             axes.axhline(target, color="grey", linestyle="--", linewidth=0.8)
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_xlabel("round")
         axes.set_ylabel("test accuracy")
-        axes.set_title(f"{partition}{' - ' + subtitle if subtitle else ''}")
+        figure.suptitle(f"{partition}{' - ' + subtitle if subtitle else ''}")
         axes.grid(alpha=0.3)
         axes.legend(fontsize=8)
         figure.tight_layout()
