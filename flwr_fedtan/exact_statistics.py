@@ -31,7 +31,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
 
-from . import progress, schema, secure
+from . import schema, secure
 from .arguments import ArgumentChecks
 from .aggregation import (
     DEFAULT_MAX_GROWTH,
@@ -44,6 +44,7 @@ from .aggregation import (
     value_limit,
 )
 from .progress import DEFAULT_PROGRESS_INTERVAL, ExchangeProgress, ExchangeTiming, describe_bytes
+from .exchange import exchange
 from .seeds import derive_seed
 
 __all__ = [
@@ -389,44 +390,17 @@ class StatisticsPassDriver:
     ) -> dict[int, schema.Status]:
         """One message to each node, valid replies back in node order; failing nodes are
         dropped (and the attempt restarted unless ``restart`` is false)."""
-        messages = [Message(content=c, dst_node_id=n, message_type=schema.MESSAGE_TYPE) for n, c in contents.items()]
         outcome.exchanges += 1
-        outcome.bytes_sent += sum(schema.record_bytes(c) for c in contents.values())
-        started, slowest = progress.clock(), None
-        message_ids = {mid: m.metadata.dst_node_id for mid, m in zip(grid.push_messages(messages), messages)}
-        replies: dict[int, Message] = {}
-        pending = set(message_ids)
-        deadline = time.monotonic() + self.exchange_timeout
-        while pending:
-            for reply in grid.pull_messages(list(pending)):
-                reply_to = reply.metadata.reply_to_message_id
-                if reply_to in pending:
-                    pending.discard(reply_to)
-                    replies[message_ids[reply_to]] = reply
-                    slowest = message_ids[reply_to]
-            if not pending or time.monotonic() >= deadline:
-                break
-            time.sleep(self.poll_interval)
-        outcome.last_exchange = ExchangeTiming(progress.clock() - started, slowest)
-        for mid in pending:
-            self._drop(outcome, message_ids[mid], f"no reply within {self.exchange_timeout:g}s")
-        statuses: dict[int, schema.Status] = {}
-        for node, reply in sorted(replies.items()):
-            try:
-                if reply.has_error():
-                    raise PayloadError(node, f"error reply: {reply.error.reason}")
-                outcome.bytes_received += schema.record_bytes(reply.content)
-                status = schema.decode_reply(reply.content, node, "num-examples")
-                if status.round != server_round:
-                    raise PayloadError(node, f"replied for round {status.round}, the pass is round {server_round}")
-                statuses[node] = status
-            except PayloadError as error:
-                self._drop(outcome, node, str(error))
-            except Exception as error:  # a reply no check foresaw: this client's fault, not the run's
-                self._drop(outcome, node, f"unreadable reply ({type(error).__name__}: {error})")
-        if restart and len(statuses) != len(contents):
+        result = exchange(grid, contents, server_round=server_round, timeout=self.exchange_timeout,
+                          poll_interval=self.poll_interval)
+        outcome.bytes_sent += result.bytes_sent
+        outcome.bytes_received += result.bytes_received
+        outcome.last_exchange = result.timing
+        for node, reason in result.failures.items():
+            self._drop(outcome, node, reason)
+        if restart and len(result.statuses) != len(contents):
             raise _Restart()
-        return statuses
+        return result.statuses
 
 
 class ExactStatistics(Strategy):

@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result, Strategy
 from flwr.supercore import log
 
-from . import checkpoint, progress, schema, secure
+from . import checkpoint, schema, secure
 from .arguments import ArgumentChecks
 from .aggregation import (
     DEFAULT_MAX_GROWTH,
@@ -40,6 +40,7 @@ from .aggregation import (
     sum_backward_sums,
     value_limit,
 )
+from .exchange import exchange, unexpected
 from .exact_statistics import (
     DEFAULT_STATISTICS_EXAMPLES,
     StatisticsPassDriver,
@@ -62,10 +63,6 @@ _REASON_CHARS = 400  # a drop reason quotes the client's own text: keep the log 
 
 def _brief(text: str) -> str:
     return text if len(text) <= _REASON_CHARS else text[:_REASON_CHARS] + "..."
-
-
-def _unexpected(error: Exception) -> str:
-    return f"its reply could not be handled ({type(error).__name__}: {error})"
 
 
 @contextlib.contextmanager
@@ -546,7 +543,7 @@ class FedTAN(Strategy):
                 self._drop(round_, node, f"model left out of the average: {error}")
                 continue
             except Exception as error:  # pylint: disable=broad-except
-                self._drop(round_, node, f"model left out of the average: {_unexpected(error)}")
+                self._drop(round_, node, f"model left out of the average: {unexpected(error)}")
                 continue
             contributions[node] = (arrays, weight)
         _keep_shared_metrics(server_round, wrapped_replies, key)
@@ -779,7 +776,7 @@ class FedTAN(Strategy):
                 except PayloadError as error:
                     self._drop(round_, node, str(error))
                 except Exception as error:
-                    self._drop(round_, node, _unexpected(error))
+                    self._drop(round_, node, unexpected(error))
             return [n for n in participants if n in session.public_keys]
         return []
 
@@ -816,49 +813,17 @@ class FedTAN(Strategy):
     ) -> tuple[dict[int, schema.Status], dict[int, Message]]:
         """Send one message to each node and collect valid replies; drop failing nodes."""
         ledger = round_.ledger
-        messages = []
-        for node, content in contents.items():
-            messages.append(Message(content=content, dst_node_id=node, message_type=schema.MESSAGE_TYPE))
-            ledger.bytes_sent += schema.record_bytes(content)
         ledger.exchanges += 1
-        started, slowest = progress.clock(), None
-        message_ids = {mid: msg.metadata.dst_node_id for mid, msg in zip(grid.push_messages(messages), messages)}
-        replies: dict[int, Message] = {}
-        deadline = time.monotonic() + self.exchange_timeout
-        pending = set(message_ids)
-        while pending:
-            for reply in grid.pull_messages(list(pending)):
-                reply_to = reply.metadata.reply_to_message_id
-                if reply_to in pending:
-                    pending.discard(reply_to)
-                    replies[message_ids[reply_to]] = reply
-                    slowest = message_ids[reply_to]
-            if not pending or time.monotonic() >= deadline:
-                break
-            time.sleep(self.poll_interval)
-        ledger.last_exchange = ExchangeTiming(progress.clock() - started, slowest)
-        for mid in pending:
-            self._drop(round_, message_ids[mid], f"no reply within {self.exchange_timeout:g}s")
-        statuses: dict[int, schema.Status] = {}
-        # Node order, not arrival order: sums over clients are then bitwise reproducible.
-        replies = dict(sorted(replies.items()))
-        for node, reply in replies.items():
-            try:
-                if reply.has_error():
-                    self._drop(round_, node, f"error reply: {reply.error.reason}")
-                    continue
-                ledger.bytes_received += schema.record_bytes(reply.content)
-                status = schema.decode_reply(reply.content, node, self.weighted_by_key)
-                if status.round != round_.server_round:
-                    raise PayloadError(node, f"replied for round {status.round} during round {round_.server_round}")
-                statuses[node] = status
-            except PayloadError as error:
-                self._drop(round_, node, str(error))
-            except Exception as error:  # whatever one reply holds, it ends that client, not the run
-                self._drop(round_, node, _unexpected(error))
-        if len(statuses) != len(contents):
+        result = exchange(grid, contents, server_round=round_.server_round, timeout=self.exchange_timeout,
+                          poll_interval=self.poll_interval, weighted_by_key=self.weighted_by_key)
+        ledger.bytes_sent += result.bytes_sent
+        ledger.bytes_received += result.bytes_received
+        ledger.last_exchange = result.timing
+        for node, reason in result.failures.items():
+            self._drop(round_, node, reason)
+        if len(result.statuses) != len(contents):
             raise _Restart()
-        return statuses, replies
+        return result.statuses, result.replies
 
     # ------------------------------------------------------------------ aggregation
     def _weight(self, node: int, reported: Any, round_: _Round) -> float:
@@ -1154,7 +1119,7 @@ def _first_bad_payload(payloads: dict, point: Any, masked: bool) -> tuple[Option
             ):
                 raise PayloadError(node, "masked forward payload without its clear counts")
         except Exception as error:  # pylint: disable=broad-except
-            return node, str(error) if isinstance(error, PayloadError) else _unexpected(error)
+            return node, str(error) if isinstance(error, PayloadError) else unexpected(error)
     return None, ""
 
 
