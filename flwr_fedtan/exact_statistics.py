@@ -219,6 +219,10 @@ class StatisticsPassDriver:
                             "clients' statistics)", server_round)
                         break
                     continue
+                except Exception as error:  # pylint: disable=broad-except -- the pass never ends the run
+                    log(WARNING, "Statistics pass of round %d stopped by %s: %s", server_round,
+                        type(error).__name__, error)
+                    break
                 try:
                     buffers = exact_running_statistics(released, buffer_calls, reference)
                     # No more than a client may move them in a round (statistics masked, or within

@@ -239,3 +239,21 @@ def test_a_model_is_left_unchanged_by_a_client_pass():
     for key, value in client.model.state_dict().items():
         assert torch.equal(value, before[key]), key
     assert stats_pass.num_examples == SIZES[0]
+
+
+def test_an_unexpected_error_in_the_pass_keeps_the_aggregated_statistics_and_the_run(monkeypatch, caplog):
+    """Whatever goes wrong inside the pass (here the pooling itself raises), the round keeps
+    its aggregated statistics and the run goes on: the pass never ends a run."""
+    import flwr_fedtan.exact_statistics as module
+
+    def broken(*args, **kwargs):
+        raise ArithmeticError("pooling broke")
+
+    monkeypatch.setattr(module, "pool_forward_stats", broken)
+    running, _ = run(FedTAN(min_available_nodes=3, fraction_evaluate=0.0, statistics="running"), rounds=2)
+    with caplog.at_level(logging.WARNING):
+        result, _ = run(FedTAN(min_available_nodes=3, fraction_evaluate=0.0), rounds=2)
+    assert "stopped by ArithmeticError: pooling broke" in caplog.text
+    assert all(result.train_metrics_clientapp[r]["fedtan-stats-applied"] == 0 for r in (1, 2))
+    for key, value in running.arrays.items():
+        np.testing.assert_array_equal(result.arrays[key].numpy(), value.numpy(), err_msg=key)
