@@ -90,7 +90,9 @@ def test_worker_keeps_live_rounds_across_fresh_processes(runtime_dir):
         info = os.lstat(path)
         assert stat.S_ISSOCK(info.st_mode) and info.st_uid == os.getuid()
         assert stat.S_IMODE(info.st_mode) & 0o077 == 0
-        assert worker_mod.worker_request(path, "stats", timeout=10)["served"] == 2 * (2 * rt.NUM_BN_CALLS + 1)
+        # Two rounds, each 2L + 1 exchanges and then the statistics pass's L + 1.
+        served = 2 * (2 * rt.NUM_BN_CALLS + 1 + rt.NUM_BN_CALLS + 1)
+        assert worker_mod.worker_request(path, "stats", timeout=10)["served"] == served
 
 
 @pytest.mark.slow

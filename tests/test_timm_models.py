@@ -86,7 +86,7 @@ def test_timm_model_flower_round_equals_centralised_sgd_step(name):
         return FedTANClient(create(name), client_data(pid), batch_size=BATCH_SIZES[pid], lr=0.1, local_steps=1)
 
     grid = LocalGrid(fedtan_client_app(client_fn), 3, {})
-    strategy = FedTAN(min_available_nodes=3, fraction_evaluate=0.0)
+    strategy = FedTAN(min_available_nodes=3, fraction_evaluate=0.0, statistics="running")  # the round alone
     initial = create(name)
     result = strategy.start(grid, ArrayRecord(initial.state_dict()), num_rounds=1)
 
@@ -193,7 +193,13 @@ def test_flwr_run_simulation_timm_model_equals_in_process_reference(tmp_path, ca
 
     config = app_config(**overrides)
     reference = reference_model(config, nodes, 1)
-    diff = max_abs_diff(reference, state_dict)
+    # The running statistics come from the statistics pass over 34 float32 layers: compared
+    # relative to each buffer's magnitude (some running variances are in the hundreds).
+    stats = {k for k in reference if k.endswith(("running_mean", "running_var"))}
+    diff = max_abs_diff({k: v for k, v in reference.items() if k not in stats},
+                        {k: v for k, v in state_dict.items() if k not in stats})
+    stats_diff = max(float(np.abs(state_dict[k].double().numpy() - np.asarray(reference[k], np.float64)).max())
+                     / max(1.0, float(np.abs(np.asarray(reference[k], np.float64)).max())) for k in stats)
 
     # The same round with local BatchNorm (FedAvg of per-client SGD steps on the same batches).
     torch.manual_seed(int(config["seed"]))
@@ -214,4 +220,5 @@ def test_flwr_run_simulation_timm_model_equals_in_process_reference(tmp_path, ca
     # already differs by 5.4e-6, so the shared 1e-5 leaves too thin a margin here.
     tolerance = 5 * TOLERANCE
     assert diff <= tolerance, f"final model differs from in_process_fedtan by {diff:g}"
+    assert stats_diff <= tolerance, f"running statistics differ from in_process_fedtan by {stats_diff:g} (relative)"
     assert local_bn_diff > 1000 * tolerance, f"local BatchNorm should be far from FedTAN: {local_bn_diff:g}"
