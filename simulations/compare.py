@@ -39,7 +39,9 @@ Outputs in ``--out``:
 
 - ``runs/<partition>/<method>-seed<s>.json`` (``runs/<variant>/<partition>/...`` with
   variants; + ``.pt``, the final model): each run's summary, with the run's wall time
-  (``wall-seconds``, Ray start-up included) added. ``--force`` re-runs complete runs;
+  (``wall-seconds``, Ray start-up included) and the final model's digest
+  (``final-model-sha256``, see :func:`model_digest`) added. ``--force`` re-runs complete
+  runs and says whether each reproduced its previous digest (``reproduced-previous``);
 - ``results.csv`` and ``results.md``: one row per method x variant x partition, over
   seeds: final and best test accuracy (mean +/- sample std), rounds for the seed-averaged
   accuracy to reach ``--target`` ("-" if never), the strategy's wall time, and the
@@ -59,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import math
 import os
@@ -470,6 +473,32 @@ def _move_aside(path: Path) -> Optional[Path]:
     return old
 
 
+def model_digest(path: Path) -> str:
+    """SHA-256 of a saved state dict's names, dtypes, shapes and bytes, in the dict's order.
+
+    Two models have the same digest exactly when every tensor is bit-identical (the
+    ``.pt`` file's own bytes are not compared: its archive metadata may differ).
+    """
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    digest = hashlib.sha256()
+    for name, tensor in state.items():
+        tensor = tensor.detach().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _previous_digest(moved: Optional[Path]) -> Optional[str]:
+    if moved is None:
+        return None
+    try:
+        return json.loads(moved.read_text()).get("final-model-sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _write_atomically(path: Path, summary: Mapping[str, Any]) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     temporary.write_text(json.dumps(summary, indent=2, default=float))
@@ -530,6 +559,7 @@ def run_all(
     for index, spec in enumerate(runs, start=1):
         started = time.time()
         state, summary, reason = result_state(spec, declared)
+        rerun_of_complete = state == "complete"
         if force or state != "complete":
             summary = None
         status, error = ("reused", "") if summary is not None else ("ran", "")
@@ -552,6 +582,15 @@ def run_all(
                 if state != "complete" or mismatch:
                     raise RuntimeError(f"the run's summary is {state if state != 'complete' else 'for another config'}"
                                        f" ({reason or ', '.join(mismatch)})")
+                model = spec.results_file.with_suffix(".pt")
+                if model.exists():
+                    summary["final-model-sha256"] = model_digest(model)
+                    previous = _previous_digest(moved) if rerun_of_complete else None
+                    if previous is not None:
+                        summary["reproduced-previous"] = previous == summary["final-model-sha256"]
+                        verdict = "is identical to" if summary["reproduced-previous"] else "differs from"
+                        echo(f"  {spec.results_file.name}: the final model {verdict} the previous run's"
+                             f" (sha256 {previous[:12]})")
                 _write_atomically(spec.results_file, summary)
             except Exception as exc:  # a failed run is reported, the grid goes on
                 status, error, summary = "failed", f"{type(exc).__name__}: {exc}", None

@@ -297,3 +297,47 @@ def test_one_grid_per_output_folder(tmp_path):
                 pass
     with compare.GridLock(tmp_path):  # released
         pass
+
+
+class ModelWritingRunner(FakeRunner):
+    """Also saves a final model, like the server app; ``nudge`` changes one weight by one ulp."""
+
+    nudge = False
+
+    def __call__(self, run_config, num_supernodes, **kwargs):
+        import torch
+
+        summary = super().__call__(run_config, num_supernodes, **kwargs)
+        weight = torch.linspace(-1.0, 1.0, 12, dtype=torch.float32).reshape(3, 4) * (1 + int(run_config["seed"]))
+        if self.nudge:
+            weight[1, 2] = torch.nextafter(weight[1, 2], torch.tensor(10.0))
+        state = {"conv.weight": weight, "bn.num_batches_tracked": torch.tensor(7)}
+        torch.save(state, Path(run_config["results-file"]).with_suffix(".pt"))
+        return summary
+
+
+def test_the_final_model_digest_is_recorded_and_a_forced_rerun_says_whether_it_reproduced(tmp_path):
+    import torch
+
+    runs = plan(tmp_path, methods=("fedtan",), seeds=(0, 1))
+    runner, lines = ModelWritingRunner(), []
+    compare.run_all(runs, runner=runner, echo=lines.append)
+    digests = [json.loads(spec.results_file.read_text())["final-model-sha256"] for spec in runs]
+    assert len(set(digests)) == 2  # seeds 0 and 1 saved different weights
+
+    # The same tensors saved another way (cloned, other file) give the same digest.
+    state = torch.load(runs[0].results_file.with_suffix(".pt"), weights_only=True)
+    resaved = tmp_path / "resaved.pt"
+    torch.save({name: tensor.clone() for name, tensor in state.items()}, resaved)
+    assert compare.model_digest(resaved) == digests[0]
+
+    lines.clear()
+    compare.run_all(runs, runner=runner, force=True, echo=lines.append)
+    assert all(json.loads(spec.results_file.read_text())["reproduced-previous"] is True for spec in runs)
+    assert sum("is identical to the previous run's" in line for line in lines) == 2
+
+    runner.nudge, lines[:] = True, []
+    compare.run_all(runs[:1], runner=runner, force=True, echo=lines.append)
+    rerun = json.loads(runs[0].results_file.read_text())
+    assert rerun["reproduced-previous"] is False and rerun["final-model-sha256"] != digests[0]
+    assert any("differs from the previous run's" in line for line in lines)
