@@ -405,3 +405,51 @@ def test_a_synchronised_step_takes_a_mean_loss_and_a_declared_sum():
         _drive(rounds, phases)
         assert phases == ["forward", "forward", "backward", "backward"]
         assert all(r.finish()["num-examples"] == size for r, size in zip(rounds, (3, 5, 8)))
+
+
+# ---------------------------------------------------------------------- client faults, through flwr run
+FAULTY_APP = Path(__file__).resolve().parent / "faulty_clients_app"
+
+
+@pytest.mark.slow
+def test_flwr_run_names_each_faulty_client_and_its_fix_and_finishes(tmp_path):
+    """One FedTAN round over 5 simulated nodes: partition 0 holds a NaN, partition 1 data of
+    the wrong width, partition 2 asks for CUDA on a machine without it; 3 and 4 are sound.
+    Each faulty node is dropped at its first message with one line in the ServerApp's log
+    that names it and gives the fix; the round completes with the other two."""
+    import re
+
+    from simulations.flower_processes import FlowerProcesses
+
+    if torch.cuda.is_available():
+        pytest.skip("the device fault needs a machine without CUDA")
+    flower = FlowerProcesses(tmp_path / "flower")
+    try:
+        flower.add_connection("faulty", flower.start_superlink(simulation=True))
+        outcome = flower.run_app(FAULTY_APP, run_config={"nodes": 5, "faults": "nan,shape,device"},
+                                 federation_config={"num-supernodes": 5, "client-resources-num-cpus": 2,
+                                                    "init-args-num-cpus": 2}, timeout=240)
+    finally:
+        flower.stop()
+        assert not flower.remaining()
+    text = re.sub(r"\x1b\[[0-9;]*m", "", outcome.output)  # no colours
+    assert outcome.status == "finished:completed", (outcome.status, outcome.details, text[-6000:])
+    # The client's own message, as the log shows it (Flower logs the ClientApp's exception).
+    expected = {
+        "nan": r"ClientDataError: node (\d+): FedTANClient: train_data holds NaN or infinite inputs \(first in sample "
+               r"3\)\. Fix: clean or drop those samples",
+        "shape": r"ClientDataError: node (\d+): FedTANClient: the model cannot train on this client's data: inputs of "
+                 r"shape \(5,\) per sample .*\. Fix: give the model data of the shape it was built for",
+        "device": r"InvalidArgumentsError: node (\d+): FedTANClient: 1 invalid setting:\n- device='cuda': torch finds "
+                  r"no CUDA device on this machine\. Fix: use device 'cpu'",
+    }
+    named = {}
+    for fault, pattern in expected.items():
+        nodes = set(re.findall(pattern, text))
+        assert len(nodes) == 1, (fault, nodes, text[-6000:])
+        named[fault] = nodes.pop()
+    assert len(set(named.values())) == 3, named
+    # Each dropped once, at its first message; the round goes on with the two others and completes.
+    dropped = re.findall(r"FedTAN round 1: dropping node (\d+): error reply", text)
+    assert sorted(dropped) == sorted(named.values()), (dropped, named)
+    assert "'fedtan-dropped': '3'" in text and "'fedtan-clients': '2'" in text, text[-4000:]
