@@ -510,7 +510,7 @@ def train_locally(client: FedTANClient, seed: int, local_steps: int, lr: Optiona
 
 
 def _load_round_model(client: FedTANClient, received: ArrayRecord, state: RecordDict,
-                      kept: list[str]) -> None:
+                      kept: list[str], node_id: int) -> None:
     """Global entries first, then the client's own kept entries (if it has any yet).
 
     Entries neither received nor kept keep the freshly built model's values (a client's
@@ -524,7 +524,8 @@ def _load_round_model(client: FedTANClient, received: ArrayRecord, state: Record
         update.update({k: torch.as_tensor(v.numpy()) for k, v in own.items() if k in kept})
     unknown = set(update) - set(model_state)
     if unknown:
-        raise ValueError(f"received entries the model does not have: {sorted(unknown)[:5]}")
+        raise ValueError(f"node {node_id}: received entries the model does not have: {sorted(unknown)[:5]}. "
+                         "Fix: give the server and the clients the same model (run config 'model', 'dataset')")
     model_state.update(update)
     client.model.load_state_dict(model_state, strict=True)
 
@@ -567,7 +568,7 @@ def client_train(msg: Message, context: Context, client: FedTANClient) -> Messag
     spec = method_spec(context.run_config)
     config = dict(msg.content.config_records.get("config", ConfigRecord()))
     kept = local_keys(spec, client.model)
-    _load_round_model(client, msg.content.array_records["arrays"], context.state, kept)
+    _load_round_model(client, msg.content.array_records["arrays"], context.state, kept, context.node_id)
     freeze = bool(config.get(FREEZE_BN_STATS, False))
     server_round = int(config.get("server-round", 0))
     seed = round_seed(int(context.run_config.get("seed", 0)), server_round, client_seed_key(context))
@@ -600,7 +601,7 @@ def client_evaluate(msg: Message, context: Context, client: FedTANClient) -> Mes
     """
     spec = method_spec(context.run_config)
     kept = local_keys(spec, client.model)
-    _load_round_model(client, msg.content.array_records["arrays"], context.state, kept)
+    _load_round_model(client, msg.content.array_records["arrays"], context.state, kept, context.node_id)
     data = test_dataset(context.run_config)
     loss, accuracy, count = evaluate_model(client.model, data, client.loss_fn, client.device)
     record = MetricRecord({

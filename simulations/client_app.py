@@ -14,6 +14,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from flwr_fedtan import FedTANClient, add_fedtan, fedtan_client_app
+from flwr_fedtan.client import _client_from
 
 from . import baselines
 from .task import make_client
@@ -37,11 +38,16 @@ def _served_by_baselines(context: Context) -> bool:
     return "strategy" in context.run_config and baselines.method_spec(context.run_config).baseline_client
 
 
+def _node_client(context: Context) -> FedTANClient:
+    """The node's client; an error building it names the node, as FedTAN's handlers do."""
+    return _client_from(client_fn, context)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local training of a round, for the method of ``context.run_config["strategy"]``."""
     if _served_by_baselines(context):
-        return baselines.client_train(msg, context, client_fn(context))
+        return baselines.client_train(msg, context, _node_client(context))
     return fedtan_app(msg, context)
 
 
@@ -49,7 +55,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluation: personalised models for FedBN/SiloBN, else FedTAN's client's evaluate."""
     if _served_by_baselines(context):
-        return baselines.client_evaluate(msg, context, client_fn(context))
+        return baselines.client_evaluate(msg, context, _node_client(context))
     return fedtan_app(msg, context)
 
 

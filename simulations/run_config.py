@@ -80,6 +80,8 @@ def _check_numbers(checks: ArgumentChecks, config: Mapping[str, Any]) -> None:
         "lr": dict(above=0, fix="give the clients' learning rate, > 0 (e.g. 0.05)"),
         "dirichlet-alpha": dict(above=0, fix="give the Dirichlet concentration, > 0 (small: more skew)"),
         "exchange-timeout": dict(above=0, fix="give the seconds the server waits for a reply, > 0"),
+        "progress-interval": dict(at_least=0, fix="give the seconds between two per-exchange progress lines of "
+                                  "the ServerApp log, >= 0 (0: a line for every exchange)"),
         "fixbn-switch": dict(at_least=0, at_most=1, fix="give the fraction of rounds before FixBN freezes, in [0, 1]"),
         "server-learning-rate": dict(above=0),
         "server-momentum": dict(at_least=0, below=1),

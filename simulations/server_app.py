@@ -25,6 +25,7 @@ from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYog
 from flwr_fedtan import FedTAN, convert_batchnorm
 from flwr_fedtan.client import evaluate_model
 from flwr_fedtan.exact_statistics import DEFAULT_STATISTICS_EXAMPLES, ExactStatistics
+from flwr_fedtan.progress import DEFAULT_PROGRESS_INTERVAL
 from flwr_fedtan.schema import record_bytes
 from flwr_fedtan.strategy import ForwardingGrid
 
@@ -137,7 +138,9 @@ def make_strategy(config) -> Strategy:
                      secure_stats=bool(config.get("secure-stats", False)))
     if name == "fedtan":
         return FedTAN(strategy=server_optimizer(config, **common), sync_steps=int(config.get("sync-steps", 1)),
-                      statistics=str(config.get("statistics", "exact")), **statistics, **exchanges)
+                      statistics=str(config.get("statistics", "exact")),
+                      progress_interval=float(config.get("progress-interval", DEFAULT_PROGRESS_INTERVAL)),
+                      **statistics, **exchanges)
     if name == "fedavg-exact":
         return ExactStatistics(server_optimizer(config, **common), **statistics, **exchanges)
     if name in ("fedavg", "fedgn"):

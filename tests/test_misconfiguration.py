@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from typing import Optional
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -52,7 +54,8 @@ def test_the_default_run_config_has_no_problem():
     ("lr", "fast"), ("strategy", "fedtann"), ("model", "resnet21"), ("dataset", "cifar100"),
     ("partitioning", "random"), ("server-optimizer", "adam"), ("statistics", "precise"),
     ("statistics-examples", 0), ("statistics-every", 0), ("secure-stats", 1), ("fixbn-switch", 1.5),
-    ("exchange-timeout", 0), ("mode", "benchmark"), ("seed", True),
+    ("exchange-timeout", 0), ("mode", "benchmark"), ("seed", True), ("progress-interval", -1),
+    ("progress-interval", "often"),
 ])
 def test_each_bad_setting_is_named(key, value):
     assert problem_names(run_config_problems(app_config(**{key: value}))) == [key]
@@ -228,3 +231,225 @@ def test_flwr_run_refuses_a_bad_run_config_before_the_first_round(tmp_path):
         assert line in text, text[-4000:]
     assert "4 invalid settings" in text
     assert "Starting FedTAN" not in text and "[ROUND 1]" not in text  # refused before any round
+
+
+# ---------------------------------------------------------------------- progress-interval
+def _small_app_config(**overrides) -> dict:
+    """The app's run config on tiny synthetic data (a round takes about a second)."""
+    config = app_config(dataset="synthetic", model="cnn", **{"batch-size": 8, "local-steps": 1,
+                        "num-server-rounds": 1, "num-partitions": 3, "statistics": "running"})
+    config.update(overrides)
+    return config
+
+
+def test_the_progress_interval_key_reaches_fedtan():
+    from flwr_fedtan.progress import DEFAULT_PROGRESS_INTERVAL
+    from simulations.server_app import make_strategy
+
+    assert app_config()["progress-interval"] == DEFAULT_PROGRESS_INTERVAL
+    assert make_strategy(app_config()).progress_interval == DEFAULT_PROGRESS_INTERVAL
+    assert make_strategy(app_config(**{"progress-interval": 0})).progress_interval == 0.0
+    assert make_strategy(app_config(**{"progress-interval": 2.5})).progress_interval == 2.5
+
+
+@pytest.mark.parametrize("interval, lines", [(0, 7), (3600.0, 2)])  # 2L + 1 = 7; else first and last only
+def test_the_progress_interval_key_paces_the_exchange_lines_of_a_round(interval, lines, caplog):
+    import logging
+
+    from flwr_fedtan.client import clear_live_rounds
+    from simulations.client_app import app
+    from simulations.server_app import run_experiment
+
+    from _grid import LocalGrid
+
+    config = _small_app_config(**{"progress-interval": interval})
+    clear_live_rounds()
+    try:
+        with caplog.at_level(logging.INFO, logger="flwr"):
+            run_experiment(LocalGrid(app, 3, config), config)
+    finally:
+        clear_live_rounds()
+    logged = [r.getMessage() for r in caplog.records
+              if r.name == "flwr" and r.getMessage().startswith("FedTAN round 1: exchange ")]
+    assert len(logged) == lines, logged
+
+
+def test_the_server_app_refuses_a_bad_progress_interval_before_building_anything(monkeypatch):
+    from simulations import server_app
+
+    monkeypatch.setattr(server_app, "run_experiment", lambda *a, **k: pytest.fail("a round was started"))
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                      run_config=app_config(**{"progress-interval": -5}))
+    with pytest.raises(InvalidArgumentsError, match=r"progress-interval=-5: must be >= 0.*Fix: give the seconds"):
+        server_app.main(None, context)
+
+
+# ---------------------------------------------------------------------- baseline clients
+def _message_to(node: int, message_type: str, arrays: dict, config: Optional[dict] = None):
+    from flwr.app import ArrayRecord, ConfigRecord, Message
+
+    content = RecordDict({"arrays": ArrayRecord(arrays), "config": ConfigRecord(config or {"server-round": 1})})
+    return Message(content, node, message_type)
+
+
+def _initial_state(config: dict, norm: str) -> dict:
+    from flwr.app import Array
+
+    from simulations.task import model_from_config
+
+    return {k: Array(v.detach().numpy()) for k, v in model_from_config(config, norm=norm).state_dict().items()}
+
+
+@pytest.mark.parametrize("method, message_type", [
+    ("fedavg", "train"), ("fedavg-exact", "train"), ("fedbn", "train"), ("fedbn", "evaluate"),
+    ("silobn", "train"), ("silobn", "evaluate"), ("fixbn", "train"), ("fedgn", "train"), ("centralised", "train"),
+])
+def test_a_baseline_client_that_cannot_be_built_names_its_node(method, message_type):
+    from simulations.baselines import model_norm
+    from simulations.client_app import app
+
+    from _grid import LocalGrid
+
+    config = _small_app_config(strategy=method, **{"batch-size": 0})
+    grid = LocalGrid(app, 1, config)
+    node = grid.node_ids[0]
+    reply, = grid.send_and_receive([_message_to(node, message_type, _initial_state(config, model_norm(config)))])
+    assert reply.has_error()
+    assert reply.error.reason.startswith(f"InvalidArgumentsError: node {node}: FedTANClient: 1 invalid setting"), \
+        reply.error.reason
+    assert "batch_size=0: must be >= 1" in reply.error.reason and "Fix: " in reply.error.reason
+
+
+@pytest.mark.parametrize("method", ["fedbn", "fixbn", "fedgn"])
+def test_a_baseline_client_sent_another_model_names_its_node(method):
+    from flwr.app import Array
+
+    from simulations.baselines import model_norm
+    from simulations.client_app import app
+
+    from _grid import LocalGrid
+
+    config = _small_app_config(strategy=method)
+    grid = LocalGrid(app, 1, config)
+    node = grid.node_ids[0]
+    arrays = dict(_initial_state(config, model_norm(config)), **{"extra.weight": Array(np.zeros(3, np.float32))})
+    reply, = grid.send_and_receive([_message_to(node, "train", arrays)])
+    assert reply.has_error()
+    assert reply.error.reason.startswith(f"ValueError: node {node}: received entries the model does not have: "
+                                         "['extra.weight']"), reply.error.reason
+
+
+# ---------------------------------------------------------------------- the loss probe in a synchronised step
+class TwoBatchNormNet(nn.Module):
+    """Two BatchNorm calls: the forward of a synchronised step pauses twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 5),
+                                  nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def _synchronised_rounds(loss_fn, sizes=(3, 5, 8)) -> list[ClientRound]:
+    torch.manual_seed(0)
+    model = TwoBatchNormNet()
+    rounds = []
+    for k, size in enumerate(sizes):
+        generator = torch.Generator().manual_seed(10 + k)
+        batch = (torch.randn(size, 4, generator=generator), torch.arange(size) % 3)
+        client_model = TwoBatchNormNet()
+        client_model.load_state_dict(model.state_dict())
+        rounds.append(ClientRound(client_model, lambda seed, b=batch: b, loss_fn,
+                                  lambda params: torch.optim.SGD(params, lr=0.1), sync_steps=1, local_steps=1,
+                                  seed=k))
+    return rounds
+
+
+def _drive(rounds: list[ClientRound], phases: list[str]) -> None:
+    """Run the rounds' synchronised step in lockstep, noting the phase of every exchange done."""
+    from flwr_fedtan.reference import aggregate_requests
+
+    requests = {k: r.start() for k, r in enumerate(rounds)}
+    try:
+        while any(request is not None for request in requests.values()):
+            point, aggregate = aggregate_requests(requests)
+            phases.append(point.phase)
+            requests = {k: rounds[k].resume(aggregate) for k in requests}
+    finally:
+        for round_ in rounds:
+            round_.close()
+
+
+def hand_written_sum(outputs, targets):
+    """A squared error summed over the batch: nothing declares it a sum."""
+    return ((outputs - F.one_hot(targets, 3)) ** 2).sum()
+
+
+@pytest.mark.parametrize("loss_fn", [summing_cross_entropy, hand_written_sum])
+def test_a_synchronised_step_refuses_a_loss_that_sums_before_it_shares_a_gradient(loss_fn):
+    phases: list[str] = []
+    with pytest.raises(UnsupportedModelError) as caught:
+        _drive(_synchronised_rounds(loss_fn), phases)
+    # Refused once the forward is through (both BatchNorm calls pooled), before any backward payload.
+    assert phases == ["forward", "forward"]
+    message = str(caught.value)
+    assert "loss_fn: it returns the batch's sum" in message and "declares no reduction='sum'" in message
+    assert "Fix: declare the sum" in message and "reduction='none'" in message
+
+
+def test_a_synchronised_step_takes_a_mean_loss_and_a_declared_sum():
+    for loss_fn in (lambda o, t: F.cross_entropy(o, t), nn.CrossEntropyLoss(reduction="sum")):
+        rounds, phases = _synchronised_rounds(loss_fn), []
+        _drive(rounds, phases)
+        assert phases == ["forward", "forward", "backward", "backward"]
+        assert all(r.finish()["num-examples"] == size for r, size in zip(rounds, (3, 5, 8)))
+
+
+# ---------------------------------------------------------------------- client faults, through flwr run
+FAULTY_APP = Path(__file__).resolve().parent / "faulty_clients_app"
+
+
+@pytest.mark.slow
+def test_flwr_run_names_each_faulty_client_and_its_fix_and_finishes(tmp_path):
+    """One FedTAN round over 5 simulated nodes: partition 0 holds a NaN, partition 1 data of
+    the wrong width, partition 2 asks for CUDA on a machine without it; 3 and 4 are sound.
+    Each faulty node is dropped at its first message with one line in the ServerApp's log
+    that names it and gives the fix; the round completes with the other two."""
+    import re
+
+    from simulations.flower_processes import FlowerProcesses
+
+    if torch.cuda.is_available():
+        pytest.skip("the device fault needs a machine without CUDA")
+    flower = FlowerProcesses(tmp_path / "flower")
+    try:
+        flower.add_connection("faulty", flower.start_superlink(simulation=True))
+        outcome = flower.run_app(FAULTY_APP, run_config={"nodes": 5, "faults": "nan,shape,device"},
+                                 federation_config={"num-supernodes": 5, "client-resources-num-cpus": 2,
+                                                    "init-args-num-cpus": 2}, timeout=240)
+    finally:
+        flower.stop()
+        assert not flower.remaining()
+    text = re.sub(r"\x1b\[[0-9;]*m", "", outcome.output)  # no colours
+    assert outcome.status == "finished:completed", (outcome.status, outcome.details, text[-6000:])
+    # The client's own message, as the log shows it (Flower logs the ClientApp's exception).
+    expected = {
+        "nan": r"ClientDataError: node (\d+): FedTANClient: train_data holds NaN or infinite inputs \(first in sample "
+               r"3\)\. Fix: clean or drop those samples",
+        "shape": r"ClientDataError: node (\d+): FedTANClient: the model cannot train on this client's data: inputs of "
+                 r"shape \(5,\) per sample .*\. Fix: give the model data of the shape it was built for",
+        "device": r"InvalidArgumentsError: node (\d+): FedTANClient: 1 invalid setting:\n- device='cuda': torch finds "
+                  r"no CUDA device on this machine\. Fix: use device 'cpu'",
+    }
+    named = {}
+    for fault, pattern in expected.items():
+        nodes = set(re.findall(pattern, text))
+        assert len(nodes) == 1, (fault, nodes, text[-6000:])
+        named[fault] = nodes.pop()
+    assert len(set(named.values())) == 3, named
+    # Each dropped once, at its first message; the round goes on with the two others and completes.
+    dropped = re.findall(r"FedTAN round 1: dropping node (\d+): error reply", text)
+    assert sorted(dropped) == sorted(named.values()), (dropped, named)
+    assert "'fedtan-dropped': '3'" in text and "'fedtan-clients': '2'" in text, text[-4000:]

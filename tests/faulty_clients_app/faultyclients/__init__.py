@@ -1,0 +1,1 @@
+"""FedTAN clients with a fault each (see pyproject.toml)."""
