@@ -358,9 +358,10 @@ def plan_runs(
 
 
 # ---------------------------------------------------------------------- running
-IGNORED_CONFIG_KEYS = ("results-file",)
-"""Run-config keys not compared when deciding whether a summary can be reused (the
-results file is read from where it is; a moved output folder stays reusable)."""
+IGNORED_CONFIG_KEYS = ("results-file", "progress-interval")
+"""Run-config keys not compared when deciding whether a summary can be reused: they do not
+change the results (the results file is read from where it is, so a moved output folder
+stays reusable; ``progress-interval`` only paces the log)."""
 
 
 LEGACY_VALUES: dict[str, tuple[str, Any]] = {"statistics": ("fedtan", "running")}

@@ -341,3 +341,12 @@ def test_the_final_model_digest_is_recorded_and_a_forced_rerun_says_whether_it_r
     rerun = json.loads(runs[0].results_file.read_text())
     assert rerun["reproduced-previous"] is False and rerun["final-model-sha256"] != digests[0]
     assert any("differs from the previous run's" in line for line in lines)
+
+
+def test_the_log_pacing_does_not_make_a_run_stale(tmp_path):
+    runner = FakeRunner()
+    quiet(plan(tmp_path, methods=("fedtan",), seeds=(0,)), runner)
+    quiet(plan(tmp_path, methods=("fedtan",), seeds=(0,), **{"progress-interval": 0.0}), runner)
+    assert len(runner.calls) == 1
+    quiet(plan(tmp_path, methods=("fedtan",), seeds=(0,), **{"local-steps": 3}), runner)
+    assert len(runner.calls) == 2
