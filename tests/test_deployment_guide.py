@@ -128,6 +128,9 @@ def test_the_deployment_guide_runs_as_written_and_leaves_nothing_running(tmp_pat
     assert not left, f"still running after the guide's stop block: {left}"
     assert not list(deploy_dir.glob("*.pid")), list(deploy_dir.glob("*.pid"))
     assert not list(runtime_dir.glob("*.sock")), "a node worker left its socket behind"
+    shutil.copytree(deploy_dir, tmp_path / "logs")  # kept for a look after the test; the clean block removes them
+    for path in sorted(runtime_dir.glob("node-*.log")):
+        shutil.copy(path, tmp_path / "logs" / path.name)
     run("clean")
     assert not deploy_dir.exists()
     shutil.rmtree(runtime_dir)  # the workers' .log and .lock files, which the guide says to remove

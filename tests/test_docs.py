@@ -87,3 +87,20 @@ def test_the_checks_catch_a_broken_link_and_anchor(tmp_path):
 def test_the_readme_is_short():
     lines = len((REPO / "README.md").read_text().splitlines())
     assert lines <= README_MAX_LINES, f"README.md has {lines} lines; move detail to docs/"
+
+
+def test_the_readme_drop_in_diff_is_the_tested_apps_diff():
+    """The README's two diff blocks change exactly the lines that tests/test_drop_in.py's
+    app changes (the app is committed before and after the switch)."""
+    import difflib
+
+    blocks = re.findall(r"^```diff\n(.*?)^```", (REPO / "README.md").read_text(), re.M | re.S)
+    shown = [line for block in blocks for line in block.splitlines() if line.startswith(("+", "-"))]
+    app = REPO / "tests" / "dropin_app" / "dropin"
+    actual = []
+    for part in ("server_app", "client_app"):
+        before, after = (app / f"fedavg_{part}.py").read_text(), (app / f"fedtan_{part}.py").read_text()
+        actual += [line for line in difflib.unified_diff(before.splitlines(), after.splitlines(), lineterm="", n=0)
+                   if line.startswith(("+", "-")) and not line.startswith(("---", "+++"))]
+    assert shown == actual
+    assert len(shown) == 14  # the README says so

@@ -18,8 +18,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -57,6 +59,7 @@ def test_the_readme_flwr_run_runs_one_round_and_its_local_superlink_stops(tmp_pa
     command = next(c for c in readme_commands() if c.startswith("flwr run"))
     results = tmp_path / "results.json"
     token = uuid.uuid4().hex
+    ray_tmp = tempfile.mkdtemp(prefix="ftquick-")
     env = {key: value for key, value in os.environ.items()
            if not key.startswith(("FLWR_", "RAY_ADDRESS")) and not key.startswith("FEDTAN_LIVE")}
     env.update({
@@ -66,10 +69,9 @@ def test_the_readme_flwr_run_runs_one_round_and_its_local_superlink_stops(tmp_pa
         "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # what the setup command's activate exports
         "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": "0",
-        "RAY_TMPDIR": str(tmp_path / "ray"),
+        "RAY_TMPDIR": ray_tmp,  # short: Ray's Unix socket paths have at most 107 bytes
         GUIDE_TOKEN_VARIABLE: token,
     })
-    (tmp_path / "ray").mkdir()
     transcript = tmp_path / "transcript.log"
     stop = blocks_of(guide_blocks(REPO / "docs" / "running.md"), "stop")
     assert len(stop) == 1, "docs/running.md: one 'bash guide-stop' block expected"
@@ -81,6 +83,7 @@ def test_the_readme_flwr_run_runs_one_round_and_its_local_superlink_stops(tmp_pa
         left = wait_until_gone(token, 30)
         if left:
             kill_all(token)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     output = transcript.read_text(errors="replace")
     assert run.returncode == 0, output[-6000:]
     assert "Starting local SuperLink" in output, output[-6000:]
