@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Mapping
 
 GUIDE_TOKEN_VARIABLE = "FEDTAN_GUIDE_TOKEN"
-_FENCE = re.compile(r"^```bash guide-(\w+)[ \t]*\n(.*?)^```[ \t]*$", re.M | re.S)
+_FENCE = re.compile(r"^```bash guide-([\w-]+)[ \t]*\n(.*?)^```[ \t]*$", re.M | re.S)
 
 
 def guide_blocks(path: Path) -> list[tuple[str, str]]:
