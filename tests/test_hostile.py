@@ -653,7 +653,7 @@ def test_a_client_reveals_only_the_canary_of_a_payload_it_sent():
 def test_the_weight_check_is_consistency_not_truth_and_the_readme_says_so():
     """Item 7: a client that scales all its counts by 1000, consistently, is not caught; it
     weighs 1000 times its batch in the average. The README used to say a client "cannot buy
-    a larger share"; it now says what is checked."""
+    a larger share"; the protocol page (docs/protocol.md) now says what is checked."""
     def scale(node, control, reply):
         if node != BAD:
             return
@@ -671,9 +671,12 @@ def test_the_weight_check_is_consistency_not_truth_and_the_readme_says_so():
     assert finals[BAD][1]["num-examples"] == 9000
     expected = {**weighted_params(finals, sorted(finals)), **pooled_buffers(finals, sorted(finals))}
     assert max_diff(to_numpy(result.arrays), expected) <= 1e-6
-    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
-    assert "cannot buy a larger share" not in readme
-    assert "These checks are consistency, not truth" in readme
+    repo = Path(__file__).resolve().parents[1]
+    pages = [repo / "README.md", *sorted((repo / "docs").glob("*.md"))]
+    docs = " ".join(" ".join(page.read_text().split()) for page in pages)
+    protocol = " ".join((repo / "docs" / "protocol.md").read_text().split())
+    assert "cannot buy a larger share" not in docs
+    assert "These checks are consistency, not truth" in protocol
 
 
 def test_a_restart_back_on_an_earlier_attempts_samples_is_refused_too():

@@ -213,7 +213,7 @@ def test_fedadam_20_rounds_non_iid_stays_finite_and_learns_flower_fedadam_beside
     plain_final = to_numpy(outcome.arrays)
     # What Flower's FedAdam does to the buffers: Adam steps on them like on weights, so the
     # step counter becomes a float far from the true count, and the running variances are
-    # no longer moments of any data (here the README's table records them).
+    # no longer moments of any data (docs/strategies.md's table records them).
     counter = plain_final["bn1.num_batches_tracked"]
     assert counter.dtype.kind == "f" and abs(float(counter) - rounds * 2) > 1
     loadable = {k: v.astype(np.int64 if k.endswith("num_batches_tracked") else np.float32)
