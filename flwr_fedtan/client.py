@@ -385,8 +385,11 @@ def _collate_fn_of(data: Union[Dataset, DataLoader]) -> Callable[[list], Any]:
 
 
 def clear_live_rounds() -> None:
-    """Drop every live round of this process (e.g. between tests)."""
+    """Drop every live round of this process, and what it remembers of the nodes' data
+    checks (e.g. between tests)."""
     live_rounds().clear()
+    with _checked_lock:
+        _CHECKED_DATA.clear()
 
 
 def client_seed_key(context: Context) -> int:

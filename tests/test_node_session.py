@@ -1,0 +1,89 @@
+"""A node's side of the exchanges (flwr_fedtan.node.session): what it checks once per node,
+what it keeps in its state between messages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from flwr_fedtan import FedTAN, FedTANClient, client as client_module, fedtan_client_app, schema
+from flwr_fedtan.client import clear_live_rounds
+from flwr_fedtan.client_checks import ClientDataError
+
+from _grid import LocalGrid
+from _runtime_app import SmallNet, client_data, initial_arrays
+
+
+@pytest.fixture(autouse=True)
+def _fresh(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDTAN_STATE_DIR", str(tmp_path))
+    clear_live_rounds()
+    yield
+    clear_live_rounds()
+
+
+def make_client(context) -> FedTANClient:
+    torch.manual_seed(999)
+    return FedTANClient(SmallNet().double(), client_data(int(context.node_config["partition-id"])), batch_size=6,
+                        lr=0.1)
+
+
+def counting_checks(monkeypatch) -> list:
+    calls = []
+    real = client_module.check_training_data
+
+    def check(*args, **kwargs):
+        calls.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(client_module, "check_training_data", check)
+    return calls
+
+
+def test_training_data_is_checked_once_per_node_not_at_every_replayed_message(monkeypatch):
+    """Every message lands in a 'fresh process' (live rounds forgotten, so each one rebuilds
+    the client and replays), yet the data of each node is scanned once; a client built
+    outside a node's handler is checked every time."""
+    calls = counting_checks(monkeypatch)
+    grid = LocalGrid(fedtan_client_app(make_client), 3, {})
+    messages = []
+    real_push = grid.push_messages
+
+    def push(batch):
+        batch = list(batch)
+        messages.extend(batch)
+        ids = []
+        for message in batch:
+            client_module.live_rounds().clear()  # every message replays (the checks' memory stays)
+            ids.extend(real_push([message]))
+        return ids
+
+    grid.push_messages = push
+    strategy = FedTAN(statistics="running", min_available_nodes=3, fraction_evaluate=0.0)
+    strategy.start(grid, initial_arrays(), num_rounds=1)
+    assert len(messages) > 3 * 4  # begin and several aggregates per node
+    assert len(calls) == 3  # once per node
+
+    context = Context(run_id=1, node_id=1000, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    make_client(context)
+    make_client(context)
+    assert len(calls) == 5  # direct constructions: always checked
+
+
+def test_a_node_whose_data_holds_nan_is_refused_with_the_same_message():
+    def bad_client(context):
+        data = client_data(0)
+        data.tensors[0][3, 0] = float("nan")
+        return FedTANClient(SmallNet().double(), data, batch_size=6)
+
+    app = fedtan_client_app(bad_client)
+    context = Context(run_id=1, node_id=42, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    begin = Message(schema.encode_begin(initial_arrays(), ConfigRecord({}), 1, 1, 3), 42, schema.MESSAGE_TYPE,
+                    group_id="1")
+    begin.metadata.__dict__["_message_id"] = "m"
+    for _ in range(2):  # refused at every message, not only the first
+        with pytest.raises(ClientDataError, match=r"node 42: FedTANClient: train_data holds NaN or infinite inputs"):
+            app(begin, context)
