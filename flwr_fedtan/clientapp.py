@@ -21,7 +21,7 @@ from . import schema, settings
 from .client import FedTANClient, _client_from, client_seed_key
 from .node import session
 from .runtime import run_at_home
-from .seeds import derive_seed
+from .seeds import derive_seed, round_seed
 
 __all__ = ["Options", "add_fedtan", "fedtan_client_app"]
 
@@ -206,8 +206,8 @@ def fedtan_client_app(
         config = dict(msg.content.config_records.get("config", ConfigRecord()))
         client.load_arrays(arrays)
         # The same batches a FedTAN round would draw (strategy seed, round, attempt 0).
-        round_seed = derive_seed(int(config.get("seed", 0)), int(config.get("server-round", 0)), 0)
-        config["seed"] = derive_seed(round_seed, client_seed_key(context))
+        seed = round_seed(int(config.get("seed", 0)), int(config.get("server-round", 0)), 0)
+        config["seed"] = derive_seed(seed, client_seed_key(context))
         _, num_examples, metrics = client.fit(client.get_parameters({}), config)
         record = MetricRecord({"num-examples": num_examples, **metrics})
         return Message(RecordDict({"arrays": client.arrays(), "metrics": record}), reply_to=msg)

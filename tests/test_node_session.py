@@ -87,3 +87,51 @@ def test_a_node_whose_data_holds_nan_is_refused_with_the_same_message():
     for _ in range(2):  # refused at every message, not only the first
         with pytest.raises(ClientDataError, match=r"node 42: FedTANClient: train_data holds NaN or infinite inputs"):
             app(begin, context)
+
+
+def _deliver(app, content: RecordDict, context: Context) -> Message:
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    message = Message(content, 5, schema.MESSAGE_TYPE, group_id="1")
+    message.metadata.__dict__["_message_id"] = "m"
+    return app(message, context)
+
+
+def _begin(round_no: int, run_seed: int, attempt: int = 0) -> RecordDict:
+    return schema.encode_begin(initial_arrays(), ConfigRecord({}), round_no, 1, run_seed, attempt)
+
+
+def test_the_node_derives_its_batch_seed_from_the_run_seed_round_and_attempt():
+    """The batch of the first synchronised step is the one drawn from
+    derive_seed(derive_seed(derive_seed(run seed, round, attempt), node key), step 0)."""
+    from flwr_fedtan.seeds import derive_seed
+
+    app = fedtan_client_app(make_client)
+    context = Context(run_id=1, node_id=5, node_config={"partition-id": 1}, state=RecordDict(), run_config={})
+    reply = _deliver(app, _begin(4, 17, attempt=2), context)
+    mean = reply.content.array_records[schema.STATS]["mean"].numpy()
+    client = make_client(context)
+    client.load_arrays(initial_arrays())
+    inputs, _ = client.sample_batch(derive_seed(derive_seed(derive_seed(17, 4, 2), 1), 0))
+    with torch.no_grad():
+        expected = client.model.conv1(inputs).mean(dim=(0, 2, 3)).numpy()  # SmallNet: conv1 feeds bn1
+    assert abs(mean - expected).max() < 1e-12
+    other, _ = client.sample_batch(derive_seed(derive_seed(derive_seed(17, 4, 1), 1), 0))  # another attempt
+    with torch.no_grad():
+        assert abs(mean - client.model.conv1(other).mean(dim=(0, 2, 3)).numpy()).max() > 1e-6
+
+
+def test_a_begin_with_another_run_seed_or_a_stale_attempt_or_round_is_refused_by_name():
+    app = fedtan_client_app(make_client)
+    context = Context(run_id=1, node_id=5, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    _deliver(app, _begin(1, 3), context)
+    with pytest.raises(schema.ServerMessageError, match="run seed 4, but this node's run began with run seed 3"):
+        _deliver(app, _begin(2, 4), context)
+    with pytest.raises(schema.ServerMessageError, match="round 1, attempt 0, but this node already began attempt 0"):
+        _deliver(app, _begin(1, 3, attempt=0), context)
+    _deliver(app, _begin(1, 3, attempt=1), context)  # a restart goes forward
+    _deliver(app, _begin(2, 3), context)
+    with pytest.raises(schema.ServerMessageError, match="round 1, but this node already began round 2"):
+        _deliver(app, _begin(1, 3, attempt=5), context)
+    stats_begin = schema.encode_stats_begin(initial_arrays(), 2, 9, 4)
+    with pytest.raises(schema.ServerMessageError, match="stats-begin of round 2 with run seed 9"):
+        _deliver(app, stats_begin, context)

@@ -28,8 +28,9 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord
 from .. import schema, secure, settings
 from ..client import FedTANClient, _client_from, client_seed_key
 from ..runtime import live_rounds
+from ..seeds import derive_seed, pass_seed, round_seed
 from ..statistics_pass import StatisticsPass
-from ..training import ClientRound, derive_seed
+from ..training import ClientRound
 from . import state
 from .state import NodeState, PassProgress, RoundProgress, SecureKey
 
@@ -120,7 +121,7 @@ def _begin(turn: _Turn) -> Message:
     client = turn.client()
     client.load_arrays(turn.msg.content.array_records[schema.ARRAYS])
     config = dict(turn.msg.content.config_records.get(schema.CONFIG, ConfigRecord()))
-    seed = derive_seed(control.seed, client_seed_key(context))
+    seed = derive_seed(_attempt_seed(turn, node.round, round_seed), client_seed_key(context))
     batch = _batch_digest(client, seed)
     pooled = _pooled_batches(node.round, control.round)
     if control.roster is not None and batch in pooled:
@@ -130,7 +131,8 @@ def _begin(turn: _Turn) -> Message:
             "difference of the two pooled sums would be the dropped clients' statistics; it sits this round out"
         )
     node.round = RoundProgress(
-        round=control.round, seed=seed, sync_steps=control.sync_steps, batch=batch, pooled=pooled,
+        round=control.round, seed=seed, sync_steps=control.sync_steps, attempt=control.attempt, batch=batch,
+        pooled=pooled,
         local_steps=int(config.get("local-steps", client.local_steps)),
         lr=float(config["lr"]) if "lr" in config else None,
     )
@@ -152,8 +154,9 @@ def _stats_begin(turn: _Turn) -> Message:
     _begin_secure(turn, node.pass_key)
     client = turn.client()
     client.load_arrays(turn.msg.content.array_records[schema.ARRAYS])
-    seed = derive_seed(control.seed, client_seed_key(context))
-    node.stats_pass = PassProgress(round=control.round, seed=seed, examples=control.examples)
+    seed = derive_seed(_attempt_seed(turn, node.stats_pass, pass_seed), client_seed_key(context))
+    node.stats_pass = PassProgress(round=control.round, seed=seed, examples=control.examples,
+                                   attempt=control.attempt)
     _save_weights(turn, client)
     live = _Live(client, client.statistics_pass(seed, control.examples), control.round)
     try:
@@ -162,6 +165,32 @@ def _stats_begin(turn: _Turn) -> Message:
         live.close()
         raise
     return _after_step(turn, node.stats_pass, live, request)
+
+
+def _attempt_seed(turn: _Turn, previous: Optional[Progress], derive: Callable[[int, int, int], int]) -> int:
+    """The seed of this begin's attempt, derived here from the run seed, the round and the
+    attempt. The run seed is pinned by the run's first begin, and rounds and attempts only
+    go forward: a server cannot make this node draw a batch (or examples) it already drew
+    for another attempt, nor switch seeds mid-run."""
+    control, node = turn.control, turn.node
+    if node.run_seed is None:
+        node.run_seed = control.seed
+    elif control.seed != node.run_seed:
+        raise schema.ServerMessageError(
+            f"{control.phase} of round {control.round} with run seed {control.seed}, but this node's run began "
+            f"with run seed {node.run_seed}: the run seed cannot change mid-run"
+        )
+    if previous is not None and control.round < previous.round:
+        raise schema.ServerMessageError(
+            f"{control.phase} of round {control.round}, but this node already began round {previous.round}: "
+            "a stale round"
+        )
+    if previous is not None and control.round == previous.round and control.attempt <= previous.attempt:
+        raise schema.ServerMessageError(
+            f"{control.phase} of round {control.round}, attempt {control.attempt}, but this node already began "
+            f"attempt {previous.attempt} of that round: a stale attempt"
+        )
+    return derive(node.run_seed, control.round, control.attempt)
 
 
 def _save_weights(turn: _Turn, client: FedTANClient) -> None:

@@ -30,6 +30,7 @@ __all__ = ["NodeState", "PassProgress", "ReplayLog", "RoundProgress", "SecureKey
 Aggregate = Union[ForwardStats, BackwardSums]
 
 # Record names in context.state (ConfigRecord unless noted)
+_RUN = "fedtan.run"  # the run seed the node's first begin carried
 _ROUND = "fedtan.replay"  # the round in flight (kept after it ends: restarts of it read "pooled")
 _ROUND_LOG = "fedtan.log"  # ArrayRecord: the round's aggregates so far
 _ROUND_LOG_SCALARS = "fedtan.log-scalars"  # their scalars
@@ -85,6 +86,7 @@ class RoundProgress:
     seed: int  # the node's batch seed of the round
     sync_steps: int
     local_steps: int
+    attempt: int = 0
     lr: Optional[float] = None  # the round's train config's, if it set one
     batch: str = ""  # digest of the first synchronised batch's samples
     pooled: list[str] = field(default_factory=list)  # digests pooled in earlier attempts
@@ -102,6 +104,7 @@ class PassProgress:
     round: int
     seed: int
     examples: int
+    attempt: int = 0
     received: int = 0
     replays: int = 0
     masked_lengths: list[int] = field(default_factory=list)
@@ -112,6 +115,7 @@ class PassProgress:
 class NodeState:
     """Everything a node keeps between messages."""
 
+    run_seed: Optional[int] = None  # pinned by the run's first begin
     round: Optional[RoundProgress] = None
     round_key: Optional[SecureKey] = None
     stats_pass: Optional[PassProgress] = None
@@ -149,7 +153,9 @@ def replace(context: Context, state: RecordDict) -> None:
 def load(context: Context) -> NodeState:
     """The node's state, read from ``context.state``."""
     state = context.state
+    run = state.config_records.get(_RUN)
     return NodeState(
+        run_seed=None if run is None else int(run["seed"]),  # type: ignore[arg-type]
         round=_round_from(state),
         round_key=_key_from(state, _ROUND_KEY, _ROUND_ROSTER, _ROUND_SHIFTS),
         stats_pass=_pass_from(state),
@@ -161,6 +167,7 @@ def load(context: Context) -> NodeState:
 def store(context: Context, node: NodeState) -> None:
     """Write ``node`` to ``context.state`` (records of what is ``None`` are removed)."""
     state = context.state
+    _put(state, _RUN, None if node.run_seed is None else ConfigRecord({"seed": node.run_seed}))
     _put(state, _ROUND, None if node.round is None else _round_record(node.round))
     _put_log(state, node.round.log if node.round is not None else None, _ROUND_LOG, _ROUND_LOG_SCALARS)
     _put_key(state, node.round_key, _ROUND_KEY, _ROUND_ROSTER, _ROUND_SHIFTS)
@@ -206,7 +213,8 @@ def _round_from(state: RecordDict) -> Optional[RoundProgress]:
         return None
     return RoundProgress(
         round=int(record["round"]), seed=int(record["seed"]), sync_steps=int(record["sync-steps"]),
-        local_steps=int(record["local-steps"]), lr=float(record["lr"]) if "lr" in record else None,
+        attempt=int(record.get("attempt", 0)), local_steps=int(record["local-steps"]),
+        lr=float(record["lr"]) if "lr" in record else None,
         batch=str(record.get("batch", "")), pooled=[str(b) for b in record.get("pooled", [])],
         received=int(record["received"]), replays=int(record["replays"]),
         sync_seconds=float(record["sync-seconds"]),
@@ -218,6 +226,7 @@ def _round_from(state: RecordDict) -> Optional[RoundProgress]:
 def _round_record(progress: RoundProgress) -> ConfigRecord:
     return ConfigRecord({
         "round": progress.round, "seed": progress.seed, "sync-steps": progress.sync_steps, "batch": progress.batch,
+        "attempt": progress.attempt,
         "pooled": list(progress.pooled), "received": progress.received, "replays": progress.replays,
         "sync-seconds": float(progress.sync_seconds), "local-steps": progress.local_steps,
         **({"lr": float(progress.lr)} if progress.lr is not None else {}),
@@ -231,7 +240,7 @@ def _pass_from(state: RecordDict) -> Optional[PassProgress]:
         return None
     return PassProgress(
         round=int(record["round"]), seed=int(record["seed"]), examples=int(record["examples"]),
-        received=int(record["received"]), replays=int(record["replays"]),
+        attempt=int(record.get("attempt", 0)), received=int(record["received"]), replays=int(record["replays"]),
         masked_lengths=[int(n) for n in record.get("masked-lengths", [])],
         log=_log_from(state, _PASS_LOG, _PASS_LOG_SCALARS),
     )
@@ -239,7 +248,7 @@ def _pass_from(state: RecordDict) -> Optional[PassProgress]:
 
 def _pass_record(progress: PassProgress) -> ConfigRecord:
     return ConfigRecord({
-        "round": progress.round, "seed": progress.seed, "examples": progress.examples,
+        "round": progress.round, "seed": progress.seed, "examples": progress.examples, "attempt": progress.attempt,
         "received": progress.received, "replays": progress.replays,
         **({"masked-lengths": list(progress.masked_lengths)} if progress.masked_lengths else {}),
     })
