@@ -51,9 +51,9 @@ class FedTANClient(NumPyClient):
     """A Flower ``NumPyClient`` that trains a BatchNorm model the FedTAN way.
 
     It replaces the app's own training loop for FedTAN rounds: each step's batch is drawn
-    from a seed the server sends (``batch_size`` distinct samples of ``train_data``, not
-    the DataLoader's sampler or shuffling), so that a paused step can be rebuilt
-    identically in another process; the optimiser is built afresh every round; the train
+    from a seed derived from the server's run seed, the round and the attempt (``batch_size``
+    distinct samples of ``train_data``, not the DataLoader's sampler or shuffling), so that
+    a paused step can be rebuilt identically in another process; the optimiser is built afresh every round; the train
     metrics it reports are ``num-examples``, ``train-loss``, ``sync-seconds``,
     ``local-seconds`` and ``replays``. ``fit`` and ``evaluate`` keep ``NumPyClient``
     semantics (``fit`` runs ordinary local steps, so the client also serves plain FedAvg);
