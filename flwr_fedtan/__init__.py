@@ -28,8 +28,8 @@ _HOMES = {
     "convert_batchnorm": "batchnorm",
     "validate": "batchnorm",
     "FedTANClient": "client",
-    "fedtan_client_app": "client",
-    "add_fedtan": "client",
+    "fedtan_client_app": "clientapp",
+    "add_fedtan": "clientapp",
     "pooled_backward": "reference",
     "StepProtocolError": "step",
     "SyncStep": "step",
@@ -58,7 +58,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs
         BackwardSums, ForwardStats, PayloadError, SyncPoint, aggregate_arrays, pool_forward_stats, sum_backward_sums,
     )
     from .batchnorm import FedTANBatchNorm, ModelIssue, UnsupportedModelError, convert_batchnorm, validate  # noqa: F401
-    from .client import FedTANClient, add_fedtan, fedtan_client_app  # noqa: F401
+    from .client import FedTANClient  # noqa: F401
+    from .clientapp import add_fedtan, fedtan_client_app  # noqa: F401
     from .reference import pooled_backward  # noqa: F401
     from .step import StepProtocolError, SyncStep  # noqa: F401
     from .strategy import FedTAN  # noqa: F401

@@ -1,92 +1,59 @@
-"""Flower client side of FedTAN: :class:`FedTANClient`, :func:`add_fedtan` and
-:func:`fedtan_client_app`.
+"""Flower client side of FedTAN: :class:`FedTANClient`, a ``NumPyClient`` with the model,
+the data, the seeded batches and evaluation.
 
-:func:`add_fedtan` adds FedTAN's handler (message type ``train.fedtan``) to an existing
-message-API ``ClientApp`` and leaves the app's own handlers alone; :func:`fedtan_client_app`
-builds a whole ``ClientApp`` (FedTAN, plain ``train`` and ``evaluate``) for apps that start
-from scratch.
-
-Flower keeps no Python object alive between two messages of a node: in simulation a
-message may be handled by any Ray actor, in deployment every message starts a fresh
-process. A round in flight is therefore kept two ways:
-
-- in process memory (an LRU cache keyed by run and node): the live
-  :class:`~flwr_fedtan.training.ClientRound`, paused inside its synchronised step; a
-  message that finds it resumes it at once;
-- in ``context.state``, which Flower carries with the node: the round's seed and the
-  aggregates received so far, plus the round's starting weights or (by default) a
-  reference to a node-local copy of them (:mod:`flwr_fedtan.replay_store`). A message
-  that lands in a process without the live round rebuilds it with
-  :meth:`ClientRound.replay`.
+The ``ClientApp`` that serves FedTAN's messages is built by :mod:`flwr_fedtan.clientapp`
+(:func:`~flwr_fedtan.add_fedtan`, :func:`~flwr_fedtan.fedtan_client_app`); a node's side
+of the exchanges is :mod:`flwr_fedtan.node.session`.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextvars
 import logging
-import os
 import threading
-import time
+from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context
 from flwr.client import NumPyClient
-from flwr.clientapp import ClientApp
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
-from . import schema, secure, settings
-from .aggregation import BackwardSums, ForwardStats
 from .arguments import InvalidArgumentsError
 from .batchnorm import UnsupportedModelError, convert_batchnorm, validate
 from .client_checks import ClientDataError, check_client_arguments, check_training_data
 from .losses import loss_reduction, reduce_loss
-from .replay_store import discard_weights, load_weights, save_weights
-from .runtime import live_rounds, run_at_home
+from .runtime import live_rounds
 from .statistics_pass import StatisticsPass
-from .step import Aggregate
-from .training import ClientRound, derive_seed
+from .training import ClientRound
 
-__all__ = ["FedTANClient", "add_fedtan", "fedtan_client_app", "clear_live_rounds"]
+__all__ = ["FedTANClient", "clear_live_rounds", "client_seed_key", "evaluate_model"]
 
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 UnpackBatch = Callable[[Any], tuple[torch.Tensor, torch.Tensor]]
 
-REPLAY_STATE = "fedtan.replay"  # ConfigRecord in context.state
-REPLAY_LOG = "fedtan.log"  # ArrayRecord in context.state: aggregates of the round so far
-SECURE_KEY = "fedtan.secure-key"  # ConfigRecord in context.state: the round's private key, attempt
-SECURE_ROSTER = "fedtan.secure-roster"  # ArrayRecord in context.state: the attempt's roster
-SECURE_SHIFTS = "fedtan.secure-shifts"  # ArrayRecord in context.state: public shifts
-STATS_STATE = "fedtan.stats-pass"  # ConfigRecord in context.state: the statistics pass in flight
-STATS_LOG = "fedtan.stats-log"  # ArrayRecord in context.state: its pooled statistics so far
-
-
-@dataclass(frozen=True)
-class _SecureRecords:
-    """Where a node keeps one protocol's secure-statistics material in ``context.state``."""
-
-    key: str  # ConfigRecord: private key, round, attempt
-    roster: str  # ArrayRecord: the attempt's roster
-    shifts: str  # ArrayRecord: public shifts
-
-
-_ROUND_SECURE = _SecureRecords(SECURE_KEY, SECURE_ROSTER, SECURE_SHIFTS)
-_PASS_SECURE = _SecureRecords("fedtan.stats-secure-key", "fedtan.stats-secure-roster", "fedtan.stats-secure-shifts")
+# The node whose client_fn is running (set by _client_from): a FedTANClient built for a
+# node checks its training data once per process, not at every message (or replay).
+_building_for: contextvars.ContextVar[Optional[tuple[int, int]]] = contextvars.ContextVar(
+    "fedtan_building_for", default=None
+)
+_CHECKED_DATA: "OrderedDict[tuple, None]" = OrderedDict()
+_CHECKED_DATA_CAPACITY = 1024
+_checked_lock = threading.Lock()
 
 
 class FedTANClient(NumPyClient):
     """A Flower ``NumPyClient`` that trains a BatchNorm model the FedTAN way.
 
     It replaces the app's own training loop for FedTAN rounds: each step's batch is drawn
-    from a seed the server sends (``batch_size`` distinct samples of ``train_data``, not
-    the DataLoader's sampler or shuffling), so that a paused step can be rebuilt
-    identically in another process; the optimiser is built afresh every round; the train
+    from a seed derived from the server's run seed, the round and the attempt (``batch_size``
+    distinct samples of ``train_data``, not the DataLoader's sampler or shuffling), so that
+    a paused step can be rebuilt identically in another process; the optimiser is built afresh every round; the train
     metrics it reports are ``num-examples``, ``train-loss``, ``sync-seconds``,
     ``local-seconds`` and ``replays``. ``fit`` and ``evaluate`` keep ``NumPyClient``
     semantics (``fit`` runs ordinary local steps, so the client also serves plain FedAvg);
@@ -187,7 +154,36 @@ class FedTANClient(NumPyClient):
         self.eval_batch_size = eval_batch_size
         self.optimizer_fn = optimizer_fn
         self.unpack_batch = unpack_batch
-        check_training_data(self.model, self.train_data, self._collated, self.loss_fn, self.batch_size)
+        key = self._data_check_key()
+        with _checked_lock:
+            checked = key is not None and key in _CHECKED_DATA
+        if not checked:
+            check_training_data(self.model, self.train_data, self._collated, self.loss_fn, self.batch_size)
+            if key is not None:
+                with _checked_lock:
+                    _CHECKED_DATA[key] = None
+                    while len(_CHECKED_DATA) > _CHECKED_DATA_CAPACITY:
+                        _CHECKED_DATA.popitem(last=False)
+
+    def _data_check_key(self) -> Optional[tuple]:
+        """What the data checks of a client built for a node depend on: the node, the data's
+        kind, size and tensor layout, the model's layout, the loss and the batching. ``None``
+        outside a node's client_fn (a client built directly is always checked).
+
+        A node's client_fn builds the same client at every message (its documented
+        contract), so the checks of its first construction in a process hold for the next."""
+        node = _building_for.get()
+        if node is None:
+            return None
+        data = self.train_data
+        tensors = getattr(data, "tensors", None)
+        layout = tuple((tuple(t.shape), str(t.dtype)) for t in tensors) if isinstance(tensors, tuple) else ()
+        model = tuple((name, tuple(value.shape), str(value.dtype)) for name, value in self.model.state_dict().items())
+        functions = tuple(
+            (type(f), getattr(f, "__code__", f)) for f in (self.loss_fn, self.collate_fn, self.unpack_batch)
+        )
+        return (node, type(data), len(data), layout, type(self.model), model, functions,  # type: ignore[arg-type]
+                self.batch_size, str(self.device))
 
     # ------------------------------------------------------------------ weights
     def state_keys(self) -> list[str]:
@@ -388,174 +384,12 @@ def _collate_fn_of(data: Union[Dataset, DataLoader]) -> Callable[[list], Any]:
     return default_collate
 
 
-# ---------------------------------------------------------------------- live rounds
-class _LiveRound:
-    def __init__(self, client: FedTANClient, round_: ClientRound, server_round: int) -> None:
-        self.client = client
-        self.round = round_
-        self.server_round = server_round
-        # A paused step can only be resumed on the thread that started it; a message
-        # handled on another thread (a threaded Ray actor, say) replays instead.
-        self.thread = threading.current_thread()  # the object: thread idents are reused
-
-    def close(self) -> None:
-        self.round.close()
-
-
-class _LivePass:
-    def __init__(self, client: FedTANClient, stats_pass: StatisticsPass, server_round: int) -> None:
-        self.client = client
-        self.stats_pass = stats_pass
-        self.server_round = server_round
-        self.thread = threading.current_thread()
-
-    def close(self) -> None:
-        self.stats_pass.close()
-
-
 def clear_live_rounds() -> None:
-    """Drop every live round of this process (e.g. between tests)."""
+    """Drop every live round of this process, and what it remembers of the nodes' data
+    checks (e.g. between tests)."""
     live_rounds().clear()
-
-
-# ---------------------------------------------------------------------- replay state
-def _log_append(state: RecordDict, index: int, aggregate: Aggregate, name: str = REPLAY_LOG) -> None:
-    log_record = state.array_records[name]
-    if isinstance(aggregate, ForwardStats):
-        log_record[f"{index}.mean"] = Array(np.asarray(aggregate.mean, dtype=np.float64))
-        log_record[f"{index}.var"] = Array(np.asarray(aggregate.var, dtype=np.float64))
-        log_record[f"{index}.counts"] = Array(np.array([aggregate.count, aggregate.num_examples], dtype=np.float64))
-    else:
-        log_record[f"{index}.sum-grad"] = Array(np.asarray(aggregate.sum_grad, dtype=np.float64))
-        log_record[f"{index}.sum-grad-xhat"] = Array(np.asarray(aggregate.sum_grad_xhat, dtype=np.float64))
-
-
-def _log_read(state: RecordDict, length: int, name: str = REPLAY_LOG) -> list[Aggregate]:
-    log_record = state.array_records[name]
-    out: list[Aggregate] = []
-    for i in range(length):
-        if f"{i}.mean" in log_record:
-            counts = log_record[f"{i}.counts"].numpy()
-            out.append(ForwardStats(count=float(counts[0]), num_examples=int(counts[1]),
-                                    mean=log_record[f"{i}.mean"].numpy(), var=log_record[f"{i}.var"].numpy()))
-        elif f"{i}.sum-grad" in log_record:
-            out.append(BackwardSums(sum_grad=log_record[f"{i}.sum-grad"].numpy(),
-                                    sum_grad_xhat=log_record[f"{i}.sum-grad-xhat"].numpy()))
-        else:
-            raise RuntimeError(f"replay log in context.state lacks aggregate {i}")
-    return out
-
-
-def _request_reply(msg: Message, context: Context, round_no: int, round_: ClientRound, request) -> Message:
-    point, payload = request
-    if SECURE_ROSTER in context.state.array_records:
-        payload = _masked(context, round_no, round_.step_index, point, payload)
-    return Message(schema.encode_request(round_no, round_.step_index, point, payload), reply_to=msg)
-
-
-def _masked(
-    context: Context, round_no: int, step: int, point, payload,
-    records: _SecureRecords = _ROUND_SECURE, progress: str = REPLAY_STATE,
-) -> secure.MaskedPayload:
-    """Secure statistics: the payload masked for this exchange (the number of aggregates
-    received so far in the attempt, from the ``progress`` record)."""
-    state = context.state
-    key = state.config_records.get(records.key)
-    if key is None or int(key["round"]) != round_no:
-        raise secure.KeyAgreementError(
-            f"node {context.node_id}: no private key for round {round_no} (it missed the key exchange)"
-        )
-    roster = secure.Roster.from_arrays({k: v.numpy() for k, v in state.array_records[records.roster].items()})
-    shifts = secure.shifts_from_arrays({k: v.numpy() for k, v in state.array_records[records.shifts].items()})
-    forward = point.phase == schema.PHASE_FORWARD
-    replay = state.config_records[progress]
-    exchange = int(replay["received"])
-    masked = secure.client_encode(
-        payload,
-        node_id=context.node_id,
-        private_key=key["private-key"],  # type: ignore[arg-type]
-        roster=roster,
-        round=round_no,
-        attempt=int(key["attempt"]),
-        exchange=exchange,
-        shift=secure.shift_for(shifts, point.index, point.channels) if forward else None,
-        where=secure.describe_point(round_no, step, point.phase, point.index, point.call),
-    )
-    # The length of each exchange's payload: a blame request may reveal only that canary's masks.
-    lengths = list(replay.get("masked-lengths", []))[:exchange]
-    replay["masked-lengths"] = lengths + [int(masked.masked.shape[1])]
-    return masked
-
-
-def _canary_masks(context: Context, control: schema.Control) -> dict:
-    """Secure statistics, after the canaries failed: this node's canary masks of the asked
-    exchange, if it is one this node sent in the current attempt, at its true length."""
-    state = context.state
-    key = state.config_records.get(SECURE_KEY)
-    replay = state.config_records.get(REPLAY_STATE)
-    if key is None or int(key["round"]) != control.round or replay is None or int(replay["round"]) != control.round:
-        raise schema.ServerMessageError(f"blame request for round {control.round}, which this node is not in")
-    lengths = list(replay.get("masked-lengths", []))
-    if not 0 <= control.exchange < len(lengths) or lengths[control.exchange] != control.length:
-        raise schema.ServerMessageError(
-            f"blame request for exchange {control.exchange} with length {control.length}, but this node sent "
-            f"payloads of lengths {lengths} this attempt: it reveals only the canary of a payload it sent"
-        )
-    roster = secure.Roster.from_arrays({k: v.numpy() for k, v in state.array_records[SECURE_ROSTER].items()})
-    return secure.canary_masks(key["private-key"], context.node_id, roster, control.round,  # type: ignore[arg-type]
-                               int(key["attempt"]), control.exchange, control.length)
-
-
-def _forget_secure(state: RecordDict) -> None:
-    """Remove the round's key material (private key, roster, shifts) from ``context.state``."""
-    for name in (SECURE_KEY, SECURE_ROSTER, SECURE_SHIFTS):
-        if name in state:
-            del state[name]
-
-
-def _begin_secure(
-    context: Context, control: schema.Control, require_secure_stats: bool, records: _SecureRecords = _ROUND_SECURE
-) -> None:
-    """Keep (or clear) the attempt's roster and shifts in ``context.state``.
-
-    Refuses what a malicious server could use to unmask this node's statistics: a begin
-    in the clear after the round's key exchange (or at all, with ``require_secure_stats``),
-    and a begin whose attempt is not above the last one begun with the same key (the same
-    pair keys and exchange numbers would mask other data with the same masks)."""
-    state = context.state
-    for name in (records.roster, records.shifts):
-        if name in state:
-            del state[name]
-    key = state.config_records.get(records.key)
-    keyed = key is not None and int(key["round"]) == control.round
-    if control.roster is None:
-        if require_secure_stats:
-            raise schema.ServerMessageError(
-                f"begin of round {control.round} without a roster: this node requires secure statistics "
-                "(require_secure_stats=True) and never sends its statistics in the clear"
-            )
-        if keyed:
-            raise schema.ServerMessageError(
-                f"begin of round {control.round} without a roster after this round's key exchange: the "
-                "statistics would go out in the clear"
-            )
-        return
-    if not keyed:
-        raise secure.KeyAgreementError(
-            f"node {context.node_id}: begin of round {control.round} with secure statistics, but this "
-            "node holds no private key for that round (it missed the key exchange)"
-        )
-    begun = int(key.get("begun", -1))
-    if control.attempt <= begun:
-        raise schema.ServerMessageError(
-            f"begin of round {control.round}, attempt {control.attempt}: this node already began attempt {begun} "
-            "with this key; a repeated or earlier attempt would reuse its masks"
-        )
-    key["attempt"] = key["begun"] = control.attempt
-    state[records.roster] = ArrayRecord({k: Array(v) for k, v in control.roster.to_arrays().items()})
-    state[records.shifts] = ArrayRecord(
-        {k: Array(v) for k, v in secure.shifts_to_arrays(control.shifts or {}).items()}
-    )
+    with _checked_lock:
+        _CHECKED_DATA.clear()
 
 
 def client_seed_key(context: Context) -> int:
@@ -566,6 +400,7 @@ def client_seed_key(context: Context) -> int:
 
 
 def _client_from(client_fn: Callable[[Context], Any], context: Context) -> FedTANClient:
+    token = _building_for.set((int(context.run_id), int(context.node_id)))
     try:
         client = client_fn(context)
     # The reply goes to the server, which drops the node: say which node, and why.
@@ -577,447 +412,11 @@ def _client_from(client_fn: Callable[[Context], Any], context: Context) -> FedTA
         raise named from error
     except ClientDataError as error:
         raise ClientDataError(f"node {context.node_id}: {error}") from error
+    finally:
+        _building_for.reset(token)
     client = getattr(client, "numpy_client", client)  # accept NumPyClient.to_client()
     if not isinstance(client, FedTANClient):
         raise TypeError(f"FedTAN's client_fn must return a FedTANClient, got {type(client).__name__}")
     return client
 
 
-@dataclass(frozen=True)
-class _Options:
-    """The app's settings as given in the code; environment overrides are applied per
-    message (:mod:`flwr_fedtan.settings`)."""
-
-    replay_store: Optional[str] = None
-    state_dir: Optional[Union[str, os.PathLike]] = None
-    max_live_rounds: Optional[int] = None
-    live_home: Optional[str] = None
-    require_secure_stats: bool = False
-
-    def __post_init__(self) -> None:
-        settings.check_replay_store(self.replay_store)
-        settings.check_max_live_rounds(self.max_live_rounds)
-        settings.check_live_home(self.live_home)
-
-
-def add_fedtan(
-    app: ClientApp,
-    client_fn: Optional[Callable[[Context], FedTANClient]] = None,
-    *,
-    replay_store: Optional[str] = None,
-    state_dir: Optional[Union[str, os.PathLike]] = None,
-    max_live_rounds: Optional[int] = None,
-    live_home: Optional[str] = None,
-    require_secure_stats: bool = False,
-) -> Any:
-    """Add FedTAN to an existing message-API ``ClientApp``; the app's own handlers stay.
-
-    Call it with the ``client_fn`` (``add_fedtan(app, client_fn)``), or use it as a
-    decorator on the ``client_fn`` (``@add_fedtan(app)``).
-
-    Registers one handler, for FedTAN's message type ``train.fedtan`` (what
-    ``@app.train("fedtan")`` would register). Every handler the app already has, or gets
-    later, is untouched: its ``@app.train()`` still serves Flower's ``FedAvg`` (and any
-    other strategy), its ``@app.evaluate()`` serves evaluation, including the evaluation
-    rounds of :class:`~flwr_fedtan.FedTAN`, which sends Flower's ordinary ``evaluate``
-    messages. Mods given to ``ClientApp(mods=...)`` wrap FedTAN's handler too; Flower's
-    differential-privacy mods act on messages of type ``train`` only and let
-    ``train.fedtan`` pass unchanged.
-
-    Parameters
-    ----------
-    app : ClientApp
-        The app, built with handler decorators (``app = ClientApp()``, ``@app.train()``,
-        ...); not a legacy ``ClientApp(client_fn=...)``.
-    client_fn : Callable[[Context], FedTANClient], optional
-        Builds the node's :class:`FedTANClient` from the context (model, data, settings).
-        Called at the start of each round and whenever a round must be rebuilt in another
-        process, so it must build the same client every time. Omitted: ``add_fedtan``
-        returns a decorator that registers the function it decorates.
-    replay_store : {"disk", "context"}, optional
-        Where a round's starting weights are kept for replay in another process:
-        ``"disk"`` (default: a node-local file under ``state_dir``) or ``"context"``
-        (``context.state``, for multi-machine Ray clusters). ``FEDTAN_REPLAY_STORE``
-        overrides it. See :mod:`flwr_fedtan.replay_store`.
-    state_dir : str or os.PathLike, optional
-        Base folder of the ``"disk"`` store's private files; default
-        ``$XDG_RUNTIME_DIR/flwr-fedtan``, else ``<tempdir>/flwr-fedtan-<uid>``. ``FEDTAN_STATE_DIR`` overrides it.
-    max_live_rounds : int, optional
-        Paused rounds a process keeps in memory (an LRU shared by the process's nodes);
-        default 16; ``0`` keeps none, so every message replays. ``FEDTAN_MAX_LIVE_ROUNDS``
-        overrides it.
-    live_home : {"auto", "process", "ray", "worker"}, optional
-        Where a node's live rounds are kept between its messages (its *home*, see
-        :mod:`flwr_fedtan.runtime`): ``"auto"`` (default) picks this process in a
-        single-actor simulation, a Ray home actor when the simulation runs several
-        ClientAppActors (or on a Ray cluster), and the node worker in a deployed
-        ``flwr-clientapp`` process. ``FEDTAN_LIVE_HOME`` overrides it.
-    require_secure_stats : bool (default: False)
-        Refuse every round that would send this node's statistics in the clear (a begin
-        without a roster): for nodes that must only take part under
-        ``FedTAN(secure_stats=True)``, whatever the server asks.
-
-    Returns
-    -------
-    ClientApp or decorator
-        ``app`` itself; without ``client_fn``, a decorator that registers the function
-        and returns it unchanged.
-
-    Raises
-    ------
-    TypeError
-        If ``app`` is not a ``ClientApp``.
-    ValueError
-        If ``app`` is a legacy ``ClientApp(client_fn=...)``, already handles
-        ``train.fedtan``, or an option is invalid.
-
-    Examples
-    --------
-    >>> app = ClientApp()
-    >>> @app.train()
-    ... def train(msg, context): ...       # your FedAvg training, unchanged
-    >>> @add_fedtan(app)
-    ... def client_fn(context):
-    ...     trainloader, _ = load_data(context.node_config["partition-id"], ...)
-    ...     return FedTANClient(Net(), trainloader, local_steps=len(trainloader))
-
-    or, the same, ``add_fedtan(app, client_fn)`` after defining ``client_fn``.
-    """
-    if not isinstance(app, ClientApp):
-        raise TypeError(f"add_fedtan needs a flwr.clientapp.ClientApp, got {type(app).__name__}")
-    if getattr(app, "_call", None) is not None:
-        raise ValueError(
-            "add_fedtan needs a ClientApp whose handlers are registered with decorators "
-            "(app = ClientApp(); @app.train() ...); a legacy ClientApp(client_fn=...) routes "
-            "every message to its client_fn and cannot take one more handler. Use "
-            "fedtan_client_app(client_fn) with a client_fn returning a FedTANClient instead"
-        )
-    if schema.MESSAGE_TYPE in getattr(app, "_registered_funcs", {}):
-        raise ValueError(f"this ClientApp already handles {schema.MESSAGE_TYPE!r} (add_fedtan called twice?)")
-    options = _Options(replay_store, state_dir, max_live_rounds, live_home, bool(require_secure_stats))
-    if client_fn is None:
-
-        def register(function: Callable[[Context], FedTANClient]) -> Callable[[Context], FedTANClient]:
-            add_fedtan(
-                app, function, replay_store=replay_store, state_dir=state_dir,
-                max_live_rounds=max_live_rounds, live_home=live_home, require_secure_stats=require_secure_stats,
-            )
-            return function
-
-        return register
-    if not callable(client_fn):
-        raise TypeError(f"add_fedtan: client_fn must be a function of the Context, got {type(client_fn).__name__}")
-
-    @app.train(schema.ACTION)
-    def fedtan_train(msg: Message, context: Context) -> Message:
-        # Runs where the node's live rounds are kept (this process, a Ray home, the node worker).
-        home = settings.live_home(options.live_home)
-        return run_at_home(_handle_fedtan, msg, context, client_fn, options, home=home)
-
-    return app
-
-
-def fedtan_client_app(
-    client_fn: Callable[[Context], FedTANClient],
-    *,
-    replay_store: Optional[str] = None,
-    state_dir: Optional[Union[str, os.PathLike]] = None,
-    max_live_rounds: Optional[int] = None,
-    live_home: Optional[str] = None,
-    require_secure_stats: bool = False,
-) -> ClientApp:
-    """A message-API ``ClientApp`` that serves every message FedTAN and FedAvg send.
-
-    For apps that start from scratch; to keep an app's own handlers, use
-    :func:`add_fedtan`.
-
-    Parameters
-    ----------
-    client_fn : Callable[[Context], FedTANClient]
-        Builds the node's client (model, data, settings) from the context, like the
-        ``client_fn`` of a legacy ``ClientApp``.
-    replay_store, state_dir, max_live_rounds, live_home, require_secure_stats
-        As in :func:`add_fedtan` (environment variables override the first four).
-
-    Returns
-    -------
-    ClientApp
-        Handles ``train.fedtan`` (FedTAN rounds), ``train`` (ordinary local training with
-        FedTAN's batch sampling, e.g. for Flower's FedAvg; metrics ``num-examples`` and
-        ``train-loss``) and ``evaluate`` (:meth:`FedTANClient.evaluate`; metrics
-        ``num-examples``, ``eval-loss``, ``eval-accuracy``).
-
-    Examples
-    --------
-    >>> app = fedtan_client_app(client_fn)
-    """
-    app = add_fedtan(
-        ClientApp(), client_fn, replay_store=replay_store, state_dir=state_dir,
-        max_live_rounds=max_live_rounds, live_home=live_home, require_secure_stats=require_secure_stats,
-    )
-
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        client = _client_from(client_fn, context)
-        arrays = msg.content.array_records["arrays"]
-        config = dict(msg.content.config_records.get("config", ConfigRecord()))
-        client.load_arrays(arrays)
-        # The same batches a FedTAN round would draw (strategy seed, round, attempt 0).
-        round_seed = derive_seed(int(config.get("seed", 0)), int(config.get("server-round", 0)), 0)
-        config["seed"] = derive_seed(round_seed, client_seed_key(context))
-        _, num_examples, metrics = client.fit(client.get_parameters({}), config)
-        record = MetricRecord({"num-examples": num_examples, **metrics})
-        return Message(RecordDict({"arrays": client.arrays(), "metrics": record}), reply_to=msg)
-
-    @app.evaluate()
-    def evaluate(msg: Message, context: Context) -> Message:
-        client = _client_from(client_fn, context)
-        client.load_arrays(msg.content.array_records["arrays"])
-        config = dict(msg.content.config_records.get("config", ConfigRecord()))
-        loss, count, metrics = client.evaluate(client.get_parameters({}), config)
-        record = MetricRecord(
-            {"num-examples": count, "eval-loss": loss, **{f"eval-{k}": v for k, v in metrics.items()}}
-        )
-        return Message(RecordDict({"metrics": record}), reply_to=msg)
-
-    return app
-
-
-def _handle_fedtan(msg: Message, context: Context, client_fn: Callable[[Context], Any], options: _Options) -> Message:
-    control = schema.decode_control(msg.content)
-    if control.phase in schema.STATS_PHASES:
-        return _handle_statistics(msg, context, client_fn, options, control)
-    key = (context.run_id, context.node_id)
-    state = context.state
-    if control.phase == schema.PHASE_KEYS:
-        pair = secure.generate_key_pair()
-        state[SECURE_KEY] = ConfigRecord(
-            {"round": control.round, "attempt": 0, "begun": -1, "private-key": pair.private}
-        )
-        return Message(schema.encode_public_key(control.round, pair.public), reply_to=msg)
-    if control.phase == schema.PHASE_BLAME:
-        return Message(schema.encode_canary_masks(control.round, _canary_masks(context, control)), reply_to=msg)
-    cache = live_rounds()
-    if control.phase == schema.PHASE_BEGIN:
-        cache.forget(key)
-        _begin_secure(context, control, options.require_secure_stats)
-        client = _client_from(client_fn, context)
-        arrays = msg.content.array_records[schema.ARRAYS]
-        client.load_arrays(arrays)
-        config = dict(msg.content.config_records.get(schema.CONFIG, ConfigRecord()))
-        seed = derive_seed(control.seed, client_seed_key(context))
-        batch = _batch_digest(client, seed)
-        pooled = _pooled_batches(context, control)
-        if control.roster is not None and batch in pooled:
-            raise secure.SecureStatsError(
-                f"node {context.node_id}: round {control.round} restarted (attempt {control.attempt}) on the same "
-                "samples this node already pooled in an earlier attempt (its batch is all of its data): the "
-                "difference of the two pooled sums would be the dropped clients' statistics; it sits this round out"
-            )
-        state[REPLAY_STATE] = ConfigRecord(
-            {"round": control.round, "seed": seed, "sync-steps": control.sync_steps, "batch": batch,
-             "pooled": pooled,
-             "received": 0, "replays": 0, "sync-seconds": 0.0,
-             "local-steps": int(config.get("local-steps", client.local_steps)),
-             **({"lr": float(config["lr"])} if "lr" in config else {})}
-        )
-        state[REPLAY_LOG] = ArrayRecord()
-        store = settings.replay_store(options.replay_store)
-        save_weights(state, client.arrays(), store, context.run_id, context.node_id, directory=options.state_dir)
-        round_ = client.new_round(seed, control.sync_steps, config)
-        live = _LiveRound(client, round_, control.round)
-        started = time.perf_counter()
-        try:
-            request = round_.start()
-        except BaseException:
-            round_.close()
-            raise
-        _add_seconds(state, time.perf_counter() - started)
-    else:
-        replay = state.config_records.get(REPLAY_STATE)
-        if replay is None or int(replay["round"]) != control.round:
-            raise RuntimeError(
-                f"node {context.node_id} got an aggregate for round {control.round} but holds "
-                f"no state for it (state round: {None if replay is None else replay['round']})"
-            )
-        received = int(replay["received"])
-        if control.point != received:
-            raise RuntimeError(
-                f"node {context.node_id}: aggregate for point {control.point} of round "
-                f"{control.round}, but {received} aggregates were received so far"
-            )
-        live = cache.get(key)
-        started = time.perf_counter()
-        if (
-            live is None
-            or live.server_round != control.round
-            or len(live.round.received) != received
-            or live.thread is not threading.current_thread()
-        ):
-            cache.forget(key)
-            live = _rebuild(context, client_fn, replay)
-        try:
-            request = live.round.resume(control.aggregate)  # type: ignore[arg-type]
-        except BaseException:
-            cache.forget(key)
-            live.round.close()
-            raise
-        _log_append(state, received, control.aggregate)  # type: ignore[arg-type]
-        replay["received"] = received + 1
-        _add_seconds(state, time.perf_counter() - started)
-
-    if request is not None:
-        cache.remember(key, live, capacity=settings.max_live_rounds(options.max_live_rounds))
-        return _request_reply(msg, context, control.round, live.round, request)
-
-    cache.forget(key)
-    metrics = live.round.finish()
-    replay = state.config_records[REPLAY_STATE]
-    metrics["sync-seconds"] = float(replay["sync-seconds"])
-    metrics["replays"] = float(replay["replays"])
-    del state[REPLAY_LOG]
-    discard_weights(state)
-    _forget_secure(state)
-    content = schema.encode_done(control.round, live.client.arrays(), MetricRecord(metrics))
-    return Message(content, reply_to=msg)
-
-
-def _batch_digest(client: FedTANClient, seed: int) -> str:
-    """Which samples the round's first synchronised step uses (a digest of their indices)."""
-    indices = sorted(client.batch_indices(derive_seed(seed, 0)))
-    return hashlib.sha256(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest()
-
-
-def _pooled_batches(context: Context, control: schema.Control) -> list[str]:
-    """Digests of the batches this node pooled in earlier attempts of the round, i.e. whose
-    aggregates it received. With secure statistics a restart on one of them is refused:
-    the survivors' sums over the same model and data, subtracted from the earlier ones,
-    would be the dropped clients' statistics."""
-    previous = context.state.config_records.get(REPLAY_STATE)
-    if previous is None or int(previous["round"]) != control.round:
-        return []
-    pooled = [str(b) for b in previous.get("pooled", [])]
-    if int(previous["received"]) > 0 and "batch" in previous and previous["batch"] not in pooled:
-        pooled.append(str(previous["batch"]))
-    return pooled
-
-
-def _add_seconds(state: RecordDict, seconds: float) -> None:
-    replay = state.config_records[REPLAY_STATE]
-    replay["sync-seconds"] = float(replay["sync-seconds"]) + seconds
-
-
-def _rebuild(context: Context, client_fn: Callable[[Context], Any], replay: ConfigRecord) -> _LiveRound:
-    """Rebuild the round in this process from ``context.state`` (deterministic replay)."""
-    state = context.state
-    client = _client_from(client_fn, context)
-    client.load_arrays(load_weights(state))
-    config = {"local-steps": int(replay["local-steps"])}
-    if "lr" in replay:
-        config["lr"] = float(replay["lr"])
-    round_ = client.new_round(int(replay["seed"]), int(replay["sync-steps"]), config)
-    aggregates = _log_read(state, int(replay["received"]))
-    try:
-        request = round_.replay(aggregates)
-    except BaseException:
-        round_.close()
-        raise
-    if request is None:
-        raise RuntimeError("replayed round completed before the pending aggregate: state is inconsistent")
-    replay["replays"] = int(replay["replays"]) + 1
-    return _LiveRound(client, round_, int(replay["round"]))
-
-
-# ---------------------------------------------------------------------- statistics pass
-def _handle_statistics(
-    msg: Message, context: Context, client_fn: Callable[[Context], Any], options: _Options, control: schema.Control
-) -> Message:
-    """One message of a statistics pass (:mod:`flwr_fedtan.statistics_pass`): kept live in
-    the node's home like a round, rebuilt from the stored global weights, seed and pooled
-    statistics so far when the message lands elsewhere."""
-    state = context.state
-    key = (context.run_id, context.node_id, "stats")
-    cache = live_rounds()
-    if control.phase == schema.PHASE_STATS_KEYS:
-        pair = secure.generate_key_pair()
-        state[_PASS_SECURE.key] = ConfigRecord({"round": control.round, "attempt": 0, "private-key": pair.private})
-        return Message(schema.encode_public_key(control.round, pair.public), reply_to=msg)
-    if control.phase == schema.PHASE_STATS_BEGIN:
-        cache.forget(key)
-        _begin_secure(context, control, options.require_secure_stats, _PASS_SECURE)
-        client = _client_from(client_fn, context)
-        client.load_arrays(msg.content.array_records[schema.ARRAYS])
-        seed = derive_seed(control.seed, client_seed_key(context))
-        state[STATS_STATE] = ConfigRecord(
-            {"round": control.round, "seed": seed, "examples": control.examples, "received": 0, "replays": 0}
-        )
-        state[STATS_LOG] = ArrayRecord()
-        store = settings.replay_store(options.replay_store)
-        save_weights(state, client.arrays(), store, context.run_id, context.node_id, directory=options.state_dir)
-        live = _LivePass(client, client.statistics_pass(seed, control.examples), control.round)
-        try:
-            request = live.stats_pass.start()
-        except BaseException:
-            live.close()
-            raise
-    else:
-        progress = state.config_records.get(STATS_STATE)
-        if progress is None or int(progress["round"]) != control.round:
-            raise RuntimeError(
-                f"node {context.node_id} got statistics for the pass of round {control.round} but holds no "
-                f"state for it (state round: {None if progress is None else progress['round']})"
-            )
-        received = int(progress["received"])
-        if control.point != received:
-            raise RuntimeError(
-                f"node {context.node_id}: pooled statistics {control.point} of the pass of round "
-                f"{control.round}, but {received} were received so far"
-            )
-        live = cache.get(key)  # type: ignore[assignment]
-        if (
-            not isinstance(live, _LivePass)
-            or live.server_round != control.round
-            or len(live.stats_pass.received) != received
-            or live.thread is not threading.current_thread()
-        ):
-            cache.forget(key)
-            live = _rebuild_pass(context, client_fn, progress)
-        try:
-            request = live.stats_pass.resume(control.aggregate)  # type: ignore[arg-type]
-        except BaseException:
-            cache.forget(key)
-            live.close()
-            raise
-        _log_append(state, received, control.aggregate, STATS_LOG)  # type: ignore[arg-type]
-        progress["received"] = received + 1
-    if request is not None:
-        cache.remember(key, live, capacity=settings.max_live_rounds(options.max_live_rounds))
-        point, payload = request
-        if _PASS_SECURE.roster in state.array_records:
-            payload = _masked(context, control.round, 0, point, payload, _PASS_SECURE, STATS_STATE)
-        return Message(schema.encode_request(control.round, 0, point, payload), reply_to=msg)
-    cache.forget(key)
-    stats_pass = live.stats_pass
-    for name in (STATS_LOG, _PASS_SECURE.key, _PASS_SECURE.roster, _PASS_SECURE.shifts):
-        if name in state:
-            del state[name]
-    discard_weights(state)
-    content = schema.encode_stats_done(control.round, stats_pass.buffer_calls or {}, stats_pass.num_examples)
-    return Message(content, reply_to=msg)
-
-
-def _rebuild_pass(context: Context, client_fn: Callable[[Context], Any], progress: ConfigRecord) -> _LivePass:
-    """Rebuild a statistics pass in this process from ``context.state``."""
-    state = context.state
-    client = _client_from(client_fn, context)
-    client.load_arrays(load_weights(state))
-    inputs, _ = client.sample_batch(int(progress["seed"]), int(progress["examples"]))
-    aggregates = _log_read(state, int(progress["received"]), STATS_LOG)
-    stats_pass, request = StatisticsPass.replay(
-        client.model, inputs, aggregates, seed=int(progress["seed"])  # type: ignore[arg-type]
-    )
-    if request is None:
-        stats_pass.close()
-        raise RuntimeError("replayed statistics pass completed before the pending statistics: state is inconsistent")
-    progress["replays"] = int(progress["replays"]) + 1
-    return _LivePass(client, stats_pass, int(progress["round"]))

@@ -45,7 +45,7 @@ from .aggregation import (
 )
 from .progress import DEFAULT_PROGRESS_INTERVAL, ExchangeProgress, ExchangeTiming, describe_bytes
 from .exchange import exchange
-from .seeds import derive_seed
+from .seeds import pass_seed
 
 __all__ = [
     "STATISTICS_MODES",
@@ -65,14 +65,7 @@ DEFAULT_STATISTICS_EXAMPLES = 256
 """Examples each client forwards in a pass (all of its data if it has fewer); see the
 README's measurement for why."""
 
-_PASS_SEED_TAG = 0x57A7  # keeps the pass's example draws apart from the round's batches
 _NONE = np.zeros(0)
-
-
-def pass_seed(seed: int, server_round: int, attempt: int = 0) -> int:
-    """The seed a pass sends its clients (each mixes in its own key, like a round's batch
-    seed): which examples they forward."""
-    return derive_seed(seed, server_round, attempt, _PASS_SEED_TAG)
 
 
 def pass_due(server_round: int, every: int, num_rounds: Optional[int]) -> bool:
@@ -260,7 +253,7 @@ class StatisticsPassDriver:
     ) -> tuple[dict, dict[int, int]]:
         """One attempt; the pooled statistics go into ``released`` as they are sent out.
         Returns the agreed buffer mapping and each client's examples."""
-        seed = pass_seed(self.seed, server_round, attempt)
+        seed = self.seed  # the run's: each client derives the pass's seed (flwr_fedtan.seeds.pass_seed)
         roster = None
         if self._secure is not None:
             participants = self._key_exchange(grid, outcome, participants, server_round)

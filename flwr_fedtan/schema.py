@@ -45,8 +45,14 @@ from typing import Hashable, Optional, Union
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from .aggregation import BackwardSums, ForwardStats, PayloadError, SyncPoint
-from .secure import KeyAgreementError, MaskedPayload, Roster, SecureStatsError, shifts_from_arrays, shifts_to_arrays
+from .aggregation import ForwardStats, PayloadError, SyncPoint
+from .protocol.codec import (
+    Payload, ServerMessageError, payload_record, roster_record, secure_from_records, shifts_record,
+)
+from .protocol.codec import client_payload as _payload_from
+from .protocol.codec import get_int as _get_int
+from .protocol.codec import pooled_aggregate as _aggregate_from
+from .secure import MaskedPayload, Roster
 
 __all__ = [
     "ACTION",
@@ -89,24 +95,6 @@ PHASE_STATS_AGGREGATE = "stats-aggregate"
 PHASE_STATS_DONE = "stats-done"
 STATS_PHASES = (PHASE_STATS_KEYS, PHASE_STATS_BEGIN, PHASE_STATS_AGGREGATE)
 
-_FORWARD_ARRAYS = ("mean", "var")
-_BACKWARD_ARRAYS = ("sum-grad", "sum-grad-xhat")
-
-Payload = Union[ForwardStats, BackwardSums]
-
-
-class ServerMessageError(ValueError):
-    """A ``train.fedtan`` message from the server is malformed (client side).
-
-    Raised before anything of the message reaches the client's step: a buggy or hostile
-    server makes the client fail with this error (Flower returns it to the server as an
-    error reply) instead of hanging or taking a wrong step.
-    """
-
-    def __init__(self, message: str) -> None:
-        super().__init__(f"invalid train.fedtan message from the server: {message}")
-
-
 @dataclass(frozen=True)
 class Control:
     """What the server tells a client in a ``train.fedtan`` message.
@@ -148,64 +136,6 @@ class Status:
     canary_masks: Optional[dict] = None  # blame reply: {peer: (2,) uint64}
 
 
-def _stats_record(payload: Union[Payload, MaskedPayload]) -> tuple[ArrayRecord, dict]:
-    if isinstance(payload, MaskedPayload):  # sums masked; a forward payload's counts also clear
-        scalars: dict = {"masked": True}
-        if payload.count is not None:
-            scalars.update({"count": float(payload.count), "num-examples": int(payload.num_examples)})
-        return ArrayRecord({k: Array(v) for k, v in payload.to_arrays().items()}), scalars
-    if isinstance(payload, ForwardStats):
-        arrays = {"mean": payload.mean, "var": payload.var}
-        scalars = {"count": float(payload.count), "num-examples": int(payload.num_examples)}
-    else:
-        arrays = {"sum-grad": payload.sum_grad, "sum-grad-xhat": payload.sum_grad_xhat}
-        scalars = {}
-    record = ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=np.float64)) for k, v in arrays.items()})
-    return record, scalars
-
-
-def _payload_from(
-    sender: Hashable, phase: str, stats: Optional[ArrayRecord], scalars: ConfigRecord
-) -> Union[Payload, MaskedPayload]:
-    names = _FORWARD_ARRAYS if phase == PHASE_FORWARD else _BACKWARD_ARRAYS
-    if stats is None:
-        raise PayloadError(sender, f"missing ArrayRecord '{STATS}'")
-    if scalars.get("masked") is True:
-        expected = {"masked", "roster-digest"} | ({"shift"} if phase == PHASE_FORWARD else set())
-        if set(stats.keys()) != expected:  # before decoding anything a client sent
-            raise PayloadError(sender, f"masked payload holds {sorted(stats.keys())}, expected {sorted(expected)}")
-        try:
-            arrays = {name: stats[name].numpy() for name in expected}
-        except Exception as error:  # a corrupt Array
-            raise PayloadError(sender, f"'{STATS}' cannot be decoded: {error}") from None
-        return MaskedPayload.from_arrays(
-            sender, phase, _get_int(sender, scalars, "channels"), arrays,
-            count=scalars.get("count") if phase == PHASE_FORWARD else None,
-            num_examples=scalars.get("num-examples") if phase == PHASE_FORWARD else None,
-        )
-    if set(stats.keys()) != set(names):
-        raise PayloadError(sender, f"'{STATS}' holds {sorted(stats.keys())}, expected {list(names)}")
-    try:
-        values = {name: stats[name].numpy() for name in names}
-    except Exception as error:  # a corrupt Array
-        raise PayloadError(sender, f"'{STATS}' cannot be decoded: {error}") from None
-    if phase == PHASE_FORWARD:
-        count, examples = scalars.get("count"), scalars.get("num-examples")
-        if not isinstance(count, (int, float)) or isinstance(count, bool):
-            raise PayloadError(sender, f"forward payload needs a numeric 'count', got {count!r}")
-        if not isinstance(examples, int) or isinstance(examples, bool):
-            raise PayloadError(sender, f"forward payload needs an int 'num-examples', got {examples!r}")
-        return ForwardStats(count=float(count), num_examples=examples, mean=values["mean"], var=values["var"])
-    return BackwardSums(sum_grad=values["sum-grad"], sum_grad_xhat=values["sum-grad-xhat"])
-
-
-def _get_int(sender: Hashable, record: ConfigRecord, key: str) -> int:
-    value = record.get(key)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise PayloadError(sender, f"'{key}' must be an int, got {value!r}")
-    return value
-
-
 # ---------------------------------------------------------------------- server -> client
 def encode_keys(round: int, sync_steps: int) -> RecordDict:
     """Secure statistics: ask the round's clients for a fresh public key."""
@@ -243,8 +173,8 @@ def encode_begin(
     )
     content = RecordDict({ARRAYS: arrays, CONFIG: config, CONTROL: control})
     if roster is not None:
-        content[SECURE] = ArrayRecord({k: Array(v) for k, v in roster.to_arrays().items()})
-        content[SHIFTS] = ArrayRecord({k: Array(v) for k, v in shifts_to_arrays(shifts or {}).items()})
+        content[SECURE] = roster_record(roster)
+        content[SHIFTS] = shifts_record(shifts)
     return content
 
 
@@ -254,8 +184,8 @@ def with_roster(content: RecordDict, attempt: int, roster: Roster, shifts: Optio
     control["attempt"] = attempt
     out = RecordDict(dict(content.items()))
     out[CONTROL] = control
-    out[SECURE] = ArrayRecord({k: Array(v) for k, v in roster.to_arrays().items()})
-    out[SHIFTS] = ArrayRecord({k: Array(v) for k, v in shifts_to_arrays(shifts or {}).items()})
+    out[SECURE] = roster_record(roster)
+    out[SHIFTS] = shifts_record(shifts)
     return out
 
 
@@ -273,7 +203,7 @@ def encode_aggregate(
     ``index`` counts the aggregates of the round over all its synchronised steps, so
     that a client can tell how many it should have received before this one.
     """
-    stats, scalars = _stats_record(aggregate)
+    stats, scalars = payload_record(aggregate)
     control = ConfigRecord(
         {"phase": PHASE_AGGREGATE, "round": round, "step": step, "point": index,
          "sync-steps": sync_steps, "seed": seed, "sync-phase": point.phase, **scalars}
@@ -306,8 +236,8 @@ def encode_stats_begin(
     )
     content = RecordDict({ARRAYS: arrays, CONTROL: control})
     if roster is not None:
-        content[SECURE] = ArrayRecord({k: Array(v) for k, v in roster.to_arrays().items()})
-        content[SHIFTS] = ArrayRecord({k: Array(v) for k, v in shifts_to_arrays(shifts or {}).items()})
+        content[SECURE] = roster_record(roster)
+        content[SHIFTS] = shifts_record(shifts)
     return content
 
 
@@ -324,61 +254,6 @@ def _server_int(control: ConfigRecord, key: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise ServerMessageError(f"'{CONTROL}' field '{key}' must be an int, got {value!r}")
     return value
-
-
-def _aggregate_from(control: ConfigRecord, stats: Optional[ArrayRecord], where: str) -> Payload:
-    """The aggregate of an ``aggregate`` message, checked for what the wire guarantees:
-    the arrays of its phase, float64, one value per channel, finite, equal in length, and
-    for the forward phase a pooled count and example number that can be divided by.
-    Whether it fits the step's pending sync point (phase, channels, examples) is checked
-    by the step itself (:meth:`flwr_fedtan.step.SyncStep.resume`)."""
-    sync_phase = control.get("sync-phase")
-    if sync_phase not in (PHASE_FORWARD, PHASE_BACKWARD):
-        raise ServerMessageError(
-            f"{where}: 'sync-phase' must be '{PHASE_FORWARD}' or '{PHASE_BACKWARD}', got {sync_phase!r}"
-        )
-    where = f"{where} ({sync_phase})"
-    names = _FORWARD_ARRAYS if sync_phase == PHASE_FORWARD else _BACKWARD_ARRAYS
-    if stats is None:
-        raise ServerMessageError(f"{where}: no ArrayRecord '{STATS}'")
-    if set(stats.keys()) != set(names):
-        raise ServerMessageError(
-            f"{where}: '{STATS}' holds {sorted(stats.keys())}, a {sync_phase} aggregate holds {list(names)}"
-        )
-    values = {}
-    for name in names:
-        try:
-            value = stats[name].numpy()
-        except Exception as error:  # a corrupt Array
-            raise ServerMessageError(f"{where}: '{name}' cannot be decoded: {error}") from None
-        if value.dtype != np.float64:
-            raise ServerMessageError(
-                f"{where}: '{name}' has dtype {value.dtype}, FedTAN sends aggregates as float64 "
-                "(is the server running another flwr-fedtan version?)"
-            )
-        if value.ndim != 1 or value.size == 0:
-            raise ServerMessageError(
-                f"{where}: '{name}' has shape {value.shape}, expected one value per channel (C,)"
-            )
-        if not np.isfinite(value).all():
-            raise ServerMessageError(f"{where}: '{name}' contains NaN or Inf")
-        values[name] = value
-    first, second = (values[name] for name in names)
-    if first.shape != second.shape:
-        raise ServerMessageError(
-            f"{where}: '{names[0]}' has {first.size} channels but '{names[1]}' has {second.size}"
-        )
-    if sync_phase == PHASE_BACKWARD:
-        return BackwardSums(sum_grad=values["sum-grad"], sum_grad_xhat=values["sum-grad-xhat"])
-    if (values["var"] < 0).any():
-        raise ServerMessageError(f"{where}: pooled 'var' has negative entries (min {values['var'].min():.3g})")
-    count, examples = control.get("count"), control.get("num-examples")
-    if (not isinstance(count, (int, float)) or isinstance(count, bool)
-            or not np.isfinite(count) or not count >= 1):
-        raise ServerMessageError(f"{where}: pooled 'count' must be a finite number >= 1, got {count!r}")
-    if not isinstance(examples, int) or isinstance(examples, bool) or examples < 1:
-        raise ServerMessageError(f"{where}: pooled 'num-examples' must be an int >= 1, got {examples!r}")
-    return ForwardStats(count=float(count), num_examples=examples, mean=values["mean"], var=values["var"])
 
 
 def decode_control(content: RecordDict) -> Control:
@@ -421,13 +296,9 @@ def decode_control(content: RecordDict) -> Control:
         if attempt < 0:
             raise ServerMessageError(f"'attempt' must be >= 0, got {attempt}")
         if SECURE in content.array_records:
-            try:
-                roster = Roster.from_arrays({k: v.numpy() for k, v in content.array_records[SECURE].items()})
-                shifts = shifts_from_arrays(
-                    {k: v.numpy() for k, v in content.array_records.get(SHIFTS, ArrayRecord()).items()}
-                )
-            except (KeyAgreementError, SecureStatsError) as error:
-                raise ServerMessageError(f"begin message: {error}") from None
+            roster, shifts = secure_from_records(
+                content.array_records[SECURE], content.array_records.get(SHIFTS), "begin message"
+            )
     else:
         if fields["point"] < 0:
             raise ServerMessageError(f"aggregate index 'point' must be >= 0, got {fields['point']}")
@@ -466,7 +337,7 @@ def encode_request(
     round: int, step: int, point: SyncPoint, payload: Union[Payload, MaskedPayload]
 ) -> RecordDict:
     """A client's reply at a sync point."""
-    stats, scalars = _stats_record(payload)
+    stats, scalars = payload_record(payload)
     status = ConfigRecord(
         {"phase": point.phase, "round": round, "step": step, "point": point.index,
          "call": point.call, "channels": point.channels, **scalars}

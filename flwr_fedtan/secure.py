@@ -150,7 +150,7 @@ class KeyPair:
 
     @classmethod
     def from_private(cls, private: bytes) -> "KeyPair":
-        """The pair of a stored private key (e.g. kept in ``context.state`` between messages)."""
+        """The pair of a stored private key (e.g. kept in the node's state between messages)."""
         return cls(private=bytes(private), public=_public_of(_private_key(private, -1)))
 
 

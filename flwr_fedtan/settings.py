@@ -203,8 +203,8 @@ def worker_idle_timeout(default: float) -> float:
         seconds = float(value)
     except ValueError:
         raise ValueError(f"{WORKER_IDLE_ENV} must be a number of seconds, got {value!r}") from None
-    if not seconds > 0:
-        raise ValueError(f"{WORKER_IDLE_ENV} must be positive, got {value!r}")
+    if not seconds >= 0:  # 0: never (as the worker's --idle-timeout)
+        raise ValueError(f"{WORKER_IDLE_ENV} must be a number of seconds >= 0 (0: never), got {value!r}")
     return seconds
 
 

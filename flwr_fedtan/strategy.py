@@ -49,7 +49,7 @@ from .exact_statistics import (
     pass_due,
 )
 from .progress import DEFAULT_PROGRESS_INTERVAL, ExchangeProgress, ExchangeTiming, describe_bytes
-from .seeds import derive_seed
+from .seeds import derive_seed, round_seed
 
 __all__ = ["FedTAN", "ForwardingGrid", "derive_seed"]
 
@@ -398,8 +398,9 @@ class FedTAN(Strategy):
         return max(1, int(_find_attribute(self.strategy, "min_train_nodes", 1) or 1))
 
     def round_seed(self, server_round: int, attempt: int) -> int:
-        """The seed sent to the clients for their batches in ``(round, attempt)``."""
-        return derive_seed(self.seed, server_round, attempt)
+        """The seed of the clients' batches in ``(round, attempt)`` (each client derives it
+        from the run seed the strategy sends, :func:`flwr_fedtan.seeds.round_seed`)."""
+        return round_seed(self.seed, server_round, attempt)
 
     def summary(self) -> None:
         """Log the strategy's settings, then the wrapped strategy's."""
@@ -503,9 +504,7 @@ class FedTAN(Strategy):
                 raise ValueError(f"{type(self.strategy).__name__}.configure_train left out arrays {missing[:5]}")
             full = ArrayRecord({k: (buffers[k] if k in buffers else sent[k]) for k in arrays.keys()})
             node_config = config_records[0] if config_records else ConfigRecord()
-            contents[node] = schema.encode_begin(
-                full, node_config, server_round, self.sync_steps, self.round_seed(server_round, 0)
-            )
+            contents[node] = schema.encode_begin(full, node_config, server_round, self.sync_steps, self.seed)
         ledger = _RoundLedger(progress=ExchangeProgress(f"FedTAN round {server_round}", self.progress_interval))
         self.dropped[server_round] = ledger.dropped
         self._round = _Round(server_round, {k: v.numpy() for k, v in arrays.items()}, contents, ledger)
@@ -630,7 +629,7 @@ class FedTAN(Strategy):
     def _synchronised_round(
         self, grid: Grid, round_: _Round, participants: list[int], seed: int, attempt: int = 0
     ) -> list[Message]:
-        begin = {n: self._with_seed(round_.contents[n], seed) for n in participants}
+        begin = {n: self._with_attempt(round_.contents[n], attempt) for n in participants}
         roster = None
         if self._secure is not None:
             roster = self._secure.roster(participants)
@@ -748,9 +747,9 @@ class FedTAN(Strategy):
         ledger.progress.record(timing, f"{number} ({what})", force=index == 1 or final, counted=not final)
 
     @staticmethod
-    def _with_seed(content: RecordDict, seed: int) -> RecordDict:
+    def _with_attempt(content: RecordDict, attempt: int) -> RecordDict:
         control = ConfigRecord(dict(content.config_records[schema.CONTROL]))
-        control["seed"] = seed
+        control["attempt"] = attempt
         out = RecordDict(dict(content.items()))
         out[schema.CONTROL] = control
         return out

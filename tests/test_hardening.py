@@ -25,12 +25,12 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from flwr_fedtan import FedTAN, FedTANClient, convert_batchnorm, fedtan_client_app, private_files, schema
-from flwr_fedtan import replay_store
 from flwr_fedtan.aggregation import BackwardSums, ForwardStats, SyncPoint
 from flwr_fedtan.client import clear_live_rounds, client_seed_key
 from flwr_fedtan.private_files import UnsafePathError, private_dir, read_private_file, write_private_file
 from flwr_fedtan.reference import fedtan_round_in_process
-from flwr_fedtan.replay_store import ReplayWeightsMissing, load_weights, save_weights
+from flwr_fedtan.node.state import NodeState
+from flwr_fedtan.node.weights import ReplayWeightsMissing
 from flwr_fedtan.training import derive_seed
 
 from _grid import LocalGrid
@@ -80,8 +80,8 @@ def _isolated(tmp_path, monkeypatch):
 
 
 def a_state_with_weights(run_id=1, node_id=3):
-    state = RecordDict()
-    save_weights(state, initial_arrays(), "disk", run_id, node_id)
+    state = NodeState()
+    state.save_weights(initial_arrays(), "disk", run_id, node_id)
     return state
 
 
@@ -176,7 +176,7 @@ def test_folders_0700_and_file_0600_whatever_the_umask(tmp_path):
     file = base / "replay" / "run-4" / "node-9.npz"
     assert [mode_of(p) for p in (base, base / "replay", base / "replay" / "run-4")] == [0o700] * 3
     assert mode_of(file) == 0o600 and os.lstat(file).st_uid == os.geteuid()
-    assert state.config_records[replay_store.WEIGHTS_REF]["path"] == str(file)
+    assert state.weights.path == str(file)
     assert not [p for p in file.parent.iterdir() if p.name.endswith(".partial")]
 
 
@@ -188,7 +188,7 @@ def test_xdg_runtime_dir_is_the_default_base_when_it_is_this_users(tmp_path, mon
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
     assert private_files.default_base() == runtime / "flwr-fedtan"
     state = a_state_with_weights(run_id=2, node_id=5)
-    assert Path(state.config_records[replay_store.WEIGHTS_REF]["path"]) == (
+    assert Path(state.weights.path) == (
         runtime / "flwr-fedtan" / "replay" / "run-2" / "node-5.npz"
     )
     if os.geteuid() == 0:  # e.g. `sudo -E`: the variable names another user's folder
@@ -217,7 +217,7 @@ def test_symlink_planted_at_the_partial_file_name_is_not_followed(tmp_path, monk
     assert victim.read_bytes() == b"precious"
     assert planted.is_symlink()  # left as it was; never opened
     assert final.is_file() and not final.is_symlink() and mode_of(final) == 0o600
-    loaded = load_weights(state)
+    loaded = state.load_weights()
     expected = initial_arrays()
     assert all(np.array_equal(loaded[k].numpy(), expected[k].numpy()) for k in expected.keys())
 
@@ -236,13 +236,13 @@ def test_symlink_planted_at_the_final_name_is_replaced_not_followed(tmp_path):
 @posix
 def test_replay_refuses_a_linked_or_readable_weights_file(tmp_path):
     state = a_state_with_weights()
-    path = Path(state.config_records[replay_store.WEIGHTS_REF]["path"])
+    path = Path(state.weights.path)
     secret = tmp_path / "secret"
     secret.write_bytes(b"not weights")
     path.unlink()
     path.symlink_to(secret)
     with pytest.raises(UnsafePathError, match="symbolic link"):
-        load_weights(state)
+        state.load_weights()
     path.unlink()
     path.write_bytes(b"x")
     path.chmod(0o644)
@@ -331,12 +331,12 @@ def test_stale_run_folders_are_cleaned_when_a_round_begins(tmp_path, monkeypatch
 def test_discarding_keeps_the_run_folder_while_another_node_uses_it(tmp_path):
     first, second = a_state_with_weights(node_id=1), a_state_with_weights(node_id=2)
     run = tmp_path / "state" / "replay" / "run-1"
-    replay_store.discard_weights(first)
+    first.discard_weights()
     assert [p.name for p in run.iterdir()] == ["node-2.npz"]
-    replay_store.discard_weights(second)
+    second.discard_weights()
     assert not run.exists()
     with pytest.raises(ReplayWeightsMissing, match="no starting weights"):
-        load_weights(second)
+        second.load_weights()
 
 
 # ---------------------------------------------------------------------- malformed aggregates

@@ -681,7 +681,9 @@ def test_the_weight_check_is_consistency_not_truth_and_the_readme_says_so():
 
 def test_a_restart_back_on_an_earlier_attempts_samples_is_refused_too():
     """A server that restarts twice, the second time with the first attempt's seed, would
-    get the same samples pooled again: the node remembers every batch it pooled this round."""
+    get the same samples pooled again. The node derives each attempt's seed itself (run seed,
+    round, attempt), so the only way left is to change the run seed, which it refuses by
+    name; restarts with the run seed draw other samples."""
     from flwr_fedtan.aggregation import ForwardStats, SyncPoint
 
     driven = _HandDriven()
@@ -692,9 +694,10 @@ def test_a_restart_back_on_an_earlier_attempts_samples_is_refused_too():
                           mean=np.zeros(status["channels"]), var=np.ones(status["channels"]))
     point = SyncPoint(0, "forward", 0, status["channels"])
     assert not driven.send(node, schema.encode_aggregate(1, 0, 0, point, pooled, 1, 5)).has_error()
-    assert not driven.begin(node, 1, roster, {}, seed=6).has_error()  # other samples: fine
-    again = driven.begin(node, 2, roster, {}, seed=5)
-    assert again.has_error() and "on the same samples this node already pooled" in again.error.reason
+    switched = driven.begin(node, 1, roster, {}, seed=6)
+    assert switched.has_error() and "run seed 6, but this node's run began with run seed 5" in switched.error.reason
+    assert not driven.begin(node, 1, roster, {}, seed=5).has_error()  # other samples: fine
+    assert not driven.begin(node, 2, roster, {}, seed=5).has_error()
 
 
 def test_unknown_arrays_in_a_final_model_are_refused_before_anything_is_decoded(monkeypatch):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from flwr.app import Context, RecordDict
 
-from flwr_fedtan.runtime import dispatch
+from flwr_fedtan.runtime import dispatch, identity
 from flwr_fedtan.runtime.live import LiveRounds
 from flwr_fedtan.runtime.ray_home import home_index
 
@@ -57,7 +57,7 @@ def test_home_choice_is_validated_and_runs_here_outside_ray_and_deployment(monke
         dispatch.resolve_home(None)
     monkeypatch.delenv("FEDTAN_LIVE_HOME")
     assert dispatch.home_kind() == "process"  # pytest is neither a Ray actor nor flwr-clientapp
-    monkeypatch.setattr(dispatch.sys, "argv", ["/venv/bin/flwr-clientapp", "--insecure"])
+    monkeypatch.setattr(identity.sys, "argv", ["/venv/bin/flwr-clientapp", "--insecure"])
     assert dispatch.home_kind() == "worker"
     assert dispatch.home_kind("process") == "process"
 
@@ -89,3 +89,21 @@ def test_deployment_benchmark_report_ends_with_the_ratio():
     out = format_report(bench, {"python + import torch": 2.0})
     assert out.splitlines()[-1] == "FedTAN exchange / empty exchange = 1.20"  # 5.4 / 4.5
     assert "1 of 100 (FedTAN)" in out and "fresh process: python + import torch" in out
+
+
+def test_worker_idle_timeout_zero_means_never_as_the_cli_documents(monkeypatch, tmp_path):
+    """``FEDTAN_WORKER_IDLE_TIMEOUT=0`` reaches the worker it starts as ``--idle-timeout 0``
+    (the worker's loop never exits on idleness then); negative values are refused."""
+    from flwr_fedtan import settings
+    from flwr_fedtan.runtime import worker
+
+    started = []
+    monkeypatch.setattr(worker.subprocess, "Popen", lambda command, **kwargs: started.append(command))
+    monkeypatch.setenv("FEDTAN_WORKER_IDLE_TIMEOUT", "0")
+    assert settings.worker_idle_timeout(600) == 0.0
+    worker._start_worker(tmp_path / "node.sock")
+    command = started[0]
+    assert float(command[command.index("--idle-timeout") + 1]) == 0.0
+    monkeypatch.setenv("FEDTAN_WORKER_IDLE_TIMEOUT", "-1")
+    with pytest.raises(ValueError, match="FEDTAN_WORKER_IDLE_TIMEOUT must be a number of seconds >= 0"):
+        settings.worker_idle_timeout(600)

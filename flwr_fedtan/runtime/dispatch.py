@@ -20,42 +20,29 @@ process that keeps that node's live rounds, its *home*:
     The above, by where the handler runs.
 
 Every statistic still travels in Flower messages: a home only holds what a single
-long-lived ClientApp process would hold. ``context.state`` is sent to the home with the
-message and comes back with the reply, so a home that is lost (killed, restarted, on
-another machine) costs a replay from ``context.state``, not a wrong result.
+long-lived ClientApp process would hold. The node's state (:mod:`flwr_fedtan.node.state`)
+is sent to the home with the message and comes back with the reply, so a home that is
+lost (killed, restarted, on another machine) costs a replay from that state, not a wrong
+result.
 
 This module imports neither torch nor Ray.
 """
 
 from __future__ import annotations
 
-import os
-import sys
 from typing import Any, Callable, Optional
 
 from flwr.app import Context, Message
 
 from .. import settings
+from ..node import state as node_state
+from .identity import in_flwr_clientapp_process, in_home, mark_home
 
 __all__ = ["HOMES", "home_kind", "in_home", "mark_home", "resolve_home", "run_at_home"]
 
 HOMES = settings.LIVE_HOMES
-HOME_VARIABLE = settings.LIVE_HOME_ENV
 
 Handler = Callable[..., Message]
-
-_inside_home: Optional[str] = None
-
-
-def mark_home(kind: str) -> None:
-    """Declare this process a home (a Ray home actor or a node worker): handlers run here."""
-    global _inside_home
-    _inside_home = kind
-
-
-def in_home() -> Optional[str]:
-    """The kind of home this process is, if it is one."""
-    return _inside_home
 
 
 def resolve_home(home: Optional[str]) -> str:
@@ -63,15 +50,10 @@ def resolve_home(home: Optional[str]) -> str:
     return settings.live_home(home)
 
 
-def in_flwr_clientapp_process() -> bool:
-    """Whether this is a deployment ``flwr-clientapp`` process (one per message)."""
-    return os.path.basename(sys.argv[0] if sys.argv else "").startswith("flwr-clientapp")
-
-
 def home_kind(home: Optional[str] = None) -> str:
     """Where a handler called now would run: ``"process"``, ``"ray"`` or ``"worker"``."""
     chosen = resolve_home(home)
-    if _inside_home is not None:
+    if in_home() is not None:
         return "process"
     if chosen != "auto":
         return chosen
@@ -88,7 +70,7 @@ def run_at_home(handler: Handler, msg: Message, context: Context, *args: Any, ho
     """``handler(msg, context, *args)``, run in the node's home.
 
     ``handler`` and ``args`` must be picklable (module-level functions are pickled by
-    name) when the home is another process. ``context.state`` is updated in place with
+    name) when the home is another process. The node's state is updated in place with
     the state the handler left.
     """
     kind = home_kind(home)
@@ -99,5 +81,5 @@ def run_at_home(handler: Handler, msg: Message, context: Context, *args: Any, ho
     else:
         from .worker import call_worker as call_home
     reply, state = call_home(handler, msg, context, args)
-    context.state = state
+    node_state.replace(context, state)
     return reply

@@ -2,8 +2,8 @@
 
 A live round is a client's round paused inside its synchronised step (a forward paused
 in a greenlet, a graph in memory). The message handler of the node's next message
-resumes it when it finds it here; otherwise it replays the round from ``context.state``
-(see :mod:`flwr_fedtan.client`). This module imports no torch: the entries are opaque
+resumes it when it finds it here; otherwise it replays the round from the node's state
+(see :mod:`flwr_fedtan.node.session`). This module imports no torch: the entries are opaque
 objects with a ``close()`` method.
 """
 

@@ -26,6 +26,7 @@ from typing import Callable, Mapping, Optional
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from ..node import state as node_state
 from .dispatch import home_kind, resolve_home
 
 __all__ = ["NodeClientApp", "node_client_app"]
@@ -74,7 +75,7 @@ class NodeClientApp(ClientApp):
             from .worker import call_worker
 
             reply, state = call_worker(call_app, message, context, (self.reference,))
-            context.state = state
+            node_state.replace(context, state)
             return reply
         return call_app(message, context, self.reference)
 

@@ -4,7 +4,7 @@ With several ClientAppActors, Flower hands a node's next message to whichever ac
 idle. Each ClientAppActor therefore forwards a FedTAN message to the node's *home*, a
 named actor ``fedtan-home-<run>-<i>-of-<H>``, chosen by the node's partition id (or node
 id) modulo ``H``; the home resumes the node's paused round and returns the reply and the
-node's ``context.state``. The first ClientAppActor that needs a home creates it
+node's state (:mod:`flwr_fedtan.node.state`). The first ClientAppActor that needs a home creates it
 (``get_if_exists``), the others find it by name.
 
 Sizing and placement
@@ -26,10 +26,10 @@ Lifetime
 
 Faults
     A home that died (killed, its machine lost) is recreated at the next message and
-    starts empty: the node's round is replayed from ``context.state``, with the same
-    result. On a multi-machine cluster the new home may be on another machine, where the
+    starts empty: the node's round is replayed from its state, with the same result. On
+    a multi-machine cluster the new home may be on another machine, where the
     node-local replay weights are missing: the replay then fails with
-    :class:`~flwr_fedtan.replay_store.ReplayWeightsMissing`, naming the fix
+    :class:`~flwr_fedtan.node.weights.ReplayWeightsMissing`, naming the fix
     (``replay_store="context"``), and the server drops the node for that round.
 """
 
@@ -45,6 +45,8 @@ from typing import Any, Callable, Optional
 from flwr.app import Context, Message, RecordDict
 
 from .. import settings
+from ..node import state as node_state
+from .identity import mark_home
 
 __all__ = ["call_home", "home_index", "homes_wanted", "in_ray_actor", "where"]
 
@@ -134,8 +136,6 @@ class _Home:
     """A home actor: runs FedTAN handlers next to the live rounds it keeps."""
 
     def __init__(self, name: str, threads: int) -> None:
-        from .dispatch import mark_home
-
         mark_home("ray")
         self.name = name
         self.nodes: set[int] = set()
@@ -156,7 +156,7 @@ class _Home:
                   f"on host {info['host']} ray-node {info.get('ray-node-id')} "
                   f"ip {info.get('ray-node-ip')} pid {info['pid']}", flush=True)
         reply = handler(msg, context, *args)
-        return reply, context.state
+        return reply, node_state.records(context)
 
     def stats(self) -> dict[str, Any]:
         from .live import live_rounds
@@ -217,5 +217,5 @@ def call_home(handler: Callable[..., Message], msg: Message, context: Context,
                     f"({error}); the node's message cannot be served"
                 ) from None
             log.warning("FedTAN: live-round home %d of node %s is gone (%s); recreating it, the node's "
-                        "round will be replayed from context.state", index, context.node_id, error)
+                        "round will be replayed from its state", index, context.node_id, error)
     raise AssertionError("unreachable")  # pragma: no cover

@@ -2,9 +2,9 @@
 
 In deployment a SuperNode starts a fresh ``flwr-clientapp`` process for every message,
 so nothing stays in memory between the ``2L + 1`` exchanges of a FedTAN round. The node
-worker does: the ClientApp process forwards the message (with ``context.state``) over a
+worker does: the ClientApp process forwards the message (with the node's state) over a
 Unix socket, the worker runs the handler next to the node's paused round, client, model
-and data, and sends back the reply and the new ``context.state``; the ClientApp process
+and data, and sends back the reply and the node's new state; the ClientApp process
 returns the reply to Flower as usual. Every statistic still travels as Flower messages
 (TLS, SuperNode authentication and the SuperLink's accounting keep applying); the worker
 is only the node's memory.
@@ -32,7 +32,7 @@ served, live rounds) and ``... stop [--socket PATH]`` stops them.
 Faults
 ------
 A worker that dies mid-round (killed, out of memory) is restarted by the next message,
-which replays the round from ``context.state`` and the node-local replay weights: same
+which replays the round from the node's state and the node-local replay weights: same
 result. An error inside the handler comes back as the ClientApp's error, with its text.
 
 This module imports neither torch nor Ray (the worker process imports what the handler
@@ -61,14 +61,13 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .. import settings
+from .identity import in_flwr_clientapp_process, mark_home
 from .private import private_folder
 
 __all__ = ["WorkerError", "call_worker", "serve", "socket_path", "worker_request"]
 
 log = logging.getLogger(__name__)
 
-SOCKET_VARIABLE = "FEDTAN_NODE_WORKER_SOCKET"
-IDLE_VARIABLE = "FEDTAN_WORKER_IDLE_TIMEOUT"
 DEFAULT_IDLE_TIMEOUT = 600.0
 START_TIMEOUT = 60.0
 RECEIVE_TIMEOUT = 30.0  # a peer that connects and goes silent frees the worker after this
@@ -163,8 +162,6 @@ def _supernode_pid() -> Optional[int]:
 
 
 def _watch_pid() -> int:
-    from .dispatch import in_flwr_clientapp_process
-
     supernode = _supernode_pid()
     if supernode is not None:
         return supernode
@@ -228,7 +225,7 @@ def call_worker(handler: Callable, msg: Any, context: Any, args: tuple) -> tuple
     """Run ``handler(msg, context, *args)`` in the node's worker; (reply, state).
 
     A worker that is gone (or dies while serving) is started again once; the node's round
-    is then replayed from ``context.state``.
+    is then replayed from the node's state.
     """
     path = socket_path(context.node_id)
     body = (handler, msg, context, args)
@@ -283,7 +280,9 @@ class _Worker:
                 handler, msg, context, args = pickle.loads(body)
                 reply = handler(msg, context, *args)
                 self.served += 1
-                return "ok", (reply, context.state)
+                from ..node import state as node_state  # the handler imported it already
+
+                return "ok", (reply, node_state.records(context))
             if kind == "stats":
                 from .live import live_rounds
 
@@ -309,7 +308,6 @@ def serve(path: Path, idle_timeout: float = DEFAULT_IDLE_TIMEOUT, watch_pid: int
     ``watch_pid`` (0: none) is gone, or SIGTERM. A connection whose request has not fully
     arrived within ``receive_timeout`` s, or whose frame header claims more than
     ``MAX_FRAME_BYTES``, is closed and the next one served."""
-    from .dispatch import mark_home
     from .live import live_rounds
 
     mark_home("worker")

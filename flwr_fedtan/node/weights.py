@@ -1,12 +1,13 @@
 """Where a node keeps a round's starting weights for replay.
 
 A message that lands in a process without the node's live round rebuilds the round from
-its starting weights, batch seed and aggregates so far (see :mod:`flwr_fedtan.client`).
-The seed and aggregates are small and ride in ``context.state``. The weights are a whole
-model: carried in ``context.state`` they would be serialised twice with every message of
-the round (in a Ray simulation they go through Ray's object store each time, which
-costs more than the synchronised step itself). So by default they are written once per
-round to a node-local file and ``context.state`` holds only its path and SHA-256.
+its starting weights, batch seed and aggregates so far (see :mod:`flwr_fedtan.node.session`).
+The seed and aggregates are small and ride in the node's state (:mod:`flwr_fedtan.node.state`).
+The weights are a whole model: carried in the node's state they would be serialised twice
+with every message of the round (in a Ray simulation they go through Ray's object store
+each time, which costs more than the synchronised step itself). So by default they are
+written once per round to a node-local file and the node's state holds only a
+:class:`WeightsRef`: its path and SHA-256.
 
 Stores
 ------
@@ -16,9 +17,9 @@ Stores
     machine can replay. Right for Ray simulation on one machine and for deployment (a
     SuperNode's ClientApp processes run on its machine).
 ``"context"``
-    The weights in ``context.state``: replay works wherever Flower delivers the message,
-    e.g. on a multi-machine Ray cluster where a node's messages may reach actors on other
-    machines, at the serialisation cost above.
+    The weights in the node's state, which Flower carries: replay works wherever Flower
+    delivers the message, e.g. on a multi-machine Ray cluster where a node's messages may
+    reach actors on other machines, at the serialisation cost above.
 
 Node-local files
 ----------------
@@ -33,9 +34,8 @@ A file lives for one round: it is written when the round begins and removed when
 node's round ends (its ``done`` reply), with the run's folder once no node of the run
 holds a file in it, so nothing is left after a run's last round. A node that is dropped
 mid-round, or a process killed, leaves its file until the node's next round begins; the
-folders of runs whose files have not changed for ``DEFAULT_MAX_AGE_HOURS`` (24 hours;
-``FEDTAN_STATE_MAX_AGE_HOURS`` overrides it) are removed whenever a round begins on the
-machine.
+folders of runs whose files have not changed for 24 hours (``FEDTAN_STATE_MAX_AGE_HOURS``
+overrides it) are removed whenever a round begins on the machine.
 """
 
 from __future__ import annotations
@@ -44,13 +44,14 @@ import hashlib
 import io
 import os
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord
 
-from . import settings
-from .private_files import (
+from .. import settings
+from ..private_files import (
     UnsafePathError,
     private_dir,
     read_private_file,
@@ -60,23 +61,17 @@ from .private_files import (
 )
 
 __all__ = [
-    "STORES",
-    "DEFAULT_MAX_AGE_HOURS",
     "ReplayWeightsMissing",
     "UnsafePathError",
+    "WeightsRef",
     "clean_stale_runs",
     "discard_weights",
     "load_weights",
     "replay_dir",
-    "resolve_store",
     "save_weights",
     "state_dir",
 ]
 
-STORES = settings.REPLAY_STORES
-DEFAULT_MAX_AGE_HOURS = settings.DEFAULT_STATE_MAX_AGE_HOURS
-WEIGHTS_REF = "fedtan.weights-ref"  # ConfigRecord in context.state: store, path, sha256
-WEIGHTS = "fedtan.weights"  # ArrayRecord in context.state ("context" store)
 REPLAY_FOLDER = "replay"  # under the base: run-<run>/node-<node>.npz
 RUN_PREFIX = "run-"
 
@@ -85,19 +80,21 @@ class ReplayWeightsMissing(RuntimeError):
     """The round's starting weights cannot be found (or do not match their checksum)."""
 
 
-def resolve_store(store: str | None) -> str:
-    """``FEDTAN_REPLAY_STORE``, or ``store``, or ``"disk"``; validated (:mod:`flwr_fedtan.settings`)."""
-    return settings.replay_store(store)
+@dataclass(frozen=True)
+class WeightsRef:
+    """Where a round's starting weights are: ``arrays`` themselves (the ``"context"``
+    store), or the ``path`` of a node-local file and its ``sha256`` (``"disk"``)."""
+
+    store: str
+    path: Optional[str] = None
+    sha256: Optional[str] = None
+    arrays: Optional[ArrayRecord] = None
 
 
 def state_dir(configured: str | os.PathLike | None = None) -> Path:
     """The base folder of node-local state: ``FEDTAN_STATE_DIR``, else ``configured``, else
     :func:`~flwr_fedtan.private_files.default_base`. Not created here."""
     return settings.state_dir(configured).absolute()
-
-
-def _max_age_hours(max_age_hours: Optional[float]) -> float:
-    return settings.state_max_age_hours(max_age_hours)
 
 
 def replay_dir(run_id: int, directory: str | os.PathLike | None = None) -> Path:
@@ -132,14 +129,13 @@ def clean_stale_runs(
     list[Path]
         The folders removed.
     """
-    age = _max_age_hours(max_age_hours)
+    age = settings.state_max_age_hours(max_age_hours)
     keep = () if keep_run is None else (f"{RUN_PREFIX}{int(keep_run)}",)
     parent = private_dir(REPLAY_FOLDER, base=state_dir(directory))
     return remove_stale(parent, RUN_PREFIX, age * 3600.0, keep=keep)
 
 
 def save_weights(
-    state: RecordDict,
     arrays: ArrayRecord,
     store: str,
     run_id: int,
@@ -147,9 +143,9 @@ def save_weights(
     *,
     max_age_hours: Optional[float] = None,
     directory: str | os.PathLike | None = None,
-) -> None:
+) -> WeightsRef:
     """Keep ``arrays`` as the starting weights of the node's current round (``directory``:
-    the ``"disk"`` store's base folder, see :func:`state_dir`).
+    the ``"disk"`` store's base folder, see :func:`state_dir`); where they are.
 
     With the ``"disk"`` store this also removes stale folders of other runs (see
     :func:`clean_stale_runs`, ``max_age_hours``).
@@ -161,10 +157,8 @@ def save_weights(
     OSError
         If the file cannot be written (e.g. a full disk); the message names the fixes.
     """
-    discard_weights(state)
     if store == "context":
-        state[WEIGHTS] = arrays
-        return
+        return WeightsRef("context", arrays=arrays)
     buffer = io.BytesIO()
     np.savez(buffer, **{key: array.numpy() for key, array in arrays.items()})
     data = buffer.getvalue()
@@ -189,28 +183,25 @@ def save_weights(
                 "under XDG_RUNTIME_DIR is a small in-memory file system), or use "
                 "replay_store='context' (FEDTAN_REPLAY_STORE=context)",
             ) from error
-    state[WEIGHTS_REF] = ConfigRecord(
-        {"store": "disk", "path": str(path), "sha256": hashlib.sha256(data).hexdigest()}
-    )
+    return WeightsRef("disk", path=str(path), sha256=hashlib.sha256(data).hexdigest())
 
 
-def load_weights(state: RecordDict) -> ArrayRecord:
+def load_weights(ref: Optional[WeightsRef]) -> ArrayRecord:
     """The starting weights kept by :func:`save_weights`.
 
     Raises
     ------
     ReplayWeightsMissing
-        If they are not in ``context.state`` nor in a node-local file with the recorded
-        checksum (e.g. the message reached a process on another machine).
+        If there are none (``ref`` is ``None``), or they are not in a node-local file with
+        the recorded checksum (e.g. the message reached a process on another machine).
     UnsafePathError
         If the node-local file is a symbolic link or not private to this user.
     """
-    if WEIGHTS in state.array_records:
-        return state.array_records[WEIGHTS]
-    ref = state.config_records.get(WEIGHTS_REF)
     if ref is None:
-        raise ReplayWeightsMissing("context.state holds no starting weights for this round")
-    path = Path(str(ref["path"]))
+        raise ReplayWeightsMissing("the node's state holds no starting weights for this round")
+    if ref.arrays is not None:
+        return ref.arrays
+    path = Path(str(ref.path))
     try:
         data = read_private_file(path)
     except UnsafePathError:
@@ -222,24 +213,20 @@ def load_weights(state: RecordDict) -> ArrayRecord:
             "machines (a multi-machine Ray cluster), use replay_store='context' "
             "(FEDTAN_REPLAY_STORE=context)"
         ) from None
-    if hashlib.sha256(data).hexdigest() != ref["sha256"]:
+    if hashlib.sha256(data).hexdigest() != ref.sha256:
         raise ReplayWeightsMissing(f"{path} does not hold this round's starting weights (checksum differs)")
     with np.load(io.BytesIO(data), allow_pickle=False) as npz:
         return ArrayRecord({key: Array(npz[key]) for key in npz.files})
 
 
-def discard_weights(state: RecordDict) -> None:
+def discard_weights(ref: Optional[WeightsRef]) -> None:
     """Forget the starting weights (the round is over, or a new one begins).
 
     The node's file is removed, and the run's folder with it when no other node of the
     run holds a file there: after a run's last round nothing is left on the node.
     """
-    if WEIGHTS in state.array_records:
-        del state[WEIGHTS]
-    ref = state.config_records.get(WEIGHTS_REF)
-    if ref is not None:
-        path = Path(str(ref["path"]))
+    if ref is not None and ref.path is not None:
+        path = Path(ref.path)
         path.unlink(missing_ok=True)
         if path.parent.name.startswith(RUN_PREFIX):
             remove_if_empty(path.parent)
-        del state[WEIGHTS_REF]

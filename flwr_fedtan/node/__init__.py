@@ -1,0 +1,3 @@
+"""A node's side of FedTAN between Flower messages: :mod:`.state` (what it keeps),
+:mod:`.session` (what it does with each message), :mod:`.weights` (the round's starting
+weights in node-local files)."""
