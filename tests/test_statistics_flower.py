@@ -244,7 +244,7 @@ def test_a_model_is_left_unchanged_by_a_client_pass():
 def test_an_unexpected_error_in_the_pass_keeps_the_aggregated_statistics_and_the_run(monkeypatch, caplog):
     """Whatever goes wrong inside the pass (here the pooling itself raises), the round keeps
     its aggregated statistics and the run goes on: the pass never ends a run."""
-    import flwr_fedtan.exact_statistics as module
+    import flwr_fedtan.protocol.pass_driver as module
 
     def broken(*args, **kwargs):
         raise ArithmeticError("pooling broke")
