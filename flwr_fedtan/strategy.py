@@ -9,16 +9,14 @@ merged in :mod:`flwr_fedtan.round_models`, repeat offenders sit out
 
 from __future__ import annotations
 
-import contextlib
 import os
-import random
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Optional
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Result, Strategy
+from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
 
 from . import checkpoint, schema
@@ -26,55 +24,19 @@ from .arguments import ArgumentChecks
 from .aggregation import DEFAULT_MAX_GROWTH, is_batchnorm_buffer
 from .exact_statistics import apply_buffers, check_statistics_options, pass_due
 from .grids import ExchangeGrid, ForwardingGrid
-from .progress import DEFAULT_PROGRESS_INTERVAL, describe_bytes
-from .protocol.driver import RoundDriver, TrainRound, new_round_ledger
+from .progress import DEFAULT_PROGRESS_INTERVAL
+from .protocol.driver import RoundDriver, TrainRound, new_round_ledger, round_summary, skipped_round
 from .protocol.pass_driver import DEFAULT_STATISTICS_EXAMPLES, PassOptions, StatisticsPassDriver
 from .quarantine import FailureRecord, Quarantine
 from .round_models import CLIENT_WEIGHTS, aggregate_finite, brief, check_models, keep_shared_metrics
 from .seeds import derive_seed
+from .wrapped import FEDAVG_OPTIONS, find_attribute, sampling_seed, wrapped_strategy
 
 __all__ = ["FedTAN", "ForwardingGrid", "derive_seed"]
 
 EvaluateFn = Callable[[int, ArrayRecord], Optional[MetricRecord]]
 
 CHECKPOINT_FORMAT = checkpoint.FORMAT
-
-
-@contextlib.contextmanager
-def _sampling_seed(seed: int) -> Iterator[None]:
-    """Run a wrapped strategy's ``configure_train`` with the module ``random`` seeded.
-
-    Flower's strategies sample nodes with ``random.sample`` on the global generator
-    (``strategy_utils.sample_nodes``); seeding it here makes any wrapped strategy's choice a
-    function of (FedTAN's seed, round), and restoring the state afterwards leaves the
-    caller's random stream exactly as it was.
-    """
-    saved = random.getstate()
-    random.seed(seed)
-    try:
-        yield
-    finally:
-        random.setstate(saved)
-
-
-
-
-_FEDAVG_OPTIONS = (
-    "fraction_train", "fraction_evaluate", "min_train_nodes", "min_evaluate_nodes",
-    "min_available_nodes", "weighted_by_key", "arrayrecord_key", "configrecord_key",
-    "train_metrics_aggr_fn", "evaluate_metrics_aggr_fn",
-)
-
-
-def _find_attribute(strategy: Strategy, name: str, default: Any) -> Any:
-    """``name`` of a strategy, or of the strategy it wraps (Flower's DP wrappers)."""
-    seen = 0
-    while strategy is not None and seen < 16:
-        if name in vars(strategy):
-            return getattr(strategy, name)
-        strategy = getattr(strategy, "strategy", None)
-        seen += 1
-    return default
 
 
 class FedTAN(Strategy):
@@ -252,19 +214,10 @@ class FedTAN(Strategy):
         max_growth: float = DEFAULT_MAX_GROWTH,
         progress_interval: Optional[float] = DEFAULT_PROGRESS_INTERVAL,
     ) -> None:
-        options = {name: value for name, value in zip(_FEDAVG_OPTIONS, (
+        strategy = wrapped_strategy(strategy, dict(zip(FEDAVG_OPTIONS, (
             fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, min_available_nodes,
             weighted_by_key, arrayrecord_key, configrecord_key, train_metrics_aggr_fn, evaluate_metrics_aggr_fn,
-        )) if value is not None}
-        if strategy is None:
-            strategy = FedAvg(**options)
-        elif options:
-            raise ValueError(
-                f"FedTAN got both strategy= and FedAvg options {sorted(options)}: set them on the wrapped "
-                f"strategy instead, e.g. FedTAN(strategy={type(strategy).__name__}({', '.join(sorted(options))}=...))"
-            )
-        if not isinstance(strategy, Strategy):
-            raise TypeError(f"strategy must be a flwr.serverapp.strategy.Strategy, got {type(strategy).__name__}")
+        ))))
         checks = ArgumentChecks("FedTAN")
         checks.integer("sync_steps", sync_steps, 1)
         checks.number("exchange_timeout", exchange_timeout, above=0, fix="give the seconds to wait for a reply, > 0")
@@ -322,17 +275,17 @@ class FedTAN(Strategy):
     @property
     def weighted_by_key(self) -> str:
         """The wrapped strategy's weighting key (``num-examples`` by default)."""
-        return str(_find_attribute(self.strategy, "weighted_by_key", "num-examples"))
+        return str(find_attribute(self.strategy, "weighted_by_key", "num-examples"))
 
     @property
     def arrayrecord_key(self) -> str:
         """The key under which the wrapped strategy expects the clients' arrays."""
-        return str(_find_attribute(self.strategy, "arrayrecord_key", "arrays"))
+        return str(find_attribute(self.strategy, "arrayrecord_key", "arrays"))
 
     @property
     def min_train_nodes(self) -> int:
         """Fewest clients a synchronised step may run with (the wrapped strategy's, >= 1)."""
-        return max(1, int(_find_attribute(self.strategy, "min_train_nodes", 1) or 1))
+        return max(1, int(find_attribute(self.strategy, "min_train_nodes", 1) or 1))
 
     @property
     def failures(self) -> dict[int, FailureRecord]:
@@ -427,7 +380,7 @@ class FedTAN(Strategy):
         self._grid = inner
         params = ArrayRecord({k: v for k, v in arrays.items() if not self.is_buffer(k)})
         buffers = {k: v for k, v in arrays.items() if self.is_buffer(k)}
-        with _sampling_seed(derive_seed(self.seed, server_round)):
+        with sampling_seed(derive_seed(self.seed, server_round)):
             messages = list(self.strategy.configure_train(server_round, params, config, inner))
         contents: dict[int, RecordDict] = {}
         for message in messages:
@@ -482,7 +435,7 @@ class FedTAN(Strategy):
             if self.checkpoint_dir is not None:  # the failure records changed; the model did not
                 unchanged = ArrayRecord({k: Array(v) for k, v in round_.reference.items()})
                 self.save_checkpoint(self.checkpoint_dir, server_round, unchanged)
-            return None, self._skipped(round_)
+            return None, skipped_round(round_)
         metrics = MetricRecord() if metrics is None else metrics
         if self.statistics == "exact" and self._grid is not None and pass_due(
             server_round, self.statistics_every, self._num_rounds
@@ -493,7 +446,7 @@ class FedTAN(Strategy):
             for node, why in outcome.dropped.items():
                 ledger.dropped.setdefault(node, f"statistics pass: {why}")
         self._update_failures(round_, completed=True)
-        metrics.update(self._round_summary(round_, len(contributions)))
+        metrics.update(round_summary(round_, len(contributions)))
         if self.checkpoint_dir is not None:
             self.save_checkpoint(self.checkpoint_dir, server_round, merged)
         return merged, metrics
@@ -525,29 +478,6 @@ class FedTAN(Strategy):
             return []
         participants = sorted(m.metadata.dst_node_id for m in messages)
         return self.driver.run(grid, round_, participants, self.min_train_nodes, self.weighted_by_key)
-
-    # ------------------------------------------------------------------ round summaries
-    def _skipped(self, round_: TrainRound) -> MetricRecord:
-        reason = "; ".join(f"node {n}: {why}" for n, why in round_.ledger.dropped.items()) or "too few clients"
-        log(WARNING, "Round %d skipped, global model kept (%s)", round_.server_round, reason)
-        metrics = MetricRecord({"fedtan-skipped": 1})
-        metrics.update(self._round_summary(round_, 0))
-        return metrics
-
-    @staticmethod
-    def _round_summary(round_: TrainRound, clients: int) -> dict:
-        """Log the round's summary line; return its ``fedtan-*`` metrics."""
-        ledger = round_.ledger
-        replays = sum(int(s.metrics.get("replays", 0)) for s in round_.statuses.values())
-        metrics = ledger.metrics(clients)
-        metrics.update(ledger.progress.metrics("fedtan-"))
-        metrics["fedtan-replays"] = replays
-        log(INFO, "FedTAN round %d done in %.1f s: %d exchanges; synchronised step: %s; final exchange %.2f s; "
-            "%s sent, %s received; %d replays; %d restarts; %d dropped", round_.server_round,
-            metrics["fedtan-round-seconds"], ledger.exchanges, ledger.progress.describe(),
-            ledger.final_exchange_seconds, describe_bytes(ledger.bytes_sent), describe_bytes(ledger.bytes_received),
-            replays, ledger.restarts, len(ledger.dropped))
-        return metrics
 
     def _update_failures(self, round_: TrainRound, completed: bool) -> None:
         self.quarantine.update(round_.server_round, round_.contents, round_.ledger.dropped, completed)

@@ -14,11 +14,11 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from logging import WARNING
+from logging import INFO, WARNING
 from typing import Optional, Union
 
 import numpy as np
-from flwr.app import Message, RecordDict
+from flwr.app import Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
@@ -34,7 +34,7 @@ from ..aggregation import (
     sum_backward_sums,
     value_limit,
 )
-from ..progress import ExchangeProgress
+from ..progress import ExchangeProgress, describe_bytes
 from ..seeds import derive_seed
 from .exchange import (
     ExchangeLedger,
@@ -46,7 +46,8 @@ from .exchange import (
     within_limit,
 )
 
-__all__ = ["REASON_CHARS", "RoundDriver", "RoundLedger", "TrainRound"]
+__all__ = ["REASON_CHARS", "RoundDriver", "RoundLedger", "TrainRound", "new_round_ledger", "round_summary",
+           "skipped_round"]
 
 REASON_CHARS = 400  # a drop reason quotes the client's own text: keep the log readable
 
@@ -368,3 +369,27 @@ def new_round_ledger(server_round: int, progress_interval: Optional[float]) -> R
     """The ledger of a new round: its drop lines and progress lines name the round."""
     return RoundLedger(title=f"FedTAN round {server_round}", reason_chars=REASON_CHARS,
                        progress=ExchangeProgress(f"FedTAN round {server_round}", progress_interval))
+
+
+def round_summary(round_: TrainRound, clients: int) -> dict:
+    """Log the round's summary line; return its ``fedtan-*`` metrics."""
+    ledger = round_.ledger
+    replays = sum(int(s.metrics.get("replays", 0)) for s in round_.statuses.values())
+    metrics = ledger.metrics(clients)
+    metrics.update(ledger.progress.metrics("fedtan-"))
+    metrics["fedtan-replays"] = replays
+    log(INFO, "FedTAN round %d done in %.1f s: %d exchanges; synchronised step: %s; final exchange %.2f s; "
+        "%s sent, %s received; %d replays; %d restarts; %d dropped", round_.server_round,
+        metrics["fedtan-round-seconds"], ledger.exchanges, ledger.progress.describe(),
+        ledger.final_exchange_seconds, describe_bytes(ledger.bytes_sent), describe_bytes(ledger.bytes_received),
+        replays, ledger.restarts, len(ledger.dropped))
+    return metrics
+
+
+def skipped_round(round_: TrainRound) -> MetricRecord:
+    """Log why the round was skipped; return its metrics (``fedtan-skipped`` and the summary's)."""
+    reason = "; ".join(f"node {n}: {why}" for n, why in round_.ledger.dropped.items()) or "too few clients"
+    log(WARNING, "Round %d skipped, global model kept (%s)", round_.server_round, reason)
+    metrics = MetricRecord({"fedtan-skipped": 1})
+    metrics.update(round_summary(round_, 0))
+    return metrics
