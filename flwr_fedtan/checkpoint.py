@@ -17,16 +17,20 @@ from __future__ import annotations
 import io
 import json
 import re
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore import log
 
+from .quarantine import FailureRecord
 from .private_files import UnsafePathError, private_dir, read_private_file, write_private_file
 
 __all__ = ["FORMAT", "SUFFIX", "checkpoint_name", "round_of", "list_checkpoints", "write", "read",
-           "encode_state", "decode_state", "Unsupported"]
+           "encode_state", "decode_state", "Unsupported", "save_run", "load_run"]
 
 FORMAT = 2  # format 1 was a pickle: never loaded
 SUFFIX = ".fedtan-ckpt"
@@ -174,3 +178,73 @@ def read(path: Path) -> tuple[dict, Any]:
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise ValueError(f"{path} is not a FedTAN checkpoint of format {FORMAT}")
     return document, decode_state(document.pop("state"), arrays)
+
+
+# ---------------------------------------------------------------------- FedTAN's run state
+def save_run(folder: Path, server_round: int, arrays: ArrayRecord, strategy: Strategy, seed: int,
+             failures: dict[int, FailureRecord], keep: int) -> Path:
+    """Write the state of a FedTAN run after ``server_round`` in ``folder``: the global
+    ``arrays``, the wrapped ``strategy``'s plain-data attributes, the ``failures`` records
+    and the ``seed``; keep the newest ``keep`` checkpoints there (0: all). Returns the file."""
+    header = {
+        "round": int(server_round),
+        "seed": seed,
+        "strategy-class": type(strategy).__name__,
+        "failures": [[int(n), vars(r).copy()] for n, r in failures.items()],
+    }
+    state = {"arrays": ArrayRecord({k: v for k, v in arrays.items()}), "strategy": _capture_state(strategy)}
+    target = write(folder, server_round, header, state)
+    if keep > 0:
+        for _, old in list_checkpoints(target.parent)[: -keep]:
+            old.unlink(missing_ok=True)
+    return target
+
+
+def load_run(path: Path, strategy: Strategy, seed: int) -> tuple[int, ArrayRecord, dict[int, FailureRecord]]:
+    """Restore ``strategy``'s state from a checkpoint (a file, or a folder: the one of the
+    highest round number); return its round, global arrays and failure records."""
+    file = path
+    if file.is_dir() and not file.is_symlink():
+        found = list_checkpoints(file)
+        if not found:
+            raise FileNotFoundError(f"no FedTAN checkpoint (round-*{SUFFIX}) in {file}")
+        file = found[-1][1]
+    payload, state = read(file)
+    if payload.get("strategy-class") != type(strategy).__name__:
+        raise ValueError(
+            f"{file} was written by FedTAN around {payload.get('strategy-class')}, this one wraps "
+            f"{type(strategy).__name__}: build the same strategy to resume"
+        )
+    if payload.get("seed") != seed:
+        log(WARNING, "FedTAN: checkpoint seed %s differs from this strategy's %s: the resumed rounds "
+            "will not match the original run", payload.get("seed"), seed)
+    _restore_state(strategy, state["strategy"])
+    failures = {int(n): FailureRecord(**r) for n, r in payload["failures"]}
+    log(INFO, "FedTAN: resuming after round %d from %s", payload["round"], file)
+    return int(payload["round"]), state["arrays"], failures
+
+
+def _capture_state(obj: Any) -> dict:
+    """A strategy's plain-data attributes (nested wrapped strategies included), encodable
+    in a checkpoint."""
+    state = {}
+    for name, value in vars(obj).items():
+        if isinstance(value, Strategy):
+            state[name] = ("strategy", _capture_state(value))
+        elif callable(value):
+            continue
+        else:
+            try:
+                encode_state(value, {})
+            except Unsupported:  # e.g. a lock or a client handle: not state to resume
+                continue
+            state[name] = ("value", value)
+    return state
+
+
+def _restore_state(obj: Any, state: dict) -> None:
+    for name, (kind, value) in state.items():
+        if kind == "strategy":
+            _restore_state(getattr(obj, name), value)
+        else:
+            setattr(obj, name, value)

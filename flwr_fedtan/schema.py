@@ -60,7 +60,14 @@ __all__ = [
     "MESSAGE_TYPE",
     "Control",
     "Status",
+    "KeysStatus",
+    "BlameStatus",
+    "SyncStatus",
+    "DoneStatus",
+    "StatsDoneStatus",
+    "point_of",
     "encode_begin",
+    "with_attempt",
     "encode_aggregate",
     "decode_control",
     "encode_request",
@@ -121,19 +128,55 @@ class Control:
 
 @dataclass(frozen=True)
 class Status:
-    """A client's reply: either a sync point with its payload, or ``done``."""
+    """A client's reply, decoded (:func:`decode_reply`): one subclass per reply phase, each
+    with the fields of its phase only."""
 
     phase: str
     round: int
     step: int
-    point: Optional[SyncPoint] = None
-    payload: Optional[Payload] = None
-    arrays: Optional[ArrayRecord] = None
-    metrics: Optional[MetricRecord] = None
-    public_key: Optional[bytes] = None  # keys reply
-    buffer_calls: Optional[dict] = None  # stats-done: {key: ("mean" | "var", [calls])}
-    num_examples: int = 0  # stats-done: examples the client forwarded
-    canary_masks: Optional[dict] = None  # blame reply: {peer: (2,) uint64}
+
+
+@dataclass(frozen=True)
+class KeysStatus(Status):
+    """The reply to a key exchange (``keys``): the client's public key for the round."""
+
+    public_key: bytes
+
+
+@dataclass(frozen=True)
+class BlameStatus(Status):
+    """The reply to a blame request: the canary's pair mask with every peer."""
+
+    canary_masks: dict  # {peer: (2,) uint64}
+
+
+@dataclass(frozen=True)
+class SyncStatus(Status):
+    """A reply at a sync point (``forward`` or ``backward``): the point and its payload."""
+
+    point: SyncPoint
+    payload: Union[Payload, MaskedPayload]
+
+
+@dataclass(frozen=True)
+class DoneStatus(Status):
+    """A client's last reply of a round (``done``): its trained model and metrics."""
+
+    arrays: ArrayRecord
+    metrics: MetricRecord
+
+
+@dataclass(frozen=True)
+class StatsDoneStatus(Status):
+    """A client's last reply of a statistics pass (``stats-done``)."""
+
+    buffer_calls: dict  # {key: ("mean" | "var", [calls])}
+    num_examples: int  # examples the client forwarded
+
+
+def point_of(status: Status) -> Optional[SyncPoint]:
+    """The sync point a reply is at, ``None`` for a reply that is not at one."""
+    return status.point if isinstance(status, SyncStatus) else None
 
 
 # ---------------------------------------------------------------------- server -> client
@@ -176,6 +219,16 @@ def encode_begin(
         content[SECURE] = roster_record(roster)
         content[SHIFTS] = shifts_record(shifts)
     return content
+
+
+def with_attempt(content: RecordDict, attempt: int) -> RecordDict:
+    """A ``begin`` message for attempt ``attempt`` of its round (the client derives the
+    attempt's batch seed from the run seed, the round and the attempt)."""
+    control = ConfigRecord(dict(content.config_records[CONTROL]))
+    control["attempt"] = attempt
+    out = RecordDict(dict(content.items()))
+    out[CONTROL] = control
+    return out
 
 
 def with_roster(content: RecordDict, attempt: int, roster: Roster, shifts: Optional[dict]) -> RecordDict:
@@ -395,7 +448,7 @@ def decode_reply(content: RecordDict, sender: Hashable, weighted_by_key: str) ->
         key = record["public-key"].numpy()
         if key.dtype != np.uint8 or key.shape != (32,):
             raise PayloadError(sender, f"public-key is {key.dtype} {key.shape}, expected uint8 (32,)")
-        return Status(phase=phase, round=round_, step=step, public_key=key.tobytes())
+        return KeysStatus(phase=phase, round=round_, step=step, public_key=key.tobytes())
     if phase == PHASE_BLAME:
         record = content.array_records.get(SECURE)
         if record is None or set(record.keys()) != {"peers", "masks"}:
@@ -406,7 +459,7 @@ def decode_reply(content: RecordDict, sender: Hashable, weighted_by_key: str) ->
             raise PayloadError(sender, f"blame reply: peers {peers.dtype} {peers.shape}, masks {masks.dtype} "
                                        f"{masks.shape}; expected uint64 (P,) and (2, P)")
         revealed = {int(peer): masks[:, i].copy() for i, peer in enumerate(peers)}
-        return Status(phase=phase, round=round_, step=step, canary_masks=revealed)
+        return BlameStatus(phase=phase, round=round_, step=step, canary_masks=revealed)
     if phase == PHASE_DONE:
         arrays = content.array_records.get(ARRAYS)
         metrics = content.metric_records.get(METRICS)
@@ -417,13 +470,14 @@ def decode_reply(content: RecordDict, sender: Hashable, weighted_by_key: str) ->
         weight = metrics[weighted_by_key]
         if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not weight > 0:
             raise PayloadError(sender, f"'{weighted_by_key}' must be a positive number, got {weight!r}")
-        return Status(phase=phase, round=round_, step=step, arrays=arrays, metrics=metrics)
+        return DoneStatus(phase=phase, round=round_, step=step, arrays=arrays, metrics=metrics)
     if phase == PHASE_STATS_DONE:
         examples = _get_int(sender, status, "num-examples")
         if examples < 1:
             raise PayloadError(sender, f"'num-examples' must be >= 1, got {examples}")
         buffer_calls = _buffer_calls_from(sender, content.config_records.get(STATS_BUFFERS))
-        return Status(phase=phase, round=round_, step=step, buffer_calls=buffer_calls, num_examples=examples)
+        return StatsDoneStatus(phase=phase, round=round_, step=step, buffer_calls=buffer_calls,
+                               num_examples=examples)
     if phase not in (PHASE_FORWARD, PHASE_BACKWARD):
         raise PayloadError(sender, f"unknown reply phase {phase!r}")
     point = SyncPoint(
@@ -433,7 +487,7 @@ def decode_reply(content: RecordDict, sender: Hashable, weighted_by_key: str) ->
         channels=_get_int(sender, status, "channels"),
     )
     payload = _payload_from(sender, phase, content.array_records.get(STATS), status)
-    return Status(phase=phase, round=round_, step=step, point=point, payload=payload)
+    return SyncStatus(phase=phase, round=round_, step=step, point=point, payload=payload)
 
 
 def record_bytes(content: RecordDict) -> int:

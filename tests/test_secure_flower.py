@@ -58,7 +58,7 @@ def test_secure_rounds_equal_the_clear_reference_and_the_server_sees_only_masks(
         metrics = result.train_metrics_clientapp[round_no]
         assert metrics["fedtan-exchanges"] == 2 * NUM_BN_CALLS + 2  # + the key exchange
         assert metrics["fedtan-clients"] == 3 and metrics["fedtan-restarts"] == 0
-    assert set(strategy._secure.shifts) == set(range(NUM_BN_CALLS))  # forward points 0, 1, 2
+    assert set(strategy.driver.secure.shifts) == set(range(NUM_BN_CALLS))  # forward points 0, 1, 2
 
     payloads = 0
     for reply in grid.seen:

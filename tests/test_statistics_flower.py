@@ -225,6 +225,35 @@ def test_statistics_options_are_refused_with_the_fix():
         ExactStatistics(FedTAN())
 
 
+def test_exact_statistics_hands_progress_interval_and_max_growth_to_the_pass(caplog):
+    """ExactStatistics takes the pass's options as one set: ``progress_interval=0`` logs a
+    line for every exchange of the pass (``None``: none), and a ``max_growth`` too small for
+    the pooled statistics keeps the aggregated ones, as FedTAN's pass does."""
+    def exchange_lines():
+        return [r for r in caplog.records if "Statistics pass of round 1: exchange" in r.getMessage()]
+
+    with caplog.at_level(logging.INFO):
+        every = ExactStatistics(FedAvg(min_available_nodes=3, fraction_evaluate=0.0), statistics_examples=ALL,
+                                progress_interval=0)
+        run(every, rounds=1)
+    assert every.outcomes[1].buffers is not None
+    assert len(exchange_lines()) == every.outcomes[1].exchanges == 19 + 1  # a line per BatchNorm call, and done
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        silent = ExactStatistics(FedAvg(min_available_nodes=3, fraction_evaluate=0.0), statistics_examples=ALL,
+                                 progress_interval=None)
+        run(silent, rounds=1)
+    assert silent.outcomes[1].buffers is not None and not exchange_lines()
+    with caplog.at_level(logging.WARNING):
+        bounded = ExactStatistics(FedAvg(min_available_nodes=3, fraction_evaluate=0.0), statistics_examples=ALL,
+                                  max_growth=1.0 + 1e-9)
+        run(bounded, rounds=1)
+    assert bounded.outcomes[1].buffers is None
+    assert "beyond its limit" in caplog.text and "1 times the global" in caplog.text
+    with pytest.raises(TypeError, match="unknown options \\['max_grow'\\]"):
+        ExactStatistics(FedAvg(), max_grow=10.0)
+
+
 def test_a_model_is_left_unchanged_by_a_client_pass():
     """The client's pass touches neither parameters nor buffers of its model."""
     client = client_fn(type("C", (), {"node_config": {"partition-id": 0}})())
@@ -244,7 +273,7 @@ def test_a_model_is_left_unchanged_by_a_client_pass():
 def test_an_unexpected_error_in_the_pass_keeps_the_aggregated_statistics_and_the_run(monkeypatch, caplog):
     """Whatever goes wrong inside the pass (here the pooling itself raises), the round keeps
     its aggregated statistics and the run goes on: the pass never ends a run."""
-    import flwr_fedtan.exact_statistics as module
+    import flwr_fedtan.protocol.pass_driver as module
 
     def broken(*args, **kwargs):
         raise ArithmeticError("pooling broke")

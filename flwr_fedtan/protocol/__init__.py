@@ -1,2 +1,4 @@
 """FedTAN's protocol, both sides, no torch: :mod:`.codec`, the one checked encoding of
-statistics, sums, masked payloads, rosters and shifts."""
+statistics, sums, masked payloads, rosters and shifts; the server's round driver and
+statistics pass driver (:mod:`.driver`, :mod:`.pass_driver`) and the exchanges under them
+(:mod:`.exchange`)."""

@@ -1,0 +1,395 @@
+"""The server's round driver: a FedTAN round's exchanges on a Flower Grid, no strategy logic.
+
+No torch here. :class:`RoundDriver` runs the round :class:`~flwr_fedtan.FedTAN` configured:
+the secure key exchange, then attempts of the synchronised step(s) (``2L * sync_steps + 1``
+exchanges each), pooling every sync point's payloads, dropping the clients that fail and
+restarting without them, blaming the client whose masks do not cancel, and logging the
+progress. What the round cost and whom it dropped is kept in its :class:`RoundLedger`. The
+statistics pass after aggregation has its own driver
+(:class:`~flwr_fedtan.protocol.pass_driver.StatisticsPassDriver`) over the same exchanges.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Optional, Union
+
+import numpy as np
+from flwr.app import Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+from .. import schema, secure
+from ..aggregation import (
+    BackwardSums,
+    ForwardStats,
+    PayloadError,
+    SyncPoint,
+    check_payload,
+    forward_count_violations,
+    pool_forward_stats,
+    sum_backward_sums,
+    value_limit,
+)
+from ..progress import ExchangeProgress, describe_bytes
+from ..seeds import round_seed
+from .exchange import (
+    ExchangeLedger,
+    Exchanges,
+    Restart,
+    count_claims,
+    payload_kind_mismatches,
+    unexpected,
+    within_limit,
+)
+
+__all__ = ["REASON_CHARS", "RoundDriver", "RoundLedger", "TrainRound", "new_round_ledger", "round_summary",
+           "skipped_round"]
+
+REASON_CHARS = 400  # a drop reason quotes the client's own text: keep the log readable
+
+
+@dataclass
+class RoundLedger(ExchangeLedger):
+    """What one round cost: counted on the server."""
+
+    sync_seconds: float = 0.0
+    final_exchange_seconds: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+    batchnorm_calls: Optional[int] = None  # L, known from the first backward sync point
+
+    def metrics(self, clients: int) -> dict:
+        """The round's cost as train metrics (``fedtan-*``)."""
+        return {
+            "fedtan-clients": clients,
+            "fedtan-exchanges": self.exchanges,
+            "fedtan-bytes-sent": self.bytes_sent,
+            "fedtan-bytes-received": self.bytes_received,
+            "fedtan-sync-wall-seconds": self.sync_seconds,
+            "fedtan-final-exchange-seconds": self.final_exchange_seconds,
+            "fedtan-round-seconds": time.perf_counter() - self.started,
+            "fedtan-restarts": self.restarts,
+            "fedtan-dropped": len(self.dropped),
+        }
+
+
+@dataclass
+class TrainRound:
+    """A round in flight: from ``configure_train`` to ``aggregate_train``."""
+
+    server_round: int
+    reference: dict[str, np.ndarray]  # the global model the round started from
+    contents: dict[int, RecordDict]  # each node's begin message
+    ledger: RoundLedger
+    synchronised: dict[int, int] = field(default_factory=dict)  # examples each client synchronised with
+    saw_forward: bool = False
+    statuses: dict[int, schema.DoneStatus] = field(default_factory=dict)  # the final replies
+
+
+@dataclass
+class _Attempt:
+    """One attempt of a round's synchronised step(s): what it has seen so far."""
+
+    seed: int
+    number: int
+    roster: Optional[secure.Roster]
+    limit: float
+    synchronised: dict[int, int]
+    received: int = 0  # aggregates sent so far
+    step: Optional[int] = None  # the synchronised step of step_examples
+    step_examples: dict[int, int] = field(default_factory=dict)
+
+
+class RoundDriver:
+    """Drives FedTAN rounds on a Grid (server side, no torch, no strategy logic).
+
+    Parameters are :class:`~flwr_fedtan.FedTAN`'s of the same names; ``secure_stats``
+    masks every payload (a key exchange before the first attempt and after each restart).
+    """
+
+    def __init__(self, *, sync_steps: int, exchange_timeout: float, poll_interval: float, max_restarts: int,
+                 seed: int, uniform_positions: bool, max_growth: float, secure_stats: bool) -> None:
+        self.sync_steps = sync_steps
+        self.exchange_timeout = exchange_timeout
+        self.poll_interval = poll_interval
+        self.max_restarts = max_restarts
+        self.seed = seed
+        self.uniform_positions = uniform_positions
+        self.max_growth = max_growth
+        self.secure = secure.ServerSession() if secure_stats else None
+
+    def round_seed(self, server_round: int, attempt: int) -> int:
+        """The seed of the clients' batches in ``(round, attempt)`` (each derives it itself)."""
+        return round_seed(self.seed, server_round, attempt)
+
+    def run(self, grid: Grid, round_: TrainRound, participants: list[int], min_clients: int,
+            weighted_by_key: str) -> list[Message]:
+        """Drive the synchronised step(s) of ``round_`` on ``participants``; return the
+        clients' final replies (empty if fewer than ``min_clients`` got through)."""
+        exchanges = Exchanges(grid, round_.ledger, server_round=round_.server_round, timeout=self.exchange_timeout,
+                              poll_interval=self.poll_interval, weighted_by_key=weighted_by_key)
+        ledger = round_.ledger
+        if self.secure is not None:
+            participants = self._key_exchange(exchanges, participants)
+        # Secure statistics need two clients: one client's statistics cannot hide in a sum.
+        least = max(2, min_clients) if self.secure is not None else min_clients
+        for attempt in range(self.max_restarts + 1):
+            if len(participants) < least:
+                break
+            try:
+                seed = self.round_seed(round_.server_round, attempt)
+                return self._attempt(exchanges, round_, participants, seed, attempt)
+            except Restart:
+                failed = [n for n in participants if n in ledger.dropped]
+                participants = [n for n in participants if n not in ledger.dropped]
+                if len(participants) < least or attempt == self.max_restarts:
+                    break
+                ledger.restarts += 1
+                log(WARNING, "Round %d: restarting the synchronised step with %d clients (without %s)",
+                    round_.server_round, len(participants),
+                    "; ".join(f"node {n}: {ledger.dropped[n]}" for n in failed))
+                if self.secure is not None:  # fresh keys: clients that finished have dropped theirs
+                    participants = self._key_exchange(exchanges, participants)
+        return []
+
+    # ------------------------------------------------------------------ one attempt
+    def _attempt(self, exchanges: Exchanges, round_: TrainRound, participants: list[int], seed: int,
+                 number: int) -> list[Message]:
+        begin = {n: schema.with_attempt(round_.contents[n], number) for n in participants}
+        roster = None
+        if self.secure is not None:
+            roster = self.secure.roster(participants)
+            begin = {n: schema.with_roster(c, number, roster, self.secure.shifts) for n, c in begin.items()}
+        state = _Attempt(seed, number, roster, value_limit(round_.reference), {n: 0 for n in participants})
+        ledger = round_.ledger
+        started = time.perf_counter()
+        result = exchanges.send(begin)
+        self._note_progress(ledger, result.statuses, 1, number)
+        round_.saw_forward = False
+        while True:
+            statuses = result.statuses
+            if all(isinstance(s, schema.DoneStatus) for s in statuses.values()):
+                round_.statuses = {n: s for n, s in statuses.items() if isinstance(s, schema.DoneStatus)}
+                round_.synchronised = state.synchronised
+                return [result.replies[n] for n in sorted(statuses)]
+            point, step, payloads = self._at_one_point(ledger, statuses, roster is not None)
+            aggregate = self._pool(exchanges, round_, state, point, step, payloads)
+            content = schema.encode_aggregate(round_.server_round, step, state.received, point, aggregate,
+                                              self.sync_steps, seed)
+            state.received += 1
+            sent = time.perf_counter()
+            result = exchanges.send({n: content for n in statuses})
+            ledger.final_exchange_seconds = time.perf_counter() - sent
+            ledger.sync_seconds = sent - started
+            self._note_progress(ledger, result.statuses, state.received + 1, number)
+
+    def _at_one_point(self, ledger: RoundLedger, statuses: dict[int, schema.Status], masked: bool
+                      ) -> tuple[SyncPoint, int, dict]:
+        """The sync point and step every client reached, and their payloads; the clients
+        elsewhere (the minority), or with the wrong kind of payload, are dropped (restart)."""
+        if any(isinstance(s, schema.DoneStatus) for s in statuses.values()):
+            self._drop_minority(ledger, statuses)
+        key_of = {n: (s.step, schema.point_of(s)) for n, s in statuses.items()}
+        majority, _ = Counter(key_of.values()).most_common(1)[0]
+        for node, key in key_of.items():
+            if key != majority:
+                ledger.drop(node, f"at sync point {key}, the others at {majority}")
+        for node, status in statuses.items():
+            if not isinstance(status, schema.SyncStatus):
+                ledger.drop(node, f"replied {status.phase!r} during the synchronised step")
+        ledger.restart_if_dropped(statuses)
+        sync = {n: s for n, s in statuses.items() if isinstance(s, schema.SyncStatus)}
+        payloads = {n: s.payload for n, s in sync.items()}
+        for node, why in payload_kind_mismatches(payloads, masked, "round").items():
+            ledger.drop(node, why)
+        ledger.restart_if_dropped(statuses)
+        first = next(iter(sync.values()))
+        return first.point, first.step, payloads
+
+    def _pool(self, exchanges: Exchanges, round_: TrainRound, state: _Attempt, point: SyncPoint, step: int,
+              payloads: dict) -> Union[ForwardStats, BackwardSums]:
+        """The aggregate of one sync point; a client whose payload is at fault is dropped,
+        and a failure that names no client restarts the attempt."""
+        ledger, masked = round_.ledger, state.roster is not None
+        try:
+            if point.phase == schema.PHASE_FORWARD:
+                self._count_forward(ledger, state, step, count_claims(payloads, masked))
+                round_.saw_forward = True
+            aggregate: Union[ForwardStats, BackwardSums]
+            if state.roster is not None and self.secure is not None:
+                where = secure.describe_point(round_.server_round, step, point.phase, point.index, point.call)
+                aggregate = self.secure.decode(payloads, state.roster, point.index, where)
+            elif point.phase == schema.PHASE_FORWARD:
+                aggregate = pool_forward_stats(payloads, point.channels, state.limit, self.max_growth)
+            else:
+                aggregate = sum_backward_sums(payloads, point.channels, state.limit, self.max_growth)
+            if not within_limit(aggregate, state.limit):  # clear pooling names the client; masked sums cannot
+                raise secure.FixedPointOverflowError(
+                    f"round {round_.server_round}: the pooled {point.phase} statistics of BatchNorm call "
+                    f"{point.call} exceed the model's floating-point range {state.limit:.3g}"
+                )
+            return aggregate
+        except Restart:
+            raise
+        except PayloadError as error:
+            ledger.drop(error.client, f"payload rejected at {point.phase} call {point.call}: {error}")
+            raise Restart() from None
+        except secure.SecureStatsError as error:  # names no client: retry with fresh masks
+            log(WARNING, "Round %d: secure statistics failed, restarting: %s", round_.server_round, error)
+            if isinstance(error, secure.CanaryMismatchError) and state.roster is not None:
+                self._blame(exchanges, state.roster, payloads, state.received)
+            raise Restart() from None
+        except Exception as error:  # unexpected: find whose payload caused it, never end the run
+            node, why = _first_bad_payload(payloads, point, masked)
+            if node is None:
+                log(WARNING, "Round %d: %s at %s call %d, no client to blame, restarting: %s",
+                    round_.server_round, type(error).__name__, point.phase, point.call, error)
+            else:
+                ledger.drop(node, f"payload rejected at {point.phase} call {point.call}: {why}")
+            raise Restart() from None
+
+    def _count_forward(self, ledger: RoundLedger, state: _Attempt, step: int, claims: dict[int, ForwardStats]
+                       ) -> None:
+        """Check a forward point's counts against the step's (a mismatch drops the client);
+        count each client's examples once per synchronised step."""
+        if step != state.step:
+            state.step, state.step_examples = step, {}
+        violations = forward_count_violations(claims, state.step_examples, self.uniform_positions)
+        for node, why in violations.items():
+            ledger.drop(node, why)
+        if violations:
+            raise Restart()
+        for node, claim in claims.items():
+            if node not in state.step_examples:
+                state.step_examples[node] = claim.num_examples
+                state.synchronised[node] += claim.num_examples
+
+    def _note_progress(self, ledger: RoundLedger, statuses: dict[int, schema.Status], index: int,
+                       attempt: int) -> None:
+        """The progress line of the attempt's exchange ``index`` (from 1), described by the
+        sync point most replies reached. Its seconds count towards the round's median and
+        max unless it is the final exchange (``fedtan-final-exchange-seconds``)."""
+        timing = ledger.last_exchange
+        if timing is None or not statuses:
+            return
+        (phase, step, point), _ = Counter(
+            (s.phase, s.step, schema.point_of(s)) for s in statuses.values()
+        ).most_common(1)[0]
+        if ledger.batchnorm_calls is None:
+            if point is not None and point.phase == schema.PHASE_BACKWARD and step == 0:
+                ledger.batchnorm_calls = point.index  # forward points are 0..L-1 of every step
+            elif phase == schema.PHASE_DONE:
+                ledger.batchnorm_calls = 0
+        total = None if ledger.batchnorm_calls is None else 2 * ledger.batchnorm_calls * self.sync_steps + 1
+        number = f"{index}" if total is None else f"{index}/{total}"
+        if point is None:
+            what = "local steps and final models" if phase == schema.PHASE_DONE else phase
+        else:
+            what = f"step {step + 1}, {point.phase}, BatchNorm call {point.call}"
+        if attempt:
+            what += f", attempt {attempt + 1}"
+        final = phase == schema.PHASE_DONE
+        ledger.progress.record(timing, f"{number} ({what})", force=index == 1 or final, counted=not final)
+
+    # ------------------------------------------------------------------ secure statistics
+    def _key_exchange(self, exchanges: Exchanges, participants: list[int]) -> list[int]:
+        """Collect the round's public keys; nodes that fail are dropped before any statistic
+        is sent. Returns the nodes with a key."""
+        session, ledger = self.secure, exchanges.ledger
+        assert session is not None
+        session.new_round(exchanges.server_round)
+        content = schema.encode_keys(exchanges.server_round, self.sync_steps)
+        for _ in range(self.max_restarts + 1):
+            participants = [n for n in participants if n not in ledger.dropped]
+            try:
+                statuses = exchanges.send({n: content for n in participants}).statuses
+            except Restart:
+                continue
+            for node, status in statuses.items():
+                try:
+                    if not isinstance(status, schema.KeysStatus):
+                        raise PayloadError(node, f"replied {status.phase!r} to the key exchange")
+                    session.accept_public_key(node, status.public_key)
+                except PayloadError as error:
+                    ledger.drop(node, str(error))
+                except Exception as error:  # pylint: disable=broad-except
+                    ledger.drop(node, unexpected(error))
+            return [n for n in participants if n in session.public_keys]
+        return []
+
+    def _blame(self, exchanges: Exchanges, roster: secure.Roster, payloads: dict, exchange: int) -> None:
+        """The canaries of ``exchange`` did not cancel: every client reveals its pair masks of
+        that canary (and nothing else), and the client whose canary or masks do not add up
+        is dropped (:func:`flwr_fedtan.secure.blame_canary`)."""
+        length = int(next(iter(payloads.values())).masked.shape[1])
+        content = schema.encode_blame(exchanges.server_round, self.sync_steps, exchange, length)
+        try:
+            statuses = exchanges.send({n: content for n in payloads}).statuses
+        except Restart:  # whoever did not answer is dropped already
+            return
+        revealed = {n: s.canary_masks for n, s in statuses.items() if isinstance(s, schema.BlameStatus)}
+        try:
+            blamed = secure.blame_canary(payloads, roster, revealed)
+        except Exception as error:  # pylint: disable=broad-except
+            log(WARNING, "Round %d: could not tell whose canary failed (%s: %s)", exchanges.server_round,
+                type(error).__name__, error)
+            return
+        for node, why in blamed.items():
+            exchanges.ledger.drop(node, f"masks did not cancel at exchange {exchange}: {why}")
+
+    @staticmethod
+    def _drop_minority(ledger: RoundLedger, statuses: dict[int, schema.Status]) -> None:
+        done = [n for n, s in statuses.items() if isinstance(s, schema.DoneStatus)]
+        busy = [n for n in statuses if n not in done]
+        for node in done if len(done) <= len(busy) else busy:
+            ledger.drop(node, "finished its synchronised steps early" if node in done
+                        else "still synchronising while the others finished")
+        raise Restart()
+
+
+def _first_bad_payload(payloads: dict, point: SyncPoint, masked: bool) -> tuple[Optional[int], str]:
+    """The first client whose payload, checked on its own, is malformed, and why."""
+    for node, payload in payloads.items():
+        try:
+            if not masked:
+                check_payload(node, payload, point.phase, point.channels)
+            elif point.phase == schema.PHASE_FORWARD and not (
+                isinstance(payload.count, float) and isinstance(payload.num_examples, int)
+            ):
+                raise PayloadError(node, "masked forward payload without its clear counts")
+        except Exception as error:  # pylint: disable=broad-except
+            return node, str(error) if isinstance(error, PayloadError) else unexpected(error)
+    return None, ""
+
+
+def new_round_ledger(server_round: int, progress_interval: Optional[float]) -> RoundLedger:
+    """The ledger of a new round: its drop lines and progress lines name the round."""
+    return RoundLedger(title=f"FedTAN round {server_round}", reason_chars=REASON_CHARS,
+                       progress=ExchangeProgress(f"FedTAN round {server_round}", progress_interval))
+
+
+def round_summary(round_: TrainRound, clients: int) -> dict:
+    """Log the round's summary line; return its ``fedtan-*`` metrics."""
+    ledger = round_.ledger
+    replays = sum(int(s.metrics.get("replays", 0)) for s in round_.statuses.values())
+    metrics = ledger.metrics(clients)
+    metrics.update(ledger.progress.metrics("fedtan-"))
+    metrics["fedtan-replays"] = replays
+    log(INFO, "FedTAN round %d done in %.1f s: %d exchanges; synchronised step: %s; final exchange %.2f s; "
+        "%s sent, %s received; %d replays; %d restarts; %d dropped", round_.server_round,
+        metrics["fedtan-round-seconds"], ledger.exchanges, ledger.progress.describe(),
+        ledger.final_exchange_seconds, describe_bytes(ledger.bytes_sent), describe_bytes(ledger.bytes_received),
+        replays, ledger.restarts, len(ledger.dropped))
+    return metrics
+
+
+def skipped_round(round_: TrainRound) -> MetricRecord:
+    """Log why the round was skipped; return its metrics (``fedtan-skipped`` and the summary's)."""
+    reason = "; ".join(f"node {n}: {why}" for n, why in round_.ledger.dropped.items()) or "too few clients"
+    log(WARNING, "Round %d skipped, global model kept (%s)", round_.server_round, reason)
+    metrics = MetricRecord({"fedtan-skipped": 1})
+    metrics.update(round_summary(round_, 0))
+    return metrics

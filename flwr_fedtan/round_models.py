@@ -1,0 +1,225 @@
+"""The end of a FedTAN round on the server: the clients' returned models, checked and
+weighed, aggregated by the wrapped strategy, merged with the pooled BatchNorm buffers.
+
+No torch here. Used by :class:`~flwr_fedtan.FedTAN`'s ``aggregate_train``; a client whose
+model fails a check is dropped in the round's ledger, with the reason.
+"""
+
+from __future__ import annotations
+
+import copy
+from logging import WARNING
+from typing import Any, Callable, Optional
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore import log
+
+from .aggregation import (
+    PayloadError,
+    aggregate_arrays,
+    check_arrays,
+    check_layout,
+    check_magnitudes,
+    nonfinite_culprit,
+)
+from .protocol.driver import REASON_CHARS, TrainRound
+from .protocol.exchange import unexpected
+
+__all__ = ["CLIENT_WEIGHTS", "Contributions", "aggregate_finite", "brief", "check_models", "keep_shared_metrics"]
+
+CLIENT_WEIGHTS = ("synchronised", "reported")
+
+Contributions = dict[int, tuple[dict[str, np.ndarray], float]]
+"""Each client's checked model (its arrays as NumPy) and averaging weight, by node."""
+
+
+def brief(text: str) -> str:
+    """``text`` cut to a drop reason's length (it may quote a client's own text)."""
+    return text if len(text) <= REASON_CHARS else text[:REASON_CHARS] + "..."
+
+
+def check_models(
+    round_: TrainRound,
+    replies: list[Message],
+    *,
+    weight_key: str,
+    arrayrecord_key: str,
+    is_buffer: Callable[[str], bool],
+    max_growth: float,
+    client_weight: str,
+) -> tuple[Contributions, dict[int, Message]]:
+    """The round's final models that pass the checks (keys, shapes, dtypes, NaN, negative
+    running variance, magnitudes, weight), and for each the reply the wrapped strategy
+    sees: its parameters (no buffers) and metrics with the checked weight. A client that
+    fails is dropped in ``round_``'s ledger."""
+    by_node = {reply.metadata.src_node_id: reply for reply in replies}
+    contributions: Contributions = {}
+    wrapped_replies: dict[int, Message] = {}
+    for node, status in round_.statuses.items():
+        try:
+            check_layout(node, {k: v.shape for k, v in status.arrays.items()}, round_.reference)
+            arrays = {k: v.numpy() for k, v in status.arrays.items()}
+            check_arrays(node, arrays, status.metrics[weight_key], round_.reference)
+            check_magnitudes(node, arrays, round_.reference, max_growth)
+            weight = _weight(node, status.metrics[weight_key], round_, client_weight, weight_key)
+            metrics = MetricRecord(dict(status.metrics))
+            metrics[weight_key] = int(weight) if float(weight).is_integer() else float(weight)
+            params = ArrayRecord({k: v for k, v in status.arrays.items() if not is_buffer(k)})
+            content = RecordDict({arrayrecord_key: params, "metrics": metrics})
+            wrapped_replies[node] = Message(content=content, metadata=by_node[node].metadata)
+        except PayloadError as error:
+            round_.ledger.drop(node, f"model left out of the average: {error}")
+            continue
+        except Exception as error:  # pylint: disable=broad-except
+            round_.ledger.drop(node, f"model left out of the average: {unexpected(error)}")
+            continue
+        contributions[node] = (arrays, weight)
+    return contributions, wrapped_replies
+
+
+def _weight(node: int, reported: Any, round_: TrainRound, client_weight: str, weight_key: str) -> float:
+    if client_weight == "reported" or not round_.saw_forward:
+        return float(reported)
+    synchronised = round_.synchronised.get(node, 0)
+    if float(reported) != float(synchronised):
+        raise PayloadError(
+            node,
+            f"reports '{weight_key}' = {reported} but synchronised with {synchronised} examples "
+            "(its forward payloads); if your clients weigh by something else, use "
+            "FedTAN(client_weight='reported')",
+        )
+    return float(synchronised)
+
+
+def aggregate_finite(
+    strategy: Strategy,
+    server_round: int,
+    round_: TrainRound,
+    contributions: Contributions,
+    wrapped_replies: dict[int, Message],
+    is_buffer: Callable[[str], bool],
+) -> tuple[Optional[ArrayRecord], Optional[MetricRecord], Optional[ArrayRecord]]:
+    """The wrapped strategy's aggregate merged with the pooled buffers, checked finite
+    before it becomes the global model. A non-finite result names the client with the
+    largest values in the offending array: it is dropped (``contributions`` loses it)
+    and the aggregation redone without it, the wrapped strategy's state (e.g. FedAdam's
+    moments) restored first. ``(None, None, None)`` if nothing usable is left."""
+    name = type(strategy).__name__
+    while contributions:
+        saved = _snapshot(strategy)
+        try:
+            replies = [wrapped_replies[n] for n in contributions]
+            aggregated, metrics = strategy.aggregate_train(server_round, replies)
+            if aggregated is None:
+                log(WARNING, "Round %d: %s returned no arrays, global model kept", server_round, name)
+                return None, None, None
+            merged = _merge(name, aggregated, contributions, round_.reference, is_buffer)
+        except Exception as error:  # pylint: disable=broad-except
+            _restore_snapshot(strategy, saved)
+            log(WARNING, "Round %d: %s.aggregate_train failed (%s: %s), global model kept", server_round,
+                name, type(error).__name__, brief(str(error)))
+            return None, None, None
+        bad = nonfinite_culprit({k: v.numpy() for k, v in merged.items()}, contributions)
+        if bad is None:
+            return aggregated, metrics, merged
+        _restore_snapshot(strategy, saved)
+        array, node = bad
+        if node is None:
+            log(WARNING, "Round %d: %s aggregated %s to NaN or Inf, global model kept", server_round, name, array)
+            return None, None, None
+        round_.ledger.drop(node, f"model left out of the average: with it the aggregated {array} holds "
+                                 "NaN or Inf (its values there are the largest)")
+        del contributions[node]
+    return None, None, None
+
+
+def _merge(
+    name: str,
+    aggregated: ArrayRecord,
+    contributions: Contributions,
+    reference: dict[str, np.ndarray],
+    is_buffer: Callable[[str], bool],
+) -> ArrayRecord:
+    """The global model: the buffers pooled over ``contributions``, the rest from the
+    wrapped strategy's (``name``) ``aggregated``, in the global model's dtypes."""
+    buffer_keys = [k for k in reference if is_buffer(k)]
+    buffers: dict[str, np.ndarray] = {}
+    if buffer_keys:
+        subset = {n: ({k: a[k] for k in buffer_keys}, w) for n, (a, w) in contributions.items()}
+        buffers = aggregate_arrays(subset, {k: reference[k] for k in buffer_keys})
+    merged = ArrayRecord()
+    for key, ref in reference.items():
+        if key in buffers:
+            merged[key] = Array(buffers[key])
+            continue
+        if key not in aggregated:
+            raise ValueError(f"{name}.aggregate_train returned no array {key!r}")
+        value = np.asarray(aggregated[key].numpy())
+        if value.shape != ref.shape:
+            raise ValueError(f"{name}.aggregate_train returned {key!r} with shape {value.shape}, expected {ref.shape}")
+        if ref.dtype.kind in "iub" and value.dtype.kind == "f":
+            value = np.rint(value)
+        # Server optimisers compute in float64; the global model keeps its dtypes.
+        merged[key] = Array(np.ascontiguousarray(value, dtype=ref.dtype))
+    return merged
+
+
+def _snapshot(obj: Any) -> dict:
+    """A deep copy of a strategy's data attributes (wrapped strategies included); the key
+    ``None`` holds the names of all its attributes, to remove those added later."""
+    saved: dict = {None: ("names", set(vars(obj)))}
+    for name, value in vars(obj).items():
+        if isinstance(value, Strategy):
+            saved[name] = ("strategy", _snapshot(value))
+        elif not callable(value):
+            try:
+                saved[name] = ("value", copy.deepcopy(value))
+            except Exception:  # pylint: disable=broad-except  # a lock, a client handle: not state
+                continue
+    return saved
+
+
+def _restore_snapshot(obj: Any, saved: dict) -> None:
+    for name in set(vars(obj)) - saved[None][1]:
+        delattr(obj, name)
+    for name, (kind, value) in saved.items():
+        if kind == "names":
+            continue
+        if kind == "strategy":
+            _restore_snapshot(getattr(obj, name), value)
+        else:
+            setattr(obj, name, value)
+
+
+def _metric_shape(value: Any) -> Optional[tuple]:
+    """``("scalar",)`` or ``("list", n)`` for a finite number or list of numbers, else None."""
+    def finite_number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+    if finite_number(value):
+        return ("scalar",)
+    if isinstance(value, list) and all(finite_number(v) for v in value):
+        return ("list", len(value))
+    return None
+
+
+def keep_shared_metrics(server_round: int, replies: dict[int, Message], weight_key: str) -> None:
+    """Leave in every client's metrics only the keys all clients report with finite values of
+    the same shape: Flower's strategies refuse (raise on) replies whose metrics differ, so
+    one client's extra, missing or non-finite metric would otherwise end the run."""
+    if not replies:
+        return
+    records = {n: m.content.metric_records["metrics"] for n, m in replies.items()}
+    shapes = [{k: _metric_shape(v) for k, v in r.items()} for r in records.values()]
+    shared = {k for k, shape in shapes[0].items()
+              if shape is not None and all(other.get(k) == shape for other in shapes[1:])}
+    shared.add(weight_key)
+    for node, record in records.items():
+        left_out = sorted(k for k in record.keys() if k not in shared)
+        if left_out:
+            log(WARNING, "FedTAN round %d: node %s's metrics %s left out (not reported alike by every client)",
+                server_round, node, brief(str(left_out)))
+            for k in left_out:
+                del record[k]
