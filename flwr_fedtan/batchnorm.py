@@ -11,7 +11,6 @@ written against earlier versions; :func:`validate` lists what FedTAN refuses, wi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import functools
 import inspect
 from typing import Any, Callable, Optional
@@ -20,28 +19,11 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase
 
+from .errors import ModelIssue, UnsupportedModelError  # re-exported for client.py and tests
+
 __all__ = [
     "FedTANBatchNorm", "ModelIssue", "UnsupportedModelError", "check_model", "convert_batchnorm", "validate",
 ]
-
-
-class UnsupportedModelError(ValueError):
-    """A model or layer configuration FedTAN cannot synchronise.
-
-    ``issues`` lists every :class:`ModelIssue` found (empty when raised for one layer).
-    """
-
-    def __init__(self, issues: "str | list[ModelIssue]") -> None:
-        if isinstance(issues, str):
-            self.issues: list[ModelIssue] = []
-            super().__init__(issues)
-        else:
-            self.issues = list(issues)
-            super().__init__(
-                f"FedTAN cannot synchronise this model ({len(self.issues)} issue"
-                + ("s" if len(self.issues) != 1 else "") + "):\n"
-                + "\n".join(f"- {issue}" for issue in self.issues)
-            )
 
 
 # Input ranks the original layer types accept; ``None`` means "any rank >= 2".
@@ -185,18 +167,6 @@ def convert_batchnorm(module: nn.Module) -> nn.Module:
         if converted is not child:
             setattr(module, name, converted)
     return module
-
-
-@dataclass(frozen=True)
-class ModelIssue:
-    """One thing FedTAN cannot synchronise in a model, where it is, and how to fix it."""
-
-    module: str  # qualified module name ("<model>" for the model itself)
-    problem: str
-    fix: str
-
-    def __str__(self) -> str:
-        return f"{self.module}: {self.problem}. Fix: {self.fix}"
 
 
 def _defining_class(cls: type, name: str) -> type:

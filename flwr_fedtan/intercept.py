@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-from .batchnorm import UnsupportedModelError
+from .errors import UnsupportedModelError
 
 __all__ = ["intercept_batch_norm", "refuse_checkpointing"]
 

@@ -16,7 +16,8 @@ from torch import nn
 from .aggregation import SyncPoint, exact_running_statistics, pool_forward_stats, sum_backward_sums
 from .losses import loss_reduction, reduce_loss
 from .statistics_pass import StatisticsPass
-from .step import Aggregate, StepProtocolError, SyncRequest, SyncStep
+from .errors import StepProtocolError
+from .step import Aggregate, SyncRequest, SyncStep
 
 if TYPE_CHECKING:
     from .client import FedTANClient

@@ -46,6 +46,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from .aggregation import BackwardSums, ForwardStats, PayloadError, SyncPoint
+from .errors import ServerMessageError  # re-exported: client.py and tests import it from here
 from .secure import KeyAgreementError, MaskedPayload, Roster, SecureStatsError, shifts_from_arrays, shifts_to_arrays
 
 __all__ = [
@@ -93,18 +94,6 @@ _FORWARD_ARRAYS = ("mean", "var")
 _BACKWARD_ARRAYS = ("sum-grad", "sum-grad-xhat")
 
 Payload = Union[ForwardStats, BackwardSums]
-
-
-class ServerMessageError(ValueError):
-    """A ``train.fedtan`` message from the server is malformed (client side).
-
-    Raised before anything of the message reaches the client's step: a buggy or hostile
-    server makes the client fail with this error (Flower returns it to the server as an
-    error reply) instead of hanging or taking a wrong step.
-    """
-
-    def __init__(self, message: str) -> None:
-        super().__init__(f"invalid train.fedtan message from the server: {message}")
 
 
 @dataclass(frozen=True)

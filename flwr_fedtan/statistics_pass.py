@@ -39,7 +39,8 @@ from .aggregation import ForwardStats, SyncPoint
 from .batchnorm import check_model
 from .intercept import intercept_batch_norm
 from .pause import PausableCall, PrivateRNG
-from .step import StepProtocolError, SyncRequest, check_pooled_forward
+from .errors import StepProtocolError
+from .step import SyncRequest, check_pooled_forward
 
 __all__ = ["StatisticsPass", "BufferCalls", "MEAN", "VAR"]
 

@@ -53,20 +53,17 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from . import bn_ops
 from .aggregation import BackwardSums, ForwardStats, SyncPoint
-from .batchnorm import UnsupportedModelError, check_model
+from .batchnorm import check_model
+from .errors import StepProtocolError, UnsupportedModelError
 from .intercept import intercept_batch_norm, refuse_checkpointing
 from .losses import reduce_loss
 from .pause import PausableCall, PrivateRNG
 from .staged_backward import StagedBackward
 
-__all__ = ["SyncStep", "SyncRequest", "Aggregate", "StepProtocolError", "check_pooled_forward"]
+__all__ = ["SyncStep", "SyncRequest", "Aggregate", "check_pooled_forward"]
 
 Aggregate = Union[ForwardStats, BackwardSums]
 SyncRequest = tuple[SyncPoint, Aggregate]
-
-
-class StepProtocolError(RuntimeError):
-    """The step was driven out of order, or an aggregate does not fit the sync point."""
 
 
 def check_pooled_forward(
