@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase
 
 from .errors import ModelIssue, UnsupportedModelError  # re-exported for client.py and tests
+from .losses import loss_issues, probe_loss
 
 __all__ = [
     "FedTANBatchNorm", "ModelIssue", "UnsupportedModelError", "check_model", "convert_batchnorm", "validate",
@@ -89,10 +90,6 @@ class FedTANBatchNorm(_BatchNorm):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", input_dims={self.input_dims}"
-
-    def uses_batch_statistics(self) -> bool:
-        """Whether a call normalises with batch statistics (and so must be synchronised)."""
-        return self.training or not self.track_running_stats
 
 
 def _replacement_for(module: _BatchNorm) -> FedTANBatchNorm:
@@ -258,7 +255,6 @@ def validate(
                 "compute the normalisation with torch.nn.functional.batch_norm in its forward",
             ))
     if loss_fn is not None:
-        from .losses import loss_issues, probe_loss
 
         declared = loss_issues(loss_fn)
         issues.extend(declared)

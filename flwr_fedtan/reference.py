@@ -6,25 +6,40 @@ for benchmarks: no messages, no serialisation, just the synchronised step.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Hashable, Mapping, Optional, Sequence
+from typing import Any, Callable, Hashable, Mapping, Optional, Protocol, Sequence
 
 import numpy as np
 
 import torch
 from torch import nn
 
-from .aggregation import SyncPoint, exact_running_statistics, pool_forward_stats, sum_backward_sums
-from .losses import loss_reduction, reduce_loss
-from .statistics_pass import StatisticsPass
+from .aggregation import SyncPoint, aggregate_arrays, exact_running_statistics, pool_forward_stats, sum_backward_sums
 from .errors import StepProtocolError
+from .losses import loss_reduction, reduce_loss
+from .seeds import derive_seed
+from .statistics_pass import StatisticsPass
 from .step import Aggregate, SyncRequest, SyncStep
 
-if TYPE_CHECKING:
-    from .client import FedTANClient
-
-__all__ = ["pooled_backward", "pooled_statistics", "aggregate_requests", "drive_steps", "fedtan_round_in_process"]
+__all__ = [
+    "InProcessClient", "pooled_backward", "pooled_statistics", "aggregate_requests", "drive_steps",
+    "fedtan_round_in_process",
+]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class InProcessClient(Protocol):
+    """What :func:`fedtan_round_in_process` reads of a client (a
+    :class:`~flwr_fedtan.FedTANClient` has all of it): the reference runs its own step and
+    SGD, and takes from the client only its model, loss, optimiser settings and data."""
+
+    model: nn.Module
+    loss_fn: LossFn
+    optimizer_fn: Optional[Callable[..., Any]]
+    momentum: float
+    weight_decay: float
+
+    def sample_batch(self, seed: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def aggregate_requests(requests: Mapping[Hashable, SyncRequest]) -> tuple[SyncPoint, Aggregate]:
@@ -203,7 +218,7 @@ def pooled_statistics(
 
 
 def fedtan_round_in_process(
-    clients: Sequence["FedTANClient"],
+    clients: Sequence[InProcessClient],
     seed_keys: Sequence[int],
     arrays: Mapping[str, np.ndarray],
     round_seed: int,
@@ -219,9 +234,6 @@ def fedtan_round_in_process(
     draw them in a Flower round (``seed_keys``: each client's partition id or node id;
     ``round_seed``: the seed the strategy sends).
     """
-    from .aggregation import aggregate_arrays
-    from .seeds import derive_seed
-
     for client in clients:
         if client.optimizer_fn is not None or client.momentum or client.weight_decay:
             raise ValueError("the in-process reference implements plain SGD only")
