@@ -296,7 +296,7 @@ def is_batchnorm_buffer(key: str) -> bool:
 
 
 def forward_count_violations(
-    contributions: Mapping[Hashable, object],
+    contributions: Mapping[Hashable, ForwardStats],
     step_examples: Mapping[Hashable, int],
     uniform_positions: bool = True,
 ) -> dict[Hashable, str]:
@@ -477,7 +477,8 @@ def aggregate_arrays(
     share = {client: w / total for client, w in weights.items()}
 
     def weighted(key: str) -> np.ndarray:
-        return sum(share[c] * arrays[key].astype(np.float64) for c, (arrays, _) in contributions.items())
+        parts = (share[c] * arrays[key].astype(np.float64) for c, (arrays, _) in contributions.items())
+        return sum(parts)  # type: ignore[return-value]  # arrays: contributions is never empty
 
     result: dict[str, np.ndarray] = {}
     stat_pairs = running_stat_keys(list(reference))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 import torch
 from torch import nn
@@ -156,9 +156,9 @@ def convert_batchnorm(module: nn.Module) -> nn.Module:
     >>> model = convert_batchnorm(torchvision.models.resnet18())
     """
     if isinstance(module, _LazyNormBase) and module.has_uninitialized_params():
-        return _replacement_for(module)  # raises, naming the fix
+        return _replacement_for(cast(_BatchNorm, module))  # raises, naming the fix
     if type(module) in _INPUT_DIMS:
-        return _replacement_for(module)
+        return _replacement_for(cast(_BatchNorm, module))
     for name, child in module.named_children():
         converted = convert_batchnorm(child)
         if converted is not child:
@@ -166,12 +166,12 @@ def convert_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
-def _defining_class(cls: type, name: str) -> type:
+def _defining_class(cls: type, name: str) -> Any:
     return next(klass for klass in cls.__mro__ if name in vars(klass))
 
 
 @functools.lru_cache(maxsize=None)
-def _calls_batch_norm(cls: type) -> bool:
+def _calls_batch_norm(cls: Any) -> bool:
     """Whether ``cls.forward`` (a BatchNorm subclass's own) visibly reaches F.batch_norm."""
     try:
         source = inspect.getsource(_defining_class(cls, "forward").forward)
@@ -248,7 +248,7 @@ def validate(
                 name, f"{kind} would synchronise over the initialised torch.distributed process group",
                 "call flwr_fedtan.convert_batchnorm(model) first",
             ))
-        elif type(module) not in _INPUT_DIMS and not _calls_batch_norm(type(module)):
+        elif type(module) not in _INPUT_DIMS and not _calls_batch_norm(cast(Any, type(module))):  # a class: hashable
             issues.append(ModelIssue(
                 name, f"BatchNorm subclass {kind} overrides forward without calling F.batch_norm, so "
                 "FedTAN cannot give it the pooled statistics",

@@ -35,6 +35,7 @@ import functools
 import os
 import sys
 import threading
+from types import FrameType
 from typing import Callable, Hashable, Iterator, Optional, Sequence
 
 import torch
@@ -124,7 +125,7 @@ def install() -> None:
     with _INSTALL_LOCK:
         if torch.batch_norm is fedtan_batch_norm:
             return
-        torch.batch_norm = fedtan_batch_norm  # type: ignore[assignment]
+        torch.batch_norm = fedtan_batch_norm
         _forget_compiler_rules()
         # TorchScript compiles F.batch_norm's body: map the wrapper to the same aten op.
         with contextlib.suppress(ImportError, AttributeError):
@@ -146,7 +147,7 @@ def uninstall() -> None:
                 "step(s) or statistics pass(es) are running. Fix: finish or close() them first"
             )
         if torch.batch_norm is fedtan_batch_norm:
-            torch.batch_norm = _TORCH_BATCH_NORM  # type: ignore[assignment]
+            torch.batch_norm = _TORCH_BATCH_NORM
             _forget_compiler_rules()
 
 
@@ -280,7 +281,7 @@ _CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")
 def refuse_checkpointing(index: int) -> None:
     """Refuse a BatchNorm call under activation checkpointing: its recomputation in the
     backward pass would normalise with local statistics."""
-    frame = sys._getframe(2)
+    frame: Optional[FrameType] = sys._getframe(2)
     while frame is not None:
         if frame.f_code.co_filename.endswith(_CHECKPOINT_FILE):
             raise UnsupportedModelError(

@@ -539,7 +539,7 @@ class MaskedPayload:
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """The payload as NumPy arrays (for an ``ArrayRecord``)."""
-        arrays = {
+        arrays: dict[str, np.ndarray] = {
             "masked": np.ascontiguousarray(self.masked, dtype=_U64),
             "roster-digest": np.frombuffer(self.roster_digest, dtype=np.uint8).copy(),
         }

@@ -43,7 +43,7 @@ received and returns it paused at the first sync point whose aggregate is not kn
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Generator, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Generator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -324,7 +324,7 @@ class SyncStep(ResumableProgram):
         loss = yield from self._forward_program()
         yield from self._backward(loss)
 
-    def _backward(self, loss: torch.Tensor) -> Iterator[SyncRequest]:
+    def _backward(self, loss: torch.Tensor) -> Generator[SyncRequest, Any, None]:
         if self.total_examples is None:
             self.total_examples = self.num_examples
         self.loss = float(loss.detach())
@@ -349,7 +349,7 @@ class SyncStep(ResumableProgram):
 
     def _backward_stage(
         self, call: _BatchNormCall, staged: StagedBackward, stage: int
-    ) -> Iterator[SyncRequest]:
+    ) -> Generator[SyncRequest, Any, None]:
         x = call.input
         if x._version != call.input_version:
             raise RuntimeError(
@@ -366,7 +366,7 @@ class SyncStep(ResumableProgram):
         sums = bn_ops.to_numpy(torch.stack([sum_g, sum_gxhat]))
         local = BackwardSums(sum_grad=sums[0], sum_grad_xhat=sums[1])
         point = self._new_point("backward", call.point.call, x.shape[1])
-        total: BackwardSums = yield point, local  # type: ignore[misc]
+        total: BackwardSums = yield point, local
 
         if reached:
             if call.weight is not None:
