@@ -86,3 +86,13 @@ def test_the_reference_stands_on_the_core_alone():
                           env={**os.environ, "PYTHONPATH": str(root)})
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "[]"
+
+
+# Being split by other parts of issue 23 (node side, server side): the merger empties this.
+_NOT_SPLIT_YET = {"client", "strategy", "schema", "aggregation", "secure", "exact_statistics", "worker"}
+
+
+def test_no_module_is_over_about_400_lines():
+    long = {path.stem: n for path in PACKAGE.rglob("*.py")
+            if (n := len(path.read_text().splitlines())) > 400 and path.stem not in _NOT_SPLIT_YET}
+    assert not long, long
