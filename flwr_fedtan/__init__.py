@@ -3,7 +3,7 @@
 Core (no Flower): :func:`convert_batchnorm`, :func:`validate`, :class:`SyncStep`,
 :func:`pooled_backward` and the aggregation functions. Flower integration: :class:`FedTAN`
 (strategy) and :class:`FedTANClient` (client), added to an existing ``ClientApp`` with
-:func:`add_fedtan` or served by :func:`fedtan_client_app`.
+:func:`add_fedtan` or served by :func:`fedtan_client_app`. Errors: :mod:`flwr_fedtan.errors`.
 
 Names are imported on first use, so that the server side (``flwr_fedtan.strategy``,
 ``flwr_fedtan.aggregation``, ``flwr_fedtan.seeds``) runs without importing torch, and a
@@ -15,23 +15,28 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 _HOMES = {
+    "ClientDataError": "errors",
+    "FedTANError": "errors",
+    "InvalidArgumentsError": "errors",
+    "ModelIssue": "errors",
+    "PayloadError": "errors",
+    "SecureStatsError": "errors",
+    "ServerMessageError": "errors",
+    "StepProtocolError": "errors",
+    "UnsupportedModelError": "errors",
     "BackwardSums": "aggregation",
     "ForwardStats": "aggregation",
-    "PayloadError": "aggregation",
     "SyncPoint": "aggregation",
     "aggregate_arrays": "aggregation",
     "pool_forward_stats": "aggregation",
     "sum_backward_sums": "aggregation",
     "FedTANBatchNorm": "batchnorm",
-    "ModelIssue": "batchnorm",
-    "UnsupportedModelError": "batchnorm",
     "convert_batchnorm": "batchnorm",
     "validate": "batchnorm",
     "FedTANClient": "client",
     "fedtan_client_app": "clientapp",
     "add_fedtan": "clientapp",
     "pooled_backward": "reference",
-    "StepProtocolError": "step",
     "SyncStep": "step",
     "FedTAN": "strategy",
     "ClientRound": "training",
@@ -55,12 +60,16 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs
     from .aggregation import (  # noqa: F401
-        BackwardSums, ForwardStats, PayloadError, SyncPoint, aggregate_arrays, pool_forward_stats, sum_backward_sums,
+        BackwardSums, ForwardStats, SyncPoint, aggregate_arrays, pool_forward_stats, sum_backward_sums,
     )
-    from .batchnorm import FedTANBatchNorm, ModelIssue, UnsupportedModelError, convert_batchnorm, validate  # noqa: F401
+    from .batchnorm import FedTANBatchNorm, convert_batchnorm, validate  # noqa: F401
     from .client import FedTANClient  # noqa: F401
     from .clientapp import add_fedtan, fedtan_client_app  # noqa: F401
     from .reference import pooled_backward  # noqa: F401
-    from .step import StepProtocolError, SyncStep  # noqa: F401
+    from .errors import (  # noqa: F401
+        ClientDataError, FedTANError, InvalidArgumentsError, ModelIssue, PayloadError, SecureStatsError,
+        ServerMessageError, StepProtocolError, UnsupportedModelError,
+    )
+    from .step import SyncStep  # noqa: F401
     from .strategy import FedTAN  # noqa: F401
     from .training import ClientRound  # noqa: F401

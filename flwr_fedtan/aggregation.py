@@ -17,6 +17,8 @@ from typing import Hashable, Mapping, Sequence
 
 import numpy as np
 
+from .errors import PayloadError  # re-exported: exchange, schema, secure and tests import it from here
+
 __all__ = [
     "PayloadError",
     "ForwardStats",
@@ -47,20 +49,6 @@ model (at least 1), ``max_growth**2`` times for running variances (see
 
 BATCHNORM_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 """Last name component of the buffers of ``torch.nn.BatchNorm*`` in a ``state_dict``."""
-
-
-class PayloadError(ValueError):
-    """A client's contribution is malformed.
-
-    Attributes
-    ----------
-    client : Hashable
-        The id of the offending client (a Flower node id, or a list index in-process).
-    """
-
-    def __init__(self, client: Hashable, message: str) -> None:
-        super().__init__(f"client {client}: {message}")
-        self.client = client
 
 
 @dataclass(frozen=True)
@@ -308,7 +296,7 @@ def is_batchnorm_buffer(key: str) -> bool:
 
 
 def forward_count_violations(
-    contributions: Mapping[Hashable, object],
+    contributions: Mapping[Hashable, ForwardStats],
     step_examples: Mapping[Hashable, int],
     uniform_positions: bool = True,
 ) -> dict[Hashable, str]:
@@ -489,7 +477,8 @@ def aggregate_arrays(
     share = {client: w / total for client, w in weights.items()}
 
     def weighted(key: str) -> np.ndarray:
-        return sum(share[c] * arrays[key].astype(np.float64) for c, (arrays, _) in contributions.items())
+        parts = (share[c] * arrays[key].astype(np.float64) for c, (arrays, _) in contributions.items())
+        return sum(parts)  # type: ignore[return-value]  # arrays: contributions is never empty
 
     result: dict[str, np.ndarray] = {}
     stat_pairs = running_stat_keys(list(reference))

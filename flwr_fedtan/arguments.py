@@ -10,36 +10,11 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
 from typing import Any, Collection, Optional
 
+from .errors import ArgumentProblem, InvalidArgumentsError  # re-exported for client.py, run_config.py, tests
+
 __all__ = ["ArgumentChecks", "ArgumentProblem", "InvalidArgumentsError"]
-
-
-@dataclass(frozen=True)
-class ArgumentProblem:
-    """One setting that cannot work: its name, the value given, why, and the fix."""
-
-    name: str
-    value: Any
-    problem: str
-    fix: str
-
-    def __str__(self) -> str:
-        return f"{self.name}={self.value!r}: {self.problem}. Fix: {self.fix}"
-
-
-class InvalidArgumentsError(ValueError):
-    """Settings refused before anything ran; ``problems`` lists every one."""
-
-    def __init__(self, owner: str, problems: list[ArgumentProblem]) -> None:
-        self.owner = owner
-        self.problems = list(problems)
-        count = len(self.problems)
-        super().__init__(
-            f"{owner}: {count} invalid setting{'s' if count != 1 else ''}:\n"
-            + "\n".join(f"- {problem}" for problem in self.problems)
-        )
 
 
 def _is_integer(value: Any) -> bool:

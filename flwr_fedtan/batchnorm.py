@@ -11,37 +11,20 @@ written against earlier versions; :func:`validate` lists what FedTAN refuses, wi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import functools
 import inspect
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase
 
+from .errors import ModelIssue, UnsupportedModelError  # re-exported for client.py and tests
+from .losses import loss_issues, probe_loss
+
 __all__ = [
     "FedTANBatchNorm", "ModelIssue", "UnsupportedModelError", "check_model", "convert_batchnorm", "validate",
 ]
-
-
-class UnsupportedModelError(ValueError):
-    """A model or layer configuration FedTAN cannot synchronise.
-
-    ``issues`` lists every :class:`ModelIssue` found (empty when raised for one layer).
-    """
-
-    def __init__(self, issues: "str | list[ModelIssue]") -> None:
-        if isinstance(issues, str):
-            self.issues: list[ModelIssue] = []
-            super().__init__(issues)
-        else:
-            self.issues = list(issues)
-            super().__init__(
-                f"FedTAN cannot synchronise this model ({len(self.issues)} issue"
-                + ("s" if len(self.issues) != 1 else "") + "):\n"
-                + "\n".join(f"- {issue}" for issue in self.issues)
-            )
 
 
 # Input ranks the original layer types accept; ``None`` means "any rank >= 2".
@@ -108,10 +91,6 @@ class FedTANBatchNorm(_BatchNorm):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", input_dims={self.input_dims}"
 
-    def uses_batch_statistics(self) -> bool:
-        """Whether a call normalises with batch statistics (and so must be synchronised)."""
-        return self.training or not self.track_running_stats
-
 
 def _replacement_for(module: _BatchNorm) -> FedTANBatchNorm:
     if isinstance(module, _LazyNormBase) and module.has_uninitialized_params():
@@ -177,9 +156,9 @@ def convert_batchnorm(module: nn.Module) -> nn.Module:
     >>> model = convert_batchnorm(torchvision.models.resnet18())
     """
     if isinstance(module, _LazyNormBase) and module.has_uninitialized_params():
-        return _replacement_for(module)  # raises, naming the fix
+        return _replacement_for(cast(_BatchNorm, module))  # raises, naming the fix
     if type(module) in _INPUT_DIMS:
-        return _replacement_for(module)
+        return _replacement_for(cast(_BatchNorm, module))
     for name, child in module.named_children():
         converted = convert_batchnorm(child)
         if converted is not child:
@@ -187,24 +166,12 @@ def convert_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
-@dataclass(frozen=True)
-class ModelIssue:
-    """One thing FedTAN cannot synchronise in a model, where it is, and how to fix it."""
-
-    module: str  # qualified module name ("<model>" for the model itself)
-    problem: str
-    fix: str
-
-    def __str__(self) -> str:
-        return f"{self.module}: {self.problem}. Fix: {self.fix}"
-
-
-def _defining_class(cls: type, name: str) -> type:
+def _defining_class(cls: type, name: str) -> Any:
     return next(klass for klass in cls.__mro__ if name in vars(klass))
 
 
 @functools.lru_cache(maxsize=None)
-def _calls_batch_norm(cls: type) -> bool:
+def _calls_batch_norm(cls: Any) -> bool:
     """Whether ``cls.forward`` (a BatchNorm subclass's own) visibly reaches F.batch_norm."""
     try:
         source = inspect.getsource(_defining_class(cls, "forward").forward)
@@ -281,14 +248,13 @@ def validate(
                 name, f"{kind} would synchronise over the initialised torch.distributed process group",
                 "call flwr_fedtan.convert_batchnorm(model) first",
             ))
-        elif type(module) not in _INPUT_DIMS and not _calls_batch_norm(type(module)):
+        elif type(module) not in _INPUT_DIMS and not _calls_batch_norm(cast(Any, type(module))):  # a class: hashable
             issues.append(ModelIssue(
                 name, f"BatchNorm subclass {kind} overrides forward without calling F.batch_norm, so "
                 "FedTAN cannot give it the pooled statistics",
                 "compute the normalisation with torch.nn.functional.batch_norm in its forward",
             ))
     if loss_fn is not None:
-        from .losses import loss_issues, probe_loss
 
         declared = loss_issues(loss_fn)
         issues.extend(declared)

@@ -19,12 +19,9 @@ from torch.utils.data import TensorDataset
 
 from .arguments import ArgumentChecks
 from .devices import device_problem
+from .errors import ClientDataError  # re-exported for client.py and tests
 
 __all__ = ["ClientDataError", "check_client_arguments", "check_training_data"]
-
-
-class ClientDataError(ValueError):
-    """A client's training data cannot be trained on; the message says why and the fix."""
 
 
 def check_client_arguments(

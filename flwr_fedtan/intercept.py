@@ -3,9 +3,9 @@
 
 Two routes hand such a call to the step, with the same result:
 
-- **fast**: ``torch.batch_norm`` is replaced, once, when this module is imported, by a
-  pass-through wrapper (``F.batch_norm``, and with it every ``nn.BatchNorm*`` layer and
-  their subclasses, calls it by attribute). Inside a step's forward the wrapper hands a
+- **fast**: ``torch.batch_norm`` is replaced by a pass-through wrapper,
+  :func:`fedtan_batch_norm` (``F.batch_norm``, and with it every ``nn.BatchNorm*`` layer
+  and their subclasses, calls it by attribute). Inside a step's forward the wrapper hands a
   training-mode call to the step active in the current greenlet (a context variable, so
   paused forwards of other clients and other threads never see it); everywhere else it
   calls PyTorch's function. Other ops cost nothing.
@@ -20,6 +20,11 @@ if so, later steps of the same code take the fast route. The mode is always used
 ``torch.compile`` is in use (it has compiled a frame in this process, or the model or the
 forward function is compiled) and for single-example steps (``F.batch_norm`` would refuse
 the client's one-sample batch before the wrapper sees it).
+
+Importing FedTAN changes nothing in torch: the wrapper is installed (:func:`install`) by the
+first synchronised step or statistics pass, and stays for the process's later steps.
+:func:`uninstall` gives ``torch.batch_norm`` back to PyTorch (refused while a step is
+running); the next step installs the wrapper again. :func:`installed` tells whether it is.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ import contextvars
 import functools
 import os
 import sys
+import threading
+from types import FrameType
 from typing import Callable, Hashable, Iterator, Optional, Sequence
 
 import torch
@@ -36,9 +43,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-from .batchnorm import UnsupportedModelError
+from .errors import UnsupportedModelError
 
-__all__ = ["intercept_batch_norm", "refuse_checkpointing"]
+__all__ = ["fedtan_batch_norm", "install", "installed", "intercept_batch_norm", "refuse_checkpointing", "uninstall"]
 
 #: ``sync(x, running_mean, running_var, weight, bias, momentum, eps) -> output``
 SyncFn = Callable[..., torch.Tensor]
@@ -73,8 +80,10 @@ _F_BATCH_NORM = F.batch_norm
 _is_compiling = torch.compiler.is_compiling
 
 
-@functools.wraps(_TORCH_BATCH_NORM)
-def _batch_norm(*args, **kwargs):  # noqa: ANN002, ANN003 -- torch.batch_norm's signature
+def fedtan_batch_norm(*args, **kwargs):  # noqa: ANN002, ANN003 -- torch.batch_norm's signature
+    """``torch.batch_norm`` while FedTAN's interception is installed (see
+    :mod:`flwr_fedtan.intercept`): inside a synchronised step's forward, a batch-statistics
+    call goes to the step; everywhere else PyTorch's ``torch.batch_norm`` runs, unchanged."""
     route = _ROUTE.get()
     if _is_compiling():
         if route is not None and route.fast:
@@ -94,24 +103,74 @@ def _batch_norm(*args, **kwargs):  # noqa: ANN002, ANN003 -- torch.batch_norm's 
     return _TORCH_BATCH_NORM(*args, **kwargs)
 
 
-def _install() -> None:
-    if torch.batch_norm is _batch_norm:
+fedtan_batch_norm.__wrapped__ = _TORCH_BATCH_NORM  # type: ignore[attr-defined]  # for inspect.signature
+fedtan_batch_norm.__wrapped_by_fedtan__ = _TORCH_BATCH_NORM  # type: ignore[attr-defined]
+
+_INSTALL_LOCK = threading.Lock()
+_ACTIVE_ROUTES = 0  # intercepting blocks entered and not left (paused forwards included)
+
+
+def installed() -> bool:
+    """Whether ``torch.batch_norm`` is FedTAN's wrapper, :func:`fedtan_batch_norm`."""
+    return torch.batch_norm is fedtan_batch_norm
+
+
+def install() -> None:
+    """Replace ``torch.batch_norm`` by :func:`fedtan_batch_norm` (idempotent).
+
+    Called by every synchronised step and statistics pass before its forward; there is no
+    need to call it yourself."""
+    if torch.batch_norm is fedtan_batch_norm:
         return
-    _batch_norm.__wrapped_by_fedtan__ = _TORCH_BATCH_NORM  # type: ignore[attr-defined]
-    torch.batch_norm = _batch_norm  # type: ignore[assignment]
-    # TorchScript compiles F.batch_norm's body: map the wrapper to the same aten op.
-    with contextlib.suppress(ImportError, AttributeError):
-        from torch.jit._builtins import _register_builtin
+    with _INSTALL_LOCK:
+        if torch.batch_norm is fedtan_batch_norm:
+            return
+        torch.batch_norm = fedtan_batch_norm
+        _forget_compiler_rules()
+        # TorchScript compiles F.batch_norm's body: map the wrapper to the same aten op.
+        with contextlib.suppress(ImportError, AttributeError):
+            from torch.jit._builtins import _register_builtin
 
-        _register_builtin(_batch_norm, "aten::batch_norm")
+            _register_builtin(fedtan_batch_norm, "aten::batch_norm")
 
 
-_install()
+def uninstall() -> None:
+    """Give ``torch.batch_norm`` back to PyTorch (idempotent; a no-op if not installed).
+
+    Raises ``RuntimeError`` while a synchronised step or statistics pass is running (a
+    paused forward included: close it first), since its later BatchNorm calls would then
+    normalise with local statistics. The next step installs the wrapper again."""
+    with _INSTALL_LOCK:
+        if _ACTIVE_ROUTES:
+            raise RuntimeError(
+                f"cannot uninstall FedTAN's torch.batch_norm wrapper: {_ACTIVE_ROUTES} synchronised "
+                "step(s) or statistics pass(es) are running. Fix: finish or close() them first"
+            )
+        if torch.batch_norm is fedtan_batch_norm:
+            torch.batch_norm = _TORCH_BATCH_NORM
+            _forget_compiler_rules()
+
+
+def _forget_compiler_rules() -> None:
+    """torch.compile's table of in-graph torch functions is built once, from the functions
+    ``torch.*`` names hold then: rebuild it so that ``torch.batch_norm``, whichever function
+    it now is, traces as the batch-norm op (no graph break at the wrapper)."""
+    trace_rules = sys.modules.get("torch._dynamo.trace_rules")
+    with contextlib.suppress(AttributeError):
+        if trace_rules is not None:
+            trace_rules.get_torch_obj_rule_map.cache_clear()
+
+
+def _count_active(change: int) -> None:
+    global _ACTIVE_ROUTES
+    with _INSTALL_LOCK:
+        _ACTIVE_ROUTES += change
+
 
 _MODE_FUNCTIONS = {
     _F_BATCH_NORM: _functional_args,
     _TORCH_BATCH_NORM: _aten_args,
-    _batch_norm: _aten_args,
+    fedtan_batch_norm: _aten_args,
 }
 
 
@@ -157,7 +216,7 @@ def _hide_wrapper_from_compiler() -> None:
     with contextlib.suppress(ImportError, AttributeError):
         from torch._dynamo.eval_frame import skip_code
 
-        skip_code(_batch_norm.__code__)
+        skip_code(fedtan_batch_norm.__code__)
 
 
 _FAST_ROUTE_KEYS: set[Hashable] = set()
@@ -194,6 +253,7 @@ def intercept_batch_norm(
 ) -> Iterator[None]:
     """Hand every batch-statistics BatchNorm call ``forward_fn`` makes inside the block (in
     this greenlet) to ``sync``; see the module docstring for the route taken."""
+    install()
     modules = list(model.modules())
     key = _route_key(modules, forward_fn)
     fast = key in _FAST_ROUTE_KEYS and num_examples > 1 and not _compiler_in_use(modules, forward_fn)
@@ -201,6 +261,7 @@ def intercept_batch_norm(
         sync = _compiler_disabled(sync)
     route = _Route(sync, fast)
     token = _ROUTE.set(route)
+    _count_active(+1)
     try:
         if route.fast:
             yield
@@ -210,6 +271,7 @@ def intercept_batch_norm(
         if route.bound_calls == 0 and not _compiler_in_use(modules, forward_fn):  # it may have compiled now
             _FAST_ROUTE_KEYS.add(key)
     finally:
+        _count_active(-1)
         _ROUTE.reset(token)
 
 
@@ -219,7 +281,7 @@ _CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")
 def refuse_checkpointing(index: int) -> None:
     """Refuse a BatchNorm call under activation checkpointing: its recomputation in the
     backward pass would normalise with local statistics."""
-    frame = sys._getframe(2)
+    frame: Optional[FrameType] = sys._getframe(2)
     while frame is not None:
         if frame.f_code.co_filename.endswith(_CHECKPOINT_FILE):
             raise UnsupportedModelError(

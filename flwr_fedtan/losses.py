@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from .batchnorm import ModelIssue, UnsupportedModelError
+from .errors import ModelIssue, UnsupportedModelError
 
 __all__ = ["loss_issues", "loss_reduction", "probe_loss", "reduce_loss", "summed_loss_issue"]
 

@@ -78,7 +78,7 @@ class TorchThreadState:
 
     @classmethod
     def capture(cls) -> "TorchThreadState":
-        hooks_enabled = torch._C._autograd._saved_tensors_hooks_is_enabled()
+        hooks_enabled = torch._C._autograd._saved_tensors_hooks_is_enabled()  # type: ignore[attr-defined]
         return cls(
             grad_enabled=torch.is_grad_enabled(),
             autocast=tuple(
@@ -90,7 +90,7 @@ class TorchThreadState:
                 None if hooks_enabled else torch._C._autograd._saved_tensors_hooks_get_disabled_error_message()
             ),
             function_modes=_function_modes(),
-            function_state=torch._C._get_torch_function_state(),
+            function_state=torch._C._get_torch_function_state(),  # type: ignore[attr-defined]
             dispatch_modes=_dispatch_modes(),
             infra_dispatch_modes=_infra_dispatch_modes(),
             eval_frame_callback=_eval_frame.get_eval_frame_callback(),
@@ -126,7 +126,7 @@ class TorchThreadState:
             for mode in self.function_modes:
                 torch._C._push_on_torch_function_stack(mode)
         if now.function_state != self.function_state:
-            torch._C._set_torch_function_state(self.function_state)
+            torch._C._set_torch_function_state(self.function_state)  # type: ignore[attr-defined]
         if now.dispatch_modes != self.dispatch_modes:
             for _ in now.dispatch_modes:
                 torch._C._pop_torch_dispatch_stack(None)

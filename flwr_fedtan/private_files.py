@@ -46,6 +46,8 @@ import time
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
+from .errors import UnsafePathError  # re-exported for checkpoint.py, runtime/private.py and tests
+
 __all__ = [
     "UnsafePathError",
     "default_base",
@@ -63,13 +65,6 @@ _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _BINARY = getattr(os, "O_BINARY", 0)
 _PARTIAL_SUFFIX = ".partial"
-
-
-class UnsafePathError(PermissionError):
-    """A node-local folder or file is not private to this user (or not what it should be).
-
-    The message names the path, what is wrong with it and how to fix it.
-    """
 
 
 def _uid() -> Union[int, str]:

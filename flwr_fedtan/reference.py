@@ -6,24 +6,43 @@ for benchmarks: no messages, no serialisation, just the synchronised step.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Hashable, Mapping, Optional, Sequence
+from typing import Any, Callable, Hashable, Mapping, Optional, Protocol, Sequence, cast
 
 import numpy as np
 
 import torch
 from torch import nn
 
-from .aggregation import SyncPoint, exact_running_statistics, pool_forward_stats, sum_backward_sums
+from .aggregation import (
+    BackwardSums, ForwardStats, SyncPoint, aggregate_arrays, exact_running_statistics, pool_forward_stats,
+    sum_backward_sums,
+)
+from .errors import StepProtocolError
 from .losses import loss_reduction, reduce_loss
+from .seeds import derive_seed
 from .statistics_pass import StatisticsPass
-from .step import Aggregate, StepProtocolError, SyncRequest, SyncStep
+from .step import Aggregate, SyncRequest, SyncStep
 
-if TYPE_CHECKING:
-    from .client import FedTANClient
-
-__all__ = ["pooled_backward", "pooled_statistics", "aggregate_requests", "drive_steps", "fedtan_round_in_process"]
+__all__ = [
+    "InProcessClient", "pooled_backward", "pooled_statistics", "aggregate_requests", "drive_steps",
+    "fedtan_round_in_process",
+]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class InProcessClient(Protocol):
+    """What :func:`fedtan_round_in_process` reads of a client (a
+    :class:`~flwr_fedtan.FedTANClient` has all of it): the reference runs its own step and
+    SGD, and takes from the client only its model, loss, optimiser settings and data."""
+
+    model: nn.Module
+    loss_fn: LossFn
+    optimizer_fn: Optional[Callable[..., Any]]
+    momentum: float
+    weight_decay: float
+
+    def sample_batch(self, seed: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def aggregate_requests(requests: Mapping[Hashable, SyncRequest]) -> tuple[SyncPoint, Aggregate]:
@@ -43,8 +62,8 @@ def aggregate_requests(requests: Mapping[Hashable, SyncRequest]) -> tuple[SyncPo
             )
     payloads = {client: payload for client, (_, payload) in requests.items()}
     if point.phase == "forward":
-        return point, pool_forward_stats(payloads, channels=point.channels)
-    return point, sum_backward_sums(payloads, channels=point.channels)
+        return point, pool_forward_stats(cast(Mapping[Hashable, ForwardStats], payloads), channels=point.channels)
+    return point, sum_backward_sums(cast(Mapping[Hashable, BackwardSums], payloads), channels=point.channels)
 
 
 def drive_steps(steps: Sequence[SyncStep | StatisticsPass]) -> int:
@@ -127,7 +146,7 @@ def pooled_backward(
         steps.append(
             SyncStep(
                 model,
-                lambda m=model, x=inputs, y=targets: loss_fn(m(x), y),
+                _forward_and_loss(model, inputs, targets, loss_fn),
                 num_examples=sizes[k],
                 total_examples=total,
                 seed=None if seeds is None else seeds[k],
@@ -135,9 +154,16 @@ def pooled_backward(
             )
         )
     drive_steps(steps)
+    losses = [cast(float, step.loss) for step in steps]  # every step completed
     if reduction == "sum":
-        return sum(step.loss for step in steps)  # type: ignore[misc]
-    return sum(step.loss * n / total for step, n in zip(steps, sizes))  # type: ignore[operator]
+        return sum(losses)
+    return sum(loss * n / total for loss, n in zip(losses, sizes))
+
+
+def _forward_and_loss(
+    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn
+) -> Callable[[], torch.Tensor]:
+    return lambda: loss_fn(model(inputs), targets)
 
 
 def pooled_statistics(
@@ -177,7 +203,7 @@ def pooled_statistics(
         StatisticsPass(model, x, seed=None if seeds is None else seeds[k])
         for k, (model, x) in enumerate(zip(models, inputs))
     ]
-    pooled = []
+    pooled: list[ForwardStats] = []
     try:
         requests = {k: p.start() for k, p in enumerate(passes)}
         while any(r is not None for r in requests.values()):
@@ -185,8 +211,8 @@ def pooled_statistics(
                 raise StepProtocolError("some clients finished their statistics pass while others wait: "
                                         "clients must run the same model")
             _, aggregate = aggregate_requests(requests)  # type: ignore[arg-type]
-            pooled.append(aggregate)
-            requests = {k: passes[k].resume(aggregate) for k in requests}  # type: ignore[arg-type]
+            pooled.append(cast(ForwardStats, aggregate))
+            requests = {k: passes[k].resume(aggregate) for k in requests}
     finally:
         for p in passes:
             p.close()
@@ -202,7 +228,7 @@ def pooled_statistics(
 
 
 def fedtan_round_in_process(
-    clients: Sequence["FedTANClient"],
+    clients: Sequence[InProcessClient],
     seed_keys: Sequence[int],
     arrays: Mapping[str, np.ndarray],
     round_seed: int,
@@ -218,9 +244,6 @@ def fedtan_round_in_process(
     draw them in a Flower round (``seed_keys``: each client's partition id or node id;
     ``round_seed``: the seed the strategy sends).
     """
-    from .aggregation import aggregate_arrays
-    from .seeds import derive_seed
-
     for client in clients:
         if client.optimizer_fn is not None or client.momentum or client.weight_decay:
             raise ValueError("the in-process reference implements plain SGD only")
@@ -230,13 +253,13 @@ def fedtan_round_in_process(
     pooled_backward([c.model for c in clients], batches, clients[0].loss_fn)
     reduction = loss_reduction(clients[0].loss_fn)
     total = sum(len(x) for x, _ in batches)
-    contributions = {}
+    contributions: dict[Hashable, tuple[Mapping[str, np.ndarray], float]] = {}
     for k, (client, seed, (x, _)) in enumerate(zip(clients, seeds, batches)):
         model = client.model
         with torch.no_grad():
             for p in model.parameters():
                 if p.grad is not None:
-                    p -= lr * p.grad * (total / len(x) if reduction == "mean" else 1.0)
+                    p.sub_(lr * p.grad * (total / len(x) if reduction == "mean" else 1.0))
         for step in range(1, local_steps):
             inputs, targets = client.sample_batch(derive_seed(seed, step))
             model.zero_grad(set_to_none=True)
@@ -244,7 +267,7 @@ def fedtan_round_in_process(
             with torch.no_grad():
                 for p in model.parameters():
                     if p.grad is not None:
-                        p -= lr * p.grad
+                        p.sub_(lr * p.grad)
         state = {name: v.detach().cpu().numpy().copy() for name, v in model.state_dict().items()}
         contributions[k] = (state, len(x))
     return aggregate_arrays(contributions, dict(arrays))

@@ -59,7 +59,11 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from .aggregation import BackwardSums, ForwardStats, PayloadError
+from .aggregation import BackwardSums, ForwardStats
+from .errors import (  # re-exported: schema, client, strategy, exact_statistics and tests import them from here
+    CanaryMismatchError, FixedPointOverflowError, KeyAgreementError, MaskMismatchError, MissingPayloadError,
+    PayloadError, SecureStatsError,
+)
 
 __all__ = [
     "DEFAULT_FRACTIONAL_BITS",
@@ -104,40 +108,6 @@ Payload = Union[ForwardStats, BackwardSums]
 
 
 # ---------------------------------------------------------------------- errors
-class SecureStatsError(ValueError):
-    """Base class of the errors of secure statistics."""
-
-
-class KeyAgreementError(SecureStatsError):
-    """A key is missing, malformed or does not match the roster."""
-
-
-class FixedPointOverflowError(SecureStatsError):
-    """A value or a sum does not fit the fixed-point range (see the module docstring)."""
-
-
-class MaskMismatchError(SecureStatsError):
-    """The masks did not cancel: some client used other keys, another roster, round,
-    attempt or exchange index than the others (e.g. a stale payload), or the counts sent
-    in the clear do not add up to the pooled count decoded from the masked sums.
-
-    Only the masks are checked: a client that encodes false statistics under the right
-    masks is outside the threat model (see the README's "Secure statistics")."""
-
-
-class CanaryMismatchError(MaskMismatchError):
-    """The canaries did not sum to zero: some client's masks, or its canary, are not what
-    its pair keys give. :func:`blame_canary` finds which client, from the pair masks of the
-    canary position every client reveals (:func:`canary_masks`)."""
-
-
-class MissingPayloadError(SecureStatsError):
-    """Payloads of some roster members are missing: the sum cannot be unmasked without
-    them. Restart the step with the survivors (a new attempt, so fresh masks)."""
-
-    def __init__(self, missing: Sequence[int], message: str) -> None:
-        super().__init__(message)
-        self.missing = tuple(missing)
 
 
 # ---------------------------------------------------------------------- keys
@@ -569,7 +539,7 @@ class MaskedPayload:
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """The payload as NumPy arrays (for an ``ArrayRecord``)."""
-        arrays = {
+        arrays: dict[str, np.ndarray] = {
             "masked": np.ascontiguousarray(self.masked, dtype=_U64),
             "roster-digest": np.frombuffer(self.roster_digest, dtype=np.uint8).copy(),
         }

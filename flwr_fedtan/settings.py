@@ -99,7 +99,7 @@ def check_replay_store(store: Optional[str], source: str = "replay_store") -> Op
     return store
 
 
-def check_max_live_rounds(limit: Optional[int], source: str = "max_live_rounds") -> Optional[int]:
+def check_max_live_rounds(limit: Union[int, float, str, None], source: str = "max_live_rounds") -> Optional[int]:
     """``limit`` if it is ``None`` or an integer >= 0, else ``ValueError``."""
     if limit is None:
         return None
@@ -144,7 +144,9 @@ def max_live_rounds(argument: Optional[int] = None) -> int:
     check_max_live_rounds(argument)
     value = _override(MAX_LIVE_ROUNDS_ENV, argument)
     if value is not None:
-        return check_max_live_rounds(value, source=MAX_LIVE_ROUNDS_ENV)  # type: ignore[return-value]
+        checked = check_max_live_rounds(value, source=MAX_LIVE_ROUNDS_ENV)
+        assert checked is not None
+        return checked
     return DEFAULT_MAX_LIVE_ROUNDS if argument is None else int(argument)
 
 

@@ -67,10 +67,9 @@ class StagedBackward:
         }
         self._cut_nodes = {node for node, _ in self._cut_of}
         self._cut_grads: dict[int, torch.Tensor] = {}
-        self._root_edges: list[Optional[GradientEdge]] = [get_gradient_edge(loss)] + [
-            None if r is None or not r.requires_grad else get_gradient_edge(r) for r in roots
-        ]
-        self._root_tensors = [loss] + list(roots)
+        self._root_edges: list[Optional[GradientEdge]] = [get_gradient_edge(loss)]
+        self._root_edges += [None if r is None or not r.requires_grad else get_gradient_edge(r) for r in roots]
+        self._root_tensors: list[Optional[torch.Tensor]] = [loss, *roots]
         self._pending: dict[int, dict[_EdgeKey, torch.Tensor]] = {}
         self._owner: dict[Any, int] = {}
         self._stage_inputs: dict[int, list[_Input]] = {}
@@ -103,7 +102,7 @@ class StagedBackward:
             edge = self._root_edges[stage]
             if edge is None:
                 continue
-            stack = [edge.node]
+            stack: list[Any] = [edge.node]  # next_functions hold None for inputs without grad
             while stack:
                 node = stack.pop()
                 if node is None or node in self._owner or self._is_sink(node):

@@ -27,8 +27,7 @@ model in training mode (stochastic layers draw from a private RNG stream seeded 
 
 from __future__ import annotations
 
-import threading
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Generator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -38,8 +37,7 @@ from . import bn_ops
 from .aggregation import ForwardStats, SyncPoint
 from .batchnorm import check_model
 from .intercept import intercept_batch_norm
-from .pause import PausableCall, PrivateRNG
-from .step import StepProtocolError, SyncRequest, check_pooled_forward
+from .resumable import Aggregate, ResumableProgram, SyncRequest, check_pooled_forward
 
 __all__ = ["StatisticsPass", "BufferCalls", "MEAN", "VAR"]
 
@@ -49,7 +47,7 @@ BufferCalls = dict[str, tuple[str, list[int]]]
 fed which running buffer."""
 
 
-class StatisticsPass:
+class StatisticsPass(ResumableProgram):
     """One client's forward-only pass, paused at each BatchNorm call for the pooled
     statistics of all clients.
 
@@ -76,6 +74,16 @@ class StatisticsPass:
         What to run instead of ``model(inputs)`` (e.g. a model taking several inputs).
     """
 
+    _NAME = "statistics pass"
+    _NOT_WAITING = "no BatchNorm call of the statistics pass is waiting for statistics"
+    _WRONG_THREAD = "a statistics pass must be resumed in the thread that started it"
+    _REPLAY_MISMATCH = (
+        "statistics log holds {log} aggregates but the pass completed after {done}: "
+        "weights, examples or model differ from the original pass"
+    )
+
+    received: list[ForwardStats]
+
     def __init__(
         self,
         model: nn.Module,
@@ -88,49 +96,21 @@ class StatisticsPass:
         self.num_examples = int(inputs.shape[0])
         if self.num_examples <= 0:
             raise ValueError("a statistics pass needs at least one example")
-        self.received: list[ForwardStats] = []
         self.total_examples: Optional[int] = None
         self._forward_fn = forward_fn or (lambda: model(inputs))
         self._seed = seed
         self._buffers: list[tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = []
-        self._pending: Optional[tuple[SyncPoint, ForwardStats]] = None
-        self._forward: Optional[PausableCall] = None
-        self._thread: Optional[threading.Thread] = None
-        self._program = self._run()
-        self._started = False
-        self._finished = False
         self.buffer_calls: Optional[BufferCalls] = None
-
-    @property
-    def done(self) -> bool:
-        """Whether the forward has completed."""
-        return self._finished
+        super().__init__()
 
     @property
     def num_calls(self) -> int:
         """BatchNorm calls reached so far."""
-        return len(self._buffers) + (self._pending is not None)
+        return len(self._buffers) + (self._pending_request is not None)
 
-    def start(self) -> Optional[SyncRequest]:
-        """Run to the first BatchNorm call; return ``(point, payload)``, or ``None`` if the
-        model makes no batch-statistics BatchNorm call."""
-        if self._started:
-            raise StepProtocolError("statistics pass already started")
-        self._started = True
-        self._thread = threading.current_thread()
-        return self._advance(None)
-
-    def resume(self, aggregate: ForwardStats) -> Optional[SyncRequest]:
-        """Feed the pooled statistics of the pending call; run to the next call."""
-        if self._pending is None:
-            raise StepProtocolError("no BatchNorm call of the statistics pass is waiting for statistics")
-        if self._thread is not threading.current_thread():
-            raise StepProtocolError("a statistics pass must be resumed in the thread that started it")
-        point, own = self._pending
+    def _check_aggregate(self, point: SyncPoint, own: Aggregate, aggregate: Any) -> None:
         check_pooled_forward(f"statistics pass, BatchNorm call {point.call}", point, own, aggregate,
                              self.num_examples, self.total_examples)
-        self.received.append(aggregate)
-        return self._advance(aggregate)
 
     @classmethod
     def replay(
@@ -144,64 +124,16 @@ class StatisticsPass:
         return it paused at the first call with no known statistics, and that call's
         request."""
         stats_pass = cls(model, inputs, seed=seed)
-        try:
-            request = stats_pass.start()
-            for i, aggregate in enumerate(aggregates):
-                if request is None:
-                    raise StepProtocolError(
-                        f"statistics log holds {len(aggregates)} aggregates but the pass completed after {i}: "
-                        "weights, examples or model differ from the original pass"
-                    )
-                request = stats_pass.resume(aggregate)
-        except BaseException:
-            stats_pass.close()
-            raise
-        return stats_pass, request
-
-    def close(self) -> None:
-        """Abandon the pass (its paused forward unwinds; training flags are restored)."""
-        if not self._finished:
-            if self._thread is None or self._thread is threading.current_thread():
-                self._program.close()
-            elif self._forward is not None:
-                self._forward.drop()
-            self._finished = True
-        self._pending = None
+        return stats_pass, stats_pass._resume_through(aggregates)
 
     # ------------------------------------------------------------------ internals
-    def _advance(self, value: Optional[ForwardStats]) -> Optional[SyncRequest]:
-        try:
-            request = self._program.send(value)
-        except StopIteration:
-            self._pending = None
-            self._finished = True
-            return None
-        except BaseException:
-            self._pending = None
-            self._finished = True
-            raise
-        self._pending = request  # type: ignore[assignment]
-        return request
-
-    def _cuda_devices(self) -> list[torch.device]:
-        return sorted({p.device for p in self.model.parameters() if p.device.type == "cuda"}, key=str)
-
-    def _run(self) -> Iterator[SyncRequest]:
-        rng = None if self._seed is None else PrivateRNG(self._seed, self._cuda_devices)
+    def _run(self) -> Generator[SyncRequest, Any, None]:
         modes = [(module, module.training) for module in self.model.modules()]
         # A train-mode forward counts batches (num_batches_tracked); the pass changes nothing.
         buffers = [(buffer, buffer.clone()) for buffer in self.model.buffers()]
-        self._forward = forward = PausableCall(self._forward_body, rng)
         try:
-            kind, value = forward.switch_in(None)
-            while kind == "pause":
-                aggregate = yield value
-                kind, value = forward.switch_in(aggregate)
-            if kind == "error":
-                raise value
+            yield from self._forward_program()
         finally:
-            forward.abort()
-            self._forward = None
             for module, training in modes:
                 module.training = training
             with torch.no_grad():
@@ -235,8 +167,7 @@ class StatisticsPass:
         payload = ForwardStats(
             count=float(x.numel() // x.shape[1]), num_examples=self.num_examples, mean=local[0], var=local[1]
         )
-        assert self._forward is not None
-        pooled: ForwardStats = self._forward.pause((point, payload))
+        pooled: ForwardStats = self._pause(point, payload)
         if self.total_examples is None:
             self.total_examples = int(pooled.num_examples)
         self._buffers.append((running_mean, running_var))

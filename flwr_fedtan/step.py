@@ -42,9 +42,8 @@ received and returns it paused at the first sync point whose aggregate is not kn
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Generator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -53,61 +52,14 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from . import bn_ops
 from .aggregation import BackwardSums, ForwardStats, SyncPoint
-from .batchnorm import UnsupportedModelError, check_model
+from .batchnorm import check_model
+from .errors import StepProtocolError, UnsupportedModelError
 from .intercept import intercept_batch_norm, refuse_checkpointing
 from .losses import reduce_loss
-from .pause import PausableCall, PrivateRNG
+from .resumable import Aggregate, ResumableProgram, SyncRequest, check_pooled_forward
 from .staged_backward import StagedBackward
 
-__all__ = ["SyncStep", "SyncRequest", "Aggregate", "StepProtocolError", "check_pooled_forward"]
-
-Aggregate = Union[ForwardStats, BackwardSums]
-SyncRequest = tuple[SyncPoint, Aggregate]
-
-
-class StepProtocolError(RuntimeError):
-    """The step was driven out of order, or an aggregate does not fit the sync point."""
-
-
-def check_pooled_forward(
-    where: str,
-    point: SyncPoint,
-    own: object,
-    aggregate: object,
-    num_examples: int,
-    total_examples: Optional[int],
-) -> None:
-    """Refuse pooled forward statistics that cannot be this forward call's: another type
-    or width, non-finite or negative moments, a pooled count or batch smaller than this
-    client's own payload (``own``), or another pooled batch than earlier calls'.
-
-    Raises
-    ------
-    StepProtocolError
-        Naming ``where`` and what does not fit.
-    """
-    c = point.channels
-    if not isinstance(aggregate, ForwardStats):
-        raise StepProtocolError(f"{where} needs ForwardStats, got {type(aggregate).__name__}")
-    if np.shape(aggregate.mean) != (c,) or np.shape(aggregate.var) != (c,):
-        raise StepProtocolError(
-            f"{where}: expected {c} channels, got mean {np.shape(aggregate.mean)}, var {np.shape(aggregate.var)}"
-        )
-    if not (np.isfinite(aggregate.mean).all() and np.isfinite(aggregate.var).all()):
-        raise StepProtocolError(f"{where}: non-finite pooled moments")
-    if (np.asarray(aggregate.var) < 0).any():
-        raise StepProtocolError(f"{where}: negative pooled variance")
-    own_count = own.count if isinstance(own, ForwardStats) else 1.0
-    # ``not >=`` so that a NaN count is refused too.
-    if not (aggregate.count >= max(own_count, 1.0)) or aggregate.num_examples < num_examples:
-        raise StepProtocolError(
-            f"{where}: pooled count {aggregate.count} / examples {aggregate.num_examples} smaller than this "
-            f"client's own ({own_count:g} / {num_examples})"
-        )
-    if total_examples is not None and aggregate.num_examples != total_examples:
-        raise StepProtocolError(
-            f"{where}: pooled batch has {aggregate.num_examples} examples, expected {total_examples}"
-        )
+__all__ = ["SyncStep", "SyncRequest", "Aggregate", "check_pooled_forward"]
 
 
 @dataclass
@@ -128,7 +80,7 @@ class _BatchNormCall:
     invstd_t: torch.Tensor
     cut: Optional[GradientEdge] = None  # where the output's gradient is captured
 
-class SyncStep:
+class SyncStep(ResumableProgram):
     """One client's synchronised forward/backward pass, resumable at each sync point.
 
     Parameters
@@ -168,6 +120,20 @@ class SyncStep:
     client's own sum.
     """
 
+    _NAME = "step"
+    _NOT_WAITING = "no sync point is waiting for an aggregate"
+    _WRONG_THREAD = (
+        "a SyncStep must be resumed in the thread that started it (its paused "
+        "forward lives on that thread's stack); rebuild it with SyncStep.replay "
+        "in this thread instead"
+    )
+    _REPLAY_MISMATCH = (
+        "replay log holds {log} aggregates but the step completed "
+        "after {done}: weights, batch or model differ from the original step"
+    )
+
+    received: list[Aggregate]
+
     def __init__(
         self,
         model: nn.Module,
@@ -188,25 +154,13 @@ class SyncStep:
         self.total_examples: Optional[int] = int(total_examples) if total_examples else None
         self.loss: Optional[float] = None
         self.used_fallback_backward: Optional[bool] = None
-        self.received: list[Aggregate] = []
         self._forward_fn = forward_fn
         self._seed = seed
         self._calls: list[_BatchNormCall] = []
         self._num_points = 0
-        self._pending: Optional[SyncPoint] = None
-        self._pending_payload: Optional[Aggregate] = None  # what this client sent for it
-        self._forward: Optional[PausableCall] = None
-        self._thread: Optional[threading.Thread] = None  # the object: idents are reused
-        self._program = self._run()
-        self._started = False
-        self._finished = False
+        super().__init__()
 
     # ------------------------------------------------------------------ public driving API
-    @property
-    def done(self) -> bool:
-        """Whether the step has completed its backward pass."""
-        return self._finished
-
     @property
     def num_sync_points(self) -> int:
         """Sync points reached so far (forward and backward)."""
@@ -215,7 +169,7 @@ class SyncStep:
     @property
     def pending(self) -> Optional[SyncPoint]:
         """The sync point waiting for an aggregate, if any."""
-        return self._pending
+        return None if self._pending_request is None else self._pending_request[0]
 
     @property
     def local_gradient_scale(self) -> float:
@@ -225,40 +179,8 @@ class SyncStep:
             return 1.0
         return self.total_examples / self.num_examples
 
-    def start(self) -> Optional[SyncRequest]:
-        """Run until the first sync point; return ``(point, payload)`` or ``None`` if done."""
-        if self._started:
-            raise StepProtocolError("step already started")
-        self._started = True
-        self._thread = threading.current_thread()
-        return self._advance(None)
-
-    def resume(self, aggregate: Aggregate) -> Optional[SyncRequest]:
-        """Feed the aggregate of the pending sync point; run to the next one.
-
-        Returns
-        -------
-        Optional[SyncRequest]
-            The next ``(point, payload)``, or ``None`` when the step is complete.
-        """
-        if self._pending is None:
-            raise StepProtocolError("no sync point is waiting for an aggregate")
-        self._check_thread()
-        self._check_aggregate(self._pending, aggregate)
-        self.received.append(aggregate)
-        return self._advance(aggregate)
-
-    def close(self) -> None:
-        """Abandon the step, releasing its paused forward and graph."""
-        if not self._finished:
-            if self._thread is None or self._thread is threading.current_thread():
-                self._program.close()
-            elif self._forward is not None:  # a paused forward unwinds only on its thread
-                self._forward.drop()
-                self._forward = None
-            self._finished = True
+    def _release(self) -> None:
         self._calls = []
-        self._pending = None
 
     @classmethod
     def replay(
@@ -282,42 +204,14 @@ class SyncStep:
             point's request (``None`` if the aggregates complete the step).
         """
         step = cls(model, forward_fn, num_examples, total_examples=total_examples, seed=seed)
-        try:
-            request = step.start()
-            for i, aggregate in enumerate(aggregates):
-                if request is None:
-                    raise StepProtocolError(
-                        f"replay log holds {len(aggregates)} aggregates but the step completed "
-                        f"after {i}: weights, batch or model differ from the original step"
-                    )
-                request = step.resume(aggregate)
-        except BaseException:
-            step.close()  # else its paused forward lingers, holding the graph
-            raise
-        return step, request
+        return step, step._resume_through(aggregates)
 
     # ------------------------------------------------------------------ internals
-    def _advance(self, value: Optional[Aggregate]) -> Optional[SyncRequest]:
-        try:
-            request = self._program.send(value)
-        except StopIteration:
-            self._pending = None
-            self._finished = True
-            return None
-        except BaseException:
-            self._pending = None
-            self._finished = True
-            raise
-        self._pending = request[0]
-        self._pending_payload = request[1]
-        return request
-
-    def _check_aggregate(self, point: SyncPoint, aggregate: Aggregate) -> None:
+    def _check_aggregate(self, point: SyncPoint, own: Aggregate, aggregate: Any) -> None:
         c = point.channels
         if point.phase == "forward":
             check_pooled_forward(
-                f"sync point {point.index}", point, self._pending_payload, aggregate, self.num_examples,
-                self.total_examples,
+                f"sync point {point.index}", point, own, aggregate, self.num_examples, self.total_examples,
             )
         else:
             if not isinstance(aggregate, BackwardSums):
@@ -339,14 +233,6 @@ class SyncStep:
         self._num_points += 1
         return point
 
-    def _check_thread(self) -> None:
-        if self._thread is not None and self._thread is not threading.current_thread():
-            raise StepProtocolError(
-                "a SyncStep must be resumed in the thread that started it (its paused "
-                "forward lives on that thread's stack); rebuild it with SyncStep.replay "
-                "in this thread instead"
-            )
-
     def _forward_body(self) -> torch.Tensor:
         """The forward code, run as the step's :class:`~.pause.PausableCall`."""
         intercept = intercept_batch_norm(self.sync_batch_norm, self.model, self._forward_fn, self.num_examples)
@@ -361,11 +247,7 @@ class SyncStep:
                 "a synchronised step cannot run under torch.inference_mode(): BatchNorm "
                 f"call {point.call} needs autograd for its backward sync point"
             )
-        assert self._forward is not None
-        return self._forward.pause((point, payload))  # type: ignore[return-value]
-
-    def _cuda_devices(self) -> list[torch.device]:
-        return sorted({p.device for p in self.model.parameters() if p.device.type == "cuda"}, key=str)
+        return self._pause(point, payload)
 
     def sync_batch_norm(
         self,
@@ -437,24 +319,12 @@ class SyncStep:
         call.cut = get_gradient_edge(output)
         return output
 
-    def _run(self) -> Iterator[SyncRequest]:
+    def _run(self) -> Generator[SyncRequest, Any, None]:
         """The step as a generator: yields requests, receives aggregates."""
-        rng = None if self._seed is None else PrivateRNG(self._seed, self._cuda_devices)
-        self._forward = forward = PausableCall(self._forward_body, rng)
-        try:
-            kind, value = forward.switch_in(None)
-            while kind == "pause":
-                aggregate = yield value
-                kind, value = forward.switch_in(aggregate)
-            if kind == "error":
-                raise value
-            loss = value
-        finally:
-            forward.abort()  # unwinds a forward still paused (the step was closed early)
-            self._forward = None
+        loss = yield from self._forward_program()
         yield from self._backward(loss)
 
-    def _backward(self, loss: torch.Tensor) -> Iterator[SyncRequest]:
+    def _backward(self, loss: torch.Tensor) -> Generator[SyncRequest, Any, None]:
         if self.total_examples is None:
             self.total_examples = self.num_examples
         self.loss = float(loss.detach())
@@ -479,7 +349,7 @@ class SyncStep:
 
     def _backward_stage(
         self, call: _BatchNormCall, staged: StagedBackward, stage: int
-    ) -> Iterator[SyncRequest]:
+    ) -> Generator[SyncRequest, Any, None]:
         x = call.input
         if x._version != call.input_version:
             raise RuntimeError(
@@ -496,7 +366,7 @@ class SyncStep:
         sums = bn_ops.to_numpy(torch.stack([sum_g, sum_gxhat]))
         local = BackwardSums(sum_grad=sums[0], sum_grad_xhat=sums[1])
         point = self._new_point("backward", call.point.call, x.shape[1])
-        total: BackwardSums = yield point, local  # type: ignore[misc]
+        total: BackwardSums = yield point, local
 
         if reached:
             if call.weight is not None:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .batchnorm import UnsupportedModelError
+from .errors import UnsupportedModelError
 from .losses import loss_reduction, reduce_loss, summed_loss_issue
 from .seeds import derive_seed
 from .step import Aggregate, SyncRequest, SyncStep

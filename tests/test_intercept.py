@@ -5,7 +5,11 @@ Every step of every case is exact against centralised PyTorch on the pooled batc
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,8 +153,71 @@ def test_torch_compile_traces_the_wrapper_as_the_batch_norm_op():
     """Outside a step, a compiled BatchNorm model has no graph break at the wrapper."""
     import torch._dynamo
 
+    intercept.install()
+    assert torch.batch_norm is intercept.fedtan_batch_norm
     _forget_compiled_frames()
     model, _ = _model(AttributeNorm)
     explanation = torch._dynamo.explain(model)(non_iid_batches()[0][0])
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+
+
+_FRESH_PROCESS = textwrap.dedent("""
+    import importlib, pkgutil
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    pytorchs = torch.batch_norm, F.batch_norm
+    import flwr_fedtan
+    for module in pkgutil.walk_packages(flwr_fedtan.__path__, "flwr_fedtan."):
+        importlib.import_module(module.name)
+    for name in flwr_fedtan.__all__:
+        getattr(flwr_fedtan, name)
+    assert (torch.batch_norm, F.batch_norm) == pytorchs, "importing flwr_fedtan changed torch"
+
+    from flwr_fedtan import SyncStep, intercept, pooled_backward
+    assert not intercept.installed()
+    from torch._dynamo import trace_rules  # torch.compile's in-graph table, built before the wrapper
+    assert trace_rules.get_torch_obj_rule_map().get(torch.batch_norm) is not None
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)) for _ in range(2)]
+    batches = [(torch.randn(5, 3), torch.randint(0, 2, (5,))) for _ in range(2)]
+    pooled_backward(models, batches, F.cross_entropy)
+    wrapper = torch.batch_norm
+    assert wrapper is intercept.fedtan_batch_norm and intercept.installed()
+    assert trace_rules.get_torch_obj_rule_map().get(wrapper) is not None  # traced as the op, as before
+    print(wrapper.__module__, wrapper.__name__, wrapper.__qualname__)
+
+    x, y = batches[0]
+    step = SyncStep(models[0], lambda: F.cross_entropy(models[0](x), y), num_examples=5, total_examples=10)
+    assert step.start() is not None  # paused at its first sync point
+    try:
+        intercept.uninstall()
+        raise AssertionError("uninstalled under a paused step")
+    except RuntimeError as error:
+        assert "close" in str(error), error
+    assert intercept.installed()
+    step.close()
+    intercept.uninstall()
+    assert torch.batch_norm is pytorchs[0] and not intercept.installed()
+    assert trace_rules.get_torch_obj_rule_map().get(wrapper) is None
+    intercept.uninstall()  # idempotent
+    pooled_backward(models, batches, F.cross_entropy)  # the next step installs it again
+    assert torch.batch_norm is wrapper
+    print("ok")
+""")
+
+
+def test_importing_fedtan_leaves_torch_alone_until_a_step_installs_its_own_wrapper():
+    """Interception is opt-in: importing every module of the package changes nothing in
+    torch; the first synchronised step installs ``fedtan_batch_norm`` under its own name,
+    :func:`intercept.uninstall` gives PyTorch's function back (not under a running step).
+    torch.compile's table of in-graph functions follows both."""
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", _FRESH_PROCESS], cwd=root, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == [
+        "flwr_fedtan.intercept", "fedtan_batch_norm", "fedtan_batch_norm", "ok",
+    ], done.stdout

@@ -130,3 +130,91 @@ def test_flwr_build_makes_a_fab_without_warnings_holding_the_app_and_its_data(tm
     _, from_project = datasets._decode_embedded(app / "simulations" / "embedded_data" / "fashion-mnist")
     assert from_fab.keys() == from_project.keys()
     assert all(np.array_equal(from_fab[key], from_project[key]) for key in from_fab)
+
+
+# ---------------------------------------------------------------------- a lean install
+# The experiments' stack: none of it may come with `pip install flwr-fedtan`.
+APP_ONLY = {"ray", "flwr-datasets", "datasets", "torchvision", "matplotlib", "timm"}
+# Imported by flwr_fedtan only inside functions, only where it is already running (Ray homes
+# in Flower's simulation engine); it comes with the `app` extra's flwr[simulation].
+OPTIONAL_IMPORTS = {"ray"}
+
+
+def _imports_by_level(path: Path) -> tuple[set[str], set[str]]:
+    """(module-level, inside-functions) top-level names of third-party imports of ``path``;
+    imports under ``if TYPE_CHECKING`` never run and are left out."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    skipped = {id(node) for block in ast.walk(tree)
+               if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+               for node in ast.walk(block)}
+    deferred = {id(node) for function in ast.walk(tree)
+                if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef))
+                for node in ast.walk(function)}
+    module_level, in_functions = set(), set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            names = {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = {node.module.split(".")[0]}
+        else:
+            continue
+        names = {n for n in names if n not in sys.stdlib_module_names and n not in LOCAL_PACKAGES}
+        (in_functions if id(node) in deferred else module_level).update(names)
+    return module_level, in_functions
+
+
+def _distribution(module: str) -> str:
+    names = importlib.metadata.packages_distributions().get(module, [module])
+    return names[0].lower().replace("_", "-")
+
+
+def test_the_library_dependencies_are_what_flwr_fedtan_imports():
+    """`dependencies` covers every import of the package (module level, and inside
+    functions except the optional Ray), and holds nothing the package does not import."""
+    core = {requirement_name(r) for r in pyproject()["project"]["dependencies"]}
+    imported, optional = set(), set()
+    for path in sorted((PROJECT_ROOT / "flwr_fedtan").rglob("*.py")):
+        module_level, in_functions = _imports_by_level(path)
+        imported |= {_distribution(m) for m in module_level}
+        optional |= {_distribution(m) for m in in_functions - module_level}
+    uncovered = imported - core
+    assert not uncovered, f"flwr_fedtan imports at module level what `dependencies` lacks: {uncovered}"
+    assert optional - core <= OPTIONAL_IMPORTS, optional - core
+    assert core == imported | (optional & core), f"declared but never imported: {core - imported - optional}"
+    assert not core & APP_ONLY
+
+
+def test_the_app_extra_is_what_flower_installs_for_a_fab_run():
+    """Flower's runtime installation runs `uv sync` (dependencies plus uv's default
+    groups): the `app` group must list what the `app` extra does."""
+    project = pyproject()
+    assert project["dependency-groups"]["app"] == project["project"]["optional-dependencies"]["app"]
+    assert project["tool"]["uv"]["default-groups"] == ["app"]
+    extras = project["project"]["optional-dependencies"]
+    assert {requirement_name(r) for r in extras["app"]} >= {"flwr", "flwr-datasets", "datasets", "torchvision"}
+    assert "flwr-fedtan[app]" in extras["experiments"] and "flwr-fedtan[app,experiments]" in extras["dev"]
+
+
+def test_the_wheels_core_requirements_leave_out_the_experiments_stack(tmp_path):
+    source = tmp_path / "flwr-fedtan"  # what a wheel is built from
+    shutil.copytree(PROJECT_ROOT / "flwr_fedtan", source / "flwr_fedtan", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(PROJECT_ROOT / name, source / name)
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+         str(tmp_path / "dist"), str(source)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    (wheel,) = (tmp_path / "dist").glob("flwr_fedtan-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        (metadata,) = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
+        requires = [line.removeprefix("Requires-Dist:").strip()
+                    for line in archive.read(metadata).decode().splitlines() if line.startswith("Requires-Dist:")]
+    core = [r for r in requires if "extra ==" not in r]
+    assert {requirement_name(r) for r in core} == {"flwr", "torch", "numpy", "greenlet", "cryptography"}, core
+    assert not [r for r in core if "[" in r.split(";")[0]], f"core requirement with extras (Ray?): {core}"
+    app = [r for r in requires if "extra == \"app\"" in r]
+    assert {requirement_name(r) for r in app} == {"flwr", "flwr-datasets", "datasets", "torchvision"}, requires

@@ -160,7 +160,7 @@ def save_weights(
     if store == "context":
         return WeightsRef("context", arrays=arrays)
     buffer = io.BytesIO()
-    np.savez(buffer, **{key: array.numpy() for key, array in arrays.items()})
+    np.savez(buffer, **{key: array.numpy() for key, array in arrays.items()})  # type: ignore[arg-type]
     data = buffer.getvalue()
     clean_stale_runs(keep_run=run_id, max_age_hours=max_age_hours, directory=directory)
     for attempt in range(3):

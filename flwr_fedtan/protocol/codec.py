@@ -19,7 +19,8 @@ from typing import Any, Hashable, Optional, Union
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
-from ..aggregation import BackwardSums, ForwardStats, PayloadError
+from ..aggregation import BackwardSums, ForwardStats
+from ..errors import PayloadError, ServerMessageError
 from ..secure import KeyAgreementError, MaskedPayload, Roster, SecureStatsError, shifts_from_arrays, shifts_to_arrays
 
 __all__ = [
@@ -45,19 +46,6 @@ _ARRAYS = {FORWARD: ("mean", "var"), BACKWARD: ("sum-grad", "sum-grad-xhat")}
 _MASKED_ARRAYS = {"masked", "roster-digest"}
 
 Payload = Union[ForwardStats, BackwardSums]
-
-
-class ServerMessageError(ValueError):
-    """A ``train.fedtan`` message from the server is malformed (client side).
-
-    Raised before anything of the message reaches the client's step: a buggy or hostile
-    server makes the client fail with this error (Flower returns it to the server as an
-    error reply) instead of hanging or taking a wrong step. A node's replay log, which
-    holds the server's aggregates, raises it too when an entry is corrupt.
-    """
-
-    def __init__(self, message: str) -> None:
-        super().__init__(f"invalid train.fedtan message from the server: {message}")
 
 
 def get_int(sender: Hashable, record: Mapping[str, Any], key: str) -> int:
