@@ -374,7 +374,7 @@ def _training_data(
         raise ValueError(f"FedTANClient: batch_size must be a positive integer, got {size!r}")
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise ValueError("FedTANClient: train_data is empty")
-    return dataset, int(size), collate_fn  # type: ignore[arg-type]
+    return dataset, int(size), collate_fn
 
 
 def _collate_fn_of(data: Union[Dataset, DataLoader]) -> Callable[[list], Any]:

@@ -20,10 +20,11 @@ import hashlib
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Union, cast
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord
+from flwr.app.typing import MetricRecordValues
 
 from .. import schema, secure, settings
 from ..client import FedTANClient, _client_from, client_seed_key
@@ -133,8 +134,8 @@ def _begin(turn: _Turn) -> Message:
     node.round = RoundProgress(
         round=control.round, seed=seed, sync_steps=control.sync_steps, attempt=control.attempt, batch=batch,
         pooled=pooled,
-        local_steps=int(config.get("local-steps", client.local_steps)),
-        lr=float(config["lr"]) if "lr" in config else None,
+        local_steps=int(cast(int, config.get("local-steps", client.local_steps))),
+        lr=float(cast(float, config["lr"])) if "lr" in config else None,
     )
     _save_weights(turn, client)
     round_ = client.new_round(seed, control.sync_steps, config)
@@ -362,7 +363,7 @@ def _after_step(turn: _Turn, progress: Progress, live: _Live, request: Any) -> M
 
 def _done(turn: _Turn, live: _Live) -> Message:
     node = turn.node
-    metrics = live.work.finish()  # type: ignore[union-attr]
+    metrics: dict[str, MetricRecordValues] = dict(live.work.finish())  # type: ignore[union-attr]
     metrics["sync-seconds"] = float(node.round.sync_seconds)  # type: ignore[union-attr]
     metrics["replays"] = float(node.round.replays)  # type: ignore[union-attr]
     node.round.log = None  # type: ignore[union-attr]

@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from typing import Optional, Union
+from typing import Optional, Union, cast
 
 import numpy as np
 from flwr.app import Message, MetricRecord, RecordDict
@@ -235,7 +235,7 @@ class RoundDriver:
         except Restart:
             raise
         except PayloadError as error:
-            ledger.drop(error.client, f"payload rejected at {point.phase} call {point.call}: {error}")
+            ledger.drop(cast(int, error.client), f"payload rejected at {point.phase} call {point.call}: {error}")
             raise Restart() from None
         except secure.SecureStatsError as error:  # names no client: retry with fresh masks
             log(WARNING, "Round %d: secure statistics failed, restarting: %s", round_.server_round, error)
@@ -374,7 +374,7 @@ def new_round_ledger(server_round: int, progress_interval: Optional[float]) -> R
 def round_summary(round_: TrainRound, clients: int) -> dict:
     """Log the round's summary line; return its ``fedtan-*`` metrics."""
     ledger = round_.ledger
-    replays = sum(int(s.metrics.get("replays", 0)) for s in round_.statuses.values())
+    replays = sum(int(cast(int, s.metrics.get("replays", 0))) for s in round_.statuses.values())
     metrics = ledger.metrics(clients)
     metrics.update(ledger.progress.metrics("fedtan-"))
     metrics["fedtan-replays"] = replays
