@@ -17,13 +17,12 @@ from typing import Hashable, Mapping, Sequence, TypeVar
 
 import numpy as np
 
-from .errors import PayloadError  # re-exported: exchange, schema, secure and tests import it from here
+from .errors import PayloadError
 
 ClientId = TypeVar("ClientId", bound=Hashable)
 """Whatever the caller keys clients by (node ids on the server, names in tests); kept in results."""
 
 __all__ = [
-    "PayloadError",
     "ForwardStats",
     "BackwardSums",
     "SyncPoint",

@@ -22,9 +22,9 @@ from flwr.client import NumPyClient
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
-from .arguments import InvalidArgumentsError
-from .batchnorm import UnsupportedModelError, convert_batchnorm, validate
-from .client_checks import ClientDataError, check_client_arguments, check_training_data
+from .batchnorm import convert_batchnorm, validate
+from .client_checks import check_client_arguments, check_training_data
+from .errors import ClientDataError, InvalidArgumentsError, UnsupportedModelError
 from .losses import loss_reduction, reduce_loss
 from .runtime import live_rounds
 from .statistics_pass import StatisticsPass

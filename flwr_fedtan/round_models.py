@@ -16,14 +16,8 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from .aggregation import (
-    PayloadError,
-    aggregate_arrays,
-    check_arrays,
-    check_layout,
-    check_magnitudes,
-    nonfinite_culprit,
-)
+from .aggregation import aggregate_arrays, check_arrays, check_layout, check_magnitudes, nonfinite_culprit
+from .errors import PayloadError
 from .protocol.driver import REASON_CHARS, TrainRound
 from .protocol.exchange import unexpected
 

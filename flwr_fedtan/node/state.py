@@ -59,7 +59,7 @@ class ReplayLog:
         codec.log_append(self.arrays, self.scalars, index, aggregate)
 
     def read(self, length: int, where: str) -> list[Aggregate]:
-        """The first ``length`` aggregates; :class:`~flwr_fedtan.protocol.codec.ServerMessageError`
+        """The first ``length`` aggregates; :class:`~flwr_fedtan.errors.ServerMessageError`
         if one is missing or corrupt."""
         return codec.log_read(self.arrays, self.scalars, length, where)
 

@@ -20,14 +20,13 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from ..aggregation import BackwardSums, ForwardStats
-from ..errors import PayloadError, ServerMessageError
-from ..secure import KeyAgreementError, MaskedPayload, Roster, SecureStatsError, shifts_from_arrays, shifts_to_arrays
+from ..errors import KeyAgreementError, PayloadError, SecureStatsError, ServerMessageError
+from ..secure import MaskedPayload, Roster, shifts_from_arrays, shifts_to_arrays
 
 __all__ = [
     "BACKWARD",
     "FORWARD",
     "Payload",
-    "ServerMessageError",
     "client_payload",
     "get_int",
     "log_append",

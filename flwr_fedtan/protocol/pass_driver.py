@@ -33,13 +33,13 @@ from .. import schema, secure
 from ..aggregation import (
     DEFAULT_MAX_GROWTH,
     ForwardStats,
-    PayloadError,
     check_magnitudes,
     exact_running_statistics,
     forward_count_violations,
     pool_forward_stats,
     value_limit,
 )
+from ..errors import PayloadError, SecureStatsError
 from ..progress import DEFAULT_PROGRESS_INTERVAL, ExchangeProgress, describe_bytes
 from ..seeds import pass_seed
 from .exchange import ExchangeLedger, Exchanges, Restart, count_claims, payload_kind_mismatches, within_limit
@@ -281,13 +281,13 @@ class StatisticsPassDriver:
             else:
                 aggregate = pool_forward_stats(payloads, channels, limit, self.max_growth)
             if not isinstance(aggregate, ForwardStats) or not within_limit(aggregate, limit):
-                raise secure.SecureStatsError(f"BatchNorm call {index}: pooled statistics out of the model's range")
+                raise SecureStatsError(f"BatchNorm call {index}: pooled statistics out of the model's range")
             return aggregate
         except PayloadError as error:
             node = cast(int, error.client)  # the payloads are keyed by node id
             outcome.drop(node, f"statistics pass, BatchNorm call {index}: {error}")
             raise Restart() from None
-        except secure.SecureStatsError as error:
+        except SecureStatsError as error:
             log(WARNING, "Statistics pass of round %d, BatchNorm call %d: %s", server_round, index, error)
             raise Restart() from None
 
