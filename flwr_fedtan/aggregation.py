@@ -13,14 +13,16 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Hashable, Mapping, Sequence
+from typing import Hashable, Mapping, Sequence, TypeVar
 
 import numpy as np
 
-from .errors import PayloadError  # re-exported: exchange, schema, secure and tests import it from here
+from .errors import PayloadError
+
+ClientId = TypeVar("ClientId", bound=Hashable)
+"""Whatever the caller keys clients by (node ids on the server, names in tests); kept in results."""
 
 __all__ = [
-    "PayloadError",
     "ForwardStats",
     "BackwardSums",
     "SyncPoint",
@@ -296,10 +298,10 @@ def is_batchnorm_buffer(key: str) -> bool:
 
 
 def forward_count_violations(
-    contributions: Mapping[Hashable, ForwardStats],
-    step_examples: Mapping[Hashable, int],
+    contributions: Mapping[ClientId, ForwardStats],
+    step_examples: Mapping[ClientId, int],
     uniform_positions: bool = True,
-) -> dict[Hashable, str]:
+) -> dict[ClientId, str]:
     """Clients whose forward counts are inconsistent, with the reason.
 
     A client's statistics weigh ``count`` (``m_k``) in the pooled moments and its model
@@ -325,8 +327,8 @@ def forward_count_violations(
     dict[client id, str]
         The offending clients and why; empty if all are consistent.
     """
-    violations: dict[Hashable, str] = {}
-    positions: dict[Hashable, int] = {}
+    violations: dict[ClientId, str] = {}
+    positions: dict[ClientId, int] = {}
     for client, stats in contributions.items():
         if not isinstance(stats, ForwardStats):
             continue
@@ -441,7 +443,7 @@ def check_arrays(
 
 
 def aggregate_arrays(
-    contributions: Mapping[Hashable, tuple[Mapping[str, np.ndarray], float]],
+    contributions: Mapping[ClientId, tuple[Mapping[str, np.ndarray], float]],
     reference: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Average models weighted by examples, BatchNorm-aware.
@@ -628,8 +630,8 @@ def check_magnitudes(
 
 def nonfinite_culprit(
     aggregated: Mapping[str, np.ndarray],
-    contributions: Mapping[Hashable, tuple[Mapping[str, np.ndarray], float]],
-) -> tuple[str, Hashable] | None:
+    contributions: Mapping[ClientId, tuple[Mapping[str, np.ndarray], float]],
+) -> tuple[str, ClientId | None] | None:
     """``(key, client)`` if an aggregated floating array holds NaN or Inf: the first such
     array and the client that returned the largest magnitude in it (the one that can push
     an average out of range). ``None`` if the aggregate is finite."""

@@ -12,9 +12,9 @@ import math
 import numbers
 from typing import Any, Collection, Optional
 
-from .errors import ArgumentProblem, InvalidArgumentsError  # re-exported for client.py, run_config.py, tests
+from .errors import ArgumentProblem, InvalidArgumentsError
 
-__all__ = ["ArgumentChecks", "ArgumentProblem", "InvalidArgumentsError"]
+__all__ = ["ArgumentChecks"]
 
 
 def _is_integer(value: Any) -> bool:

@@ -19,11 +19,11 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase
 
-from .errors import ModelIssue, UnsupportedModelError  # re-exported for client.py and tests
+from .errors import ModelIssue, UnsupportedModelError
 from .losses import loss_issues, probe_loss
 
 __all__ = [
-    "FedTANBatchNorm", "ModelIssue", "UnsupportedModelError", "check_model", "convert_batchnorm", "validate",
+    "FedTANBatchNorm", "check_model", "convert_batchnorm", "validate",
 ]
 
 

@@ -27,7 +27,8 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from .quarantine import FailureRecord
-from .private_files import UnsafePathError, private_dir, read_private_file, write_private_file
+from .private_files import private_dir, read_private_file, write_private_file
+from .errors import UnsafePathError
 
 __all__ = ["FORMAT", "SUFFIX", "checkpoint_name", "round_of", "list_checkpoints", "write", "read",
            "encode_state", "decode_state", "Unsupported", "save_run", "load_run"]

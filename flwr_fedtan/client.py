@@ -22,9 +22,9 @@ from flwr.client import NumPyClient
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
-from .arguments import InvalidArgumentsError
-from .batchnorm import UnsupportedModelError, convert_batchnorm, validate
-from .client_checks import ClientDataError, check_client_arguments, check_training_data
+from .batchnorm import convert_batchnorm, validate
+from .client_checks import check_client_arguments, check_training_data
+from .errors import ClientDataError, InvalidArgumentsError, UnsupportedModelError
 from .losses import loss_reduction, reduce_loss
 from .runtime import live_rounds
 from .statistics_pass import StatisticsPass
@@ -374,7 +374,7 @@ def _training_data(
         raise ValueError(f"FedTANClient: batch_size must be a positive integer, got {size!r}")
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise ValueError("FedTANClient: train_data is empty")
-    return dataset, int(size), collate_fn  # type: ignore[arg-type]
+    return dataset, int(size), collate_fn
 
 
 def _collate_fn_of(data: Union[Dataset, DataLoader]) -> Callable[[list], Any]:

@@ -1,5 +1,5 @@
 """What :class:`~flwr_fedtan.FedTANClient` refuses at construction, before any round:
-its settings (all problems in one :class:`~flwr_fedtan.arguments.InvalidArgumentsError`)
+its settings (all problems in one :class:`~flwr_fedtan.errors.InvalidArgumentsError`)
 and its training data (empty, NaN or infinite values, the wrong shape for the model).
 
 The shape check costs no forward pass: the model runs on the ``meta`` device (shapes
@@ -19,9 +19,9 @@ from torch.utils.data import TensorDataset
 
 from .arguments import ArgumentChecks
 from .devices import device_problem
-from .errors import ClientDataError  # re-exported for client.py and tests
+from .errors import ClientDataError
 
-__all__ = ["ClientDataError", "check_client_arguments", "check_training_data"]
+__all__ = ["check_client_arguments", "check_training_data"]
 
 
 def check_client_arguments(
@@ -37,7 +37,7 @@ def check_client_arguments(
     optimizer_fn: Any,
     unpack_batch: Any,
 ) -> None:
-    """Raise :class:`~flwr_fedtan.arguments.InvalidArgumentsError` listing every invalid
+    """Raise :class:`~flwr_fedtan.errors.InvalidArgumentsError` listing every invalid
     argument of :class:`~flwr_fedtan.FedTANClient` (see its documentation)."""
     checks = ArgumentChecks("FedTANClient")
     for name, function in (("loss_fn", loss_fn), ("optimizer_fn", optimizer_fn), ("unpack_batch", unpack_batch)):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Union, cast
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -206,7 +206,7 @@ def fedtan_client_app(
         config = dict(msg.content.config_records.get("config", ConfigRecord()))
         client.load_arrays(arrays)
         # The same batches a FedTAN round would draw (strategy seed, round, attempt 0).
-        seed = round_seed(int(config.get("seed", 0)), int(config.get("server-round", 0)), 0)
+        seed = round_seed(int(cast(int, config.get("seed", 0))), int(cast(int, config.get("server-round", 0))), 0)
         config["seed"] = derive_seed(seed, client_seed_key(context))
         _, num_examples, metrics = client.fit(client.get_parameters({}), config)
         record = MetricRecord({"num-examples": num_examples, **metrics})

@@ -11,6 +11,7 @@ from typing import Callable, Iterable, Optional
 
 from flwr.app import Message
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 
 from . import schema
 
@@ -32,9 +33,9 @@ class ForwardingGrid(Grid):
         """The inner Grid's run."""
         return self.inner.run
 
-    def set_run(self, run_id: int) -> None:
+    def set_run(self, run: Run) -> None:
         """Forwarded."""
-        self.inner.set_run(run_id)
+        self.inner.set_run(run)
 
     def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
         """Forwarded."""

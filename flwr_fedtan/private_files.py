@@ -46,10 +46,9 @@ import time
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
-from .errors import UnsafePathError  # re-exported for checkpoint.py, runtime/private.py and tests
+from .errors import UnsafePathError
 
 __all__ = [
-    "UnsafePathError",
     "default_base",
     "private_dir",
     "write_private_file",

@@ -21,7 +21,8 @@ from .errors import StepProtocolError
 from .losses import loss_reduction, reduce_loss
 from .seeds import derive_seed
 from .statistics_pass import StatisticsPass
-from .step import Aggregate, SyncRequest, SyncStep
+from .step import SyncStep
+from .resumable import Aggregate, SyncRequest
 
 __all__ = [
     "InProcessClient", "pooled_backward", "pooled_statistics", "aggregate_requests", "drive_steps",
@@ -49,8 +50,8 @@ def aggregate_requests(requests: Mapping[Hashable, SyncRequest]) -> tuple[SyncPo
     """Aggregate one sync point's payloads from all clients.
 
     All clients must be at the same sync point (index, phase, BatchNorm call, width);
-    otherwise :class:`~flwr_fedtan.step.StepProtocolError` names the client that is not.
-    Payload errors raise :class:`~flwr_fedtan.aggregation.PayloadError`.
+    otherwise :class:`~flwr_fedtan.errors.StepProtocolError` names the client that is not.
+    Payload errors raise :class:`~flwr_fedtan.errors.PayloadError`.
     """
     items = iter(requests.items())
     first_client, (point, _) = next(items)

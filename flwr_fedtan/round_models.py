@@ -16,14 +16,8 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from .aggregation import (
-    PayloadError,
-    aggregate_arrays,
-    check_arrays,
-    check_layout,
-    check_magnitudes,
-    nonfinite_culprit,
-)
+from .aggregation import aggregate_arrays, check_arrays, check_layout, check_magnitudes, nonfinite_culprit
+from .errors import PayloadError
 from .protocol.driver import REASON_CHARS, TrainRound
 from .protocol.exchange import unexpected
 
@@ -68,7 +62,8 @@ def check_models(
             metrics[weight_key] = int(weight) if float(weight).is_integer() else float(weight)
             params = ArrayRecord({k: v for k, v in status.arrays.items() if not is_buffer(k)})
             content = RecordDict({arrayrecord_key: params, "metrics": metrics})
-            wrapped_replies[node] = Message(content=content, metadata=by_node[node].metadata)
+            # Flower's stubs omit the (content, metadata) form its Message accepts at runtime
+            wrapped_replies[node] = Message(content=content, metadata=by_node[node].metadata)  # type: ignore[call-overload]
         except PayloadError as error:
             round_.ledger.drop(node, f"model left out of the average: {error}")
             continue

@@ -45,7 +45,8 @@ from typing import Hashable, Optional, Union
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from .aggregation import ForwardStats, PayloadError, SyncPoint
+from .aggregation import ForwardStats, SyncPoint
+from .errors import PayloadError
 from .protocol.codec import (
     Payload, ServerMessageError, payload_record, roster_record, secure_from_records, shifts_record,
 )
@@ -56,7 +57,6 @@ from .secure import MaskedPayload, Roster
 
 __all__ = [
     "ACTION",
-    "ServerMessageError",
     "MESSAGE_TYPE",
     "Control",
     "Status",

@@ -60,7 +60,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from .aggregation import BackwardSums, ForwardStats
-from .errors import (  # re-exported: schema, client, strategy, exact_statistics and tests import them from here
+from .errors import (
     CanaryMismatchError, FixedPointOverflowError, KeyAgreementError, MaskMismatchError, MissingPayloadError,
     PayloadError, SecureStatsError,
 )
@@ -68,14 +68,8 @@ from .errors import (  # re-exported: schema, client, strategy, exact_statistics
 __all__ = [
     "DEFAULT_FRACTIONAL_BITS",
     "RING_BITS",
-    "SecureStatsError",
-    "KeyAgreementError",
-    "FixedPointOverflowError",
-    "MaskMismatchError",
-    "CanaryMismatchError",
     "canary_masks",
     "blame_canary",
-    "MissingPayloadError",
     "KeyPair",
     "Roster",
     "MaskedPayload",

@@ -59,7 +59,7 @@ from .losses import reduce_loss
 from .resumable import Aggregate, ResumableProgram, SyncRequest, check_pooled_forward
 from .staged_backward import StagedBackward
 
-__all__ = ["SyncStep", "SyncRequest", "Aggregate", "check_pooled_forward"]
+__all__ = ["SyncStep"]
 
 
 @dataclass

@@ -19,7 +19,8 @@ from torch import nn
 from .errors import UnsupportedModelError
 from .losses import loss_reduction, reduce_loss, summed_loss_issue
 from .seeds import derive_seed
-from .step import Aggregate, SyncRequest, SyncStep
+from .step import SyncStep
+from .resumable import Aggregate, SyncRequest
 
 __all__ = ["ClientRound", "derive_seed"]
 

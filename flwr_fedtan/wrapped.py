@@ -41,10 +41,11 @@ FEDAVG_OPTIONS = (
 def find_attribute(strategy: Strategy, name: str, default: Any) -> Any:
     """``name`` of a strategy, or of the strategy it wraps (Flower's DP wrappers)."""
     seen = 0
-    while strategy is not None and seen < 16:
-        if name in vars(strategy):
-            return getattr(strategy, name)
-        strategy = getattr(strategy, "strategy", None)
+    current: Optional[Strategy] = strategy
+    while current is not None and seen < 16:
+        if name in vars(current):
+            return getattr(current, name)
+        current = getattr(current, "strategy", None)
         seen += 1
     return default
 

@@ -4,7 +4,7 @@ and its fix.
 :func:`run_config_problems` lists what is wrong with a run config (the keys of
 ``[tool.flwr.app.config]`` in ``pyproject.toml``, as ``flwr run --run-config`` overrides
 them): types, ranges, names, and combinations such as ``sync-steps`` > ``local-steps``;
-:func:`check_run_config` raises :class:`~flwr_fedtan.arguments.InvalidArgumentsError`
+:func:`check_run_config` raises :class:`~flwr_fedtan.errors.InvalidArgumentsError`
 listing them. The ServerApp calls it before it builds anything, so a misconfigured run
 stops at once, on the server, instead of failing later in every client.
 """
@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from flwr_fedtan.arguments import ArgumentChecks, ArgumentProblem
+from flwr_fedtan.arguments import ArgumentChecks
+from flwr_fedtan.errors import ArgumentProblem
 from flwr_fedtan.devices import device_problem
 from flwr_fedtan.exact_statistics import STATISTICS_MODES
 
@@ -68,7 +69,7 @@ def run_config_problems(config: Mapping[str, Any]) -> list[ArgumentProblem]:
 
 
 def check_run_config(config: Mapping[str, Any]) -> None:
-    """Raise :class:`~flwr_fedtan.arguments.InvalidArgumentsError` listing every problem
+    """Raise :class:`~flwr_fedtan.errors.InvalidArgumentsError` listing every problem
     :func:`run_config_problems` finds."""
     checks = ArgumentChecks("run config (flwr run --run-config / [tool.flwr.app.config])")
     checks.problems.extend(run_config_problems(config))

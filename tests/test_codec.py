@@ -14,6 +14,7 @@ from flwr_fedtan import schema, secure
 from flwr_fedtan.aggregation import BackwardSums, ForwardStats, SyncPoint
 from flwr_fedtan.node import state as node_state
 from flwr_fedtan.node.state import NodeState, ReplayLog, RoundProgress, SecureKey
+from flwr_fedtan.errors import ServerMessageError
 
 CHANNELS = 5
 RNG = np.random.default_rng(7)
@@ -162,7 +163,7 @@ def test_a_corrupt_log_entry_fails_like_a_corrupt_message(case, make):
     arrays = {name: record[name].numpy() for name in record.keys()}
     corrupt(arrays)
     message[schema.STATS] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
-    with pytest.raises(schema.ServerMessageError, match=reason) as from_message:
+    with pytest.raises(ServerMessageError, match=reason) as from_message:
         schema.decode_control(message)
 
     log = ReplayLog()
@@ -174,7 +175,7 @@ def test_a_corrupt_log_entry_fails_like_a_corrupt_message(case, make):
         del log.arrays[name]
     for name, value in entry.items():
         log.arrays[f"1.{name}"] = Array(value)
-    with pytest.raises(schema.ServerMessageError, match=reason) as from_log:
+    with pytest.raises(ServerMessageError, match=reason) as from_log:
         log.read(2, "node 4's replay log")
     assert type(from_log.value) is type(from_message.value)
     assert "node 4's replay log, aggregate 1" in str(from_log.value)
@@ -184,11 +185,11 @@ def test_a_log_entry_with_a_bad_count_or_missing_entry_is_refused():
     log = ReplayLog()
     log.append(0, forward())
     log.scalars["0.count"] = 0.0
-    with pytest.raises(schema.ServerMessageError, match="pooled 'count' must be a finite number >= 1"):
+    with pytest.raises(ServerMessageError, match="pooled 'count' must be a finite number >= 1"):
         log.read(1, "log")
     one_entry = ReplayLog()
     one_entry.append(0, backward())
-    with pytest.raises(schema.ServerMessageError, match="aggregate 1.*'sync-phase'"):
+    with pytest.raises(ServerMessageError, match="aggregate 1.*'sync-phase'"):
         one_entry.read(2, "log")
 
 

@@ -27,7 +27,8 @@ from torch.utils.data import TensorDataset
 from flwr_fedtan import FedTAN, FedTANClient, convert_batchnorm, fedtan_client_app, private_files, schema
 from flwr_fedtan.aggregation import BackwardSums, ForwardStats, SyncPoint
 from flwr_fedtan.client import clear_live_rounds, client_seed_key
-from flwr_fedtan.private_files import UnsafePathError, private_dir, read_private_file, write_private_file
+from flwr_fedtan.private_files import private_dir, read_private_file, write_private_file
+from flwr_fedtan.errors import ServerMessageError, UnsafePathError
 from flwr_fedtan.reference import fedtan_round_in_process
 from flwr_fedtan.node.state import NodeState
 from flwr_fedtan.node.weights import ReplayWeightsMissing
@@ -435,7 +436,7 @@ def test_well_formed_aggregates_complete_the_round_after_a_rejected_one():
     good = schema.encode_aggregate(1, 0, 0, SyncPoint(0, "forward", 0, CHANNELS), _forward_aggregate(status), 1, 3)
     bad = schema.encode_aggregate(1, 0, 0, SyncPoint(0, "forward", 0, CHANNELS), _forward_aggregate(status), 1, 3)
     _set(bad.array_records[schema.STATS], mean=np.zeros(CHANNELS, np.float32))
-    with pytest.raises(schema.ServerMessageError):
+    with pytest.raises(ServerMessageError):
         _deliver(app, bad, context)
     reply = _deliver(app, good, context)
     status = reply.content.config_records[schema.STATUS]

@@ -20,7 +20,8 @@ from flwr.serverapp.strategy import FedAdam, FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
 from flwr_fedtan import FedTAN, fedtan_client_app, schema
-from flwr_fedtan.aggregation import PayloadError, aggregate_arrays
+from flwr_fedtan.aggregation import aggregate_arrays
+from flwr_fedtan.errors import PayloadError
 from flwr_fedtan.client import clear_live_rounds
 
 from test_flower_protocol import initial_arrays as initial_arrays64
@@ -372,7 +373,7 @@ def test_old_checkpoints_are_deleted_by_round_number(tmp_path):
 
 @posix
 def test_a_checkpoint_readable_by_others_or_in_an_open_folder_is_refused(tmp_path):
-    from flwr_fedtan.private_files import UnsafePathError
+    from flwr_fedtan.errors import UnsafePathError
 
     folder = tmp_path / "ckpt"
     saved_run(folder, rounds=1)

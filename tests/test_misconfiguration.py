@@ -17,10 +17,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from flwr_fedtan import FedTAN, FedTANClient, validate
-from flwr_fedtan.arguments import InvalidArgumentsError
-from flwr_fedtan.batchnorm import UnsupportedModelError
+from flwr_fedtan.errors import ClientDataError, InvalidArgumentsError, UnsupportedModelError
 from flwr_fedtan.client import _client_from
-from flwr_fedtan.client_checks import ClientDataError
 from flwr_fedtan.training import ClientRound
 from simulations.run_config import check_run_config, run_config_problems
 

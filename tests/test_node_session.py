@@ -10,7 +10,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from flwr_fedtan import FedTAN, FedTANClient, client as client_module, fedtan_client_app, schema
 from flwr_fedtan.client import clear_live_rounds
-from flwr_fedtan.client_checks import ClientDataError
+from flwr_fedtan.errors import ClientDataError, ServerMessageError
 
 from _grid import LocalGrid
 from _runtime_app import SmallNet, client_data, initial_arrays
@@ -124,14 +124,14 @@ def test_a_begin_with_another_run_seed_or_a_stale_attempt_or_round_is_refused_by
     app = fedtan_client_app(make_client)
     context = Context(run_id=1, node_id=5, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
     _deliver(app, _begin(1, 3), context)
-    with pytest.raises(schema.ServerMessageError, match="run seed 4, but this node's run began with run seed 3"):
+    with pytest.raises(ServerMessageError, match="run seed 4, but this node's run began with run seed 3"):
         _deliver(app, _begin(2, 4), context)
-    with pytest.raises(schema.ServerMessageError, match="round 1, attempt 0, but this node already began attempt 0"):
+    with pytest.raises(ServerMessageError, match="round 1, attempt 0, but this node already began attempt 0"):
         _deliver(app, _begin(1, 3, attempt=0), context)
     _deliver(app, _begin(1, 3, attempt=1), context)  # a restart goes forward
     _deliver(app, _begin(2, 3), context)
-    with pytest.raises(schema.ServerMessageError, match="round 1, but this node already began round 2"):
+    with pytest.raises(ServerMessageError, match="round 1, but this node already began round 2"):
         _deliver(app, _begin(1, 3, attempt=5), context)
     stats_begin = schema.encode_stats_begin(initial_arrays(), 2, 9, 4)
-    with pytest.raises(schema.ServerMessageError, match="stats-begin of round 2 with run seed 9"):
+    with pytest.raises(ServerMessageError, match="stats-begin of round 2 with run seed 9"):
         _deliver(app, stats_begin, context)

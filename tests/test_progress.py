@@ -16,7 +16,7 @@ import torch
 from flwr.app import Message
 
 from flwr_fedtan import FedTAN, FedTANClient, fedtan_client_app, progress
-from flwr_fedtan.arguments import InvalidArgumentsError
+from flwr_fedtan.errors import InvalidArgumentsError
 from flwr_fedtan.client import clear_live_rounds
 from flwr_fedtan.progress import ExchangeProgress, ExchangeTiming
 

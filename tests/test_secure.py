@@ -12,18 +12,16 @@ import numpy as np
 import pytest
 
 from flwr_fedtan import secure
-from flwr_fedtan.aggregation import BackwardSums, ForwardStats, PayloadError, pool_forward_stats, sum_backward_sums
-from flwr_fedtan.secure import (
+from flwr_fedtan.aggregation import BackwardSums, ForwardStats, pool_forward_stats, sum_backward_sums
+from flwr_fedtan.errors import (
     FixedPointOverflowError,
     KeyAgreementError,
-    KeyPair,
-    MaskedPayload,
     MaskMismatchError,
     MissingPayloadError,
-    Roster,
-    client_encode,
-    server_decode,
+    PayloadError,
+    SecureStatsError,
 )
+from flwr_fedtan.secure import KeyPair, MaskedPayload, Roster, client_encode, server_decode
 
 NODES = (11, 4, 907, 23)  # unsorted on purpose: the sign of a mask follows the ids, not the order
 
@@ -441,7 +439,7 @@ def test_server_session_keys_rosters_and_shifts_over_two_rounds():
         assert rel_err(decoded.var, pooled.var(0)) < 1e-11
         assert np.array_equal(session.shifts[0], decoded.mean)
     assert secure.shift_for(session.shifts, 0, 5) is None  # a layer of another width: no shift
-    with pytest.raises(secure.SecureStatsError, match="malformed shift 'x'"):
+    with pytest.raises(SecureStatsError, match="malformed shift 'x'"):
         secure.shifts_from_arrays({"x": np.zeros(2)})
 
 

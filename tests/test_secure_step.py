@@ -15,7 +15,8 @@ import torch
 
 from flwr_fedtan import aggregate_arrays, convert_batchnorm
 from flwr_fedtan.reference import drive_steps
-from flwr_fedtan.secure import KeyPair, MissingPayloadError, Roster, client_encode, server_decode
+from flwr_fedtan.secure import KeyPair, Roster, client_encode, server_decode
+from flwr_fedtan.errors import MissingPayloadError
 
 from tests._models import (
     single_thread,  # noqa: F401 (autouse fixture)

@@ -20,10 +20,11 @@ import hashlib
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Union, cast
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord
+from flwr.app.typing import MetricRecordValues
 
 from .. import schema, secure, settings
 from ..client import FedTANClient, _client_from, client_seed_key
@@ -33,6 +34,7 @@ from ..statistics_pass import StatisticsPass
 from ..training import ClientRound
 from . import state
 from .state import NodeState, PassProgress, RoundProgress, SecureKey
+from ..errors import KeyAgreementError, SecureStatsError, ServerMessageError
 
 __all__ = ["handle"]
 
@@ -101,10 +103,10 @@ def _blame(turn: _Turn) -> Message:
     control, key, progress = turn.control, turn.node.round_key, turn.node.round
     if (key is None or key.round != control.round or key.roster is None
             or progress is None or progress.round != control.round):
-        raise schema.ServerMessageError(f"blame request for round {control.round}, which this node is not in")
+        raise ServerMessageError(f"blame request for round {control.round}, which this node is not in")
     lengths = progress.masked_lengths
     if not 0 <= control.exchange < len(lengths) or lengths[control.exchange] != control.length:
-        raise schema.ServerMessageError(
+        raise ServerMessageError(
             f"blame request for exchange {control.exchange} with length {control.length}, but this node sent "
             f"payloads of lengths {lengths} this attempt: it reveals only the canary of a payload it sent"
         )
@@ -125,7 +127,7 @@ def _begin(turn: _Turn) -> Message:
     batch = _batch_digest(client, seed)
     pooled = _pooled_batches(node.round, control.round)
     if control.roster is not None and batch in pooled:
-        raise secure.SecureStatsError(
+        raise SecureStatsError(
             f"node {context.node_id}: round {control.round} restarted (attempt {control.attempt}) on the same "
             "samples this node already pooled in an earlier attempt (its batch is all of its data): the "
             "difference of the two pooled sums would be the dropped clients' statistics; it sits this round out"
@@ -133,8 +135,8 @@ def _begin(turn: _Turn) -> Message:
     node.round = RoundProgress(
         round=control.round, seed=seed, sync_steps=control.sync_steps, attempt=control.attempt, batch=batch,
         pooled=pooled,
-        local_steps=int(config.get("local-steps", client.local_steps)),
-        lr=float(config["lr"]) if "lr" in config else None,
+        local_steps=int(cast(int, config.get("local-steps", client.local_steps))),
+        lr=float(cast(float, config["lr"])) if "lr" in config else None,
     )
     _save_weights(turn, client)
     round_ = client.new_round(seed, control.sync_steps, config)
@@ -176,17 +178,17 @@ def _attempt_seed(turn: _Turn, previous: Optional[Progress], derive: Callable[[i
     if node.run_seed is None:
         node.run_seed = control.seed
     elif control.seed != node.run_seed:
-        raise schema.ServerMessageError(
+        raise ServerMessageError(
             f"{control.phase} of round {control.round} with run seed {control.seed}, but this node's run began "
             f"with run seed {node.run_seed}: the run seed cannot change mid-run"
         )
     if previous is not None and control.round < previous.round:
-        raise schema.ServerMessageError(
+        raise ServerMessageError(
             f"{control.phase} of round {control.round}, but this node already began round {previous.round}: "
             "a stale round"
         )
     if previous is not None and control.round == previous.round and control.attempt <= previous.attempt:
-        raise schema.ServerMessageError(
+        raise ServerMessageError(
             f"{control.phase} of round {control.round}, attempt {control.attempt}, but this node already began "
             f"attempt {previous.attempt} of that round: a stale attempt"
         )
@@ -231,23 +233,23 @@ def _begin_secure(turn: _Turn, key: Optional[SecureKey]) -> None:
     keyed = key is not None and key.round == control.round
     if control.roster is None:
         if turn.options.require_secure_stats:
-            raise schema.ServerMessageError(
+            raise ServerMessageError(
                 f"begin of round {control.round} without a roster: this node requires secure statistics "
                 "(require_secure_stats=True) and never sends its statistics in the clear"
             )
         if keyed:
-            raise schema.ServerMessageError(
+            raise ServerMessageError(
                 f"begin of round {control.round} without a roster after this round's key exchange: the "
                 "statistics would go out in the clear"
             )
         return
     if key is None or not keyed:
-        raise secure.KeyAgreementError(
+        raise KeyAgreementError(
             f"node {turn.context.node_id}: begin of round {control.round} with secure statistics, but this "
             "node holds no private key for that round (it missed the key exchange)"
         )
     if control.attempt <= key.begun:
-        raise schema.ServerMessageError(
+        raise ServerMessageError(
             f"begin of round {control.round}, attempt {control.attempt}: this node already began attempt "
             f"{key.begun} with this key; a repeated or earlier attempt would reuse its masks"
         )
@@ -362,7 +364,7 @@ def _after_step(turn: _Turn, progress: Progress, live: _Live, request: Any) -> M
 
 def _done(turn: _Turn, live: _Live) -> Message:
     node = turn.node
-    metrics = live.work.finish()  # type: ignore[union-attr]
+    metrics: dict[str, MetricRecordValues] = dict(live.work.finish())  # type: ignore[union-attr]
     metrics["sync-seconds"] = float(node.round.sync_seconds)  # type: ignore[union-attr]
     metrics["replays"] = float(node.round.replays)  # type: ignore[union-attr]
     node.round.log = None  # type: ignore[union-attr]
@@ -386,7 +388,7 @@ def _masked(turn: _Turn, key: SecureKey, progress: Progress, step: int, point, p
     received so far in the attempt)."""
     round_no = turn.control.round
     if key.round != round_no:
-        raise secure.KeyAgreementError(
+        raise KeyAgreementError(
             f"node {turn.context.node_id}: no private key for round {round_no} (it missed the key exchange)"
         )
     exchange = progress.received

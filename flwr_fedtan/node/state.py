@@ -15,7 +15,7 @@ NumPy and Flower records only: no torch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Optional, Union, cast
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
@@ -59,7 +59,7 @@ class ReplayLog:
         codec.log_append(self.arrays, self.scalars, index, aggregate)
 
     def read(self, length: int, where: str) -> list[Aggregate]:
-        """The first ``length`` aggregates; :class:`~flwr_fedtan.protocol.codec.ServerMessageError`
+        """The first ``length`` aggregates; :class:`~flwr_fedtan.errors.ServerMessageError`
         if one is missing or corrupt."""
         return codec.log_read(self.arrays, self.scalars, length, where)
 
@@ -177,7 +177,7 @@ def store(context: Context, node: NodeState) -> None:
     ref = node.weights
     _put(state, _WEIGHTS, ref.arrays if ref is not None else None)
     _put(state, _WEIGHTS_REF, None if ref is None or ref.path is None else ConfigRecord(
-        {"store": ref.store, "path": ref.path, "sha256": ref.sha256}))
+        {"store": ref.store, "path": ref.path, "sha256": cast(str, ref.sha256)}))  # a disk file has its digest
 
 
 def _weights_from(state: RecordDict) -> Optional[WeightsRef]:
@@ -207,18 +207,33 @@ def _put_log(state: RecordDict, log: Optional[ReplayLog], arrays: str, scalars: 
     _put(state, scalars, None if log is None else log.scalars)
 
 
+def _int(value: object) -> int:
+    """A whole number read back from a record this module wrote."""
+    return int(cast(int, value))
+
+
+def _float(value: object) -> float:
+    """A number read back from a record this module wrote."""
+    return float(cast(float, value))
+
+
+def _list(value: object) -> list:
+    """A list read back from a record this module wrote."""
+    return cast(list, value)
+
+
 def _round_from(state: RecordDict) -> Optional[RoundProgress]:
     record = state.config_records.get(_ROUND)
     if record is None:
         return None
     return RoundProgress(
-        round=int(record["round"]), seed=int(record["seed"]), sync_steps=int(record["sync-steps"]),
-        attempt=int(record.get("attempt", 0)), local_steps=int(record["local-steps"]),
-        lr=float(record["lr"]) if "lr" in record else None,
-        batch=str(record.get("batch", "")), pooled=[str(b) for b in record.get("pooled", [])],
-        received=int(record["received"]), replays=int(record["replays"]),
-        sync_seconds=float(record["sync-seconds"]),
-        masked_lengths=[int(n) for n in record.get("masked-lengths", [])],
+        round=_int(record["round"]), seed=_int(record["seed"]), sync_steps=_int(record["sync-steps"]),
+        attempt=_int(record.get("attempt", 0)), local_steps=_int(record["local-steps"]),
+        lr=_float(record["lr"]) if "lr" in record else None,
+        batch=str(record.get("batch", "")), pooled=[str(b) for b in _list(record.get("pooled", []))],
+        received=_int(record["received"]), replays=_int(record["replays"]),
+        sync_seconds=_float(record["sync-seconds"]),
+        masked_lengths=[int(n) for n in _list(record.get("masked-lengths", []))],
         log=_log_from(state, _ROUND_LOG, _ROUND_LOG_SCALARS),
     )
 
@@ -239,9 +254,9 @@ def _pass_from(state: RecordDict) -> Optional[PassProgress]:
     if record is None:
         return None
     return PassProgress(
-        round=int(record["round"]), seed=int(record["seed"]), examples=int(record["examples"]),
-        attempt=int(record.get("attempt", 0)), received=int(record["received"]), replays=int(record["replays"]),
-        masked_lengths=[int(n) for n in record.get("masked-lengths", [])],
+        round=_int(record["round"]), seed=_int(record["seed"]), examples=_int(record["examples"]),
+        attempt=_int(record.get("attempt", 0)), received=_int(record["received"]), replays=_int(record["replays"]),
+        masked_lengths=[int(n) for n in _list(record.get("masked-lengths", []))],
         log=_log_from(state, _PASS_LOG, _PASS_LOG_SCALARS),
     )
 
@@ -258,8 +273,8 @@ def _key_from(state: RecordDict, key: str, roster: str, shifts: str) -> Optional
     record = state.config_records.get(key)
     if record is None:
         return None
-    secure = SecureKey(round=int(record["round"]), private_key=bytes(record["private-key"]),  # type: ignore[arg-type]
-                       attempt=int(record["attempt"]), begun=int(record.get("begun", -1)))
+    secure = SecureKey(round=_int(record["round"]), private_key=bytes(cast(bytes, record["private-key"])),
+                       attempt=_int(record["attempt"]), begun=_int(record.get("begun", -1)))
     if roster in state.array_records:
         secure.roster, secure.shifts = codec.secure_from_records(
             state.array_records[roster], state.array_records.get(shifts), "the node's stored roster"

@@ -51,14 +51,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 
 from .. import settings
-from ..private_files import (
-    UnsafePathError,
-    private_dir,
-    read_private_file,
-    remove_if_empty,
-    remove_stale,
-    write_private_file,
-)
+from ..private_files import private_dir, read_private_file, remove_if_empty, remove_stale, write_private_file
+from ..errors import UnsafePathError
 
 __all__ = [
     "ReplayWeightsMissing",

@@ -14,20 +14,19 @@ NumPy and Flower records only: no torch.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Hashable, Optional, Union
+from typing import Any, Hashable, Optional, Union, cast
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from ..aggregation import BackwardSums, ForwardStats
-from ..errors import PayloadError, ServerMessageError
-from ..secure import KeyAgreementError, MaskedPayload, Roster, SecureStatsError, shifts_from_arrays, shifts_to_arrays
+from ..errors import KeyAgreementError, PayloadError, SecureStatsError, ServerMessageError
+from ..secure import MaskedPayload, Roster, shifts_from_arrays, shifts_to_arrays
 
 __all__ = [
     "BACKWARD",
     "FORWARD",
     "Payload",
-    "ServerMessageError",
     "client_payload",
     "get_int",
     "log_append",
@@ -63,7 +62,8 @@ def payload_record(payload: Union[Payload, MaskedPayload]) -> tuple[ArrayRecord,
     if isinstance(payload, MaskedPayload):  # sums masked; a forward payload's counts also clear
         scalars: dict = {"masked": True}
         if payload.count is not None:
-            scalars.update({"count": float(payload.count), "num-examples": int(payload.num_examples)})
+            # a masked forward payload carries its examples with its count
+            scalars.update({"count": float(payload.count), "num-examples": int(cast(int, payload.num_examples))})
         return ArrayRecord({k: Array(v) for k, v in payload.to_arrays().items()}), scalars
     if isinstance(payload, ForwardStats):
         names, values = _ARRAYS[FORWARD], (payload.mean, payload.var)
@@ -220,7 +220,7 @@ def log_read(arrays: ArrayRecord, scalars: ConfigRecord, length: int, where: str
             index, _, name = key.partition(".")
             entries.setdefault(index, ({}, {}))[part][name] = value
     out: list[Payload] = []
-    for index in range(length):
-        entry_arrays, entry_scalars = entries.get(str(index), ({}, {}))
-        out.append(pooled_aggregate(entry_scalars, ArrayRecord(entry_arrays), f"{where}, aggregate {index}"))
+    for position in range(length):
+        entry_arrays, entry_scalars = entries.get(str(position), ({}, {}))
+        out.append(pooled_aggregate(entry_scalars, ArrayRecord(entry_arrays), f"{where}, aggregate {position}"))
     return out

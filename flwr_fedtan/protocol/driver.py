@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from typing import Optional, Union
+from typing import Optional, Union, cast
 
 import numpy as np
 from flwr.app import Message, MetricRecord, RecordDict
@@ -26,7 +26,6 @@ from .. import schema, secure
 from ..aggregation import (
     BackwardSums,
     ForwardStats,
-    PayloadError,
     SyncPoint,
     check_payload,
     forward_count_violations,
@@ -34,6 +33,7 @@ from ..aggregation import (
     sum_backward_sums,
     value_limit,
 )
+from ..errors import CanaryMismatchError, FixedPointOverflowError, PayloadError, SecureStatsError
 from ..progress import ExchangeProgress, describe_bytes
 from ..seeds import round_seed
 from .exchange import (
@@ -227,7 +227,7 @@ class RoundDriver:
             else:
                 aggregate = sum_backward_sums(payloads, point.channels, state.limit, self.max_growth)
             if not within_limit(aggregate, state.limit):  # clear pooling names the client; masked sums cannot
-                raise secure.FixedPointOverflowError(
+                raise FixedPointOverflowError(
                     f"round {round_.server_round}: the pooled {point.phase} statistics of BatchNorm call "
                     f"{point.call} exceed the model's floating-point range {state.limit:.3g}"
                 )
@@ -235,11 +235,11 @@ class RoundDriver:
         except Restart:
             raise
         except PayloadError as error:
-            ledger.drop(error.client, f"payload rejected at {point.phase} call {point.call}: {error}")
+            ledger.drop(cast(int, error.client), f"payload rejected at {point.phase} call {point.call}: {error}")
             raise Restart() from None
-        except secure.SecureStatsError as error:  # names no client: retry with fresh masks
+        except SecureStatsError as error:  # names no client: retry with fresh masks
             log(WARNING, "Round %d: secure statistics failed, restarting: %s", round_.server_round, error)
-            if isinstance(error, secure.CanaryMismatchError) and state.roster is not None:
+            if isinstance(error, CanaryMismatchError) and state.roster is not None:
                 self._blame(exchanges, state.roster, payloads, state.received)
             raise Restart() from None
         except Exception as error:  # unexpected: find whose payload caused it, never end the run
@@ -374,7 +374,7 @@ def new_round_ledger(server_round: int, progress_interval: Optional[float]) -> R
 def round_summary(round_: TrainRound, clients: int) -> dict:
     """Log the round's summary line; return its ``fedtan-*`` metrics."""
     ledger = round_.ledger
-    replays = sum(int(s.metrics.get("replays", 0)) for s in round_.statuses.values())
+    replays = sum(int(cast(int, s.metrics.get("replays", 0))) for s in round_.statuses.values())
     metrics = ledger.metrics(clients)
     metrics.update(ledger.progress.metrics("fedtan-"))
     metrics["fedtan-replays"] = replays

@@ -21,7 +21,8 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from .. import progress, schema
-from ..aggregation import BackwardSums, ForwardStats, PayloadError
+from ..aggregation import BackwardSums, ForwardStats
+from ..errors import PayloadError
 from ..progress import ExchangeProgress, ExchangeTiming
 from ..secure import MaskedPayload
 

@@ -22,7 +22,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, cast
 
 import numpy as np
 from flwr.app import ArrayRecord
@@ -33,13 +33,13 @@ from .. import schema, secure
 from ..aggregation import (
     DEFAULT_MAX_GROWTH,
     ForwardStats,
-    PayloadError,
     check_magnitudes,
     exact_running_statistics,
     forward_count_violations,
     pool_forward_stats,
     value_limit,
 )
+from ..errors import PayloadError, SecureStatsError
 from ..progress import DEFAULT_PROGRESS_INTERVAL, ExchangeProgress, describe_bytes
 from ..seeds import pass_seed
 from .exchange import ExchangeLedger, Exchanges, Restart, count_claims, payload_kind_mismatches, within_limit
@@ -252,7 +252,7 @@ class StatisticsPassDriver:
             self._note_progress(outcome, statuses, len(released) + 1, attempt)
 
     @staticmethod
-    def _forward_point(outcome: PassOutcome, statuses: dict[int, schema.Status], index: int
+    def _forward_point(outcome: ExchangeLedger, statuses: dict[int, schema.Status], index: int
                        ) -> tuple[dict, Optional[int]]:
         """The payloads of BatchNorm call ``index`` and its channels; a client elsewhere, or
         with channels unlike the others', is dropped (restart)."""
@@ -270,7 +270,7 @@ class StatisticsPassDriver:
         outcome.restart_if_dropped(statuses)
         return {n: s.payload for n, s in statuses.items() if isinstance(s, schema.SyncStatus)}, expected
 
-    def _pool(self, outcome: PassOutcome, payloads: dict, roster: Optional[secure.Roster], channels: Optional[int],
+    def _pool(self, outcome: ExchangeLedger, payloads: dict, roster: Optional[secure.Roster], channels: Optional[int],
               limit: float, server_round: int, index: int) -> ForwardStats:
         """The pooled statistics of BatchNorm call ``index``; a client whose payload is at fault
         is dropped, and a failure that names no client restarts the attempt."""
@@ -281,17 +281,18 @@ class StatisticsPassDriver:
             else:
                 aggregate = pool_forward_stats(payloads, channels, limit, self.max_growth)
             if not isinstance(aggregate, ForwardStats) or not within_limit(aggregate, limit):
-                raise secure.SecureStatsError(f"BatchNorm call {index}: pooled statistics out of the model's range")
+                raise SecureStatsError(f"BatchNorm call {index}: pooled statistics out of the model's range")
             return aggregate
         except PayloadError as error:
-            outcome.drop(error.client, f"statistics pass, BatchNorm call {index}: {error}")
+            node = cast(int, error.client)  # the payloads are keyed by node id
+            outcome.drop(node, f"statistics pass, BatchNorm call {index}: {error}")
             raise Restart() from None
-        except secure.SecureStatsError as error:
+        except SecureStatsError as error:
             log(WARNING, "Statistics pass of round %d, BatchNorm call %d: %s", server_round, index, error)
             raise Restart() from None
 
     @staticmethod
-    def _note_progress(outcome: PassOutcome, statuses: dict[int, schema.Status], index: int, attempt: int) -> None:
+    def _note_progress(outcome: ExchangeLedger, statuses: dict[int, schema.Status], index: int, attempt: int) -> None:
         """The progress line of the attempt's exchange ``index`` (from 1): ``L + 1`` in all,
         known only when the clients report done."""
         timing = outcome.last_exchange
@@ -308,7 +309,7 @@ class StatisticsPassDriver:
         outcome.progress.record(timing, f"{number} ({what})", force=index == 1 or final)
 
     @staticmethod
-    def _agreed_buffers(outcome: PassOutcome, statuses: dict[int, schema.StatsDoneStatus], examples: dict) -> dict:
+    def _agreed_buffers(outcome: ExchangeLedger, statuses: dict[int, schema.StatsDoneStatus], examples: dict) -> dict:
         """The buffer mapping most clients report (it is the model's, the same for all);
         a client reporting another, or examples other than it forwarded, is dropped."""
         def canonical(calls: dict) -> tuple:

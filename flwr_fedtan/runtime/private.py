@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Optional, Union
 
 from .. import settings
-from ..private_files import UnsafePathError, private_dir
+from ..private_files import private_dir
+from ..errors import UnsafePathError
 
 __all__ = ["PrivateFolderError", "private_folder"]
 
