@@ -432,22 +432,41 @@ def test_flwr_run_names_each_faulty_client_and_its_fix_and_finishes(tmp_path):
         assert not flower.remaining()
     text = re.sub(r"\x1b\[[0-9;]*m", "", outcome.output)  # no colours
     assert outcome.status == "finished:completed", (outcome.status, outcome.details, text[-6000:])
-    # The client's own message, as the log shows it (Flower logs the ClientApp's exception).
+    # Each faulty node is dropped once, at its first message, by one line of FedTAN's that
+    # quotes the node's own message and its fix (in Ray simulation the error reply's reason is
+    # Ray's traceback, with the client's message at its end).
     expected = {
-        "nan": r"ClientDataError: node (\d+): FedTANClient: train_data holds NaN or infinite inputs \(first in sample "
-               r"3\)\. Fix: clean or drop those samples",
-        "shape": r"ClientDataError: node (\d+): FedTANClient: the model cannot train on this client's data: inputs of "
+        "nan": r"node (\d+): FedTANClient: train_data holds NaN or infinite inputs \(first in sample 3\)\. "
+               r"Fix: clean or drop those samples",
+        "shape": r"node (\d+): FedTANClient: the model cannot train on this client's data: inputs of "
                  r"shape \(5,\) per sample .*\. Fix: give the model data of the shape it was built for",
-        "device": r"InvalidArgumentsError: node (\d+): FedTANClient: 1 invalid setting:\n- device='cuda': torch finds "
+        "device": r"node (\d+): FedTANClient: 1 invalid setting:\n- device='cuda': torch finds "
                   r"no CUDA device on this machine\. Fix: use device 'cpu'",
     }
+    dropped = re.findall(r"FedTAN round 1: dropping node (\d+): error reply: ", text)
     named = {}
     for fault, pattern in expected.items():
-        nodes = set(re.findall(pattern, text))
-        assert len(nodes) == 1, (fault, nodes, text[-6000:])
-        named[fault] = nodes.pop()
+        nodes = re.findall(r"FedTAN round 1: dropping node (\d+): error reply: " + pattern, text)
+        assert len(nodes) == 1 and nodes[0][0] == nodes[0][1], (fault, nodes, text[-6000:])
+        named[fault] = nodes[0][0]
     assert len(set(named.values())) == 3, named
-    # Each dropped once, at its first message; the round goes on with the two others and completes.
-    dropped = re.findall(r"FedTAN round 1: dropping node (\d+): error reply", text)
     assert sorted(dropped) == sorted(named.values()), (dropped, named)
+    # The round goes on with the two others and completes.
     assert "'fedtan-dropped': '3'" in text and "'fedtan-clients': '2'" in text, text[-4000:]
+
+
+def test_a_drop_line_quotes_the_clients_message_not_rays_traceback():
+    from flwr_fedtan.protocol.exchange import client_error_text
+
+    message = ("node 7: FedTANClient: train_data holds NaN or infinite inputs (first in sample 3). "
+               "Fix: clean or drop those samples")
+    ray_reason = (
+        "\x1b[36mray::ClientAppActor.run()\x1b[39m (pid=123, ip=10.0.0.1)\n"
+        '  File "/venv/lib/python3.11/site-packages/flwr/simulation/ray_transport/ray_actor.py", line 60, in run\n'
+        "    raise ClientAppException(str(ex)) from ex\n"
+        "flwr.clientapp.client_app.ClientAppException: \nException ClientAppException occurred. Message: "
+        + message + "'>"
+    )
+    assert client_error_text(ray_reason) == message
+    # A reason without Ray's wrapping (deployment, in-process grids) stays as it is, colours removed.
+    assert client_error_text("\x1b[31m" + message + "\x1b[0m") == message

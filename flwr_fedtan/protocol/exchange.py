@@ -10,6 +10,7 @@ pass (:class:`~flwr_fedtan.protocol.pass_driver.StatisticsPassDriver`).
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from logging import WARNING
@@ -25,6 +26,26 @@ from ..aggregation import BackwardSums, ForwardStats
 from ..errors import PayloadError
 from ..progress import ExchangeProgress, ExchangeTiming
 from ..secure import MaskedPayload
+
+_ANSI_CODES = re.compile(r"\x1b\[[0-9;]*m")
+_CLIENTAPP_MESSAGE = "occurred. Message: "  # flwr.clientapp.ClientAppException's wording
+
+
+def client_error_text(reason: str) -> str:
+    """The client's own message in an error reply's reason.
+
+    In Ray simulation the reason is Ray's whole traceback, coloured, with the ClientApp's
+    exception at its end (``... ClientAppException occurred. Message: <the client's text>``):
+    a drop line quoting its first characters would show Ray's frames, never the node's
+    message or its fix. Other reasons are returned without colour codes, otherwise as they are.
+    """
+    text = _ANSI_CODES.sub("", reason)
+    if _CLIENTAPP_MESSAGE in text:
+        text = text.rsplit(_CLIENTAPP_MESSAGE, 1)[1].strip()
+        if text.endswith("')") or text.endswith("'>"):
+            text = text[:-2].rstrip()
+    return text
+
 
 __all__ = [
     "ExchangeLedger",
@@ -98,7 +119,7 @@ def exchange(
     for node, reply in result.replies.items():
         try:
             if reply.has_error():
-                result.failures[node] = f"error reply: {reply.error.reason}"
+                result.failures[node] = f"error reply: {client_error_text(reply.error.reason)}"
                 continue
             result.bytes_received += schema.record_bytes(reply.content)
             status = schema.decode_reply(reply.content, node, weighted_by_key)
