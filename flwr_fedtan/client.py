@@ -373,7 +373,10 @@ def _training_data(
     if isinstance(size, bool) or int(size) != size or int(size) <= 0:  # type: ignore[arg-type]
         raise ValueError(f"FedTANClient: batch_size must be a positive integer, got {size!r}")
     if len(dataset) == 0:  # type: ignore[arg-type]
-        raise ValueError("FedTANClient: train_data is empty")
+        raise ClientDataError(
+            "FedTANClient: train_data is empty. Fix: give this client at least one training example "
+            "(or leave it out of the federation)"
+        )
     return dataset, int(size), collate_fn
 
 

@@ -153,6 +153,9 @@ def test_a_client_that_cannot_be_built_names_its_node():
         _client_from(lambda ctx: FedTANClient(_model(), _data(features=5), batch_size=4), context)
     with pytest.raises(InvalidArgumentsError, match=r"^node 7: FedTANClient: 1 invalid setting"):
         _client_from(lambda ctx: FedTANClient(_model(), _data(), batch_size=4, lr=0), context)
+    empty = torch.utils.data.TensorDataset(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ClientDataError, match=r"^node 7: FedTANClient: train_data is empty\. Fix: give this client"):
+        _client_from(lambda ctx: FedTANClient(_model(), empty, batch_size=4), context)
 
 
 # ---------------------------------------------------------------------- summing losses
