@@ -119,7 +119,7 @@ def exchange(
     for node, reply in result.replies.items():
         try:
             if reply.has_error():
-                result.failures[node] = f"error reply: {client_error_text(reply.error.reason)}"
+                result.failures[node] = f"error reply: {client_error_text(reply.error.reason or '')}"
                 continue
             result.bytes_received += schema.record_bytes(reply.content)
             status = schema.decode_reply(reply.content, node, weighted_by_key)
