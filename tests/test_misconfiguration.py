@@ -414,8 +414,9 @@ FAULTY_APP = Path(__file__).resolve().parent / "faulty_clients_app"
 
 @pytest.mark.slow
 def test_flwr_run_names_each_faulty_client_and_its_fix_and_finishes(tmp_path):
-    """One FedTAN round over 5 simulated nodes: partition 0 holds a NaN, partition 1 data of
-    the wrong width, partition 2 asks for CUDA on a machine without it; 3 and 4 are sound.
+    """One FedTAN round over 6 simulated nodes: partition 0 holds a NaN, partition 1 data of
+    the wrong width, partition 2 asks for CUDA on a machine without it, partition 3 has no
+    data; 4 and 5 are sound.
     Each faulty node is dropped at its first message with one line in the ServerApp's log
     that names it and gives the fix; the round completes with the other two."""
     import re
@@ -427,8 +428,8 @@ def test_flwr_run_names_each_faulty_client_and_its_fix_and_finishes(tmp_path):
     flower = FlowerProcesses(tmp_path / "flower")
     try:
         flower.add_connection("faulty", flower.start_superlink(simulation=True))
-        outcome = flower.run_app(FAULTY_APP, run_config={"nodes": 5, "faults": "nan,shape,device"},
-                                 federation_config={"num-supernodes": 5, "client-resources-num-cpus": 2,
+        outcome = flower.run_app(FAULTY_APP, run_config={"nodes": 6, "faults": "nan,shape,device,empty"},
+                                 federation_config={"num-supernodes": 6, "client-resources-num-cpus": 2,
                                                     "init-args-num-cpus": 2}, timeout=240)
     finally:
         flower.stop()
@@ -445,6 +446,7 @@ def test_flwr_run_names_each_faulty_client_and_its_fix_and_finishes(tmp_path):
                  r"shape \(5,\) per sample .*\. Fix: give the model data of the shape it was built for",
         "device": r"node (\d+): FedTANClient: 1 invalid setting:\n- device='cuda': torch finds "
                   r"no CUDA device on this machine\. Fix: use device 'cpu'",
+        "empty": r"node (\d+): FedTANClient: train_data is empty\. Fix: give this client at least one",
     }
     dropped = re.findall(r"FedTAN round 1: dropping node (\d+): error reply: ", text)
     named = {}
@@ -452,10 +454,10 @@ def test_flwr_run_names_each_faulty_client_and_its_fix_and_finishes(tmp_path):
         nodes = re.findall(r"FedTAN round 1: dropping node (\d+): error reply: " + pattern, text)
         assert len(nodes) == 1 and nodes[0][0] == nodes[0][1], (fault, nodes, text[-6000:])
         named[fault] = nodes[0][0]
-    assert len(set(named.values())) == 3, named
+    assert len(set(named.values())) == 4, named
     assert sorted(dropped) == sorted(named.values()), (dropped, named)
     # The round goes on with the two others and completes.
-    assert "'fedtan-dropped': '3'" in text and "'fedtan-clients': '2'" in text, text[-4000:]
+    assert "'fedtan-dropped': '4'" in text and "'fedtan-clients': '2'" in text, text[-4000:]
 
 
 def test_a_drop_line_quotes_the_clients_message_not_rays_traceback():

@@ -27,7 +27,10 @@ def partition_data(partition: int, fault: str) -> TensorDataset:
     inputs = torch.randn(SAMPLES, width, generator=generator)
     if fault == "nan":
         inputs[3, 1] = float("nan")
-    return TensorDataset(inputs, torch.arange(SAMPLES) % CLASSES)
+    targets = torch.arange(SAMPLES) % CLASSES
+    if fault == "empty":
+        return TensorDataset(inputs[:0], targets[:0])
+    return TensorDataset(inputs, targets)
 
 
 def partition_device(fault: str) -> str:
