@@ -128,7 +128,8 @@ def test_pooled_statistics_and_sums_are_the_same_in_any_client_order():
     naive = {float(np.sum([s.mean[0] for s in p.values()])) for p in _permutations_of(stats)}
     assert len(naive) > 1
 
-    sums = {i: BackwardSums(sum_grad=np.array([v]), sum_grad_xhat=np.array([-v])) for i, v in enumerate(ORDER_SENSITIVE)}
+    sums = {i: BackwardSums(sum_grad=np.array([v]), sum_grad_xhat=np.array([-v]))
+            for i, v in enumerate(ORDER_SENSITIVE)}
     summed = [sum_backward_sums(p) for p in _permutations_of(sums)]
     assert all(s.sum_grad.tobytes() == summed[0].sum_grad.tobytes() for s in summed)
 
