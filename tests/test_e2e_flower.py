@@ -164,8 +164,16 @@ def run_simulation(flower: FlowerProcesses, folder: Path, case: str, **overrides
     )
     assert_completed(outcome, flower)
     summary, state_dict = read_results(results_file)
-    _DIGESTS[(case, tuple(sorted(overrides.items())))] = model_digest(results_file.with_suffix(".pt"))
+    _DIGESTS[(case, tuple(sorted(overrides.items())))] = rerun_signature(summary, results_file)
     return outcome, summary, state_dict
+
+
+def rerun_signature(summary: dict, results_file: Path) -> str:
+    """What a rerun must repeat: the final model's digest, and the per-round training loss
+    and test metrics (not the times)."""
+    losses = {r: metrics.get("train-loss") for r, metrics in summary["train"].items()}
+    metrics = json.dumps([losses, summary.get("test")], sort_keys=True)
+    return f"{model_digest(results_file.with_suffix('.pt'))} {metrics}"
 
 
 def simulation_digest(flower: FlowerProcesses, folder: Path, case: str, **overrides) -> str:
@@ -273,7 +281,7 @@ def test_deployment_loopback_one_round(flower, tmp_path, capsys):
     diff = max_abs_diff(reference_model(app_config(**overrides), 3, 1), state_dict)
     assert diff <= TOLERANCE, f"final model differs from in_process_fedtan by {diff:g}"
     # Wherever it runs: a Ray simulation of the same run config gives the same bytes.
-    deployed = model_digest(results_file.with_suffix(".pt"))
+    deployed = rerun_signature(summary, results_file)
     assert simulation_digest(flower, tmp_path, "one-actor-live", **overrides) == deployed
     report(capsys, f"deployment ({DEPLOYMENT_MODEL}, 3 supernodes): round {train['fedtan-round-seconds']:.1f}s "
                    f"({exchanges} exchanges, {train['fedtan-round-seconds'] / exchanges:.1f}s each; "
