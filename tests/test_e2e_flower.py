@@ -157,10 +157,11 @@ def run_simulation(flower: FlowerProcesses, folder: Path, case: str, **overrides
     connection = f"e2e-sim-{case}"
     if connection not in flower.connections:
         flower.add_connection(connection, flower.start_superlink(simulation=True, env=spec["env"]))
-    results_file = folder / f"{case}-{len(_DIGESTS)}-{time.monotonic_ns()}.json"
+    run_name = f"flwr-run-{case}-{time.monotonic_ns()}"  # its own log: the run id is read from it
+    results_file = folder / f"{run_name}.json"
     outcome = flower.run_app(
         REPO, connection=connection, federation_config=spec["federation"],
-        run_config=cli_config(**overrides, results_file=str(results_file)), timeout=150,
+        run_config=cli_config(**overrides, results_file=str(results_file)), timeout=150, name=run_name,
     )
     assert_completed(outcome, flower)
     summary, state_dict = read_results(results_file)
