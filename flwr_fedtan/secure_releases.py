@@ -24,17 +24,21 @@ A server that keeps such a late payload anyway (not honest-but-curious) learns t
 client's model; so does one that reads a late payload when the exchange's message TTL let
 it arrive after the restart's release; see ``docs/security.md``.
 
-NumPy-free: exact rational arithmetic on small integer matrices (rosters of a round are few).
+Exact rational arithmetic on small integer matrices (the rosters of a round are few).
 """
 
 from __future__ import annotations
 
 from fractions import Fraction
-from typing import Collection, Iterable, Sequence
+from typing import Collection, Iterable, Mapping, Sequence
 
-from .errors import SecureStatsError
+import numpy as np
 
-__all__ = ["revealed_clients", "ReleaseLedger"]
+from .errors import MissingPayloadError, SecureStatsError
+from .secure import DEFAULT_FRACTIONAL_BITS, Roster
+from .secure_models import MaskedModel, SecureAverage, unmask_average
+
+__all__ = ["revealed_clients", "ReleaseLedger", "release_average"]
 
 
 def revealed_clients(rosters: Iterable[Collection[int]]) -> list[int]:
@@ -130,3 +134,39 @@ class ReleaseLedger:
         """Drop the rosters of the rounds before ``round`` (their models are not sent again)."""
         for old in [r for r in self._computable if r < int(round)]:
             del self._computable[old]
+
+
+def release_average(
+    ledger: ReleaseLedger,
+    round: int,
+    payloads: Mapping[int, MaskedModel],
+    roster: Roster,
+    reference: Mapping[str, np.ndarray],
+    fractional_bits: int = DEFAULT_FRACTIONAL_BITS,
+) -> SecureAverage:
+    """The server's one call once an attempt's masked models are in: the release rule, then
+    :func:`~flwr_fedtan.secure_models.unmask_average`.
+
+    With a member missing nothing is computable and nothing is recorded
+    (:class:`MissingPayloadError`: restart with the survivors). With all present, the roster
+    is recorded as computable first (the sum is one addition away, even if the canary
+    then fails), unless it would reveal a client.
+
+    Raises
+    ------
+    MissingPayloadError
+        Naming the members whose payload is missing.
+    SecureStatsError
+        The sum, with the round's computable sums, would reveal a client: discard these
+        payloads unread.
+    PayloadError, CanaryMismatchError, FixedPointOverflowError
+        As :func:`~flwr_fedtan.secure_models.unmask_average`.
+    """
+    missing = [node for node in roster.node_ids if node not in payloads]
+    if missing:
+        raise MissingPayloadError(
+            missing, f"round {round}: no masked model from nodes {missing}; the others' sum stays masked, restart "
+            "the exchange with the survivors (fresh masks) if the release rule allows it"
+        )
+    ledger.record(round, roster.node_ids)
+    return unmask_average(payloads, roster, reference, fractional_bits, f"round {round}, masked models")

@@ -26,7 +26,7 @@ from flwr_fedtan.secure_composition import check_secure_models_composes, secure_
 from flwr_fedtan.secure_models import (
     MODEL_EXCHANGE, MaskedModel, ModelLayout, mask_model, model_vector, unmask_average,
 )
-from flwr_fedtan.secure_releases import ReleaseLedger, revealed_clients
+from flwr_fedtan.secure_releases import ReleaseLedger, release_average, revealed_clients
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -417,6 +417,43 @@ def test_a_late_payload_completing_an_abandoned_roster_is_refused():
     ledger.record(5, [1, 2])
     with pytest.raises(SecureStatsError, match=r"nodes \[3\]"):
         ledger.check(5, [1, 2, 3])
+
+
+def test_a_drop_restarts_with_the_survivors_and_a_late_payload_would_reveal_the_dropped_model():
+    rng = np.random.default_rng(13)
+    reference = small_model(rng, np.float64)
+    clients = client_models(rng, reference, [1, 2, 3, 4])
+    ledger = ReleaseLedger()
+    keys0 = key_pairs([1, 2, 3, 4], seed=30)
+    roster0 = roster_of(keys0)
+    attempt0 = mask_all(clients, reference, keys0, roster0, round=3, attempt=0)
+    on_time = {n: attempt0[n] for n in (1, 2, 3)}  # node 4 is late
+    with pytest.raises(MissingPayloadError):
+        release_average(ledger, 3, on_time, roster0, reference)
+    assert ledger.computable(3) == ()
+
+    keys1 = key_pairs([1, 2, 3], seed=31)  # the restart agrees fresh keys
+    roster1 = roster_of(keys1)
+    survivors = {n: clients[n] for n in (1, 2, 3)}
+    released = release_average(ledger, 3, mask_all(survivors, reference, keys1, roster1, round=3, attempt=1),
+                               roster1, reference)
+    assert_matches_clear(released.arrays, aggregate_arrays(survivors, reference), reference)
+
+    # node 4's attempt-0 payload arrives now: it would complete roster 0, refused unread ...
+    with pytest.raises(SecureStatsError, match=r"nodes \[4\]"):
+        release_average(ledger, 3, attempt0, roster0, reference)
+    # ... for good reason: its sum minus the released one is node 4's weighted model
+    full = unmask_average(attempt0, roster0, reference)
+    arrays4, weight4 = clients[4]
+    leaked = (full.arrays["fc.weight"] * full.total_weight
+              - released.arrays["fc.weight"] * released.total_weight) / (full.total_weight - released.total_weight)
+    np.testing.assert_allclose(leaked, arrays4["fc.weight"], rtol=1e-9, atol=1e-12)
+    assert full.total_weight - released.total_weight == weight4
+    # and a further restart without node 3 is refused as well
+    keys2 = key_pairs([1, 2], seed=32)
+    with pytest.raises(SecureStatsError, match=r"nodes \[3\]"):
+        release_average(ledger, 3, mask_all({n: clients[n] for n in (1, 2)}, reference, keys2, roster_of(keys2),
+                                            round=3, attempt=2), roster_of(keys2), reference)
 
 
 # ---------------------------------------------------------------------- composition
