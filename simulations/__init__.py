@@ -1,1 +1,1 @@
-"""Experiments for flwr-fedtan: models, data loading and partitioning, and the Flower app."""
+"""This repository's Flower app (``app``), its experiment runners (``experiments``) and benchmarks (``bench_*``)."""

@@ -40,14 +40,14 @@ from torch import nn
 from flwr_fedtan import SyncStep, convert_batchnorm, pooled_backward
 from flwr_fedtan.reference import aggregate_requests
 
-from .models import build_model
+from .app.models import build_model
 
 TARGET_RATIO = 1.3
 
 
 def build(name: str) -> tuple[nn.Module, str]:
-    """The named model of simulations.models (Fashion-MNIST shaped: 1 channel, 10 classes)."""
-    return build_model(name, num_classes=10, in_channels=1), "simulations.models"
+    """The named model of simulations.app.models (Fashion-MNIST shaped: 1 channel, 10 classes)."""
+    return build_model(name, num_classes=10, in_channels=1), "simulations.app.models"
 
 
 # ----------------------------------------------------------------------------- helpers

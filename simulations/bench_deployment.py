@@ -10,7 +10,7 @@ runs the app once with ``mode = "bench-deployment"``. The ServerApp measures, in
 with the same push/pull loop as FedTAN's strategy (pull every ``poll_interval``):
 
 (a) empty exchanges: a ``query.ping`` message to every node, answered at once by the
-    light ClientApp process (``simulations/node_app.py``, which imports Flower only);
+    light ClientApp process (``simulations/app/node_app.py``, which imports Flower only);
 (b) the exchanges of ``bench-rounds`` real FedTAN rounds (2L + 1 each).
 
 It prints where the time goes, and as its last line
@@ -296,7 +296,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             print(f"teardown: SIGKILL needed for {killed}; still alive: {sorted(left)}", file=sys.stderr)
     shutil.rmtree(root, ignore_errors=True)  # kept (with the logs) only when the run failed
     imports = {
-        "python + flwr + the light ClientApp module": _import_seconds("import simulations.node_app"),
+        "python + flwr + the light ClientApp module": _import_seconds("import simulations.app.node_app"),
         "python + import torch": _import_seconds("import torch"),
     }
     print(format_report(bench, imports))

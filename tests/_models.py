@@ -1,4 +1,4 @@
-"""Small test models and helpers for the core tests (independent of simulations/models.py).
+"""Small test models and helpers for the core tests (independent of simulations/app/models.py).
 
 Models: CIFAR-style ResNet-20 (19 BatchNorm layers, option-A parameter-free shortcuts), a
 VGG-style CNN with BatchNorm and dropout, an MLP with BatchNorm1d (also on the raw input),

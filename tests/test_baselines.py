@@ -1,6 +1,6 @@
-"""Baselines of the app (simulations/baselines.py) and the comparison driver (compare.py).
+"""Baselines of the app (simulations/app/baselines.py) and the comparison driver (compare.py).
 
-The strategies run with the app's real ClientApp (simulations.client_app.app) over the
+The strategies run with the app's real ClientApp (simulations.app.client_app.app) over the
 in-process Grid of tests/_grid.py, on tiny synthetic data with the small CNN.
 """
 
@@ -18,11 +18,12 @@ from flwr.app import Message
 
 from flwr_fedtan import FedTAN
 from flwr_fedtan.client import clear_live_rounds
-from simulations import baselines, compare
-from simulations.baselines import FREEZE_BN_STATS, LOCAL_STATE_KEY, batchnorm_keys
-from simulations.client_app import app
-from simulations.server_app import make_strategy, run_experiment
-from simulations.task import client_dataset, model_from_config, pooled_dataset
+from simulations.app import baselines
+from simulations.experiments import compare
+from simulations.app.baselines import FREEZE_BN_STATS, LOCAL_STATE_KEY, batchnorm_keys
+from simulations.app.client_app import app
+from simulations.app.server_app import make_strategy, run_experiment
+from simulations.app.task import client_dataset, model_from_config, pooled_dataset
 
 from _grid import LocalGrid
 
@@ -422,7 +423,7 @@ def test_server_optimizer_from_the_run_config_runs_a_round(method, optimizer):
 
 
 def test_server_optimizer_choices_and_refusals():
-    from simulations.server_app import server_optimizer
+    from simulations.app.server_app import server_optimizer
 
     assert type(server_optimizer({})).__name__ == "FedAvg"
     plain = make_strategy(app_config(strategy="fedavg", server_optimizer="fedavgm", server_momentum=0.5))

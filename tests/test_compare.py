@@ -1,4 +1,4 @@
-"""The grid driver simulations/compare.py: resuming, seeds into mean +/- std, variants.
+"""The grid driver simulations/experiments/compare.py: resuming, seeds into mean +/- std, variants.
 
 Every run goes through an injected ``runner`` (no Flower run): it records its calls and
 returns (and, like the server app, writes) a summary with a known accuracy curve.
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from simulations import compare
+from simulations.experiments import compare
 
 DECLARED = compare.app_config_defaults()
 ROUNDS = 3

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+DOCUMENTS = [REPO / "README.md", REPO / "simulations" / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 README_MAX_LINES = 200
 
 _LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")

@@ -1,7 +1,7 @@
 """End to end through real Flower 1.41 processes: ``flwr run .`` against a SuperLink the
 test starts, in Ray simulation and in a loopback deployment with three SuperNodes.
 
-The final global model must equal :func:`simulations.task.in_process_fedtan` (the same
+The final global model must equal :func:`simulations.app.task.in_process_fedtan` (the same
 FedTAN run computed in one process, without Flower, statistics pass included). Every process a test starts is
 stopped by PID in the fixture's finalizer (see ``simulations/flower_processes.py``).
 
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
-# The cnn of simulations/models.py has 3 BatchNorm calls: 2L + 1 exchanges per round.
+# The cnn of simulations/app/models.py has 3 BatchNorm calls: 2L + 1 exchanges per round.
 CNN_BN_CALLS = 3
 CNN_EXCHANGES = 2 * CNN_BN_CALLS + 1
 TOLERANCE = 1e-5
@@ -56,7 +56,7 @@ def cli_config(**overrides) -> dict:
 
 @functools.lru_cache(maxsize=4)
 def _reference(config_items: tuple, num_partitions: int, num_rounds: int) -> dict:
-    from simulations.task import in_process_fedtan
+    from simulations.app.task import in_process_fedtan
 
     return in_process_fedtan(dict(config_items), num_partitions, num_rounds)
 
@@ -231,7 +231,7 @@ def test_reruns_give_bit_identical_models(flower, tmp_path, capsys):
 
 # ---------------------------------------------------------------------- 2. deployment
 # In deployment every message runs in a fresh flwr-clientapp process. The app's ClientApp
-# module (simulations/node_app.py) imports Flower only and forwards each message to the
+# module (simulations/app/node_app.py) imports Flower only and forwards each message to the
 # node worker (flwr_fedtan/runtime/worker.py), which the first message starts and which
 # keeps the node's live rounds, client and data. The test uses the "twice-bn" model (one
 # BatchNorm module called twice: L = 2, 5 exchanges) to stay within its time budget; it

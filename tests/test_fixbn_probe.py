@@ -1,4 +1,4 @@
-"""simulations/fixbn_probe.py: the replay of FixBN's first frozen round, on synthetic data."""
+"""simulations/experiments/fixbn_probe.py: the replay of FixBN's first frozen round, on synthetic data."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import torch
 from torch.nn import functional as F
 
 from flwr_fedtan.training import derive_seed
-from simulations import baselines, compare, fixbn_probe
-from simulations.task import model_from_config
+from simulations.app import baselines
+from simulations.experiments import compare, fixbn_probe
+from simulations.app.task import model_from_config
 
 NUM_CLIENTS = 2
 

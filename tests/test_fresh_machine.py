@@ -1,7 +1,7 @@
 """A new user's first run: the README's ``flwr run . --stream`` on a machine where no full
 copy of Fashion-MNIST can be reached (no Debian package, no cache, no internet).
 
-``FEDTAN_DATA_SOURCES=embedded`` (see :mod:`simulations.datasets`) hides every such copy,
+``FEDTAN_DATA_SOURCES=embedded`` (see :mod:`simulations.app.datasets`) hides every such copy,
 so the app must train on the subset it ships, say so in the log, and its test accuracy
 must rise round by round to at least 0.6 with the default run config. ``flwr run .`` runs
 against the local SuperLink of a default configuration (the ``:local:`` address), in a

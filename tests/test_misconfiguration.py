@@ -20,7 +20,7 @@ from flwr_fedtan import FedTAN, FedTANClient, validate
 from flwr_fedtan.errors import ClientDataError, InvalidArgumentsError, UnsupportedModelError
 from flwr_fedtan.client import _client_from
 from flwr_fedtan.training import ClientRound
-from simulations.run_config import check_run_config, run_config_problems
+from simulations.app.run_config import check_run_config, run_config_problems
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -245,7 +245,7 @@ def _small_app_config(**overrides) -> dict:
 
 def test_the_progress_interval_key_reaches_fedtan():
     from flwr_fedtan.progress import DEFAULT_PROGRESS_INTERVAL
-    from simulations.server_app import make_strategy
+    from simulations.app.server_app import make_strategy
 
     assert app_config()["progress-interval"] == DEFAULT_PROGRESS_INTERVAL
     assert make_strategy(app_config()).progress_interval == DEFAULT_PROGRESS_INTERVAL
@@ -258,8 +258,8 @@ def test_the_progress_interval_key_paces_the_exchange_lines_of_a_round(interval,
     import logging
 
     from flwr_fedtan.client import clear_live_rounds
-    from simulations.client_app import app
-    from simulations.server_app import run_experiment
+    from simulations.app.client_app import app
+    from simulations.app.server_app import run_experiment
 
     from _grid import LocalGrid
 
@@ -276,7 +276,7 @@ def test_the_progress_interval_key_paces_the_exchange_lines_of_a_round(interval,
 
 
 def test_the_server_app_refuses_a_bad_progress_interval_before_building_anything(monkeypatch):
-    from simulations import server_app
+    from simulations.app import server_app
 
     monkeypatch.setattr(server_app, "run_experiment", lambda *a, **k: pytest.fail("a round was started"))
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
@@ -296,7 +296,7 @@ def _message_to(node: int, message_type: str, arrays: dict, config: Optional[dic
 def _initial_state(config: dict, norm: str) -> dict:
     from flwr.app import Array
 
-    from simulations.task import model_from_config
+    from simulations.app.task import model_from_config
 
     return {k: Array(v.detach().numpy()) for k, v in model_from_config(config, norm=norm).state_dict().items()}
 
@@ -306,8 +306,8 @@ def _initial_state(config: dict, norm: str) -> dict:
     ("silobn", "train"), ("silobn", "evaluate"), ("fixbn", "train"), ("fedgn", "train"), ("centralised", "train"),
 ])
 def test_a_baseline_client_that_cannot_be_built_names_its_node(method, message_type):
-    from simulations.baselines import model_norm
-    from simulations.client_app import app
+    from simulations.app.baselines import model_norm
+    from simulations.app.client_app import app
 
     from _grid import LocalGrid
 
@@ -325,8 +325,8 @@ def test_a_baseline_client_that_cannot_be_built_names_its_node(method, message_t
 def test_a_baseline_client_sent_another_model_names_its_node(method):
     from flwr.app import Array
 
-    from simulations.baselines import model_norm
-    from simulations.client_app import app
+    from simulations.app.baselines import model_norm
+    from simulations.app.client_app import app
 
     from _grid import LocalGrid
 

@@ -1,5 +1,5 @@
-"""Tests of the experiment models (simulations.models), data sets (simulations.datasets)
-and partitions (simulations.partitions)."""
+"""Tests of the experiment models (simulations.app.models), data sets (simulations.app.datasets)
+and partitions (simulations.app.partitions)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from simulations import datasets as data
-from simulations import partitions
-from simulations.models import MODEL_NAMES, build_model, count_batchnorm_layers
+from simulations.app import datasets as data
+from simulations.app import partitions
+from simulations.app.models import MODEL_NAMES, build_model, count_batchnorm_layers
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 

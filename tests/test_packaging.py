@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from flwr.common.constant import FAB_MAX_SIZE
 
-from simulations import datasets
+from simulations.app import datasets
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -114,8 +114,8 @@ def test_flwr_build_makes_a_fab_without_warnings_holding_the_app_and_its_data(tm
         config = tomllib.loads(fab.read("pyproject.toml").decode())
         fab.extractall(tmp_path / "unpacked")
     assert config["tool"]["flwr"]["app"]["components"] == {
-        "serverapp": "simulations.server_app:app", "clientapp": "simulations.node_app:app"}
-    embedded = sorted(p.relative_to(app).as_posix() for p in (app / "simulations" / "embedded_data").rglob("*")
+        "serverapp": "simulations.app.server_app:app", "clientapp": "simulations.app.node_app:app"}
+    embedded = sorted(p.relative_to(app).as_posix() for p in (app / "simulations" / "app" / "embedded_data").rglob("*")
                       if p.is_file())
     expected = {"LICENSE", "README.md", *embedded}
     for package in ("flwr_fedtan", "simulations"):
@@ -125,9 +125,9 @@ def test_flwr_build_makes_a_fab_without_warnings_holding_the_app_and_its_data(tm
     assert not [n for n in names if n.startswith(("docs/", "tests/"))]  # results and tests stay out
 
     # The data in the FAB is the data in the project.
-    unpacked = tmp_path / "unpacked" / "simulations" / "embedded_data" / "fashion-mnist"
+    unpacked = tmp_path / "unpacked" / "simulations" / "app" / "embedded_data" / "fashion-mnist"
     _, from_fab = datasets._decode_embedded(unpacked)
-    _, from_project = datasets._decode_embedded(app / "simulations" / "embedded_data" / "fashion-mnist")
+    _, from_project = datasets._decode_embedded(app / "simulations" / "app" / "embedded_data" / "fashion-mnist")
     assert from_fab.keys() == from_project.keys()
     assert all(np.array_equal(from_fab[key], from_project[key]) for key in from_fab)
 

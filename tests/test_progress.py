@@ -1,6 +1,6 @@
 """A long round shows what it is doing: per-exchange progress lines (rate-limited), a summary
 line per round and per statistics pass, the same figures in the round's metrics, and the
-time-per-round panel of ``simulations.compare``'s plots.
+time-per-round panel of ``simulations.experiments.compare``'s plots.
 
 Exchanges run on the in-process Grid with a fake clock that only the Grid advances: each
 exchange takes exactly the seconds the test gives it, so every figure is known in advance.
@@ -234,7 +234,7 @@ def test_compare_plots_seconds_per_round_beside_accuracy(tmp_path, monkeypatch):
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    from simulations import compare
+    from simulations.experiments import compare
 
     saved = []
     original = Figure.savefig

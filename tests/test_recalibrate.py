@@ -1,4 +1,4 @@
-"""simulations/recalibrate.py: exact BatchNorm statistics of a final model, on synthetic data."""
+"""simulations/experiments/recalibrate.py: exact BatchNorm statistics of a final model, on synthetic data."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from simulations import compare, recalibrate, task
-from simulations.task import model_from_config, pooled_dataset
+from simulations.app import task
+from simulations.experiments import compare, recalibrate
+from simulations.app.task import model_from_config, pooled_dataset
 
 
 def synthetic_config(strategy: str = "fedtan", seed: int = 0) -> dict:

@@ -188,7 +188,7 @@ def test_private_folder_refuses_a_folder_others_can_open(tmp_path):
 
 def test_the_light_client_app_module_imports_no_torch():
     """What a deployment flwr-clientapp process imports for every message."""
-    code = ("import sys, simulations.node_app as m; "
+    code = ("import sys, simulations.app.node_app as m; "
             "assert 'torch' not in sys.modules, 'torch imported'; "
             "assert 'ray' not in sys.modules, 'ray imported'; print(type(m.app).__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,

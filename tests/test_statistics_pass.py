@@ -19,7 +19,7 @@ from flwr_fedtan import convert_batchnorm
 from flwr_fedtan.aggregation import ForwardStats, exact_running_statistics
 from flwr_fedtan.reference import pooled_statistics
 from flwr_fedtan.statistics_pass import StatisticsPass
-from simulations.models import build_model
+from simulations.app.models import build_model
 from tests._models import build, make_batches, single_thread  # noqa: F401 (an autouse fixture)
 
 SIZES = [7, 3, 12]  # unequal client sizes

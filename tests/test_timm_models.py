@@ -113,7 +113,7 @@ def test_timm_model_flower_round_equals_centralised_sgd_step(name):
 def test_app_model_timm_name_builds_the_timm_model():
     """``model = "timm:<name>"`` in the run config is ``timm.create_model(<name>,
     pretrained=False)`` with the data set's classes and channels, the same for a seed."""
-    from simulations.task import model_from_config
+    from simulations.app.task import model_from_config
 
     config = {"model": "timm:mobilenetv3_small_100", "dataset": "synthetic"}  # 1x28x28, 10 classes
     torch.manual_seed(3)
@@ -128,7 +128,7 @@ def test_app_model_timm_name_builds_the_timm_model():
 
 
 def test_app_model_timm_errors_name_the_fix(monkeypatch):
-    from simulations.models import build_model
+    from simulations.app.models import build_model
 
     with pytest.raises(ValueError, match="timm.list_models"):
         build_model("timm:no_such_model")
@@ -154,9 +154,9 @@ def test_flwr_run_simulation_timm_model_equals_in_process_reference(tmp_path, ca
     last bits, amplified through 34 BatchNorm layers. Measured here: 5.3e-6 (largest in
     ``conv_stem.weight``, whose update is 0.66); the reference alone run with 1 and with 2
     torch threads differs by 5.4e-6. Local BatchNorm statistics give 0.64."""
-    from simulations.baselines import round_seed, train_locally
+    from simulations.app.baselines import round_seed, train_locally
     from simulations.flower_processes import FlowerProcesses
-    from simulations.task import make_client, model_from_config
+    from simulations.app.task import make_client, model_from_config
     from test_e2e_flower import (
         REPO,
         TOLERANCE,

@@ -1,4 +1,4 @@
-"""Finding and reading the app's data sets (partitioning is in :mod:`simulations.partitions`).
+"""Finding and reading the app's data sets (partitioning is in :mod:`simulations.app.partitions`).
 
 :func:`load_dataset` returns normalised float32 images ``(N, C, H, W)`` and int64 labels
 for ``"fashion-mnist"``, ``"mnist"``, ``"cifar10"`` and ``"synthetic"``. Loaded arrays are
@@ -18,8 +18,8 @@ torchvision's ``CIFAR10`` reader. The places searched, in order, are:
 5. ``"cache"``: the download cache ``~/.cache/flwr-fedtan/<name>`` (:data:`CACHE_ROOT`);
 6. ``"download"``: torchvision downloads the data set into the cache;
 7. ``"embedded"``: for Fashion-MNIST, the subset shipped with the app in
-   ``simulations/embedded_data/fashion-mnist`` (12,000 training and 2,000 test images,
-   class-balanced; built by :mod:`simulations.build_embedded_data`).
+   ``simulations/app/embedded_data/fashion-mnist`` (12,000 training and 2,000 test images,
+   class-balanced; built by :mod:`simulations.app.build_embedded_data`).
 
 If none holds the data set, :class:`FileNotFoundError` lists every place searched and
 the fixes. Nothing is ever generated in place of a missing data set.
@@ -594,7 +594,7 @@ def _read_embedded(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray, st
 def _decode_embedded(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
     """The manifest and the arrays of an embedded subset.
 
-    The format is written by :mod:`simulations.build_embedded_data`; every array is
+    The format is written by :mod:`simulations.app.build_embedded_data`; every array is
     checked against the SHA-256 digest in the manifest.
     """
     manifest_path = folder / "manifest.json"

@@ -1,12 +1,12 @@
-"""Build the Fashion-MNIST subset that ships with the app (``simulations/embedded_data``).
+"""Build the Fashion-MNIST subset that ships with the app (``simulations/app/embedded_data``).
 
 The subset is what ``flwr run .`` trains on when no full copy of Fashion-MNIST can be
-found (see :mod:`simulations.datasets`): the first ``--train-per-class`` training
+found (see :mod:`simulations.app.datasets`): the first ``--train-per-class`` training
 images and the first ``--test-per-class`` test images of every class, in their
 original order, read from the official IDX files (for example the Debian package
 ``dataset-fashion-mnist``: ``apt-get install dataset-fashion-mnist``)::
 
-    python -m simulations.build_embedded_data --source /usr/share/datasets/fashion-mnist
+    python -m simulations.app.build_embedded_data --source /usr/share/datasets/fashion-mnist
 
 Flower bundles only some file types into a FAB (``.py``, ``.toml``, ``.md``,
 ``.json``, ...; see ``FAB_INCLUDE_PATTERNS`` in ``flwr.common.constant``) and
@@ -41,7 +41,7 @@ The files `manifest.json` and `part-*.json` in this folder hold a subset of
 Image Dataset for Benchmarking Machine Learning Algorithms*, arXiv:1708.07747, 2017;
 <https://github.com/zalandoresearch/fashion-mnist>): the first {train_per_class} training
 and the first {test_per_class} test images of each of the 10 classes, pixels and labels
-unchanged, re-encoded by `simulations/build_embedded_data.py`.
+unchanged, re-encoded by `simulations/app/build_embedded_data.py`.
 
 Fashion-MNIST is distributed under the MIT licence:
 

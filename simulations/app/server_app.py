@@ -1,6 +1,6 @@
 """The app's ServerApp: FedTAN or a baseline, with test accuracy and traffic per round.
 
-The run-config key ``strategy`` picks the method (see :data:`simulations.baselines.METHODS`):
+The run-config key ``strategy`` picks the method (see :data:`simulations.app.baselines.METHODS`):
 ``fedtan``, ``fedavg`` (Flower's FedAvg, unmodified), ``fedbn``, ``silobn``, ``fixbn``,
 ``fedgn`` and ``centralised``; ``server-optimizer`` (``none``, ``fedavgm``, ``fedadam``,
 ``fedyogi``, ``fedadagrad``) adds a server optimiser
@@ -116,8 +116,8 @@ def server_optimizer(config: Mapping[str, Any], **fedavg_kwargs: Any) -> FedAvg:
 def make_strategy(config) -> Strategy:
     """The strategy named by the run config's ``strategy`` (and ``server-optimizer``).
 
-    With :data:`simulations.baselines.METHODS` (which also fixes each method's model norm,
-    see :func:`simulations.baselines.model_norm`) the one place that maps a method name to
+    With :data:`simulations.app.baselines.METHODS` (which also fixes each method's model norm,
+    see :func:`simulations.app.baselines.model_norm`) the one place that maps a method name to
     what the server runs. ``server-optimizer`` (see :func:`server_optimizer`) applies to
     ``fedtan`` (wrapped: parameters through the optimiser, BatchNorm buffers pooled),
     ``fedavg``, ``fedgn`` and ``centralised`` (Flower's optimiser, unmodified).
@@ -346,19 +346,19 @@ def run_experiment(grid: Grid, config: Mapping[str, Any], strategy: Optional[Str
 def main(grid: Grid, context: Context) -> None:
     """Run the configured method; write the summary to ``results-file`` if given.
 
-    The whole run config is checked first (:func:`simulations.run_config.check_run_config`):
+    The whole run config is checked first (:func:`simulations.app.run_config.check_run_config`):
     a misconfigured run stops here, with every problem and its fix, before any round.
     """
     config = context.run_config
     check_run_config(config)
     mode = str(config.get("mode", "train"))
     if mode == "bench":
-        from .bench_flower import run_exchange_benchmark
+        from ..bench_flower import run_exchange_benchmark
 
         initial = ArrayRecord(convert_batchnorm(model_from_config(config)).state_dict())
         result, summary = None, {"config": dict(config), "bench": run_exchange_benchmark(grid, config, initial)}
     elif mode.startswith("bench-deployment"):
-        from .bench_deployment import run_deployment_benchmark
+        from ..bench_deployment import run_deployment_benchmark
 
         initial = ArrayRecord(convert_batchnorm(model_from_config(config)).state_dict())
         result, summary = None, {"config": dict(config), "bench": run_deployment_benchmark(grid, config, initial)}

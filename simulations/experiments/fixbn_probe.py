@@ -1,6 +1,6 @@
 """What happens to FixBN's clients in the first round with frozen BatchNorm statistics.
 
-FixBN (:class:`simulations.baselines.FixBN`) trains like FedAvg up to its switch round,
+FixBN (:class:`simulations.app.baselines.FixBN`) trains like FedAvg up to its switch round,
 then every client trains with its BatchNorm layers normalising by the frozen global
 running statistics. This probe replays that first frozen round on every client, from the
 global model at the switch, step by step, with the very batches the app draws, and prints
@@ -17,9 +17,9 @@ The global model at the switch is the final model of a FixBN run whose switch ne
 (``fixbn-switch`` 1.0) with as many rounds as the switch round: the same batches, the same
 model. Example (the README's FixBN setting, switch after round 15)::
 
-    python -m simulations.compare --methods fixbn --partitions pathological --seeds 0 \\
+    python -m simulations.experiments.compare --methods fixbn --partitions pathological --seeds 0 \\
         --rounds 15 --fixbn-switch 1.0 --lr 0.05 --out results/fixbn-probe
-    python -m simulations.fixbn_probe results/fixbn-probe/runs/pathological/fixbn-seed0.pt \\
+    python -m simulations.experiments.fixbn_probe results/fixbn-probe/runs/pathological/fixbn-seed0.pt \\
         --switch-round 15 --lr 0.05,0.02,0.01
 """
 
@@ -37,9 +37,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from flwr_fedtan.training import derive_seed
 
-from .baselines import make_method_client, round_seed
+from ..app.baselines import make_method_client, round_seed
+from ..app.task import pooled_dataset
 from .recalibrate import set_exact_statistics
-from .task import pooled_dataset
 
 MODES = ("frozen", "exact", "train")
 
@@ -136,7 +136,8 @@ def statistics_summary(state: Mapping[str, torch.Tensor]) -> list[str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Print the replay of every mode and learning rate (see the module docstring)."""
-    parser = argparse.ArgumentParser(prog="python -m simulations.fixbn_probe", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m simulations.experiments.fixbn_probe",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="the .pt of a FixBN run with fixbn-switch 1.0 (its .json next to it)")
     parser.add_argument("--switch-round", type=int, default=None, help="default: the run's num-server-rounds")
     parser.add_argument("--lr", default=None, help="comma-separated learning rates (default: the run's)")

@@ -4,7 +4,7 @@
 - ``fedtan`` and ``fedavg``: ``train`` and ``evaluate`` of
   :func:`flwr_fedtan.fedtan_client_app` (FedTAN's batch sampling and metric names);
 - ``fedbn``, ``silobn``, ``fixbn``, ``fedgn``, ``centralised``: ``train`` and ``evaluate``
-  are served by :mod:`simulations.baselines` (local BatchNorm entries in
+  are served by :mod:`simulations.app.baselines` (local BatchNorm entries in
   ``context.state``, frozen statistics, GroupNorm model, pooled data).
 """
 

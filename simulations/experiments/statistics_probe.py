@@ -2,14 +2,14 @@
 with their BatchNorm statistics from the pass at several ``statistics_examples``.
 
 For every final model given (``.pt`` with its run's ``.json`` beside it, as
-:mod:`simulations.compare` writes them), the pass runs in one process
+:mod:`simulations.experiments.compare` writes them), the pass runs in one process
 (:func:`flwr_fedtan.reference.pooled_statistics`: the same pass and aggregation code as a
 Flower run) over ``n`` training examples drawn from each client's partition, for every
 ``n`` asked, and the model is evaluated on the test set. ``stored`` is the model with the
 running statistics its run aggregated. Seconds are the pass's compute in this process
 (all clients, one after the other). Example::
 
-    python -m simulations.statistics_probe results/probe/runs/pathological/*.pt --examples 32,128,512,all
+    python -m simulations.experiments.statistics_probe results/probe/runs/pathological/*.pt --examples 32,128,512,all
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from torch import nn
 from flwr_fedtan.client import evaluate_model
 from flwr_fedtan.reference import pooled_statistics
 
-from .task import client_dataset, model_from_config, test_dataset
+from ..app.task import client_dataset, model_from_config, test_dataset
 
 
 def probe(model_path: Path, examples: Sequence[Optional[int]], draw_seed: int = 0) -> list[dict]:
@@ -56,7 +56,7 @@ def probe(model_path: Path, examples: Sequence[Optional[int]], draw_seed: int = 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simulations.statistics_probe",
+    parser = argparse.ArgumentParser(prog="python -m simulations.experiments.statistics_probe",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="+", help="final models (.pt) with their run summaries (.json) beside them")
     parser.add_argument("--examples", default="16,32,64,128,256,512,1024,all",

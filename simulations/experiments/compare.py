@@ -2,7 +2,7 @@
 
 Example::
 
-    python -m simulations.compare \\
+    python -m simulations.experiments.compare \\
         --methods fedtan,fedavg,fedbn,silobn,fixbn,fedgn,centralised \\
         --partitions pathological,dirichlet-0.1,dirichlet-0.5,iid --seeds 0,1 \\
         --rounds 30 --local-steps 5 --model cnn --dataset fashion-mnist \\
@@ -10,13 +10,13 @@ Example::
 
 A method may name a server optimiser (run-config ``server-optimizer``) after a ``+``:
 ``--methods fedtan,fedtan+fedadam,fedavg+fedadam,fedtan+fedavgm``; its hyper-parameters
-are run-config keys (``--set server-eta=0.01``, see :func:`simulations.server_app.server_optimizer`).
+are run-config keys (``--set server-eta=0.01``, see :func:`simulations.app.server_app.server_optimizer`).
 
 Every run goes through the same code path as ``flwr run .`` (Flower simulation):
 :func:`simulations.flower_processes.run_app` submits the app with ``--run-config``
 overrides (``strategy``, ``partitioning``, ..., ``results-file``) to a private simulation
 SuperLink and returns the JSON summary the server app wrote (see
-:func:`simulations.server_app.result_summary`). Federated methods run on ``--clients``
+:func:`simulations.app.server_app.result_summary`). Federated methods run on ``--clients``
 SuperNodes; ``centralised`` on one SuperNode holding the union of the ``--clients``
 partitions, drawing ``clients x batch-size`` samples per step.
 
@@ -30,7 +30,7 @@ the last round) and was made with the same run config; a missing, unreadable, pa
 mismatched one is moved aside (``*.json.old``) and run again. ``--dry-run`` prints the plan
 (each run and whether it is complete) and runs nothing. Long grids in the background::
 
-    nohup python -m simulations.compare ... --out results/NAME > results/NAME.log 2>&1 &
+    nohup python -m simulations.experiments.compare ... --out results/NAME > results/NAME.log 2>&1 &
 
 and the same command again, after an interruption, finishes the grid. One grid process
 per output folder at a time (``--out`` is locked while it runs).
@@ -54,7 +54,7 @@ Outputs in ``--out``:
 
 "Test accuracy" is the server's accuracy of the global model on the test set, except for
 FedBN and SiloBN: there, from round 1 on, the equal-weight average over clients of their
-personalised models' accuracy on the same test set (see :mod:`simulations.baselines`).
+personalised models' accuracy on the same test set (see :mod:`simulations.app.baselines`).
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-from .baselines import DEFAULT_FIXBN_SWITCH, METHODS, method_spec
+from ..app.baselines import DEFAULT_FIXBN_SWITCH, METHODS, method_spec
 
 __all__ = [
     "RunSpec",
@@ -104,7 +104,7 @@ __all__ = [
     "main",
 ]
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_METHODS = ("fedtan", "fedavg", "fedbn", "silobn", "fixbn", "fedgn", "centralised")
 DEFAULT_PARTITIONS = ("pathological", "dirichlet-0.1", "dirichlet-0.5", "iid")
 METRIC = "test-accuracy"
@@ -266,7 +266,7 @@ def split_method(label: str) -> tuple[str, Optional[str]]:
     ValueError
         Unknown method or optimiser, or an optimiser the method cannot use.
     """
-    from .server_app import SERVER_OPTIMIZERS
+    from ..app.server_app import SERVER_OPTIMIZERS
 
     base, plus, optimizer = label.partition("+")
     spec = method_spec(base)
@@ -508,7 +508,7 @@ def _write_atomically(path: Path, summary: Mapping[str, Any]) -> None:
 
 def _default_runner() -> Runner:
     try:
-        from .flower_processes import run_app  # type: ignore[import-not-found]
+        from ..flower_processes import run_app  # type: ignore[import-not-found]
     except ImportError as error:
         raise SystemExit(
             "simulations/flower_processes.py (run_app) is needed to launch flwr runs: " + str(error)
@@ -913,7 +913,8 @@ def _parse_value(text: str) -> Any:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The command line (see the module docstring)."""
-    parser = argparse.ArgumentParser(prog="python -m simulations.compare", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m simulations.experiments.compare",
+                                     description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                         help=f"comma-separated, from {', '.join(METHODS)}; add +OPTIMISER for a server "

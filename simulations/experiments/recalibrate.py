@@ -4,7 +4,7 @@ A federated model is evaluated with the running statistics its strategy aggregat
 local steps those are not the statistics of the global model on the training data: each
 client's running averages follow its own model and, in steps with local BatchNorm, its
 own classes. This tool separates the two causes of a low test accuracy. For every final
-model of a :mod:`simulations.compare` grid (``runs/[<variant>/]<partition>/<method>-seed<k>.pt``,
+model of a :mod:`simulations.experiments.compare` grid (``runs/[<variant>/]<partition>/<method>-seed<k>.pt``,
 the run config in the ``.json`` beside it), it evaluates the model on the test set twice:
 
 - ``stored``: with its own running statistics, as the grid's tables report it;
@@ -16,7 +16,7 @@ Models without BatchNorm (``fedgn``) and methods whose reported accuracy is not 
 global model's (``fedbn``, ``silobn``: personalised) are left out. The tables go to
 ``recalibrated.csv`` and ``recalibrated.md`` in the grid folder. Example::
 
-    python -m simulations.recalibrate docs/results/resnet20-3seeds
+    python -m simulations.experiments.recalibrate docs/results/resnet20-3seeds
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from flwr_fedtan.client import evaluate_model
 
 from .compare import _mean_std, _pm
-from .task import model_from_config, pooled_dataset, test_dataset
+from ..app.task import model_from_config, pooled_dataset, test_dataset
 
 DEFAULT_STRIDE = 6
 """Every ``DEFAULT_STRIDE``-th pooled training example enters the exact statistics
@@ -130,8 +130,10 @@ def write_tables(rows: Sequence[dict[str, Any]], folder: Path, stride: int) -> s
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Evaluate every final model of a grid folder (see the module docstring)."""
-    parser = argparse.ArgumentParser(prog="python -m simulations.recalibrate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("folder", help="a simulations.compare output folder (its runs/ hold the .pt models)")
+    parser = argparse.ArgumentParser(prog="python -m simulations.experiments.recalibrate",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder",
+                        help="a simulations.experiments.compare output folder (its runs/ hold the .pt models)")
     parser.add_argument("--stride", type=int, default=DEFAULT_STRIDE,
                         help=f"use every STRIDE-th pooled training example (default {DEFAULT_STRIDE})")
     args = parser.parse_args(argv)
@@ -139,7 +141,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     models = sorted((folder / "runs").glob("*/*.pt")) + sorted((folder / "runs").glob("*/*/*.pt"))
     if not models:
         parser.error(f"no final models (runs/[<variant>/]<partition>/*.pt) under {folder}: they are written by "
-                     "simulations.compare and not committed; re-run the grid to get them")
+                     "simulations.experiments.compare and not committed; re-run the grid to get them")
     rows = []
     for path in models:
         row = recalibrated_accuracy(path, args.stride)

@@ -2,8 +2,8 @@
 
 In deployment Flower imports this module in a fresh ``flwr-clientapp`` process for every
 message; it forwards the message to the node worker (flwr_fedtan/runtime/worker.py),
-which runs :data:`simulations.client_app.app` next to the node's live rounds. In the
-simulation it calls :data:`simulations.client_app.app` in the actor's process.
+which runs :data:`simulations.app.client_app.app` next to the node's live rounds. In the
+simulation it calls :data:`simulations.app.client_app.app` in the actor's process.
 ``query.ping`` (the benchmarks' empty exchange) is answered here at once: Flower's own
 floor for one exchange.
 """
@@ -18,4 +18,4 @@ def ping(msg: Message, context: Context) -> Message:
     return Message(RecordDict(), reply_to=msg)
 
 
-app = node_client_app("simulations.client_app:app", local={"query.ping": ping})
+app = node_client_app("simulations.app.client_app:app", local={"query.ping": ping})

@@ -443,7 +443,7 @@ class FixBN(PartialFedAvg):
 def make_method_client(config: Mapping[str, Any], node_config: Mapping[str, Any]) -> FedTANClient:
     """The node's client for the run config's method.
 
-    Like :func:`simulations.task.make_client` with the method's model norm; for
+    Like :func:`simulations.app.task.make_client` with the method's model norm; for
     ``centralised`` the client holds the union of all ``num-partitions`` partitions (in
     index order) and draws ``num-partitions x batch-size`` samples per step.
     """
@@ -591,7 +591,7 @@ def client_evaluate(msg: Message, context: Context, client: FedTANClient) -> Mes
 
     The personalised model is the global entries received plus the client's local
     BatchNorm entries from ``context.state``; the test set is
-    :func:`simulations.task.test_dataset` of the run config.
+    :func:`simulations.app.task.test_dataset` of the run config.
 
     Returns
     -------

@@ -1,5 +1,5 @@
 """Federated partitions of the app's data sets (finding and reading them is in
-:mod:`simulations.datasets`).
+:mod:`simulations.app.datasets`).
 
 - :func:`partition_indices` splits example indices among clients with the partitioners
   of ``flwr_datasets`` (pathological, Dirichlet, IID), run on a ``datasets.Dataset`` that
@@ -203,7 +203,7 @@ def dataset_partitions(
 ) -> tuple[np.ndarray, ...]:
     """The clients' index arrays of a data set split, computed once per process.
 
-    Loads the split with :func:`simulations.datasets.load_dataset` (``data_dir``,
+    Loads the split with :func:`simulations.app.datasets.load_dataset` (``data_dir``,
     ``sources``, ``download``) and partitions its labels with :func:`cached_partition_indices`
     (``num_partitions``, ``scheme``, ``seed``, ``classes_per_partition``, ``alpha``).
     The result is shared between callers: do not modify the arrays.
@@ -239,7 +239,7 @@ def client_partition(
     Parameters
     ----------
     dataset : str
-        One of :data:`simulations.datasets.DATASET_NAMES`.
+        One of :data:`simulations.app.datasets.DATASET_NAMES`.
     partition_id : int
         The client, ``0 <= partition_id < num_partitions``.
     num_partitions, scheme, seed, classes_per_partition, alpha
@@ -247,7 +247,7 @@ def client_partition(
     split : str
         ``"train"`` or ``"test"``.
     data_dir, download, sources
-        As for :func:`simulations.datasets.load_dataset`.
+        As for :func:`simulations.app.datasets.load_dataset`.
 
     Returns
     -------

@@ -32,7 +32,7 @@ def model_from_config(config: Mapping[str, Any], norm: str = "bn") -> torch.nn.M
 
 
 def data_location(config: Mapping[str, Any]) -> dict[str, Any]:
-    """``data_dir`` and ``sources`` for :func:`simulations.datasets.load_dataset` from the
+    """``data_dir`` and ``sources`` for :func:`simulations.app.datasets.load_dataset` from the
     run config's ``data-dir`` and ``data-sources`` (empty: the defaults)."""
     return {"data_dir": str(config.get("data-dir", "") or "") or None,
             "sources": str(config.get("data-sources", "") or "") or None}

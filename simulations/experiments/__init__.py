@@ -1,0 +1,1 @@
+"""Experiment runners and probes over the app: the comparison grid, recalibration, probes."""
