@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from simulations.compare import model_digest
+from simulations.experiments.compare import model_digest
 from simulations.flower_processes import FlowerProcesses
 
 pytestmark = pytest.mark.slow
