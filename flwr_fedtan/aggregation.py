@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Hashable, Mapping, Sequence, TypeVar
+from typing import Any, Hashable, Mapping, Sequence, TypeVar
 
 import numpy as np
 
 from .errors import PayloadError
+from .ordering import canonical_items
 
 ClientId = TypeVar("ClientId", bound=Hashable)
 """Whatever the caller keys clients by (node ids on the server, names in tests); kept in results."""
@@ -166,6 +167,18 @@ def _outlier(clients: Sequence[Hashable], magnitudes: np.ndarray, max_growth: fl
     return top if magnitudes[top] > max_growth * max(1.0, runner_up) else None
 
 
+def _forward_parts(stats: Any) -> tuple:
+    return tuple(getattr(stats, name, None) for name in ("count", "num_examples", "mean", "var"))
+
+
+def _backward_parts(sums: Any) -> tuple:
+    return tuple(getattr(sums, name, None) for name in ("sum_grad", "sum_grad_xhat"))
+
+
+def _model_parts(contribution: Any) -> tuple:
+    return tuple(contribution) if isinstance(contribution, tuple) else (contribution,)
+
+
 def pool_forward_stats(
     contributions: Mapping[Hashable, ForwardStats],
     channels: int | None = None,
@@ -200,7 +213,7 @@ def pool_forward_stats(
     """
     width = channels if channels is not None else _first_width(contributions, "mean")
     clients, counts, means, variances, examples = [], [], [], [], 0
-    for client, stats in contributions.items():
+    for client, stats in canonical_items(contributions, _forward_parts):
         if not isinstance(stats, ForwardStats):
             raise PayloadError(client, f"expected forward statistics, got {type(stats).__name__}")
         count = _positive(stats.count)
@@ -261,7 +274,7 @@ def sum_backward_sums(
     the other clients' largest (at least 1)."""
     width = channels if channels is not None else _first_width(contributions, "sum_grad")
     clients, grads, grads_xhat = [], [], []
-    for client, sums in contributions.items():
+    for client, sums in canonical_items(contributions, _backward_parts):
         if not isinstance(sums, BackwardSums):
             raise PayloadError(client, f"expected backward sums, got {type(sums).__name__}")
         clients.append(client)
@@ -471,6 +484,7 @@ def aggregate_arrays(
         raise ValueError("no contributions to aggregate")
     if reference is None:
         reference = next(iter(contributions.values()))[0]
+    contributions = dict(canonical_items(contributions, _model_parts))
     weights = {
         client: check_arrays(client, arrays, num_examples, reference)
         for client, (arrays, num_examples) in contributions.items()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from logging import WARNING
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
@@ -18,10 +18,12 @@ from flwr.supercore import log
 
 from .aggregation import aggregate_arrays, check_arrays, check_layout, check_magnitudes, nonfinite_culprit
 from .errors import PayloadError
+from .ordering import canonical_items, canonical_permutation
 from .protocol.driver import REASON_CHARS, TrainRound
 from .protocol.exchange import unexpected
 
-__all__ = ["CLIENT_WEIGHTS", "Contributions", "aggregate_finite", "brief", "check_models", "keep_shared_metrics"]
+__all__ = ["CLIENT_WEIGHTS", "Contributions", "aggregate_finite", "brief", "canonical_replies", "check_models",
+           "keep_shared_metrics"]
 
 CLIENT_WEIGHTS = ("synchronised", "reported")
 
@@ -71,7 +73,29 @@ def check_models(
             round_.ledger.drop(node, f"model left out of the average: {unexpected(error)}")
             continue
         contributions[node] = (arrays, weight)
-    return contributions, wrapped_replies
+    # Canonical order (flwr_fedtan.ordering): the wrapped strategy and the buffer average
+    # add the models up in an order that does not depend on Flower's random node ids.
+    contributions = dict(canonical_items(contributions, lambda contribution: contribution))
+    return contributions, {node: wrapped_replies[node] for node in contributions}
+
+
+def canonical_replies(replies: Iterable[Message]) -> list[Message]:
+    """``replies`` in canonical order (by a digest of their content, not by node id or
+    arrival), for the wrapped strategy's aggregation of evaluation replies."""
+    replies = list(replies)
+    return [replies[i] for i in canonical_permutation([_reply_parts(reply) for reply in replies])]
+
+
+def _reply_parts(message: Message) -> list:
+    if message.has_error():
+        return ["error", message.error.code, message.error.reason]
+    parts: list = []
+    for name, record in message.content.items():
+        if isinstance(record, ArrayRecord):
+            parts.append((name, {key: array.numpy() for key, array in record.items()}))
+        else:
+            parts.append((name, dict(record)))
+    return parts
 
 
 def _weight(node: int, reported: Any, round_: TrainRound, client_weight: str, weight_key: str) -> float:

@@ -28,7 +28,7 @@ from .progress import DEFAULT_PROGRESS_INTERVAL
 from .protocol.driver import RoundDriver, TrainRound, new_round_ledger, round_summary, skipped_round
 from .protocol.pass_driver import DEFAULT_STATISTICS_EXAMPLES, PassOptions, StatisticsPassDriver
 from .quarantine import FailureRecord, Quarantine
-from .round_models import CLIENT_WEIGHTS, aggregate_finite, brief, check_models, keep_shared_metrics
+from .round_models import CLIENT_WEIGHTS, aggregate_finite, brief, canonical_replies, check_models, keep_shared_metrics
 from .seeds import derive_seed
 from .wrapped import FEDAVG_OPTIONS, find_attribute, sampling_seed, wrapped_strategy
 
@@ -465,7 +465,7 @@ class FedTAN(Strategy):
         """The wrapped strategy's; if it fails on the replies (one client's metrics unlike
         the others', say), the round's evaluation metrics are left out, the run goes on."""
         try:
-            return self.strategy.aggregate_evaluate(server_round, replies)
+            return self.strategy.aggregate_evaluate(server_round, canonical_replies(replies))
         except Exception as error:  # pylint: disable=broad-except
             log(WARNING, "Round %d: %s.aggregate_evaluate failed (%s: %s), evaluation metrics left out",
                 server_round, type(self.strategy).__name__, type(error).__name__, brief(str(error)))

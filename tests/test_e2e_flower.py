@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 
+from simulations.experiments.compare import model_digest
 from simulations.flower_processes import FlowerProcesses
 
 pytestmark = pytest.mark.slow
@@ -142,20 +143,52 @@ def home_lines(flower: FlowerProcesses) -> dict[int, str]:
     return found
 
 
-@pytest.mark.parametrize("case", list(SIMULATION_CASES))
-def test_ray_simulation_matches_in_process_reference(flower, tmp_path, capsys, case):
-    spec = SIMULATION_CASES[case]
-    results_file = tmp_path / "r.json"
-    overrides = dict(dataset="synthetic", model="cnn", num_server_rounds=2, local_steps=2, batch_size=16)
-    superlink = flower.start_superlink(simulation=True, env=spec["env"])
-    flower.add_connection("e2e-sim", superlink)
+SIMULATION_OVERRIDES = dict(dataset="synthetic", model="cnn", num_server_rounds=2, local_steps=2, batch_size=16)
 
+# Final-model digests of this module's Ray simulations, by (case, overrides): the rerun test
+# below reuses the runs the other tests already made (and makes those it lacks).
+_DIGESTS: dict[tuple, str] = {}
+
+
+def run_simulation(flower: FlowerProcesses, folder: Path, case: str, **overrides):
+    """One ``flwr run`` of the app in Ray simulation (``SIMULATION_CASES[case]``); returns
+    the outcome, the results summary and the final model, and records the model's digest."""
+    spec = SIMULATION_CASES[case]
+    connection = f"e2e-sim-{case}"
+    if connection not in flower.connections:
+        flower.add_connection(connection, flower.start_superlink(simulation=True, env=spec["env"]))
+    run_name = f"flwr-run-{case}-{time.monotonic_ns()}"  # its own log: the run id is read from it
+    results_file = folder / f"{run_name}.json"
     outcome = flower.run_app(
-        REPO, connection="e2e-sim", federation_config=spec["federation"],
-        run_config=cli_config(**overrides, results_file=str(results_file)), timeout=150,
+        REPO, connection=connection, federation_config=spec["federation"],
+        run_config=cli_config(**overrides, results_file=str(results_file)), timeout=150, name=run_name,
     )
     assert_completed(outcome, flower)
     summary, state_dict = read_results(results_file)
+    _DIGESTS[(case, tuple(sorted(overrides.items())))] = rerun_signature(summary, results_file)
+    return outcome, summary, state_dict
+
+
+def rerun_signature(summary: dict, results_file: Path) -> str:
+    """What a rerun must repeat: the final model's digest, and the per-round training loss
+    and test metrics (not the times)."""
+    losses = {r: metrics.get("train-loss") for r, metrics in summary["train"].items()}
+    metrics = json.dumps([losses, summary.get("test")], sort_keys=True)
+    return f"{model_digest(results_file.with_suffix('.pt'))} {metrics}"
+
+
+def simulation_digest(flower: FlowerProcesses, folder: Path, case: str, **overrides) -> str:
+    key = (case, tuple(sorted(overrides.items())))
+    if key not in _DIGESTS:
+        run_simulation(flower, folder, case, **overrides)
+    return _DIGESTS[key]
+
+
+@pytest.mark.parametrize("case", list(SIMULATION_CASES))
+def test_ray_simulation_matches_in_process_reference(flower, tmp_path, capsys, case):
+    spec = SIMULATION_CASES[case]
+    overrides = SIMULATION_OVERRIDES
+    outcome, summary, state_dict = run_simulation(flower, tmp_path, case, **overrides)
 
     for round_no in ("1", "2"):
         train = summary["train"][round_no]
@@ -179,6 +212,21 @@ def test_ray_simulation_matches_in_process_reference(flower, tmp_path, capsys, c
     report(capsys, f"simulation[{case}]: flwr run {outcome.wall_seconds:.1f}s wall, strategy "
                    f"{summary['seconds']:.1f}s, rounds {summary['train']['1']['fedtan-round-seconds']:.2f}s / "
                    f"{summary['train']['2']['fedtan-round-seconds']:.2f}s, max |diff| {diff:.2e}")
+
+
+def test_reruns_give_bit_identical_models(flower, tmp_path, capsys):
+    """The same seed gives the same final model, byte for byte, with one actor and with two
+    (homes), with Flower's random node ids in every run; another seed gives another model;
+    the same for FedAdam (docs/reproducibility.md)."""
+    one = simulation_digest(flower, tmp_path, "one-actor-live", **SIMULATION_OVERRIDES)
+    two = simulation_digest(flower, tmp_path, "several-actors-homes", **SIMULATION_OVERRIDES)
+    assert one == two
+    assert simulation_digest(flower, tmp_path, "several-actors-homes", **SIMULATION_OVERRIDES, seed=1) != two
+    adam = dict(SIMULATION_OVERRIDES, server_optimizer="fedadam", server_eta=0.02)
+    adam_one = simulation_digest(flower, tmp_path, "one-actor-live", **adam)
+    assert adam_one == simulation_digest(flower, tmp_path, "several-actors-homes", **adam)
+    assert adam_one != one
+    report(capsys, f"reruns: seed 0 {one[:12]} (1 and 2 actors), FedAdam {adam_one[:12]} (1 and 2 actors)")
 
 
 # ---------------------------------------------------------------------- 2. deployment
@@ -233,6 +281,9 @@ def test_deployment_loopback_one_round(flower, tmp_path, capsys):
 
     diff = max_abs_diff(reference_model(app_config(**overrides), 3, 1), state_dict)
     assert diff <= TOLERANCE, f"final model differs from in_process_fedtan by {diff:g}"
+    # Wherever it runs: a Ray simulation of the same run config gives the same bytes.
+    deployed = rerun_signature(summary, results_file)
+    assert simulation_digest(flower, tmp_path, "one-actor-live", **overrides) == deployed
     report(capsys, f"deployment ({DEPLOYMENT_MODEL}, 3 supernodes): round {train['fedtan-round-seconds']:.1f}s "
                    f"({exchanges} exchanges, {train['fedtan-round-seconds'] / exchanges:.1f}s each; "
                    f"client handlers {train['sync-seconds']:.1f}s per client), strategy {summary['seconds']:.1f}s, "

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -21,7 +22,12 @@ from .task import make_client
 
 
 def client_fn(context: Context) -> FedTANClient:
-    """Build the node's client from the run config and the node's partition."""
+    """Build the node's client from the run config and the node's partition, in a process
+    running ``torch-threads`` intra-op threads (the same count everywhere: the runs repeat
+    bit for bit, see docs/reproducibility.md)."""
+    threads = int(context.run_config.get("torch-threads", 0))
+    if threads and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
     if "strategy" in context.run_config:
         return baselines.make_method_client(context.run_config, context.node_config)
     return make_client(context.run_config, context.node_config)

@@ -38,7 +38,7 @@ entries out of the aggregation, which Flower's optimisers do not support)."""
 # (key, minimum) of the whole-number keys; a key absent from the run config is not checked.
 _INTEGERS = (("num-server-rounds", 1), ("local-steps", 1), ("batch-size", 1), ("classes-per-client", 1),
              ("num-partitions", 1), ("seed", None), ("sync-steps", 1), ("statistics-examples", 1),
-             ("statistics-every", 1), ("bench-rounds", 1))
+             ("statistics-every", 1), ("bench-rounds", 1), ("torch-threads", 0))
 _FIXES = {
     "num-server-rounds": "give the number of rounds, >= 1",
     "local-steps": "give the optimiser steps per round, >= 1 (and >= sync-steps)",
@@ -46,6 +46,7 @@ _FIXES = {
     "sync-steps": "give the synchronised steps per round, >= 1 (and <= local-steps)",
     "statistics-examples": "give the training examples per client of the statistics pass, >= 1",
     "statistics-every": "give a whole number >= 1 (1: a statistics pass after every round)",
+    "torch-threads": "give torch's intra-op threads per client, >= 1 (0: leave torch's own setting)",
 }
 
 
