@@ -485,14 +485,18 @@ def test_server_seed_derivation_matches_the_clients():
 
 
 def test_server_modules_import_no_torch():
-    """strategy.py and aggregation.py import neither torch nor the torch modules of the package."""
+    """strategy.py and the aggregation and secure packages import neither torch nor the torch
+    modules of the package."""
     import ast
     from pathlib import Path
 
     import flwr_fedtan.aggregation as aggregation
 
-    for name in ("strategy.py", "aggregation.py"):
-        tree = ast.parse(Path(aggregation.__file__).with_name(name).read_text())
+    package = Path(aggregation.__file__).parent.parent
+    for path in [package / "strategy.py", *sorted((package / "aggregation").glob("*.py")),
+                 *sorted((package / "secure").glob("*.py"))]:
+        name = path.relative_to(package).as_posix()
+        tree = ast.parse(path.read_text())
         modules = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
         modules += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
         assert not [m for m in modules if m.split(".")[0] == "torch" or m in ("training", "step", "client",

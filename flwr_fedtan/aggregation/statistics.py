@@ -1,12 +1,11 @@
-"""Server-side arithmetic of FedTAN: pure functions on NumPy arrays, no Flower, no torch.
+"""Pooled BatchNorm statistics: what the server makes of the clients' payloads at a sync point.
 
 - :func:`pool_forward_stats`: exact moments of the pooled batch from per-client moments;
 - :func:`sum_backward_sums`: sums of the backward statistics over clients;
-- :func:`aggregate_arrays`: model averaging weighted by examples, with BatchNorm running
-  statistics combined as pooled moments and integer buffers kept integers.
+- :func:`forward_count_violations`: clients whose counts do not fit together;
+- :func:`check_payload`: one client's payload checked on its own.
 
-Every function validates what it is given and raises :class:`PayloadError` naming the
-offending client, so that a bad client can be dropped before it reaches the global model.
+Pure functions on NumPy arrays; a bad payload raises :class:`PayloadError` naming its client.
 """
 
 from __future__ import annotations
@@ -17,8 +16,8 @@ from typing import Any, Hashable, Mapping, Sequence, TypeVar
 
 import numpy as np
 
-from .errors import PayloadError
-from .ordering import canonical_items
+from ..errors import PayloadError
+from ..ordering import canonical_items
 
 ClientId = TypeVar("ClientId", bound=Hashable)
 """Whatever the caller keys clients by (node ids on the server, names in tests); kept in results."""
@@ -29,29 +28,10 @@ __all__ = [
     "SyncPoint",
     "pool_forward_stats",
     "sum_backward_sums",
-    "aggregate_arrays",
-    "check_arrays",
-    "running_stat_keys",
-    "is_batchnorm_buffer",
-    "BATCHNORM_BUFFER_SUFFIXES",
     "forward_count_violations",
-    "exact_running_statistics",
-    "DEFAULT_MAX_GROWTH",
-    "value_limit",
     "check_payload",
-    "check_magnitudes",
-    "check_layout",
-    "nonfinite_culprit",
+    "value_limit",
 ]
-
-DEFAULT_MAX_GROWTH = 1e6
-"""How far a client's returned model may reach beyond the global model it was sent: every
-value within ``max_growth`` times the largest magnitude of the same array in the global
-model (at least 1), ``max_growth**2`` times for running variances (see
-:func:`check_magnitudes`)."""
-
-BATCHNORM_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
-"""Last name component of the buffers of ``torch.nn.BatchNorm*`` in a ``state_dict``."""
 
 
 @dataclass(frozen=True)
@@ -173,10 +153,6 @@ def _forward_parts(stats: Any) -> tuple:
 
 def _backward_parts(sums: Any) -> tuple:
     return tuple(getattr(sums, name, None) for name in ("sum_grad", "sum_grad_xhat"))
-
-
-def _model_parts(contribution: Any) -> tuple:
-    return tuple(contribution) if isinstance(contribution, tuple) else (contribution,)
 
 
 def pool_forward_stats(
@@ -303,13 +279,6 @@ def sum_backward_sums(
     return summed
 
 
-def is_batchnorm_buffer(key: str) -> bool:
-    """Whether a ``state_dict`` key names a BatchNorm buffer (``running_mean``,
-    ``running_var`` or ``num_batches_tracked``, as ``torch.nn.BatchNorm*`` and
-    ``FedTANBatchNorm`` name them). These take the pooled aggregate, never an optimiser."""
-    return key.rsplit(".", 1)[-1] in BATCHNORM_BUFFER_SUFFIXES
-
-
 def forward_count_violations(
     contributions: Mapping[ClientId, ForwardStats],
     step_examples: Mapping[ClientId, int],
@@ -375,208 +344,6 @@ def forward_count_violations(
     return violations
 
 
-def running_stat_keys(keys: Sequence[str]) -> dict[str, str]:
-    """Map each ``<prefix>.running_mean`` key to its ``<prefix>.running_var`` partner.
-
-    BatchNorm layers are recognised by their ``state_dict`` naming alone, so the server
-    needs no knowledge of the model.
-    """
-    key_set = set(keys)
-    pairs = {}
-    for key in keys:
-        if key == "running_mean" or key.endswith(".running_mean"):
-            partner = key[: -len("running_mean")] + "running_var"
-            if partner in key_set:
-                pairs[key] = partner
-    return pairs
-
-
-def check_layout(
-    client: Hashable, shapes: Mapping[str, Sequence[int]], reference: Mapping[str, np.ndarray]
-) -> None:
-    """The keys and shapes of a client's model against the global one, from what its arrays
-    declare, before any of them is decoded.
-
-    Raises
-    ------
-    PayloadError
-        Naming ``client``: missing or unexpected keys, or a shape that differs.
-    """
-    missing = set(reference) - set(shapes)
-    extra = set(shapes) - set(reference)
-    if missing or extra:
-        raise PayloadError(
-            client,
-            f"arrays do not match the global model: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(extra)[:5]}",
-        )
-    for key, ref in reference.items():
-        if tuple(shapes[key]) != tuple(np.shape(ref)):
-            raise PayloadError(client, f"{key} has shape {tuple(shapes[key])}, expected {tuple(np.shape(ref))}")
-
-
-def check_arrays(
-    client: Hashable,
-    arrays: Mapping[str, np.ndarray],
-    num_examples: object,
-    reference: Mapping[str, np.ndarray],
-) -> float:
-    """Validate one client's model against the global one; return its weight.
-
-    Raises
-    ------
-    PayloadError
-        Naming ``client``: keys, shapes or dtypes differ from ``reference``, values are
-        not finite, a BatchNorm running variance is negative, or the weight is not a
-        positive number.
-    """
-    try:
-        weight = float(num_examples)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise PayloadError(client, f"num_examples is not a number: {num_examples!r}") from None
-    if not np.isfinite(weight) or weight <= 0:
-        raise PayloadError(client, f"num_examples must be positive, got {num_examples}")
-    check_layout(client, {key: np.shape(value) for key, value in arrays.items()}, reference)
-    for key, ref in reference.items():
-        value = arrays[key]
-        if not isinstance(value, np.ndarray):
-            raise PayloadError(client, f"{key} is a {type(value).__name__}, not an array")
-        if value.shape != ref.shape or value.dtype != ref.dtype:
-            raise PayloadError(
-                client,
-                f"{key} has shape {value.shape} and dtype {value.dtype}, expected "
-                f"{ref.shape} and {ref.dtype}",
-            )
-        if value.dtype.kind in "fc" and not np.all(np.isfinite(value)):
-            raise PayloadError(client, f"{key} contains NaN or Inf")
-    for var_key in running_stat_keys(list(reference)).values():
-        if np.any(arrays[var_key] < 0):
-            raise PayloadError(client, f"{var_key} has negative entries")
-    return weight
-
-
-def aggregate_arrays(
-    contributions: Mapping[ClientId, tuple[Mapping[str, np.ndarray], float]],
-    reference: Mapping[str, np.ndarray] | None = None,
-) -> dict[str, np.ndarray]:
-    """Average models weighted by examples, BatchNorm-aware.
-
-    - floating arrays: ``sum w_k a_k`` with ``w_k = n_k / sum n``;
-    - BatchNorm running statistics (``running_mean``/``running_var`` pairs): pooled
-      moments, ``mean = sum w_k mean_k``, ``var = sum w_k (var_k + (mean_k - mean)^2)``;
-    - integer arrays (``num_batches_tracked``): weighted mean rounded to the nearest
-      integer, dtype kept.
-
-    Parameters
-    ----------
-    contributions : Mapping[client id, (arrays, num_examples)]
-        Each client's arrays by name and its weight.
-    reference : Optional[Mapping[str, np.ndarray]]
-        The arrays sent out (the global model): every client must return exactly these
-        keys, shapes and dtypes. Defaults to the first client's.
-
-    Returns
-    -------
-    dict[str, np.ndarray]
-        The aggregated arrays, keyed and typed as ``reference``.
-    """
-    if not contributions:
-        raise ValueError("no contributions to aggregate")
-    if reference is None:
-        reference = next(iter(contributions.values()))[0]
-    contributions = dict(canonical_items(contributions, _model_parts))
-    weights = {
-        client: check_arrays(client, arrays, num_examples, reference)
-        for client, (arrays, num_examples) in contributions.items()
-    }
-    total = sum(weights.values())
-    share = {client: w / total for client, w in weights.items()}
-
-    def weighted(key: str) -> np.ndarray:
-        parts = (share[c] * arrays[key].astype(np.float64) for c, (arrays, _) in contributions.items())
-        return sum(parts)  # type: ignore[return-value]  # arrays: contributions is never empty
-
-    result: dict[str, np.ndarray] = {}
-    stat_pairs = running_stat_keys(list(reference))
-    var_keys = set(stat_pairs.values())
-    for key, ref in reference.items():
-        if key in var_keys:
-            continue
-        if key in stat_pairs:
-            var_key = stat_pairs[key]
-            mean = weighted(key)
-            var = sum(
-                share[c] * (arrays[var_key].astype(np.float64) + (arrays[key].astype(np.float64) - mean) ** 2)
-                for c, (arrays, _) in contributions.items()
-            )
-            result[key] = mean.astype(ref.dtype)
-            result[var_key] = var.astype(reference[var_key].dtype)
-        elif ref.dtype.kind in "iub":
-            result[key] = np.rint(weighted(key)).astype(ref.dtype)
-        else:
-            result[key] = weighted(key).astype(ref.dtype)
-    return {key: np.asarray(result[key], dtype=reference[key].dtype) for key in reference}
-
-
-def exact_running_statistics(
-    pooled: Sequence[ForwardStats],
-    buffer_calls: Mapping[str, tuple[str, Sequence[int]]],
-    reference: Mapping[str, np.ndarray],
-) -> dict[str, np.ndarray]:
-    """The BatchNorm running buffers a statistics pass gives the global model.
-
-    ``pooled[i]`` is the pooled statistics of BatchNorm call ``i`` of the pass;
-    ``buffer_calls`` says which calls fed which buffer (``{key: ("mean" | "var", [calls])}``,
-    :attr:`flwr_fedtan.statistics_pass.StatisticsPass.buffer_calls`). A ``running_mean``
-    becomes the mean over its calls of the pooled means, a ``running_var`` the mean of the
-    pooled variances unbiased with the pooled count, ``var * M / (M - 1)``: precise-BN
-    (cumulative average from reset buffers) on the union of the clients' examples.
-
-    Returns
-    -------
-    dict[str, np.ndarray]
-        The new buffers, typed as ``reference``.
-
-    Raises
-    ------
-    ValueError
-        A key that ``reference`` lacks, a call index out of range, a width that does not
-        match the buffer, a pooled count of 1 for a variance, or a non-finite or negative
-        result: nothing partial is returned.
-    """
-    out: dict[str, np.ndarray] = {}
-    for key, entry in buffer_calls.items():
-        if not (isinstance(entry, tuple) and len(entry) == 2):
-            raise ValueError(f"buffer {key!r}: expected (kind, calls), got {entry!r}")
-        kind, calls = entry
-        if key not in reference:
-            raise ValueError(f"buffer {key!r} is not an array of the global model")
-        if kind not in ("mean", "var"):
-            raise ValueError(f"buffer {key!r}: kind must be 'mean' or 'var', got {kind!r}")
-        if not calls or any(not isinstance(c, (int, np.integer)) or not 0 <= c < len(pooled) for c in calls):
-            raise ValueError(f"buffer {key!r}: call indices {list(calls)[:5]} outside 0..{len(pooled) - 1}")
-        ref = reference[key]
-        values = []
-        for call in calls:
-            stats = pooled[int(call)]
-            if np.shape(stats.mean) != ref.shape:
-                raise ValueError(f"buffer {key!r} has shape {ref.shape}, BatchNorm call {call} {np.shape(stats.mean)}")
-            if kind == "mean":
-                values.append(np.asarray(stats.mean, dtype=np.float64))
-            else:
-                if not stats.count > 1:
-                    raise ValueError(f"buffer {key!r}: BatchNorm call {call} pooled {stats.count} values per channel")
-                values.append(np.asarray(stats.var, dtype=np.float64) * (stats.count / (stats.count - 1)))
-        with np.errstate(over="ignore", invalid="ignore"):
-            value = np.mean(values, axis=0).astype(ref.dtype)
-        if not np.isfinite(value).all() or (kind == "var" and (value < 0).any()):
-            raise ValueError(
-                f"buffer {key!r}: the pooled statistics give non-finite or negative values in {ref.dtype}"
-            )
-        out[key] = value
-    return out
-
-
 def check_payload(client: Hashable, payload: object, phase: str, channels: int) -> None:
     """Check one client's clear payload on its own: what :func:`pool_forward_stats` or
     :func:`sum_backward_sums` would refuse, named. For finding, after an unexpected error,
@@ -586,79 +353,3 @@ def check_payload(client: Hashable, payload: object, phase: str, channels: int) 
     else:
         sum_backward_sums({client: payload}, channels=channels)  # type: ignore[dict-item]
 
-
-def _magnitude_limit(key: str, reference: np.ndarray, max_growth: float) -> float:
-    """The largest magnitude a client may return for ``key``: ``max_growth`` times the
-    global array's largest magnitude (at least 1); squared growth for a running variance
-    (a variance scales as the square of the values). Capped so that any average of such
-    values stays finite in the array's dtype (a running mean's spread is squared into the
-    pooled variance, hence its square-root cap)."""
-    ref = np.asarray(reference)
-    scale = max(1.0, float(np.abs(ref.astype(np.float64)).max())) if ref.size else 1.0
-    is_var = key == "running_var" or key.endswith(".running_var")
-    is_mean = key == "running_mean" or key.endswith(".running_mean")
-    limit = scale * max_growth * (max_growth if is_var else 1.0)  # float products saturate to inf
-    if ref.dtype.kind == "f":
-        top = float(np.finfo(ref.dtype).max)
-        cap = np.sqrt(top) / 4 if is_mean else top / 4
-    elif ref.dtype.kind in "iu":
-        cap = float(np.iinfo(ref.dtype).max) / 4
-    else:
-        cap = float("inf")
-    return min(limit, cap)
-
-
-def check_magnitudes(
-    client: Hashable,
-    arrays: Mapping[str, np.ndarray],
-    reference: Mapping[str, np.ndarray],
-    max_growth: float = DEFAULT_MAX_GROWTH,
-) -> None:
-    """Bound one client's returned model by the global model the server sent.
-
-    A finite but huge value (a running mean of 1e160, whose square makes the pooled running
-    variance Inf; 2e19 is enough in float32) would poison the average for good. Every value
-    must stay within ``max_growth`` times the largest magnitude of the same array in the
-    global model (at least 1; ``max_growth**2`` for running variances), and within a
-    quarter of its dtype's range (the square root of it for running means).
-
-    Raises
-    ------
-    PayloadError
-        Naming ``client`` and the array, its largest magnitude and the limit.
-    """
-    for key, ref in reference.items():
-        value = np.asarray(arrays[key])
-        if value.dtype.kind not in "fiu" or not value.size:
-            continue
-        largest = float(np.abs(value.astype(np.float64)).max())
-        limit = _magnitude_limit(key, ref, max_growth)
-        if not largest <= limit:
-            raise PayloadError(
-                client,
-                f"{key} reaches {largest:.3g}, beyond its limit {limit:.3g} ({max_growth:g} times the global "
-                "model's largest value in that array, or the dtype's safe range); if honest training "
-                "legitimately grows values that fast, raise FedTAN(max_growth=...)",
-            )
-
-
-def nonfinite_culprit(
-    aggregated: Mapping[str, np.ndarray],
-    contributions: Mapping[ClientId, tuple[Mapping[str, np.ndarray], float]],
-) -> tuple[str, ClientId | None] | None:
-    """``(key, client)`` if an aggregated floating array holds NaN or Inf: the first such
-    array and the client that returned the largest magnitude in it (the one that can push
-    an average out of range). ``None`` if the aggregate is finite."""
-    for key, value in aggregated.items():
-        value = np.asarray(value)
-        if value.dtype.kind not in "fc" or np.isfinite(value).all():
-            continue
-        largest = {
-            client: float(np.abs(np.asarray(arrays[key], dtype=np.float64)).max(initial=0.0))
-            for client, (arrays, _) in contributions.items()
-            if key in arrays
-        }
-        if not largest:
-            return key, None
-        return key, max(largest, key=lambda c: largest[c])
-    return None
