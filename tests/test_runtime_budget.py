@@ -67,6 +67,14 @@ def test_fraction_budget_is_of_the_memory_available_shared_by_the_homes(monkeypa
         cache.budget_bytes()
 
 
+def test_homes_on_one_ray_node_share_its_memory():
+    from flwr_fedtan.runtime.ray_home import _sharers
+
+    assert _sharers(["a", "a", "b", "b"], 0, 4) == 2 and _sharers(["a", "a", "b"], 2, 3) == 1
+    assert _sharers(["a", "b"], 0, 6) == 3  # FEDTAN_RAY_HOMES=6 on two Ray nodes
+    assert _sharers([], 0, 3) == 3
+
+
 @pytest.mark.parametrize("given, expected", [(5, 5), (0.25, 0.25), ("2GB", 2 * 10**9), ("512MiB", 512 * 2**20),
                                              ("1500000", 1500000), ("25%", 0.25), ("0.25", 0.25)])
 def test_live_memory_accepts_bytes_and_fractions(given, expected):
