@@ -22,6 +22,7 @@ __all__ = ["describe_bytes", "live_bytes", "memory_available"]
 
 _PACKAGE = __name__.split(".")[0]
 _saved_names: dict[type, tuple[str, ...]] = {}
+_python_nodes: dict[type, bool] = {}  # a custom autograd.Function's node: its context holds tensors
 
 
 def describe_bytes(count: float) -> str:
@@ -34,10 +35,12 @@ def describe_bytes(count: float) -> str:
 
 
 def _saved_attributes(node: Any) -> tuple[str, ...]:
+    """The ``_saved_*`` attributes of an autograd node's type (looked up once per type)."""
     kind = type(node)
     names = _saved_names.get(kind)
     if names is None:
         names = _saved_names[kind] = tuple(n for n in dir(node) if n.startswith("_saved_"))
+        _python_nodes[kind] = hasattr(node, "saved_tensors") or hasattr(node, "__dict__")
     return names
 
 
@@ -114,13 +117,12 @@ class _Walk:
                 except RuntimeError:  # freed by a backward already run
                     continue
                 self.stack.append(value)
-            if hasattr(node, "saved_tensors"):  # a custom autograd.Function's context
+            if _python_nodes[type(node)]:
                 try:
                     self.stack.append(node.saved_tensors)
-                except RuntimeError:
+                except (AttributeError, RuntimeError):
                     pass
-            if hasattr(node, "__dict__"):
-                self.stack.extend(vars(node).values())
+                self.stack.extend(getattr(node, "__dict__", {}).values())
 
 
 def live_bytes(root: Any) -> int:
