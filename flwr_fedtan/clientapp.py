@@ -36,10 +36,12 @@ class Options:
     max_live_rounds: Optional[int] = None
     live_home: Optional[str] = None
     require_secure_stats: bool = False
+    live_memory: Union[int, float, str, None] = None
 
     def __post_init__(self) -> None:
         settings.check_replay_store(self.replay_store)
         settings.check_max_live_rounds(self.max_live_rounds)
+        settings.check_live_memory(self.live_memory)
         settings.check_live_home(self.live_home)
 
 
@@ -52,6 +54,7 @@ def add_fedtan(
     max_live_rounds: Optional[int] = None,
     live_home: Optional[str] = None,
     require_secure_stats: bool = False,
+    live_memory: Union[int, float, str, None] = None,
 ) -> Any:
     """Add FedTAN to an existing message-API ``ClientApp``; the app's own handlers stay.
 
@@ -86,9 +89,9 @@ def add_fedtan(
         Base folder of the ``"disk"`` store's private files; default
         ``$XDG_RUNTIME_DIR/flwr-fedtan``, else ``<tempdir>/flwr-fedtan-<uid>``. ``FEDTAN_STATE_DIR`` overrides it.
     max_live_rounds : int, optional
-        Paused rounds a process keeps in memory (an LRU shared by the process's nodes);
-        default 16; ``0`` keeps none, so every message replays. ``FEDTAN_MAX_LIVE_ROUNDS``
-        overrides it.
+        At most how many paused rounds a home keeps in memory (an LRU shared by its
+        nodes), on top of ``live_memory``; default: no cap by count; ``0`` keeps none, so
+        every message replays. ``FEDTAN_MAX_LIVE_ROUNDS`` overrides it.
     live_home : {"auto", "process", "ray", "worker"}, optional
         Where a node's live rounds are kept between its messages (its *home*, see
         :mod:`flwr_fedtan.runtime`): ``"auto"`` (default) picks this process in a
@@ -99,6 +102,12 @@ def add_fedtan(
         Refuse every round that would send this node's statistics in the clear (a begin
         without a roster): for nodes that must only take part under
         ``FedTAN(secure_stats=True)``, whatever the server asks.
+    live_memory : int, float or str, optional
+        The memory budget of a home's paused rounds: bytes (``2_000_000_000``, ``"2GB"``,
+        ``"512MiB"``) or a fraction of the memory available (``0.25``, ``"25%"``); default
+        half of the memory available to the home when it first keeps a round, shared
+        evenly by the homes of its machine. Beyond it the least recently used rounds are
+        closed and replayed at their nodes' next message. ``FEDTAN_LIVE_MEMORY`` overrides it.
 
     Returns
     -------
@@ -137,13 +146,14 @@ def add_fedtan(
         )
     if schema.MESSAGE_TYPE in getattr(app, "_registered_funcs", {}):
         raise ValueError(f"this ClientApp already handles {schema.MESSAGE_TYPE!r} (add_fedtan called twice?)")
-    options = Options(replay_store, state_dir, max_live_rounds, live_home, bool(require_secure_stats))
+    options = Options(replay_store, state_dir, max_live_rounds, live_home, bool(require_secure_stats), live_memory)
     if client_fn is None:
 
         def register(function: Callable[[Context], FedTANClient]) -> Callable[[Context], FedTANClient]:
             add_fedtan(
                 app, function, replay_store=replay_store, state_dir=state_dir,
                 max_live_rounds=max_live_rounds, live_home=live_home, require_secure_stats=require_secure_stats,
+                live_memory=live_memory,
             )
             return function
 
@@ -168,6 +178,7 @@ def fedtan_client_app(
     max_live_rounds: Optional[int] = None,
     live_home: Optional[str] = None,
     require_secure_stats: bool = False,
+    live_memory: Union[int, float, str, None] = None,
 ) -> ClientApp:
     """A message-API ``ClientApp`` that serves every message FedTAN and FedAvg send.
 
@@ -179,8 +190,8 @@ def fedtan_client_app(
     client_fn : Callable[[Context], FedTANClient]
         Builds the node's client (model, data, settings) from the context, like the
         ``client_fn`` of a legacy ``ClientApp``.
-    replay_store, state_dir, max_live_rounds, live_home, require_secure_stats
-        As in :func:`add_fedtan` (environment variables override the first four).
+    replay_store, state_dir, max_live_rounds, live_home, require_secure_stats, live_memory
+        As in :func:`add_fedtan` (environment variables override all but require_secure_stats).
 
     Returns
     -------
@@ -197,6 +208,7 @@ def fedtan_client_app(
     app = add_fedtan(
         ClientApp(), client_fn, replay_store=replay_store, state_dir=state_dir,
         max_live_rounds=max_live_rounds, live_home=live_home, require_secure_stats=require_secure_stats,
+        live_memory=live_memory,
     )
 
     @app.train()

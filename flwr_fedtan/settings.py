@@ -1,7 +1,7 @@
 """The one place where flwr-fedtan reads environment variables.
 
 Every option is an argument with a documented default (``fedtan_client_app(client_fn,
-replay_store=..., state_dir=..., max_live_rounds=...)`` and the same on
+replay_store=..., state_dir=..., live_memory=...)`` and the same on
 :func:`~flwr_fedtan.add_fedtan`). An environment variable, when set to a non-empty value,
 **overrides** the argument: an operator can change a deployed app's behaviour (a Ray
 cluster's workers, a SuperNode's machine) without editing its code. When an override
@@ -13,7 +13,10 @@ variable                        overrides                                default
 ``FEDTAN_REPLAY_STORE``         ``replay_store`` (``disk``/``context``)  ``"disk"``
 ``FEDTAN_STATE_DIR``            ``state_dir``                            ``$XDG_RUNTIME_DIR/flwr-fedtan``, else
                                                                          ``<tempdir>/flwr-fedtan-<uid>``
-``FEDTAN_MAX_LIVE_ROUNDS``      ``max_live_rounds``                      ``16``
+``FEDTAN_LIVE_MEMORY``          ``live_memory``                          ``"50%"`` of the memory available
+                                                                         to a home, shared by the homes of
+                                                                         its machine (see :mod:`.runtime.live`)
+``FEDTAN_MAX_LIVE_ROUNDS``      ``max_live_rounds``                      none (no cap by count)
 ``FEDTAN_STATE_MAX_AGE_HOURS``  the replay store's ``max_age_hours``     ``24`` (hours before a run's replay folder
                                                                          counts as left behind)
 ``FEDTAN_LIVE_HOME``            ``live_home``                            ``"auto"`` (see :mod:`flwr_fedtan.runtime`)
@@ -35,7 +38,9 @@ from pathlib import Path
 from typing import Optional, Union
 
 __all__ = [
+    "DEFAULT_LIVE_MEMORY",
     "DEFAULT_MAX_LIVE_ROUNDS",
+    "LIVE_MEMORY_ENV",
     "DEFAULT_REPLAY_STORE",
     "DEFAULT_STATE_MAX_AGE_HOURS",
     "MAX_LIVE_ROUNDS_ENV",
@@ -44,10 +49,12 @@ __all__ = [
     "STATE_DIR_ENV",
     "STATE_MAX_AGE_ENV",
     "check_live_home",
+    "check_live_memory",
     "check_max_live_rounds",
     "check_replay_store",
     "default_state_dir",
     "live_home",
+    "live_memory",
     "max_live_rounds",
     "ray_homes",
     "runtime_dir",
@@ -69,12 +76,16 @@ RUNTIME_DIR_ENV = "FEDTAN_RUNTIME_DIR"
 WORKER_SOCKET_ENV = "FEDTAN_NODE_WORKER_SOCKET"
 WORKER_IDLE_ENV = "FEDTAN_WORKER_IDLE_TIMEOUT"
 RAY_HOMES_ENV = "FEDTAN_RAY_HOMES"
+LIVE_MEMORY_ENV = "FEDTAN_LIVE_MEMORY"
 
 LIVE_HOMES = ("auto", "process", "ray", "worker")
 
 REPLAY_STORES = ("disk", "context")
 DEFAULT_REPLAY_STORE = "disk"
-DEFAULT_MAX_LIVE_ROUNDS = 16
+DEFAULT_MAX_LIVE_ROUNDS: Optional[int] = None  # no cap by count: the memory budget bounds the cache
+DEFAULT_LIVE_MEMORY = 0.5  # a fraction of the memory available, shared by the homes of a machine
+_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
+          "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4}
 DEFAULT_STATE_MAX_AGE_HOURS = 24.0
 
 _warned: set[tuple[str, str, str]] = set()
@@ -138,16 +149,58 @@ def state_dir(argument: Optional[Union[str, os.PathLike]] = None) -> Path:
     return Path(argument) if argument is not None else default_state_dir()
 
 
-def max_live_rounds(argument: Optional[int] = None) -> int:
-    """How many paused rounds a process keeps in memory: ``FEDTAN_MAX_LIVE_ROUNDS``,
-    else ``argument``, else 16. ``0`` keeps none (every message replays)."""
+def max_live_rounds(argument: Optional[int] = None) -> Optional[int]:
+    """At most how many paused rounds a process keeps in memory, a hard cap on top of the
+    memory budget: ``FEDTAN_MAX_LIVE_ROUNDS``, else ``argument``, else ``None`` (no cap).
+    ``0`` keeps none (every message replays)."""
     check_max_live_rounds(argument)
     value = _override(MAX_LIVE_ROUNDS_ENV, argument)
     if value is not None:
-        checked = check_max_live_rounds(value, source=MAX_LIVE_ROUNDS_ENV)
-        assert checked is not None
-        return checked
+        return check_max_live_rounds(value, source=MAX_LIVE_ROUNDS_ENV)
     return DEFAULT_MAX_LIVE_ROUNDS if argument is None else int(argument)
+
+
+def check_live_memory(budget: Union[int, float, str, None], source: str = "live_memory") -> Union[int, float, None]:
+    """``budget`` as bytes (an ``int``) or a fraction of the memory available (a ``float``
+    in (0, 1]); ``None`` stays ``None``. Accepted: an int (bytes), a float fraction, or a
+    string: ``"2GB"``, ``"512MiB"``, ``"1500000"`` (bytes), ``"25%"`` or ``"0.25"``
+    (fractions). Else ``ValueError``."""
+    if budget is None:
+        return None
+    if isinstance(budget, bool):
+        pass
+    elif isinstance(budget, int):
+        if budget >= 0:
+            return budget
+    elif isinstance(budget, float):
+        if 0 < budget <= 1:
+            return budget
+    elif isinstance(budget, str):
+        text = budget.strip().lower().replace(" ", "")
+        try:
+            if text.endswith("%"):
+                return check_live_memory(float(text[:-1]) / 100, source)
+            number = text.rstrip("kmgtib")
+            unit = text[len(number):].removesuffix("b")
+            if unit in _UNITS and (unit or text.isdigit()):
+                return check_live_memory(int(float(number) * _UNITS[unit]), source)
+            if not unit and "." in number:
+                return check_live_memory(float(number), source)
+        except ValueError:
+            pass
+    raise ValueError(f"{source} must be bytes (an integer >= 0, or e.g. '2GB', '512MiB') or a fraction of the "
+                     f"memory available (a float in (0, 1], or e.g. '25%'), got {budget!r}")
+
+
+def live_memory(argument: Union[int, float, str, None] = None) -> Union[int, float]:
+    """The memory budget of a home's paused rounds: ``FEDTAN_LIVE_MEMORY``, else
+    ``argument``, else ``0.5``; bytes (``int``) or a fraction of the memory available
+    (``float``, see :func:`check_live_memory`)."""
+    checked = check_live_memory(argument)
+    value = _override(LIVE_MEMORY_ENV, argument)
+    if value is not None:
+        checked = check_live_memory(value, source=LIVE_MEMORY_ENV)
+    return DEFAULT_LIVE_MEMORY if checked is None else checked
 
 
 def state_max_age_hours(argument: Optional[float] = None) -> float:

@@ -52,7 +52,7 @@ def client_data(partition: int) -> TensorDataset:
 def make_client(context) -> FedTANClient:
     pid = int(context.node_config["partition-id"])
     torch.manual_seed(999)  # the client's own init is overwritten by the global model
-    return FedTANClient(SmallNet().double(), client_data(pid), batch_size=BATCH_SIZES[pid], lr=LR,
+    return FedTANClient(SmallNet().double(), client_data(pid), batch_size=BATCH_SIZES[pid % len(BATCH_SIZES)], lr=LR,
                         local_steps=int(context.run_config.get("local-steps", 2)))
 
 

@@ -321,7 +321,7 @@ def test_settings_arguments_defaults_and_environment_overrides(monkeypatch, tmp_
         monkeypatch.delenv(variable, raising=False)
     assert settings.state_max_age_hours() == 24.0 and settings.state_max_age_hours(5) == 5.0
     assert settings.replay_store() == "disk" and settings.replay_store("context") == "context"
-    assert settings.max_live_rounds() == 16 and settings.max_live_rounds(0) == 0
+    assert settings.max_live_rounds() is None and settings.max_live_rounds(0) == 0
     assert settings.state_dir() == settings.default_state_dir()
     assert settings.state_dir(tmp_path / "a") == tmp_path / "a"
 

@@ -128,3 +128,22 @@ def test_home_killed_mid_round_replays_to_the_same_result(two_actors):
     assert second["replays"] == 0
     assert ray.get(_home(0).stats.remote())["pid"] != killed[0]
     assert ray.get(_home(1).stats.remote())["pid"] == survivor[0]  # the other home lived on
+
+
+def test_a_large_enough_budget_keeps_36_nodes_live_on_two_actors(two_actors):
+    """18 nodes per home, more than the 16 rounds the old count cap kept: the default memory
+    budget keeps every round live, so no message replays."""
+    grid = LocalGrid(AlternatingActors(two_actors), 36, {"local-steps": 2})
+    strategy, result = _run(grid, rounds=1)
+    expected = rt.reference_rounds(list(grid.contexts.values()), strategy.seed, rounds=1, statistics=True)
+    assert rt.max_diff(rt.to_numpy(result.arrays), expected) <= 1e-10
+    metrics = result.train_metrics_clientapp[1]
+    assert metrics["fedtan-clients"] == 36 and metrics["fedtan-dropped"] == 0
+    assert metrics["replays"] == 0, metrics
+    assert metrics["live-bytes"] > 0
+    stats = [ray.get(_home(i).stats.remote()) for i in (0, 1)]
+    by_partition = {int(c.node_config["partition-id"]): n for n, c in grid.contexts.items()}
+    assert {by_partition[p] for p in range(0, 36, 2)} <= set(stats[0]["nodes"])  # spread evenly, 18 each
+    assert {by_partition[p] for p in range(1, 36, 2)} <= set(stats[1]["nodes"])
+    assert [s["evictions"] for s in stats] == [0, 0]
+    assert all(s["live-budget-bytes"] > s["live-peak-bytes"] > 0 for s in stats)

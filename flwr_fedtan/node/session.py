@@ -352,7 +352,8 @@ def _after_step(turn: _Turn, progress: Progress, live: _Live, request: Any) -> M
     if request is None:
         cache.forget(key)
         return _done(turn, live) if isinstance(progress, RoundProgress) else _stats_done(turn, live)
-    cache.remember(key, live, capacity=settings.max_live_rounds(turn.options.max_live_rounds))
+    cache.remember(key, live, capacity=settings.max_live_rounds(turn.options.max_live_rounds),
+                   budget=turn.options.live_memory)
     point, payload = request
     round_no = turn.control.round
     step = live.work.step_index if isinstance(live.work, ClientRound) else 0
@@ -367,6 +368,7 @@ def _done(turn: _Turn, live: _Live) -> Message:
     metrics: dict[str, MetricRecordValues] = dict(live.work.finish())  # type: ignore[union-attr]
     metrics["sync-seconds"] = float(node.round.sync_seconds)  # type: ignore[union-attr]
     metrics["replays"] = float(node.round.replays)  # type: ignore[union-attr]
+    metrics["live-bytes"] = float(live_rounds().peak_bytes)  # the home's paused rounds at their peak
     node.round.log = None  # type: ignore[union-attr]
     node.discard_weights()
     node.round_key = None

@@ -1,9 +1,11 @@
 """Where a node's live FedTAN step lives between messages.
 
-- :mod:`.live`: the in-process home, a bounded LRU cache of paused rounds;
+- :mod:`.live`: the in-process home, an LRU cache of paused rounds bounded by memory
+  (:mod:`.footprint` measures a round and the memory available);
 - :mod:`.ray_home`: Ray home actors, for simulations with several ClientAppActors and for
   Ray clusters;
-- :mod:`.worker`: the node worker of a deployed SuperNode, behind a private Unix socket;
+- :mod:`.worker`: the node worker of a deployed SuperNode, behind a private Unix socket
+  (:mod:`.framing`: its wire format);
 - :mod:`.dispatch`: picks the home of a message (:func:`run_at_home`);
 - :mod:`.node_app`: :func:`node_client_app`, a ClientApp whose module imports no torch.
 

@@ -16,8 +16,12 @@ Sizing and placement
     CPU would leave a ClientAppActor pending forever. The compute moves with the round:
     while a home runs a node's step, the ClientAppActor that forwarded it waits idle, so
     the machine runs as many steps at once as before. Each home is one process with torch
-    (~0.5 GB), however many nodes it serves; its live rounds are bounded
-    (``FEDTAN_MAX_LIVE_ROUNDS`` per home).
+    (~0.5 GB), however many nodes it serves. Its live rounds are bounded by memory
+    (:mod:`.live`): the default budget, half of the memory available, is shared evenly
+    by the homes placed on the same Ray node; ``FEDTAN_LIVE_MEMORY`` and
+    ``FEDTAN_MAX_LIVE_ROUNDS`` apply per home. Nodes spread evenly: partition ids
+    ``0..N-1`` go round-robin over the homes, and the homes over the Ray nodes like the
+    ClientAppActors.
 
 Lifetime
     A home is owned by the ClientAppActor that created it: when the run ends Flower
@@ -135,8 +139,11 @@ def where() -> dict[str, Any]:
 class _Home:
     """A home actor: runs FedTAN handlers next to the live rounds it keeps."""
 
-    def __init__(self, name: str, threads: int) -> None:
+    def __init__(self, name: str, threads: int, sharers: int = 1) -> None:
+        from .live import live_rounds
+
         mark_home("ray")
+        live_rounds().sharers = max(1, sharers)
         self.name = name
         self.nodes: set[int] = set()
         try:
@@ -161,9 +168,7 @@ class _Home:
     def stats(self) -> dict[str, Any]:
         from .live import live_rounds
 
-        cache = live_rounds()
-        return {**where(), "name": self.name, "nodes": sorted(self.nodes), "live": len(cache),
-                "hits": cache.hits, "misses": cache.misses}
+        return {**where(), "name": self.name, "nodes": sorted(self.nodes), **live_rounds().stats()}
 
 
 def _remote_class():
@@ -171,6 +176,14 @@ def _remote_class():
     if _home_class is None:
         _home_class = _ray().remote(_Home)
     return _home_class
+
+
+def _sharers(slots: list[str], index: int, homes: int) -> int:
+    """How many of the ``homes`` are placed on the Ray node of home ``index``."""
+    if not slots:
+        return homes
+    machine = slots[index % len(slots)]
+    return sum(slots[other % len(slots)] == machine for other in range(homes))
 
 
 def _handle(run_id: int, index: int, homes: int, fresh: bool = False):
@@ -190,7 +203,7 @@ def _handle(run_id: int, index: int, homes: int, fresh: bool = False):
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(slots[index % len(slots)], soft=True)
-    handle = _remote_class().options(**options).remote(name, _threads)
+    handle = _remote_class().options(**options).remote(name, _threads, _sharers(slots, index, homes))
     with _lock:
         # Kept for the life of this process: a home is owned by the process that created
         # it, and Ray ends an actor whose owner dropped every handle to it.

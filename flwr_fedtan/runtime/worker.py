@@ -61,46 +61,21 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .. import settings
+from .framing import MAX_FRAME_BYTES, recv_frame as _recv, send_frames as _send
 from .identity import in_flwr_clientapp_process, mark_home
 from .private import private_folder
 
-__all__ = ["WorkerError", "call_worker", "serve", "socket_path", "worker_request"]
+__all__ = ["MAX_FRAME_BYTES", "WorkerError", "call_worker", "serve", "socket_path", "worker_request"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_IDLE_TIMEOUT = 600.0
 START_TIMEOUT = 60.0
 RECEIVE_TIMEOUT = 30.0  # a peer that connects and goes silent frees the worker after this
-MAX_FRAME_BYTES = 1 << 34  # 16 GiB: a frame header claiming more is refused, not allocated
-_CHUNK = 1 << 20
-_HEADER = struct.Struct("!Q")
 
 
 class WorkerError(RuntimeError):
     """The node worker could not be reached or failed to serve a message."""
-
-
-# ---------------------------------------------------------------------- framing
-def _send(conn: socket.socket, *frames: bytes) -> None:
-    conn.sendall(b"".join(_HEADER.pack(len(f)) + f for f in frames))
-
-
-def _recv_exact(conn: socket.socket, size: int) -> bytes:
-    """``size`` bytes; memory grows with the bytes that arrive, not with the size claimed."""
-    buffer = bytearray()
-    while len(buffer) < size:
-        chunk = conn.recv(min(_CHUNK, size - len(buffer)))
-        if not chunk:
-            raise EOFError("connection closed mid-frame")
-        buffer += chunk
-    return bytes(buffer)
-
-
-def _recv(conn: socket.socket) -> bytes:
-    (size,) = _HEADER.unpack(_recv_exact(conn, _HEADER.size))
-    if size > MAX_FRAME_BYTES:
-        raise EOFError(f"frame header claims {size} bytes, more than the {MAX_FRAME_BYTES} a frame may hold")
-    return _recv_exact(conn, size)
 
 
 def _dumps(obj: Any) -> bytes:
@@ -111,6 +86,7 @@ def _dumps(obj: Any) -> bytes:
             f"cannot send this message to the node worker: {error}. The client_fn and handlers must be "
             "module-level functions (picklable by name), or use live_home='process'"
         ) from None
+
 
 
 # ---------------------------------------------------------------------- where
@@ -286,10 +262,8 @@ class _Worker:
             if kind == "stats":
                 from .live import live_rounds
 
-                cache = live_rounds()
                 return "ok", {"pid": os.getpid(), "socket": str(self.path), "served": self.served,
-                              "live": len(cache), "hits": cache.hits, "misses": cache.misses,
-                              "uptime": time.time() - self.started}
+                              **live_rounds().stats(), "uptime": time.time() - self.started}
             if kind == "stop":
                 self.stopping = True
                 return "ok", os.getpid()

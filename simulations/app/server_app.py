@@ -357,6 +357,11 @@ def main(grid: Grid, context: Context) -> None:
 
         initial = ArrayRecord(convert_batchnorm(model_from_config(config)).state_dict())
         result, summary = None, {"config": dict(config), "bench": run_exchange_benchmark(grid, config, initial)}
+    elif mode == "bench-scale":
+        from ..bench_scale import run_scale_benchmark
+
+        initial = ArrayRecord(convert_batchnorm(model_from_config(config)).state_dict())
+        result, summary = None, {"config": dict(config), "bench": run_scale_benchmark(grid, config, initial)}
     elif mode.startswith("bench-deployment"):
         from ..bench_deployment import run_deployment_benchmark
 
