@@ -1,5 +1,6 @@
 """Flower client side of FedTAN: :class:`FedTANClient`, a ``NumPyClient`` with the model,
-the data, the seeded batches and evaluation.
+the data, the seeded batches and evaluation (its data handling and :func:`evaluate_model`
+are in :mod:`flwr_fedtan.client_data`).
 
 The ``ClientApp`` that serves FedTAN's messages is built by :mod:`flwr_fedtan.clientapp`
 (:func:`~flwr_fedtan.add_fedtan`, :func:`~flwr_fedtan.fedtan_client_app`); a node's side
@@ -12,7 +13,6 @@ import contextvars
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
@@ -20,12 +20,12 @@ import torch
 from flwr.app import Array, ArrayRecord, Context
 from flwr.client import NumPyClient
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
+from torch.utils.data import DataLoader, Dataset
 
 from .batchnorm import convert_batchnorm, validate
 from .client_checks import check_client_arguments, check_training_data
+from .client_data import LossFn, UnpackBatch, as_dataset, collate_fn_of, evaluate_model, training_data, unpack
 from .errors import ClientDataError, InvalidArgumentsError, UnsupportedModelError
-from .losses import loss_reduction, reduce_loss
 from .runtime import live_rounds
 from .statistics_pass import StatisticsPass
 from .training import ClientRound
@@ -33,9 +33,6 @@ from .training import ClientRound
 __all__ = ["FedTANClient", "clear_live_rounds", "client_seed_key", "evaluate_model"]
 
 log = logging.getLogger(__name__)
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-UnpackBatch = Callable[[Any], tuple[torch.Tensor, torch.Tensor]]
 
 # The node whose client_fn is running (set by _client_from): a FedTANClient built for a
 # node checks its training data once per process, not at every message (or replay).
@@ -140,12 +137,12 @@ class FedTANClient(NumPyClient):
             unpack_batch=unpack_batch,
         )
         self.device = torch.device(device)
-        self.train_data, self.batch_size, self.collate_fn = _training_data(train_data, batch_size)
+        self.train_data, self.batch_size, self.collate_fn = training_data(train_data, batch_size)
         self.model = convert_batchnorm(model).to(self.device)
         if test_data is None:
             self.test_data, self.test_collate_fn = self.train_data, self.collate_fn
         else:
-            self.test_data, self.test_collate_fn = _as_dataset(test_data, "test_data"), _collate_fn_of(test_data)
+            self.test_data, self.test_collate_fn = as_dataset(test_data, "test_data"), collate_fn_of(test_data)
         self.loss_fn: LossFn = loss_fn or nn.functional.cross_entropy
         # Refuse up front what a synchronised step cannot do exactly, every issue with its fix.
         validate(self.model, self.loss_fn, strict=True)
@@ -246,28 +243,7 @@ class FedTANClient(NumPyClient):
         return StatisticsPass(self.model, inputs, seed=seed)
 
     def _unpack(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.unpack_batch is not None:
-            inputs, targets = self.unpack_batch(batch)
-        elif isinstance(batch, Mapping):
-            raise TypeError(
-                f"FedTANClient: the training data yields dictionaries (keys {sorted(batch)}), not "
-                "(inputs, targets) pairs: pass unpack_batch=lambda batch: (batch[<inputs key>], "
-                "batch[<targets key>])"
-            )
-        elif isinstance(batch, (tuple, list)) and len(batch) == 2:
-            inputs, targets = batch
-        else:
-            raise TypeError(
-                f"FedTANClient: a batch must be an (inputs, targets) pair, got {type(batch).__name__}"
-                f"{f' of length {len(batch)}' if isinstance(batch, (tuple, list)) else ''}: pass "
-                "unpack_batch=<function returning (inputs, targets) from a batch>"
-            )
-        if not isinstance(inputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
-            raise TypeError(
-                f"FedTANClient: inputs and targets must be tensors, got {type(inputs).__name__} and "
-                f"{type(targets).__name__}"
-            )
-        return inputs, targets
+        return unpack(batch, self.unpack_batch)
 
     def new_round(self, seed: int, sync_steps: int, config: Optional[dict[str, Any]] = None) -> ClientRound:
         """A :class:`ClientRound` starting from the current weights; ``config`` is the
@@ -304,87 +280,6 @@ class FedTANClient(NumPyClient):
             collate_fn=self.test_collate_fn, unpack_batch=self._unpack,
         )
         return loss, count, {"accuracy": accuracy}
-
-
-def evaluate_model(
-    model: nn.Module,
-    data: Dataset,
-    loss_fn: LossFn,
-    device: torch.device,
-    batch_size: int = 512,
-    *,
-    collate_fn: Optional[Callable[[list], Any]] = None,
-    unpack_batch: Optional[UnpackBatch] = None,
-) -> tuple[float, float, int]:
-    """Mean loss per sample, accuracy and sample count of ``model`` in eval mode on ``data``
-    (batches collated with ``collate_fn`` and split by ``unpack_batch``; defaults: pairs)."""
-    model.eval()
-    reduction = loss_reduction(loss_fn)
-    total_loss, correct, count = 0.0, 0, 0
-    with torch.no_grad():
-        for batch in DataLoader(data, batch_size=batch_size, collate_fn=collate_fn):
-            inputs, targets = unpack_batch(batch) if unpack_batch is not None else batch
-            inputs, targets = inputs.to(device), targets.to(device)
-            outputs = model(inputs)
-            batch_loss = float(reduce_loss(loss_fn(outputs, targets), len(targets), reduction))
-            total_loss += batch_loss * len(targets) if reduction == "mean" else batch_loss
-            correct += int((outputs.argmax(dim=1) == targets).sum())
-            count += len(targets)
-    return total_loss / max(count, 1), correct / max(count, 1), count
-
-
-def _as_dataset(data: Union[Dataset, DataLoader], name: str) -> Dataset:
-    if isinstance(data, DataLoader):
-        return _as_dataset(data.dataset, f"the dataset of {name}'s DataLoader")
-    if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
-        raise TypeError(
-            f"FedTANClient: {name} is a {type(data).__name__} of tensors; wrap them in "
-            "torch.utils.data.TensorDataset(inputs, targets)"
-        )
-    if isinstance(data, IterableDataset) or not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
-        raise TypeError(
-            f"FedTANClient: {name} must be a map-style Dataset (with __getitem__ and __len__) or a "
-            f"DataLoader over one, got {type(data).__name__}: FedTAN draws each step's batch by index "
-            "from a seed, so that a step can be rebuilt in another process"
-        )
-    return data
-
-
-def _training_data(
-    data: Union[Dataset, DataLoader], batch_size: Optional[int]
-) -> tuple[Dataset, int, Callable[[list], Any]]:
-    """The dataset, batch size and collate function of ``train_data`` (see FedTANClient)."""
-    dataset = _as_dataset(data, "train_data")
-    collate_fn = _collate_fn_of(data)
-    loader_batch = data.batch_size if isinstance(data, DataLoader) else None
-    if batch_size is None and loader_batch is None:
-        what = "a DataLoader without a batch_size" if isinstance(data, DataLoader) else (
-            f"a {type(data).__name__}, which carries no batch size")
-        raise ValueError(
-            f"FedTANClient: train_data is {what}: pass batch_size=<samples per step>, or a "
-            "DataLoader(dataset, batch_size=...)"
-        )
-    if batch_size is not None and loader_batch is not None and int(batch_size) != int(loader_batch):
-        raise ValueError(
-            f"FedTANClient: batch_size={batch_size} but the DataLoader has batch_size={loader_batch}: "
-            "pass one of them"
-        )
-    size = batch_size if batch_size is not None else loader_batch
-    if isinstance(size, bool) or int(size) != size or int(size) <= 0:  # type: ignore[arg-type]
-        raise ValueError(f"FedTANClient: batch_size must be a positive integer, got {size!r}")
-    if len(dataset) == 0:  # type: ignore[arg-type]
-        raise ClientDataError(
-            "FedTANClient: train_data is empty. Fix: give this client at least one training example "
-            "(or leave it out of the federation)"
-        )
-    return dataset, int(size), collate_fn
-
-
-def _collate_fn_of(data: Union[Dataset, DataLoader]) -> Callable[[list], Any]:
-    """A batching DataLoader's ``collate_fn``, else torch's ``default_collate``."""
-    if isinstance(data, DataLoader) and data.batch_sampler is not None:
-        return data.collate_fn
-    return default_collate
 
 
 def clear_live_rounds() -> None:

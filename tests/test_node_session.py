@@ -135,3 +135,26 @@ def test_a_begin_with_another_run_seed_or_a_stale_attempt_or_round_is_refused_by
     stats_begin = schema.encode_stats_begin(initial_arrays(), 2, 9, 4)
     with pytest.raises(ServerMessageError, match="stats-begin of round 2 with run seed 9"):
         _deliver(app, stats_begin, context)
+
+
+def test_an_aggregate_for_a_round_the_node_finished_is_refused_by_name():
+    """A round that replied ``done`` dropped its replay log: a late aggregate that claims the
+    next point of it is a ServerMessageError naming the node, not a crash on the missing log."""
+    import numpy as np
+
+    from flwr_fedtan.aggregation import ForwardStats, SyncPoint
+    from flwr_fedtan.node import state
+
+    grid = LocalGrid(fedtan_client_app(make_client), 2, {})
+    FedTAN(statistics="running", min_available_nodes=2, fraction_evaluate=0.0).start(
+        grid, initial_arrays(), num_rounds=1)
+    node = grid.node_ids[0]
+    context = grid.contexts[node]
+    finished = state.load(context).round
+    assert finished is not None and finished.round == 1 and finished.log is None
+    pooled = ForwardStats(count=12.0, num_examples=12, mean=np.zeros(4), var=np.ones(4))
+    late = schema.encode_aggregate(1, 0, finished.received, SyncPoint(finished.received, "forward", 0, 4), pooled,
+                                   1, 0)
+    with pytest.raises(ServerMessageError, match=f"node {node}: aggregate of round 1, which this node has already "
+                                                 "finished"):
+        _deliver(fedtan_client_app(make_client), late, context)

@@ -1,4 +1,5 @@
-"""A node's side of FedTAN's exchanges: :func:`handle`, one short handler per phase.
+"""A node's side of FedTAN's exchanges: :func:`handle`, one short handler per phase (those
+of secure statistics in :mod:`.secure_stats`).
 
 Flower keeps no Python object alive between two messages of a node: in simulation a
 message may be handled by any Ray actor, in deployment every message starts a fresh
@@ -19,44 +20,28 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union, cast
+from typing import Any, Callable, Optional, TypeVar, Union, cast
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord
 from flwr.app.typing import MetricRecordValues
 
-from .. import schema, secure, settings
-from ..client import FedTANClient, _client_from, client_seed_key
+from .. import schema, settings
+from ..aggregation import ForwardStats
+from ..client import FedTANClient, client_seed_key
 from ..runtime import live_rounds
 from ..seeds import derive_seed, pass_seed, round_seed
 from ..statistics_pass import StatisticsPass
 from ..training import ClientRound
-from . import state
-from .state import NodeState, PassProgress, RoundProgress, SecureKey
-from ..errors import KeyAgreementError, SecureStatsError, ServerMessageError
+from . import secure_stats, state
+from .state import PassProgress, ReplayLog, RoundProgress, SecureKey
+from .turn import Turn
+from ..errors import SecureStatsError, ServerMessageError
 
 __all__ = ["handle"]
 
 Progress = Union[RoundProgress, PassProgress]
-
-
-@dataclass
-class _Turn:
-    """One message being handled."""
-
-    msg: Message
-    context: Context
-    client_fn: Callable[[Context], Any]
-    options: Any  # flwr_fedtan.clientapp.Options
-    control: schema.Control
-    node: NodeState
-
-    def client(self) -> FedTANClient:
-        return _client_from(self.client_fn, self.context)
-
-    def reply(self, content) -> Message:
-        return Message(content, reply_to=self.msg)
+P = TypeVar("P", RoundProgress, PassProgress)
 
 
 class _Live:
@@ -78,52 +63,17 @@ def handle(msg: Message, context: Context, client_fn: Callable[[Context], Any], 
     """Serve one ``train.fedtan`` message of a node. The node's state is stored only when
     the message is served (an error leaves it as it was)."""
     control = schema.decode_control(msg.content)
-    turn = _Turn(msg, context, client_fn, options, control, state.load(context))
+    turn = Turn(msg, context, client_fn, options, control, state.load(context))
     reply = _HANDLERS[control.phase](turn)
     state.store(context, turn.node)
     return reply
 
 
-# ---------------------------------------------------------------------- keys and blame
-def _keys(turn: _Turn) -> Message:
-    pair = secure.generate_key_pair()
-    turn.node.round_key = SecureKey(round=turn.control.round, private_key=pair.private)
-    return turn.reply(schema.encode_public_key(turn.control.round, pair.public))
-
-
-def _stats_keys(turn: _Turn) -> Message:
-    pair = secure.generate_key_pair()
-    turn.node.pass_key = SecureKey(round=turn.control.round, private_key=pair.private)
-    return turn.reply(schema.encode_public_key(turn.control.round, pair.public))
-
-
-def _blame(turn: _Turn) -> Message:
-    """Secure statistics, after the canaries failed: this node's canary masks of the asked
-    exchange, if it is one this node sent in the current attempt, at its true length."""
-    control, key, progress = turn.control, turn.node.round_key, turn.node.round
-    if (key is None or key.round != control.round or key.roster is None
-            or progress is None or progress.round != control.round):
-        raise ServerMessageError(f"blame request for round {control.round}, which this node is not in")
-    lengths = progress.masked_lengths
-    if not 0 <= control.exchange < len(lengths) or lengths[control.exchange] != control.length:
-        raise ServerMessageError(
-            f"blame request for exchange {control.exchange} with length {control.length}, but this node sent "
-            f"payloads of lengths {lengths} this attempt: it reveals only the canary of a payload it sent"
-        )
-    masks = secure.canary_masks(key.private_key, turn.context.node_id, key.roster, control.round, key.attempt,
-                                control.exchange, control.length)
-    return turn.reply(schema.encode_canary_masks(control.round, masks))
-
-
 # ---------------------------------------------------------------------- begin
-def _begin(turn: _Turn) -> Message:
+def _begin(turn: Turn) -> Message:
     control, context, node = turn.control, turn.context, turn.node
-    live_rounds().forget(_cache_key(turn, RoundProgress))
-    _begin_secure(turn, node.round_key)
-    client = turn.client()
-    client.load_arrays(turn.msg.content.array_records[schema.ARRAYS])
+    client, seed = _start(turn, RoundProgress, node.round_key, round_seed)
     config = dict(turn.msg.content.config_records.get(schema.CONFIG, ConfigRecord()))
-    seed = derive_seed(_attempt_seed(turn, node.round, round_seed), client_seed_key(context))
     batch = _batch_digest(client, seed)
     pooled = _pooled_batches(node.round, control.round)
     if control.roster is not None and batch in pooled:
@@ -132,7 +82,7 @@ def _begin(turn: _Turn) -> Message:
             "samples this node already pooled in an earlier attempt (its batch is all of its data): the "
             "difference of the two pooled sums would be the dropped clients' statistics; it sits this round out"
         )
-    node.round = RoundProgress(
+    progress = node.round = RoundProgress(
         round=control.round, seed=seed, sync_steps=control.sync_steps, attempt=control.attempt, batch=batch,
         pooled=pooled,
         local_steps=int(cast(int, config.get("local-steps", client.local_steps))),
@@ -146,19 +96,15 @@ def _begin(turn: _Turn) -> Message:
     except BaseException:
         round_.close()
         raise
-    node.round.sync_seconds += time.perf_counter() - started
-    return _after_step(turn, node.round, _Live(client, round_, control.round), request)
+    progress.sync_seconds += time.perf_counter() - started
+    return _after_step(turn, progress, _Live(client, round_, control.round), request)
 
 
-def _stats_begin(turn: _Turn) -> Message:
-    control, context, node = turn.control, turn.context, turn.node
-    live_rounds().forget(_cache_key(turn, PassProgress))
-    _begin_secure(turn, node.pass_key)
-    client = turn.client()
-    client.load_arrays(turn.msg.content.array_records[schema.ARRAYS])
-    seed = derive_seed(_attempt_seed(turn, node.stats_pass, pass_seed), client_seed_key(context))
-    node.stats_pass = PassProgress(round=control.round, seed=seed, examples=control.examples,
-                                   attempt=control.attempt)
+def _stats_begin(turn: Turn) -> Message:
+    control, node = turn.control, turn.node
+    client, seed = _start(turn, PassProgress, node.pass_key, pass_seed)
+    progress = node.stats_pass = PassProgress(round=control.round, seed=seed, examples=control.examples,
+                                              attempt=control.attempt)
     _save_weights(turn, client)
     live = _Live(client, client.statistics_pass(seed, control.examples), control.round)
     try:
@@ -166,10 +112,25 @@ def _stats_begin(turn: _Turn) -> Message:
     except BaseException:
         live.close()
         raise
-    return _after_step(turn, node.stats_pass, live, request)
+    return _after_step(turn, progress, live, request)
 
 
-def _attempt_seed(turn: _Turn, previous: Optional[Progress], derive: Callable[[int, int, int], int]) -> int:
+def _start(turn: Turn, kind: type, key: Optional[SecureKey],
+           derive: Callable[[int, int, int], int]) -> tuple[FedTANClient, int]:
+    """What a begin of a round (``kind`` :class:`RoundProgress`) or a statistics pass
+    (:class:`PassProgress`) starts with: the live one is forgotten, the attempt's roster
+    kept or refused, the client built with the message's weights; returns it and the
+    node's seed of the attempt."""
+    live_rounds().forget(_cache_key(turn, kind))
+    secure_stats.begin_secure(turn, key)
+    client = turn.client()
+    client.load_arrays(turn.msg.content.array_records[schema.ARRAYS])
+    previous = turn.node.round if kind is RoundProgress else turn.node.stats_pass
+    seed = derive_seed(_attempt_seed(turn, previous, derive), client_seed_key(turn.context))
+    return client, seed
+
+
+def _attempt_seed(turn: Turn, previous: Optional[Progress], derive: Callable[[int, int, int], int]) -> int:
     """The seed of this begin's attempt, derived here from the run seed, the round and the
     attempt. The run seed is pinned by the run's first begin, and rounds and attempts only
     go forward: a server cannot make this node draw a batch (or examples) it already drew
@@ -195,7 +156,7 @@ def _attempt_seed(turn: _Turn, previous: Optional[Progress], derive: Callable[[i
     return derive(node.run_seed, control.round, control.attempt)
 
 
-def _save_weights(turn: _Turn, client: FedTANClient) -> None:
+def _save_weights(turn: Turn, client: FedTANClient) -> None:
     options, context = turn.options, turn.context
     turn.node.save_weights(client.arrays(), settings.replay_store(options.replay_store), context.run_id,
                            context.node_id, directory=options.state_dir)
@@ -220,64 +181,25 @@ def _pooled_batches(previous: Optional[RoundProgress], round_no: int) -> list[st
     return pooled
 
 
-def _begin_secure(turn: _Turn, key: Optional[SecureKey]) -> None:
-    """Keep (or clear) the attempt's roster and shifts.
-
-    Refuses what a malicious server could use to unmask this node's statistics: a begin
-    in the clear after the round's key exchange (or at all, with ``require_secure_stats``),
-    and a begin whose attempt is not above the last one begun with the same key (the same
-    pair keys and exchange numbers would mask other data with the same masks)."""
-    control = turn.control
-    if key is not None:
-        key.roster = key.shifts = None
-    keyed = key is not None and key.round == control.round
-    if control.roster is None:
-        if turn.options.require_secure_stats:
-            raise ServerMessageError(
-                f"begin of round {control.round} without a roster: this node requires secure statistics "
-                "(require_secure_stats=True) and never sends its statistics in the clear"
-            )
-        if keyed:
-            raise ServerMessageError(
-                f"begin of round {control.round} without a roster after this round's key exchange: the "
-                "statistics would go out in the clear"
-            )
-        return
-    if key is None or not keyed:
-        raise KeyAgreementError(
-            f"node {turn.context.node_id}: begin of round {control.round} with secure statistics, but this "
-            "node holds no private key for that round (it missed the key exchange)"
-        )
-    if control.attempt <= key.begun:
-        raise ServerMessageError(
-            f"begin of round {control.round}, attempt {control.attempt}: this node already began attempt "
-            f"{key.begun} with this key; a repeated or earlier attempt would reuse its masks"
-        )
-    key.attempt = key.begun = control.attempt
-    key.roster, key.shifts = control.roster, dict(control.shifts or {})
-
-
 # ---------------------------------------------------------------------- aggregates
-def _aggregate(turn: _Turn) -> Message:
-    progress = turn.node.round
-    _check_progress(turn, progress, f"an aggregate for round {turn.control.round}", "aggregate for point",
-                    "aggregates were")
+def _aggregate(turn: Turn) -> Message:
+    progress = _current(turn, turn.node.round, f"an aggregate for round {turn.control.round}",
+                        "aggregate for point", "aggregates were")
     started = time.perf_counter()
-    live, request = _resume(turn, progress)  # type: ignore[arg-type]
-    progress.sync_seconds += time.perf_counter() - started  # type: ignore[union-attr]
-    return _after_step(turn, progress, live, request)  # type: ignore[arg-type]
+    live, request = _resume(turn, progress)
+    progress.sync_seconds += time.perf_counter() - started
+    return _after_step(turn, progress, live, request)
 
 
-def _stats_aggregate(turn: _Turn) -> Message:
-    progress = turn.node.stats_pass
-    _check_progress(turn, progress, f"statistics for the pass of round {turn.control.round}", "pooled statistics",
-                    "were", of="the pass of round ")
-    live, request = _resume(turn, progress)  # type: ignore[arg-type]
-    return _after_step(turn, progress, live, request)  # type: ignore[arg-type]
+def _stats_aggregate(turn: Turn) -> Message:
+    progress = _current(turn, turn.node.stats_pass, f"statistics for the pass of round {turn.control.round}",
+                        "pooled statistics", "were", of="the pass of round ")
+    live, request = _resume(turn, progress)
+    return _after_step(turn, progress, live, request)
 
 
-def _check_progress(turn: _Turn, progress: Optional[Progress], what: str, point: str, received: str,
-                    of: str = "round ") -> None:
+def _current(turn: Turn, progress: Optional[P], what: str, point: str, received: str, of: str = "round ") -> P:
+    """The round or pass in flight that the message's aggregate belongs to."""
     control, node_id = turn.control, turn.context.node_id
     if progress is None or progress.round != control.round:
         raise RuntimeError(
@@ -289,11 +211,26 @@ def _check_progress(turn: _Turn, progress: Optional[Progress], what: str, point:
             f"node {node_id}: {point} {control.point} of {of}{control.round}, but {progress.received} "
             f"{received} received so far"
         )
+    _log(turn, progress)  # a finished round or pass takes no more aggregates
+    return progress
 
 
-def _resume(turn: _Turn, progress: Progress) -> tuple[_Live, Any]:
+def _log(turn: Turn, progress: Progress) -> ReplayLog:
+    """The aggregates received so far; the log is dropped when the round or pass is done."""
+    if progress.log is None:
+        raise ServerMessageError(
+            f"node {turn.context.node_id}: {turn.control.phase} of round {progress.round}, which this node "
+            "has already finished"
+        )
+    return progress.log
+
+
+def _resume(turn: Turn, progress: Progress) -> tuple[_Live, Any]:
     """Resume the live round or pass with the message's aggregate, rebuilding it first if
     this process does not hold it; the aggregate joins the replay log."""
+    aggregate = turn.control.aggregate
+    if aggregate is None:  # decode_control gives every aggregate phase one
+        raise ServerMessageError(f"{turn.control.phase} message of round {turn.control.round} without an aggregate")
     cache, key = live_rounds(), _cache_key(turn, type(progress))
     live = cache.get(key)
     if (
@@ -305,23 +242,23 @@ def _resume(turn: _Turn, progress: Progress) -> tuple[_Live, Any]:
         cache.forget(key)
         live = _rebuild(turn, progress)
     try:
-        request = live.work.resume(turn.control.aggregate)  # type: ignore[arg-type]
+        request = live.work.resume(aggregate)
     except BaseException:
         cache.forget(key)
         live.close()
         raise
-    progress.log.append(progress.received, turn.control.aggregate)  # type: ignore[union-attr,arg-type]
+    _log(turn, progress).append(progress.received, aggregate)
     progress.received += 1
     return live, request
 
 
-def _rebuild(turn: _Turn, progress: Progress) -> _Live:
+def _rebuild(turn: Turn, progress: Progress) -> _Live:
     """Rebuild the round or pass in this process from the node's state (deterministic
     replay of its starting weights, seed and aggregates so far)."""
     client = turn.client()
     client.load_arrays(turn.node.load_weights())
     where = f"node {turn.context.node_id}'s replay log of round {progress.round}"
-    aggregates = progress.log.read(progress.received, where)  # type: ignore[union-attr]
+    aggregates = _log(turn, progress).read(progress.received, where)
     work: Union[ClientRound, StatisticsPass]
     if isinstance(progress, RoundProgress):
         config: dict[str, Any] = {"local-steps": progress.local_steps}
@@ -336,7 +273,8 @@ def _rebuild(turn: _Turn, progress: Progress) -> _Live:
         unfinished = "replayed round completed before the pending aggregate: state is inconsistent"
     else:
         inputs, _ = client.sample_batch(progress.seed, progress.examples)
-        work, request = StatisticsPass.replay(client.model, inputs, aggregates, seed=progress.seed)  # type: ignore[arg-type]
+        statistics = cast("list[ForwardStats]", aggregates)  # the pass checks each as it replays it
+        work, request = StatisticsPass.replay(client.model, inputs, statistics, seed=progress.seed)
         unfinished = "replayed statistics pass completed before the pending statistics: state is inconsistent"
     if request is None:
         work.close()
@@ -346,82 +284,55 @@ def _rebuild(turn: _Turn, progress: Progress) -> _Live:
 
 
 # ---------------------------------------------------------------------- replies
-def _after_step(turn: _Turn, progress: Progress, live: _Live, request: Any) -> Message:
+def _after_step(turn: Turn, progress: Progress, live: _Live, request: Any) -> Message:
     """The reply to a step: the next payload (masked if secure), or ``done``."""
     cache, key = live_rounds(), _cache_key(turn, type(progress))
     if request is None:
         cache.forget(key)
-        return _done(turn, live) if isinstance(progress, RoundProgress) else _stats_done(turn, live)
+        return _done(turn, progress, live) if isinstance(progress, RoundProgress) else _stats_done(turn, progress, live)
     cache.remember(key, live, capacity=settings.max_live_rounds(turn.options.max_live_rounds),
                    budget=turn.options.live_memory)
     point, payload = request
-    round_no = turn.control.round
     step = live.work.step_index if isinstance(live.work, ClientRound) else 0
     secure_key = turn.node.round_key if isinstance(progress, RoundProgress) else turn.node.pass_key
-    if secure_key is not None and secure_key.roster is not None:
-        payload = _masked(turn, secure_key, progress, step, point, payload)
-    return turn.reply(schema.encode_request(round_no, step, point, payload))
+    payload = secure_stats.masked(turn, secure_key, progress, step, point, payload)
+    return turn.reply(schema.encode_request(turn.control.round, step, point, payload))
 
 
-def _done(turn: _Turn, live: _Live) -> Message:
-    node = turn.node
-    metrics: dict[str, MetricRecordValues] = dict(live.work.finish())  # type: ignore[union-attr]
-    metrics["sync-seconds"] = float(node.round.sync_seconds)  # type: ignore[union-attr]
-    metrics["replays"] = float(node.round.replays)  # type: ignore[union-attr]
+def _done(turn: Turn, progress: RoundProgress, live: _Live) -> Message:
+    node, round_ = turn.node, live.work
+    assert isinstance(round_, ClientRound)  # a round's progress pairs with a ClientRound
+    metrics: dict[str, MetricRecordValues] = dict(round_.finish())
+    metrics["sync-seconds"] = float(progress.sync_seconds)
+    metrics["replays"] = float(progress.replays)
     metrics["live-bytes"] = float(live_rounds().peak_bytes)  # the home's paused rounds at their peak
-    node.round.log = None  # type: ignore[union-attr]
+    progress.log = None
     node.discard_weights()
     node.round_key = None
     return turn.reply(schema.encode_done(turn.control.round, live.client.arrays(), MetricRecord(metrics)))
 
 
-def _stats_done(turn: _Turn, live: _Live) -> Message:
-    node = turn.node
-    stats_pass: StatisticsPass = live.work  # type: ignore[assignment]
-    node.stats_pass.log = None  # type: ignore[union-attr]
+def _stats_done(turn: Turn, progress: PassProgress, live: _Live) -> Message:
+    node, stats_pass = turn.node, live.work
+    assert isinstance(stats_pass, StatisticsPass)  # a pass's progress pairs with a StatisticsPass
+    progress.log = None
     node.pass_key = None
     node.discard_weights()
     return turn.reply(schema.encode_stats_done(turn.control.round, stats_pass.buffer_calls or {},
                                                stats_pass.num_examples))
 
 
-def _masked(turn: _Turn, key: SecureKey, progress: Progress, step: int, point, payload) -> secure.MaskedPayload:
-    """Secure statistics: the payload masked for this exchange (the number of aggregates
-    received so far in the attempt)."""
-    round_no = turn.control.round
-    if key.round != round_no:
-        raise KeyAgreementError(
-            f"node {turn.context.node_id}: no private key for round {round_no} (it missed the key exchange)"
-        )
-    exchange = progress.received
-    masked = secure.client_encode(
-        payload,
-        node_id=turn.context.node_id,
-        private_key=key.private_key,
-        roster=key.roster,  # type: ignore[arg-type]
-        round=round_no,
-        attempt=key.attempt,
-        exchange=exchange,
-        shift=secure.shift_for(key.shifts or {}, point.index, point.channels)
-        if point.phase == schema.PHASE_FORWARD else None,
-        where=secure.describe_point(round_no, step, point.phase, point.index, point.call),
-    )
-    # The length of each exchange's payload: a blame request may reveal only that canary's masks.
-    progress.masked_lengths = progress.masked_lengths[:exchange] + [int(masked.masked.shape[1])]
-    return masked
-
-
-def _cache_key(turn: _Turn, kind: type) -> tuple:
+def _cache_key(turn: Turn, kind: type) -> tuple:
     base = (turn.context.run_id, turn.context.node_id)
     return base if kind is RoundProgress else (*base, "stats")
 
 
-_HANDLERS: dict[str, Callable[[_Turn], Message]] = {
-    schema.PHASE_KEYS: _keys,
-    schema.PHASE_BLAME: _blame,
+_HANDLERS: dict[str, Callable[[Turn], Message]] = {
+    schema.PHASE_KEYS: secure_stats.keys,
+    schema.PHASE_BLAME: secure_stats.blame,
     schema.PHASE_BEGIN: _begin,
     schema.PHASE_AGGREGATE: _aggregate,
-    schema.PHASE_STATS_KEYS: _stats_keys,
+    schema.PHASE_STATS_KEYS: secure_stats.keys,
     schema.PHASE_STATS_BEGIN: _stats_begin,
     schema.PHASE_STATS_AGGREGATE: _stats_aggregate,
 }

@@ -155,7 +155,7 @@ def load(context: Context) -> NodeState:
     state = context.state
     run = state.config_records.get(_RUN)
     return NodeState(
-        run_seed=None if run is None else int(run["seed"]),  # type: ignore[arg-type]
+        run_seed=None if run is None else _int(run["seed"]),
         round=_round_from(state),
         round_key=_key_from(state, _ROUND_KEY, _ROUND_ROSTER, _ROUND_SHIFTS),
         stats_pass=_pass_from(state),
@@ -286,6 +286,9 @@ def _put_key(state: RecordDict, secure: Optional[SecureKey], key: str, roster: s
     _put(state, key, None if secure is None else ConfigRecord(
         {"round": secure.round, "attempt": secure.attempt, "begun": secure.begun, "private-key": secure.private_key}
     ))
-    attempt_is_secure = secure is not None and secure.roster is not None
-    _put(state, roster, codec.roster_record(secure.roster) if attempt_is_secure else None)  # type: ignore[union-attr,arg-type]
-    _put(state, shifts, codec.shifts_record(secure.shifts) if attempt_is_secure else None)  # type: ignore[union-attr]
+    if secure is not None and secure.roster is not None:  # the attempt is secure
+        _put(state, roster, codec.roster_record(secure.roster))
+        _put(state, shifts, codec.shifts_record(secure.shifts))
+    else:
+        _put(state, roster, None)
+        _put(state, shifts, None)
