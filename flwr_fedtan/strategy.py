@@ -14,22 +14,22 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
 
 from . import checkpoint, schema
-from .arguments import ArgumentChecks
 from .aggregation import DEFAULT_MAX_GROWTH, is_batchnorm_buffer
-from .exact_statistics import apply_buffers, check_statistics_options, pass_due
+from .exact_statistics import apply_buffers, pass_due
 from .grids import ExchangeGrid, ForwardingGrid
 from .progress import DEFAULT_PROGRESS_INTERVAL
-from .protocol.driver import RoundDriver, TrainRound, new_round_ledger, round_summary, skipped_round
-from .protocol.pass_driver import DEFAULT_STATISTICS_EXAMPLES, PassOptions, StatisticsPassDriver
+from .protocol.driver import RoundDriver, RoundOptions, TrainRound, new_round_ledger, round_summary, skipped_round
+from .protocol.pass_driver import DEFAULT_STATISTICS_EXAMPLES, StatisticsPassDriver
 from .quarantine import FailureRecord, Quarantine
-from .round_models import CLIENT_WEIGHTS, aggregate_finite, brief, check_models, keep_shared_metrics
+from .round_models import aggregate_finite, begin_contents, brief, check_models, keep_shared_metrics
 from .seeds import derive_seed
+from .strategy_options import check_options, forwarded, log_summary
 from .wrapped import FEDAVG_OPTIONS, find_attribute, sampling_seed, wrapped_strategy
 
 __all__ = ["FedTAN", "ForwardingGrid", "derive_seed"]
@@ -60,45 +60,13 @@ class FedTAN(Strategy):
     ``torch.nn.BatchNorm*``, ``running_mean``, ``running_var`` and
     ``num_batches_tracked``), so the server needs no model and no torch.
 
-    **Drops.** A client that replies with an error, a malformed payload (NaN or Inf
-    statistics, wrong shapes, counts inconsistent across its payloads), or not at all
-    within ``exchange_timeout`` is dropped, with one log line naming the node and the
-    reason, and the synchronised step restarts without it (at most ``max_restarts`` times a
-    round); if too few remain the round is skipped and the global model kept. A final model
-    that fails the checks (keys, shapes, dtypes, NaN, negative running variance, a weight
-    that does not match what the client synchronised with, values beyond ``max_growth`` times
-    the global model's) is left out of the average, also logged; so is a client whose model
-    makes the aggregated model non-finite. Any unexpected error while handling one client's
-    reply drops that client; it never ends the run. The reasons are kept in ``dropped[round][node]``.
-
-    **Repeat offenders.** A node dropped in ``quarantine_after`` consecutive rounds sits out
-    the next round; each further consecutive failure doubles its time out (1, 2, 4, ...
-    rounds, at most ``max_quarantine_rounds``), and one round completed without a drop
-    clears its record. A round in which no client got through charges nobody (the cause is
-    then unlikely to be one node). So a node that fails the same way every round (e.g. data holding NaN)
-    costs a restart in a shrinking fraction of the rounds instead of in every round, and
-    still gets retried. Nodes sitting out are removed from the wrapped strategy's sample and
-    logged.
-
-    **Averaging weight.** With ``client_weight="synchronised"`` (default) a client's weight
-    is the number of examples it synchronised with (the ``num-examples`` of its forward
-    payloads, summed over the round's synchronised steps). Every forward payload of one
-    step must carry the same ``num-examples``; its per-channel count must be a whole
-    multiple of it (the layer's positions per example); with ``uniform_positions`` that
-    multiple must equal the other clients' at the same call (same input size). The
-    ``num-examples`` the client reports with its model must equal the synchronised count.
-    A mismatch drops the client. ``client_weight="reported"`` weighs by the reported value
-    instead (for clients that legitimately weigh by something else, e.g. all their local
-    samples); the forward checks still apply.
-
-    **Reproducible, resumable runs.** Node sampling (the wrapped strategy's, through
-    ``random``) is seeded by ``(seed, round)`` and the clients' batches by ``(seed, round,
-    attempt)``; the caller's ``random`` state is left untouched. With ``checkpoint_dir`` a
-    checkpoint is written after each round's aggregation (global arrays, the wrapped
-    strategy's state, e.g. FedAdam's ``m_t``/``v_t``, and FedTAN's failure records);
-    ``start(..., resume_from=path)`` continues from it, with the same models for the later
-    rounds as an uninterrupted run (noise drawn from NumPy's global generator, as in
-    Flower's DP wrappers, is not reproduced unless the caller seeds it).
+    What the round does when a client fails (it is dropped with one log line naming it and
+    the reason, the synchronised step restarts without it; ``dropped[round][node]`` keeps the
+    reasons), when a node fails round after round (it sits out, for ever longer), and how a
+    client's averaging weight is checked is in docs/protocol.md ("How a round runs");
+    reproducible and resumable runs (node sampling seeded by ``(seed, round)``, the clients'
+    batches by ``(seed, round, attempt)``, checkpoints and ``start(..., resume_from=...)``)
+    are in docs/strategies.md.
 
     Parameters
     ----------
@@ -148,7 +116,7 @@ class FedTAN(Strategy):
         extra exchange a round agrees pairwise keys, every client payload is masked, and
         an honest-but-curious server (one that follows the protocol) learns only the sums
         over clients (and each client's batch size, its averaging weight); a malicious
-        server is out of scope (README, "What FedTAN trusts"). The models returned at the
+        server is out of scope (docs/security.md, "What FedTAN trusts"). The models returned at the
         end of a round stay in the clear.
         The statistics pass is masked the same way (its own key exchange).
     statistics : {"exact", "running"} (default: "exact")
@@ -171,7 +139,7 @@ class FedTAN(Strategy):
         node that replied last), at most one every ``progress_interval`` seconds besides
         the first and last exchange of a round (0: every exchange; ``None``: none), and one
         summary line per round and per statistics pass. The figures are in the round's
-        train metrics either way (README, "Metrics").
+        train metrics either way (docs/protocol.md, "Progress of a long round").
 
     Examples
     --------
@@ -218,52 +186,29 @@ class FedTAN(Strategy):
             fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, min_available_nodes,
             weighted_by_key, arrayrecord_key, configrecord_key, train_metrics_aggr_fn, evaluate_metrics_aggr_fn,
         ))))
-        checks = ArgumentChecks("FedTAN")
-        checks.integer("sync_steps", sync_steps, 1)
-        checks.number("exchange_timeout", exchange_timeout, above=0, fix="give the seconds to wait for a reply, > 0")
-        checks.integer("max_restarts", max_restarts, 0)
-        checks.number("poll_interval", poll_interval, above=0)
-        checks.integer("seed", seed)
-        checks.choice("client_weight", client_weight, CLIENT_WEIGHTS)
-        if quarantine_after is not None:
-            checks.integer("quarantine_after", quarantine_after, 1, fix="give a whole number >= 1, or None")
-        checks.integer("max_quarantine_rounds", max_quarantine_rounds, 1)
-        checks.integer("keep_checkpoints", keep_checkpoints, 0, fix="give a whole number >= 0 (0 keeps all)")
-        checks.boolean("secure_stats", secure_stats)
-        checks.number("max_growth", max_growth, above=1)
-        if progress_interval is not None:
-            checks.number("progress_interval", progress_interval, at_least=0,
-                          fix="give the seconds between two progress lines, >= 0, or None for no such line")
-        check_statistics_options(statistics, statistics_examples, statistics_every, checks)
-        checks.raise_if_any()
+        check_options(dict(
+            sync_steps=sync_steps, exchange_timeout=exchange_timeout, max_restarts=max_restarts,
+            poll_interval=poll_interval, seed=seed, client_weight=client_weight, quarantine_after=quarantine_after,
+            max_quarantine_rounds=max_quarantine_rounds, keep_checkpoints=keep_checkpoints, secure_stats=secure_stats,
+            max_growth=max_growth, progress_interval=progress_interval, statistics=statistics,
+            statistics_examples=statistics_examples, statistics_every=statistics_every,
+        ))
         self.strategy = strategy
-        self.sync_steps = sync_steps
-        self.exchange_timeout = exchange_timeout
-        self.max_restarts = max_restarts
-        self.poll_interval = poll_interval
-        self.seed = seed
         self.client_weight = client_weight
-        self.uniform_positions = uniform_positions
         self.is_buffer = is_buffer or is_batchnorm_buffer
-        self.quarantine_after = quarantine_after
-        self.max_quarantine_rounds = max_quarantine_rounds
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.keep_checkpoints = keep_checkpoints
-        self.secure_stats = bool(secure_stats)
-        self.max_growth = float(max_growth)
-        self.progress_interval = None if progress_interval is None else float(progress_interval)
         self.statistics = statistics
         self.statistics_every = int(statistics_every)
-        self.driver = RoundDriver(
+        # One object for the options the drivers read: setting one of FedTAN's attributes
+        # below after construction reaches the next round and the next statistics pass.
+        self.options = RoundOptions(
             sync_steps=sync_steps, exchange_timeout=exchange_timeout, poll_interval=poll_interval,
-            max_restarts=max_restarts, seed=seed, uniform_positions=uniform_positions, max_growth=self.max_growth,
-            secure_stats=self.secure_stats,
+            max_restarts=max_restarts, seed=seed, uniform_positions=uniform_positions, max_growth=max_growth,
+            secure_stats=secure_stats, examples=statistics_examples, progress_interval=progress_interval,
         )
-        self._statistics_pass = StatisticsPassDriver(PassOptions(
-            examples=statistics_examples, exchange_timeout=exchange_timeout, poll_interval=poll_interval,
-            max_restarts=max_restarts, seed=seed, secure_stats=self.secure_stats,
-            uniform_positions=uniform_positions, max_growth=max_growth, progress_interval=self.progress_interval,
-        ))
+        self.driver = RoundDriver(self.options)
+        self._statistics_pass = StatisticsPassDriver(self.options)
         self.quarantine = Quarantine(quarantine_after, max_quarantine_rounds)
         self._grid: Optional[Grid] = None
         self._num_rounds: Optional[int] = None
@@ -271,6 +216,19 @@ class FedTAN(Strategy):
         self.dropped: dict[int, dict[int, str]] = {}
         self._round: Optional[TrainRound] = None
         self._resumed_through = 0
+
+    sync_steps = forwarded("options", "sync_steps")
+    exchange_timeout = forwarded("options", "exchange_timeout")
+    max_restarts = forwarded("options", "max_restarts")
+    poll_interval = forwarded("options", "poll_interval")
+    seed = forwarded("options", "seed")
+    uniform_positions = forwarded("options", "uniform_positions")
+    max_growth = forwarded("options", "max_growth")
+    secure_stats = forwarded("options", "secure_stats")
+    progress_interval = forwarded("options", "progress_interval")
+    statistics_examples = forwarded("options", "statistics_examples", "examples")
+    quarantine_after = forwarded("quarantine", "quarantine_after", "after")
+    max_quarantine_rounds = forwarded("quarantine", "max_quarantine_rounds", "max_rounds")
 
     @property
     def weighted_by_key(self) -> str:
@@ -304,16 +262,7 @@ class FedTAN(Strategy):
 
     def summary(self) -> None:
         """Log the strategy's settings, then the wrapped strategy's."""
-        log(INFO, "\t├──> FedTAN around %s:", type(self.strategy).__name__)
-        log(INFO, "\t│\t├── Synchronised steps per round: %d", self.sync_steps)
-        log(INFO, "\t│\t├── Secure statistics: %s", "on" if self.secure_stats else "off")
-        log(INFO, "\t│\t├── Exchange timeout: %.1fs, poll interval %.3fs", self.exchange_timeout, self.poll_interval)
-        log(INFO, "\t│\t├── Max restarts per round: %d; sit out after %s failed rounds (at most %d rounds)",
-            self.max_restarts, self.quarantine_after, self.max_quarantine_rounds)
-        log(INFO, "\t│\t├── BatchNorm statistics: %s", "exact (pass every %d rounds, %d examples per client)" % (
-            self.statistics_every, self._statistics_pass.examples) if self.statistics == "exact" else "running")
-        log(INFO, "\t│\t└── Client weight: %s; seed %d", self.client_weight, self.seed)
-        self.strategy.summary()
+        log_summary(self)
 
     # ------------------------------------------------------------------ Flower's loop
     def start(
@@ -351,7 +300,7 @@ class FedTAN(Strategy):
             if done >= num_rounds:
                 log(WARNING, "FedTAN: checkpoint is at round %d of %d: nothing left to run", done, num_rounds)
             self._resumed_through = done
-            evaluate_fn = self._evaluate_after(done, evaluate_fn)
+            evaluate_fn = checkpoint.evaluate_after(done, evaluate_fn)
         # FedTAN runs inside Flower's round loop: the Grid it hands the loop turns each
         # round's train messages (from configure_train) into FedTAN's exchanges.
         result = super().start(ExchangeGrid(grid, self.run_round), initial_arrays, num_rounds, timeout,
@@ -359,16 +308,6 @@ class FedTAN(Strategy):
         if not len(result.arrays):  # every round skipped: the global model is still the initial one
             result.arrays = initial_arrays
         return result
-
-    @staticmethod
-    def _evaluate_after(done: int, evaluate_fn: EvaluateFn | None) -> EvaluateFn | None:
-        if evaluate_fn is None:
-            return None
-
-        def evaluate(server_round: int, arrays: ArrayRecord) -> Optional[MetricRecord]:
-            return None if server_round < done else evaluate_fn(server_round, arrays)
-
-        return evaluate
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -381,31 +320,11 @@ class FedTAN(Strategy):
         inner = getattr(grid, "inner", grid)
         self._grid = inner
         params = ArrayRecord({k: v for k, v in arrays.items() if not self.is_buffer(k)})
-        buffers = {k: v for k, v in arrays.items() if self.is_buffer(k)}
         with sampling_seed(derive_seed(self.seed, server_round)):
-            messages = list(self.strategy.configure_train(server_round, params, config, inner))
-        contents: dict[int, RecordDict] = {}
-        for message in messages:
-            node = message.metadata.dst_node_id
-            if self.quarantine.benched(node, server_round):
-                continue
-            array_records = list(message.content.array_records.values())
-            config_records = list(message.content.config_records.values())
-            if len(array_records) != 1 or len(config_records) > 1:
-                raise ValueError(
-                    f"{type(self.strategy).__name__}.configure_train sent node {node} "
-                    f"{len(array_records)} ArrayRecords and {len(config_records)} ConfigRecords; FedTAN "
-                    "needs one ArrayRecord (the model) and at most one ConfigRecord"
-                )
-            sent = array_records[0]
-            missing = [k for k in arrays.keys() if k not in sent and k not in buffers]
-            if missing:
-                raise ValueError(f"{type(self.strategy).__name__}.configure_train left out arrays {missing[:5]}")
-            full = ArrayRecord({k: (buffers[k] if k in buffers else sent[k]) for k in arrays.keys()})
-            node_config = config_records[0] if config_records else ConfigRecord()
-            contents[node] = schema.encode_begin(
-                full, node_config, server_round, self.sync_steps, self.seed
-            )
+            messages = [m for m in self.strategy.configure_train(server_round, params, config, inner)
+                        if not self.quarantine.benched(m.metadata.dst_node_id, server_round)]
+        contents = begin_contents(self.strategy, messages, arrays, self.is_buffer, lambda model, node_config: (
+            schema.encode_begin(model, node_config, server_round, self.sync_steps, self.seed)))
         ledger = new_round_ledger(server_round, self.progress_interval)
         self.dropped[server_round] = ledger.dropped
         self._round = TrainRound(server_round, {k: v.numpy() for k, v in arrays.items()}, contents, ledger)
@@ -482,6 +401,7 @@ class FedTAN(Strategy):
         return self.driver.run(grid, round_, participants, self.min_train_nodes, self.weighted_by_key)
 
     def _update_failures(self, round_: TrainRound, completed: bool) -> None:
+        """Record the round's outcome for each node it started with (:mod:`flwr_fedtan.quarantine`)."""
         self.quarantine.update(round_.server_round, round_.contents, round_.ledger.dropped, completed)
 
     # ------------------------------------------------------------------ checkpoints

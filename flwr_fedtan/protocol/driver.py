@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from typing import Optional, Union, cast
+from typing import Any, Callable, Optional, Union, cast
 
 import numpy as np
 from flwr.app import Message, MetricRecord, RecordDict
@@ -35,19 +35,22 @@ from ..aggregation import (
 )
 from ..errors import CanaryMismatchError, FixedPointOverflowError, PayloadError, SecureStatsError
 from ..progress import ExchangeProgress, describe_bytes
+from ..secure import Roster, ServerSession
 from ..seeds import round_seed
 from .exchange import (
     ExchangeLedger,
     Exchanges,
     Restart,
+    accept_keys,
     count_claims,
     payload_kind_mismatches,
     unexpected,
     within_limit,
 )
+from .pass_driver import PassOptions
 
-__all__ = ["REASON_CHARS", "RoundDriver", "RoundLedger", "TrainRound", "new_round_ledger", "round_summary",
-           "skipped_round"]
+__all__ = ["REASON_CHARS", "RoundDriver", "RoundLedger", "RoundOptions", "TrainRound", "new_round_ledger",
+           "round_summary", "skipped_round"]
 
 REASON_CHARS = 400  # a drop reason quotes the client's own text: keep the log readable
 
@@ -95,7 +98,7 @@ class _Attempt:
 
     seed: int
     number: int
-    roster: Optional[secure.Roster]
+    roster: Optional[Roster]
     limit: float
     synchronised: dict[int, int]
     received: int = 0  # aggregates sent so far
@@ -103,40 +106,69 @@ class _Attempt:
     step_examples: dict[int, int] = field(default_factory=dict)
 
 
+@dataclass
+class RoundOptions(PassOptions):
+    """The options of FedTAN's rounds and of its statistics passes, in one object that
+    :class:`~flwr_fedtan.FedTAN` holds and both drivers read at each round and pass: a
+    change between rounds (``strategy.exchange_timeout = 30``) reaches both.
+
+    The fields are :class:`~flwr_fedtan.FedTAN`'s arguments of the same names
+    (``examples`` is its ``statistics_examples``); ``min_clients`` is the statistics
+    pass's (a round's is the wrapped strategy's ``min_train_nodes``).
+    """
+
+    sync_steps: int = 1
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        convert = _KEPT_AS.get(name)
+        super().__setattr__(name, value if convert is None else convert(value))
+
+
+_KEPT_AS: dict[str, Callable[[Any], Any]] = {
+    "max_growth": float,
+    "secure_stats": bool,
+    "progress_interval": lambda value: None if value is None else float(value),
+}
+"""The options kept converted, as the drivers read them."""
+
+
 class RoundDriver:
     """Drives FedTAN rounds on a Grid (server side, no torch, no strategy logic).
 
-    Parameters are :class:`~flwr_fedtan.FedTAN`'s of the same names; ``secure_stats``
-    masks every payload (a key exchange before the first attempt and after each restart).
+    ``options`` (:class:`RoundOptions`) are read at each round; with ``secure_stats`` every
+    payload is masked (a key exchange before the first attempt and after each restart).
     """
 
-    def __init__(self, *, sync_steps: int, exchange_timeout: float, poll_interval: float, max_restarts: int,
-                 seed: int, uniform_positions: bool, max_growth: float, secure_stats: bool) -> None:
-        self.sync_steps = sync_steps
-        self.exchange_timeout = exchange_timeout
-        self.poll_interval = poll_interval
-        self.max_restarts = max_restarts
-        self.seed = seed
-        self.uniform_positions = uniform_positions
-        self.max_growth = max_growth
-        self.secure = secure.ServerSession() if secure_stats else None
+    def __init__(self, options: RoundOptions) -> None:
+        self.options = options
+        self._session: Optional[ServerSession] = None
+
+    @property
+    def secure(self) -> Optional[ServerSession]:
+        """The rounds' key agreement with secure statistics, ``None`` without."""
+        if not self.options.secure_stats:
+            return None
+        if self._session is None:
+            self._session = ServerSession()
+        return self._session
 
     def round_seed(self, server_round: int, attempt: int) -> int:
         """The seed of the clients' batches in ``(round, attempt)`` (each derives it itself)."""
-        return round_seed(self.seed, server_round, attempt)
+        return round_seed(self.options.seed, server_round, attempt)
 
     def run(self, grid: Grid, round_: TrainRound, participants: list[int], min_clients: int,
             weighted_by_key: str) -> list[Message]:
         """Drive the synchronised step(s) of ``round_`` on ``participants``; return the
         clients' final replies (empty if fewer than ``min_clients`` got through)."""
-        exchanges = Exchanges(grid, round_.ledger, server_round=round_.server_round, timeout=self.exchange_timeout,
-                              poll_interval=self.poll_interval, weighted_by_key=weighted_by_key)
+        options = self.options
+        exchanges = Exchanges(grid, round_.ledger, server_round=round_.server_round, timeout=options.exchange_timeout,
+                              poll_interval=options.poll_interval, weighted_by_key=weighted_by_key)
         ledger = round_.ledger
         if self.secure is not None:
             participants = self._key_exchange(exchanges, participants)
         # Secure statistics need two clients: one client's statistics cannot hide in a sum.
         least = max(2, min_clients) if self.secure is not None else min_clients
-        for attempt in range(self.max_restarts + 1):
+        for attempt in range(self.options.max_restarts + 1):
             if len(participants) < least:
                 break
             try:
@@ -145,7 +177,7 @@ class RoundDriver:
             except Restart:
                 failed = [n for n in participants if n in ledger.dropped]
                 participants = [n for n in participants if n not in ledger.dropped]
-                if len(participants) < least or attempt == self.max_restarts:
+                if len(participants) < least or attempt == self.options.max_restarts:
                     break
                 ledger.restarts += 1
                 log(WARNING, "Round %d: restarting the synchronised step with %d clients (without %s)",
@@ -178,7 +210,7 @@ class RoundDriver:
             point, step, payloads = self._at_one_point(ledger, statuses, roster is not None)
             aggregate = self._pool(exchanges, round_, state, point, step, payloads)
             content = schema.encode_aggregate(round_.server_round, step, state.received, point, aggregate,
-                                              self.sync_steps, seed)
+                                              self.options.sync_steps, seed)
             state.received += 1
             sent = time.perf_counter()
             result = exchanges.send({n: content for n in statuses})
@@ -223,9 +255,9 @@ class RoundDriver:
                 where = secure.describe_point(round_.server_round, step, point.phase, point.index, point.call)
                 aggregate = self.secure.decode(payloads, state.roster, point.index, where)
             elif point.phase == schema.PHASE_FORWARD:
-                aggregate = pool_forward_stats(payloads, point.channels, state.limit, self.max_growth)
+                aggregate = pool_forward_stats(payloads, point.channels, state.limit, self.options.max_growth)
             else:
-                aggregate = sum_backward_sums(payloads, point.channels, state.limit, self.max_growth)
+                aggregate = sum_backward_sums(payloads, point.channels, state.limit, self.options.max_growth)
             if not within_limit(aggregate, state.limit):  # clear pooling names the client; masked sums cannot
                 raise FixedPointOverflowError(
                     f"round {round_.server_round}: the pooled {point.phase} statistics of BatchNorm call "
@@ -257,7 +289,7 @@ class RoundDriver:
         count each client's examples once per synchronised step."""
         if step != state.step:
             state.step, state.step_examples = step, {}
-        violations = forward_count_violations(claims, state.step_examples, self.uniform_positions)
+        violations = forward_count_violations(claims, state.step_examples, self.options.uniform_positions)
         for node, why in violations.items():
             ledger.drop(node, why)
         if violations:
@@ -283,7 +315,7 @@ class RoundDriver:
                 ledger.batchnorm_calls = point.index  # forward points are 0..L-1 of every step
             elif phase == schema.PHASE_DONE:
                 ledger.batchnorm_calls = 0
-        total = None if ledger.batchnorm_calls is None else 2 * ledger.batchnorm_calls * self.sync_steps + 1
+        total = None if ledger.batchnorm_calls is None else 2 * ledger.batchnorm_calls * self.options.sync_steps + 1
         number = f"{index}" if total is None else f"{index}/{total}"
         if point is None:
             what = "local steps and final models" if phase == schema.PHASE_DONE else phase
@@ -301,31 +333,23 @@ class RoundDriver:
         session, ledger = self.secure, exchanges.ledger
         assert session is not None
         session.new_round(exchanges.server_round)
-        content = schema.encode_keys(exchanges.server_round, self.sync_steps)
-        for _ in range(self.max_restarts + 1):
+        content = schema.encode_keys(exchanges.server_round, self.options.sync_steps)
+        for _ in range(self.options.max_restarts + 1):
             participants = [n for n in participants if n not in ledger.dropped]
             try:
                 statuses = exchanges.send({n: content for n in participants}).statuses
             except Restart:
                 continue
-            for node, status in statuses.items():
-                try:
-                    if not isinstance(status, schema.KeysStatus):
-                        raise PayloadError(node, f"replied {status.phase!r} to the key exchange")
-                    session.accept_public_key(node, status.public_key)
-                except PayloadError as error:
-                    ledger.drop(node, str(error))
-                except Exception as error:  # pylint: disable=broad-except
-                    ledger.drop(node, unexpected(error))
+            accept_keys(ledger, session, statuses)
             return [n for n in participants if n in session.public_keys]
         return []
 
-    def _blame(self, exchanges: Exchanges, roster: secure.Roster, payloads: dict, exchange: int) -> None:
+    def _blame(self, exchanges: Exchanges, roster: Roster, payloads: dict, exchange: int) -> None:
         """The canaries of ``exchange`` did not cancel: every client reveals its pair masks of
         that canary (and nothing else), and the client whose canary or masks do not add up
         is dropped (:func:`flwr_fedtan.secure.blame_canary`)."""
         length = int(next(iter(payloads.values())).masked.shape[1])
-        content = schema.encode_blame(exchanges.server_round, self.sync_steps, exchange, length)
+        content = schema.encode_blame(exchanges.server_round, self.options.sync_steps, exchange, length)
         try:
             statuses = exchanges.send({n: content for n in payloads}).statuses
         except Restart:  # whoever did not answer is dropped already

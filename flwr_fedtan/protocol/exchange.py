@@ -25,7 +25,7 @@ from .. import progress, schema
 from ..aggregation import BackwardSums, ForwardStats
 from ..errors import PayloadError
 from ..progress import ExchangeProgress, ExchangeTiming
-from ..secure import MaskedPayload
+from ..secure import MaskedPayload, ServerSession
 
 _ANSI_CODES = re.compile(r"\x1b\[[0-9;]*m")
 _CLIENTAPP_MESSAGE = "occurred. Message: "  # flwr.clientapp.ClientAppException's wording
@@ -49,6 +49,7 @@ def client_error_text(reason: str) -> str:
 
 __all__ = [
     "ExchangeLedger",
+    "accept_keys",
     "ExchangeResult",
     "Exchanges",
     "Restart",
@@ -198,6 +199,22 @@ class Exchanges:
         if restart and len(result.statuses) != len(contents):
             raise Restart()
         return result
+
+
+def accept_keys(ledger: ExchangeLedger, session: ServerSession, statuses: Mapping[int, schema.Status]) -> None:
+    """Take each node's public key from its reply to a key exchange (a round's or a
+    statistics pass's) into ``session``; a node that replied another phase or a key the
+    session refuses is dropped with the reason, and so is one whose reply raised anything
+    else: it ends that node, never the round."""
+    for node, status in statuses.items():
+        try:
+            if not isinstance(status, schema.KeysStatus):
+                raise PayloadError(node, f"replied {status.phase!r} to the key exchange")
+            session.accept_public_key(node, status.public_key)
+        except PayloadError as error:
+            ledger.drop(node, str(error))
+        except Exception as error:  # pylint: disable=broad-except
+            ledger.drop(node, unexpected(error))
 
 
 def payload_kind_mismatches(payloads: Mapping[int, object], masked: bool, what: str) -> dict[int, str]:

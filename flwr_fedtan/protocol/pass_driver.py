@@ -42,7 +42,15 @@ from ..aggregation import (
 from ..errors import PayloadError, SecureStatsError
 from ..progress import DEFAULT_PROGRESS_INTERVAL, ExchangeProgress, describe_bytes
 from ..seeds import pass_seed
-from .exchange import ExchangeLedger, Exchanges, Restart, count_claims, payload_kind_mismatches, within_limit
+from .exchange import (
+    ExchangeLedger,
+    Exchanges,
+    Restart,
+    accept_keys,
+    count_claims,
+    payload_kind_mismatches,
+    within_limit,
+)
 
 __all__ = ["DEFAULT_STATISTICS_EXAMPLES", "PassOptions", "PassOutcome", "StatisticsPassDriver", "pass_seed"]
 
@@ -52,9 +60,10 @@ README's measurement for why."""
 
 
 
-@dataclass(frozen=True)
+@dataclass
 class PassOptions:
-    """The options of the statistics pass, with their defaults.
+    """The options of the statistics pass, with their defaults. The driver reads them at
+    each pass, so a change between passes reaches the next one.
 
     Attributes
     ----------
@@ -135,13 +144,33 @@ class StatisticsPassDriver:
     """
 
     def __init__(self, options: Optional[PassOptions] = None, **changes: Any) -> None:
-        options = dataclasses.replace(options or PassOptions(), **changes)
-        self.options = options
-        self.examples = int(options.examples)
-        self.max_growth = float(options.max_growth)
-        low = 2 if options.secure_stats else 1
-        self.min_clients = max(low, options.min_clients)
-        self._secure = secure.ServerSession() if options.secure_stats else None
+        options = options or PassOptions()
+        self.options = dataclasses.replace(options, **changes) if changes else options
+        self._session: Optional[secure.ServerSession] = None
+
+    @property
+    def examples(self) -> int:
+        """At most this many examples per client."""
+        return int(self.options.examples)
+
+    @property
+    def max_growth(self) -> float:
+        """How far one client's statistics may reach beyond the others' (``PassOptions``)."""
+        return float(self.options.max_growth)
+
+    @property
+    def min_clients(self) -> int:
+        """Fewest clients a pass may pool (2 at least with secure statistics)."""
+        return max(2 if self.options.secure_stats else 1, self.options.min_clients)
+
+    @property
+    def _secure(self) -> Optional[secure.ServerSession]:
+        """The key agreement of the passes with secure statistics, ``None`` without."""
+        if not self.options.secure_stats:
+            return None
+        if self._session is None:
+            self._session = secure.ServerSession()
+        return self._session
 
     def run(self, grid: Grid, nodes: Iterable[int], arrays: ArrayRecord, server_round: int) -> PassOutcome:
         """Run the pass of ``server_round`` over ``arrays`` (the aggregated global model) on
@@ -331,11 +360,5 @@ class StatisticsPassDriver:
         session.new_round(exchanges.server_round)
         content = schema.encode_stats_keys(exchanges.server_round)
         statuses = exchanges.send({n: content for n in participants}, restart=False).statuses
-        for node, status in statuses.items():
-            try:
-                if not isinstance(status, schema.KeysStatus):
-                    raise PayloadError(node, f"replied {status.phase!r} to the key exchange")
-                session.accept_public_key(node, status.public_key)
-            except PayloadError as error:
-                exchanges.ledger.drop(node, str(error))
+        accept_keys(exchanges.ledger, session, statuses)
         return [n for n in participants if n in session.public_keys]
