@@ -46,6 +46,7 @@ __all__ = [
     "apply_buffers",
     "check_statistics_options",
     "pass_due",
+    "run_pass",
     "pass_seed",
 ]
 
@@ -189,3 +190,14 @@ def apply_buffers(arrays: ArrayRecord, buffers: Optional[dict[str, np.ndarray]])
         return arrays
     return ArrayRecord({k: (Array(np.ascontiguousarray(buffers[k])) if k in buffers else v) for k, v in arrays.items()})
 
+
+def run_pass(driver: StatisticsPassDriver, grid: Grid, nodes: list[int], arrays: ArrayRecord, server_round: int,
+             metrics: MetricRecord, dropped: dict[int, str]) -> ArrayRecord:
+    """A FedTAN round's statistics pass over its aggregated ``arrays``: returns them with the
+    pass's buffers (unchanged if it failed); its metrics go into ``metrics`` and the nodes it
+    dropped into the round's ``dropped`` (``"statistics pass: <why>"``, after the round's own)."""
+    outcome = driver.run(grid, nodes, arrays, server_round)
+    metrics.update(outcome.metrics())
+    for node, why in outcome.dropped.items():
+        dropped.setdefault(node, f"statistics pass: {why}")
+    return apply_buffers(arrays, outcome.buffers)

@@ -19,11 +19,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
 
-from . import checkpoint, schema
+from . import checkpoint
 from .aggregation import DEFAULT_MAX_GROWTH, is_batchnorm_buffer
-from .exact_statistics import apply_buffers, pass_due
+from .exact_statistics import pass_due, run_pass
 from .grids import ExchangeGrid, ForwardingGrid
 from .progress import DEFAULT_PROGRESS_INTERVAL
+from .protocol import wire
 from .protocol.driver import RoundDriver, RoundOptions, TrainRound, new_round_ledger, round_summary, skipped_round
 from .protocol.pass_driver import DEFAULT_STATISTICS_EXAMPLES, StatisticsPassDriver
 from .quarantine import FailureRecord, Quarantine
@@ -43,22 +44,14 @@ class FedTAN(Strategy):
     """FedTAN around any Flower strategy: its first local step(s) use the pooled batch's
     BatchNorm statistics, and BatchNorm buffers always take the pooled aggregate.
 
-    Each round: the wrapped strategy's ``configure_train`` chooses the nodes and the config
-    and its arrays go out with FedTAN's first exchange; ``2L`` exchanges (one per BatchNorm
-    call forward, one per call backward) drive each of the ``sync_steps`` synchronised
-    steps; the clients finish their local steps and return their models with the last
-    exchange (``2L * sync_steps + 1`` exchanges a round). The wrapped strategy's
-    ``aggregate_train`` then aggregates the clients' models for the *parameters* (FedAvg,
-    a server optimiser such as FedAdam or FedAvgM, a DP wrapper...), and FedTAN sets the
-    BatchNorm *buffers* to the pooled aggregate: ``running_mean``/``running_var`` as the
-    moments of the pooled data, ``num_batches_tracked`` as an integer. The wrapped strategy
-    never sees the buffers, so no optimiser can drive a variance negative, and its state
-    (e.g. FedAdam's moments) covers parameters only. Evaluation goes through the wrapped
-    strategy unchanged.
-
-    Buffers are recognised by name (``is_buffer``; default: the ``state_dict`` suffixes of
-    ``torch.nn.BatchNorm*``, ``running_mean``, ``running_var`` and
-    ``num_batches_tracked``), so the server needs no model and no torch.
+    Each round: the wrapped strategy's ``configure_train`` chooses the nodes and the config;
+    ``2L`` exchanges (one per BatchNorm call forward and backward) drive each of the
+    ``sync_steps`` synchronised steps, and the clients return their models with the last
+    (``2L * sync_steps + 1`` exchanges a round). The wrapped strategy's ``aggregate_train``
+    aggregates the *parameters* (FedAvg, FedAdam, FedAvgM, a DP wrapper...); FedTAN sets the
+    BatchNorm *buffers* to the pooled aggregate, which the wrapped strategy never sees (its
+    state, e.g. FedAdam's moments, covers parameters only). Evaluation is the wrapped
+    strategy's, unchanged.
 
     What the round does when a client fails (it is dropped with one log line naming it and
     the reason, the synchronised step restarts without it; ``dropped[round][node]`` keeps the
@@ -66,7 +59,8 @@ class FedTAN(Strategy):
     client's averaging weight is checked is in docs/protocol.md ("How a round runs");
     reproducible and resumable runs (node sampling seeded by ``(seed, round)``, the clients'
     batches by ``(seed, round, attempt)``, checkpoints and ``start(..., resume_from=...)``)
-    are in docs/strategies.md.
+    are in docs/strategies.md. Each option below is also an attribute: set between rounds,
+    it is checked as here and takes effect from the next round.
 
     Parameters
     ----------
@@ -87,17 +81,20 @@ class FedTAN(Strategy):
     max_restarts : int (default: 2)
         Restarts of a round's synchronised step after clients failed.
     poll_interval : float (default: 0.02)
-        Seconds between two pulls of replies (Flower's own ``send_and_receive`` sleeps
-        3 s between pulls in deployment, which FedTAN would pay ``2L`` times a round).
+        Seconds between two pulls of replies (Flower's ``send_and_receive`` sleeps 3 s in deployment).
     seed : int (default: 0)
         Seeds node sampling and the clients' batch sampling.
     client_weight : str (default: "synchronised")
-        ``"synchronised"`` or ``"reported"``, see above.
+        ``"synchronised"``: a client's averaging weight is the number of examples it
+        synchronised with (a model reported with another ``num-examples`` is dropped);
+        ``"reported"``: the ``num-examples`` it reports.
     uniform_positions : bool (default: True)
         Require every client to have the same values per example at each BatchNorm call
         (same input size). Set ``False`` for models fed inputs of varying size.
     is_buffer : Callable[[str], bool], optional
-        Which array keys are BatchNorm buffers (default: by ``nn.BatchNorm`` naming).
+        Which array keys are BatchNorm buffers (default: the ``state_dict`` suffixes of
+        ``torch.nn.BatchNorm*``, ``running_mean``, ``running_var`` and
+        ``num_batches_tracked``): the server needs no model and no torch.
     quarantine_after : int or None (default: 2)
         Consecutive failed rounds before a node sits out; ``None`` never benches a node.
     max_quarantine_rounds : int (default: 8)
@@ -107,39 +104,31 @@ class FedTAN(Strategy):
     keep_checkpoints : int (default: 2)
         Checkpoints kept in ``checkpoint_dir`` (older ones are deleted); 0 keeps all.
     max_growth : float (default: 1e6)
-        How far a client's returned model may reach: every value within ``max_growth``
-        times the largest magnitude of the same array in the global model it was sent (at
-        least 1; squared for running variances). A client beyond it is left out of the
-        average and charged (a finite but huge value would poison the average for good).
+        A client's returned model may reach ``max_growth`` times the largest magnitude of
+        each array of the global model it was sent (at least 1; squared for running
+        variances); a client beyond it is left out of the average and charged.
     secure_stats : bool (default: False)
-        Secure aggregation of the BatchNorm statistics (:mod:`flwr_fedtan.secure`): one
-        extra exchange a round agrees pairwise keys, every client payload is masked, and
-        an honest-but-curious server (one that follows the protocol) learns only the sums
-        over clients (and each client's batch size, its averaging weight); a malicious
-        server is out of scope (docs/security.md, "What FedTAN trusts"). The models returned at the
-        end of a round stay in the clear.
-        The statistics pass is masked the same way (its own key exchange).
+        Secure aggregation of the BatchNorm statistics (:mod:`flwr_fedtan.secure`, one more
+        exchange a round, the statistics pass masked alike): an honest-but-curious server
+        learns only their sums over clients (and each client's batch size); a malicious
+        server is out of scope (docs/security.md, "What FedTAN trusts"). The returned models
+        stay in the clear.
     statistics : {"exact", "running"} (default: "exact")
-        The BatchNorm statistics of the global model. ``"exact"``: after aggregation (and
-        before evaluation) the round's clients run a statistics pass over the new global
-        model (:mod:`flwr_fedtan.exact_statistics`, ``L + 1`` more exchanges): its
-        ``running_mean``/``running_var`` become the pooled mean and unbiased variance of
-        the clients' examples at every BatchNorm call, exactly what precise-BN on their
-        union gives. ``"running"``: the pooled aggregate of the running averages the
-        clients collected during the round (models drifting apart over the local steps
-        collect statistics that are not the averaged model's). If the pass fails (too
-        few clients left), the round keeps the aggregated statistics, logged.
+        The BatchNorm statistics of the global model. ``"exact"``: after aggregation the
+        round's clients run a statistics pass over the new global model
+        (:mod:`flwr_fedtan.exact_statistics`, ``L + 1`` more exchanges): precise-BN on the
+        union of their examples. ``"running"``: the pooled aggregate of the running averages
+        the clients collected during the round. If the pass fails (too few clients left),
+        the round keeps the aggregated statistics, logged.
     statistics_examples : int (default: 256)
         Examples each client forwards in the pass (all of its data if it has fewer).
     statistics_every : int (default: 1)
         Run the pass every this many rounds, and always after the last round.
     progress_interval : float or None (default: 30.0)
-        The ServerApp log gets one INFO line per exchange (the round, the exchange's index
-        out of ``2L * sync_steps + 1``, its phase and BatchNorm call, its seconds and the
-        node that replied last), at most one every ``progress_interval`` seconds besides
-        the first and last exchange of a round (0: every exchange; ``None``: none), and one
-        summary line per round and per statistics pass. The figures are in the round's
-        train metrics either way (docs/protocol.md, "Progress of a long round").
+        At most one INFO line per exchange every this many seconds, besides the first and
+        last exchange of a round (0: every exchange; ``None``: none), and one summary line
+        per round and per statistics pass; the figures are in the round's train metrics
+        either way (docs/protocol.md, "Progress of a long round").
 
     Examples
     --------
@@ -255,9 +244,8 @@ class FedTAN(Strategy):
         self.quarantine.failures = records
 
     def round_seed(self, server_round: int, attempt: int) -> int:
-        """The seed of the clients' batches in ``(round, attempt)``, before each mixes in its
-        own key: each client derives it from the run seed the strategy sends
-        (:func:`flwr_fedtan.seeds.round_seed`)."""
+        """The seed of the clients' batches in ``(round, attempt)``, before each mixes in its own
+        key (each derives it from the run seed: :func:`flwr_fedtan.seeds.round_seed`)."""
         return self.driver.round_seed(server_round, attempt)
 
     def summary(self) -> None:
@@ -279,10 +267,8 @@ class FedTAN(Strategy):
     ) -> Result:
         """Run ``num_rounds`` rounds with Flower's own round loop (``Strategy.start``).
 
-        ``timeout`` bounds each evaluation exchange; training exchanges use
-        ``exchange_timeout``. Per-round costs (exchanges, bytes, seconds, clients,
-        restarts, drops) are recorded with the clients' train metrics in
-        ``Result.train_metrics_clientapp``.
+        ``timeout`` bounds each evaluation exchange; training exchanges use ``exchange_timeout``.
+        Each round's costs are in its train metrics (``Result.train_metrics_clientapp``).
 
         Parameters
         ----------
@@ -317,19 +303,18 @@ class FedTAN(Strategy):
         if server_round <= self._resumed_through:
             log(INFO, "FedTAN: round %d was completed before the checkpoint", server_round)
             return []
-        inner = getattr(grid, "inner", grid)
-        self._grid = inner
+        self._grid = inner = getattr(grid, "inner", grid)
         params = ArrayRecord({k: v for k, v in arrays.items() if not self.is_buffer(k)})
         with sampling_seed(derive_seed(self.seed, server_round)):
             messages = [m for m in self.strategy.configure_train(server_round, params, config, inner)
                         if not self.quarantine.benched(m.metadata.dst_node_id, server_round)]
         contents = begin_contents(self.strategy, messages, arrays, self.is_buffer, lambda model, node_config: (
-            schema.encode_begin(model, node_config, server_round, self.sync_steps, self.seed)))
+            wire.encode_begin(model, node_config, server_round, self.sync_steps, self.seed)))
         ledger = new_round_ledger(server_round, self.progress_interval)
         self.dropped[server_round] = ledger.dropped
         self._round = TrainRound(server_round, {k: v.numpy() for k, v in arrays.items()}, contents, ledger)
         return [
-            Message(content=content, dst_node_id=node, message_type=schema.MESSAGE_TYPE)
+            Message(content=content, dst_node_id=node, message_type=wire.MESSAGE_TYPE)
             for node, content in sorted(contents.items())
         ]
 
@@ -352,24 +337,19 @@ class FedTAN(Strategy):
         aggregated, metrics, merged = aggregate_finite(self.strategy, server_round, round_, contributions,
                                                        wrapped_replies, self.is_buffer)
         if merged is None:
-            self._update_failures(round_, completed=bool(contributions))
-            if self.checkpoint_dir is not None:  # the failure records changed; the model did not
-                unchanged = ArrayRecord({k: Array(v) for k, v in round_.reference.items()})
-                self.save_checkpoint(self.checkpoint_dir, server_round, unchanged)
+            self.quarantine.update(server_round, round_.contents, ledger.dropped, completed=bool(contributions))
+            # The failure records changed; the model did not.
+            self._checkpoint(server_round, ArrayRecord({k: Array(v) for k, v in round_.reference.items()}))
             return None, skipped_round(round_)
         metrics = MetricRecord() if metrics is None else metrics
         if self.statistics == "exact" and self._grid is not None and pass_due(
             server_round, self.statistics_every, self._num_rounds
         ):
-            outcome = self._statistics_pass.run(self._grid, sorted(contributions), merged, server_round)
-            merged = apply_buffers(merged, outcome.buffers)
-            metrics.update(outcome.metrics())
-            for node, why in outcome.dropped.items():
-                ledger.dropped.setdefault(node, f"statistics pass: {why}")
-        self._update_failures(round_, completed=True)
+            merged = run_pass(self._statistics_pass, self._grid, sorted(contributions), merged, server_round,
+                              metrics, ledger.dropped)
+        self.quarantine.update(server_round, round_.contents, ledger.dropped, completed=True)
         metrics.update(round_summary(round_, len(contributions)))
-        if self.checkpoint_dir is not None:
-            self.save_checkpoint(self.checkpoint_dir, server_round, merged)
+        self._checkpoint(server_round, merged)
         return merged, metrics
 
     def configure_evaluate(
@@ -400,21 +380,16 @@ class FedTAN(Strategy):
         participants = sorted(m.metadata.dst_node_id for m in messages)
         return self.driver.run(grid, round_, participants, self.min_train_nodes, self.weighted_by_key)
 
-    def _update_failures(self, round_: TrainRound, completed: bool) -> None:
-        """Record the round's outcome for each node it started with (:mod:`flwr_fedtan.quarantine`)."""
-        self.quarantine.update(round_.server_round, round_.contents, round_.ledger.dropped, completed)
-
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, path: str | os.PathLike, server_round: int, arrays: ArrayRecord) -> Path:
-        """Write the state after ``server_round`` (atomically); return the file.
+    def _checkpoint(self, server_round: int, arrays: ArrayRecord) -> None:
+        if self.checkpoint_dir is not None:
+            self.save_checkpoint(self.checkpoint_dir, server_round, arrays)
 
-        ``path`` is a folder (the file is ``round-NNNNN.fedtan-ckpt`` in it), created or
-        verified private (``0700``, this user's, not a link); the file is ``0600``. It holds
-        the global arrays, the wrapped strategy's state (every attribute that is plain
-        data: e.g. FedAdam's ``current_arrays``, ``m_t``, ``v_t``; FedAvgM's momentum),
-        FedTAN's failure records and seed, as a NumPy archive with a JSON document: no
-        pickle, so loading a checkpoint runs no code.
-        """
+    def save_checkpoint(self, path: str | os.PathLike, server_round: int, arrays: ArrayRecord) -> Path:
+        """Write the state after ``server_round`` (atomically) in the folder ``path``
+        (``round-NNNNN.fedtan-ckpt``); return the file. It holds the global arrays, the
+        wrapped strategy's plain-data state (e.g. FedAdam's ``m_t``, ``v_t``), FedTAN's
+        failure records and seed; no pickle, private files (:mod:`flwr_fedtan.checkpoint`)."""
         return checkpoint.save_run(Path(path), server_round, arrays, self.strategy, self.seed, self.failures,
                                    self.keep_checkpoints)
 

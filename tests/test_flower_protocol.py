@@ -14,7 +14,7 @@ from flwr.app import Array, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
 from flwr_fedtan import FedTAN, FedTANClient, fedtan_client_app
-from flwr_fedtan import schema
+from flwr_fedtan.protocol import wire as schema
 from flwr_fedtan.client import clear_live_rounds, client_seed_key
 from flwr_fedtan.reference import fedtan_round_in_process
 from flwr_fedtan.training import derive_seed

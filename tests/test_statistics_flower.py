@@ -20,7 +20,8 @@ from flwr.app.error import Error
 from flwr.serverapp.strategy import FedAdam, FedAvg
 from torch.utils.data import TensorDataset
 
-from flwr_fedtan import FedTAN, FedTANClient, fedtan_client_app, schema
+from flwr_fedtan import FedTAN, FedTANClient, fedtan_client_app
+from flwr_fedtan.protocol import wire as schema
 from flwr_fedtan.client import clear_live_rounds
 from flwr_fedtan.exact_statistics import ExactStatistics
 from tests._models import build, single_thread  # noqa: F401 (an autouse fixture)

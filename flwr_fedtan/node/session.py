@@ -26,7 +26,8 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord
 from flwr.app.typing import MetricRecordValues
 
-from .. import schema, secure, settings
+from .. import secure, settings
+from ..protocol import wire as schema
 from ..client import FedTANClient, _client_from, client_seed_key
 from ..runtime import live_rounds
 from ..seeds import derive_seed, pass_seed, round_seed

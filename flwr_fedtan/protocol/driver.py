@@ -22,7 +22,8 @@ from flwr.app import Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from .. import schema, secure
+from .. import secure
+from . import wire
 from ..aggregation import (
     BackwardSums,
     ForwardStats,
@@ -89,7 +90,7 @@ class TrainRound:
     ledger: RoundLedger
     synchronised: dict[int, int] = field(default_factory=dict)  # examples each client synchronised with
     saw_forward: bool = False
-    statuses: dict[int, schema.DoneStatus] = field(default_factory=dict)  # the final replies
+    statuses: dict[int, wire.DoneStatus] = field(default_factory=dict)  # the final replies
 
 
 @dataclass
@@ -190,11 +191,11 @@ class RoundDriver:
     # ------------------------------------------------------------------ one attempt
     def _attempt(self, exchanges: Exchanges, round_: TrainRound, participants: list[int], seed: int,
                  number: int) -> list[Message]:
-        begin = {n: schema.with_attempt(round_.contents[n], number) for n in participants}
+        begin = {n: wire.with_attempt(round_.contents[n], number) for n in participants}
         roster = None
         if self.secure is not None:
             roster = self.secure.roster(participants)
-            begin = {n: schema.with_roster(c, number, roster, self.secure.shifts) for n, c in begin.items()}
+            begin = {n: wire.with_roster(c, number, roster, self.secure.shifts) for n, c in begin.items()}
         state = _Attempt(seed, number, roster, value_limit(round_.reference), {n: 0 for n in participants})
         ledger = round_.ledger
         started = time.perf_counter()
@@ -203,13 +204,13 @@ class RoundDriver:
         round_.saw_forward = False
         while True:
             statuses = result.statuses
-            if all(isinstance(s, schema.DoneStatus) for s in statuses.values()):
-                round_.statuses = {n: s for n, s in statuses.items() if isinstance(s, schema.DoneStatus)}
+            if all(isinstance(s, wire.DoneStatus) for s in statuses.values()):
+                round_.statuses = {n: s for n, s in statuses.items() if isinstance(s, wire.DoneStatus)}
                 round_.synchronised = state.synchronised
                 return [result.replies[n] for n in sorted(statuses)]
             point, step, payloads = self._at_one_point(ledger, statuses, roster is not None)
             aggregate = self._pool(exchanges, round_, state, point, step, payloads)
-            content = schema.encode_aggregate(round_.server_round, step, state.received, point, aggregate,
+            content = wire.encode_aggregate(round_.server_round, step, state.received, point, aggregate,
                                               self.options.sync_steps, seed)
             state.received += 1
             sent = time.perf_counter()
@@ -218,22 +219,22 @@ class RoundDriver:
             ledger.sync_seconds = sent - started
             self._note_progress(ledger, result.statuses, state.received + 1, number)
 
-    def _at_one_point(self, ledger: RoundLedger, statuses: dict[int, schema.Status], masked: bool
+    def _at_one_point(self, ledger: RoundLedger, statuses: dict[int, wire.Status], masked: bool
                       ) -> tuple[SyncPoint, int, dict]:
         """The sync point and step every client reached, and their payloads; the clients
         elsewhere (the minority), or with the wrong kind of payload, are dropped (restart)."""
-        if any(isinstance(s, schema.DoneStatus) for s in statuses.values()):
+        if any(isinstance(s, wire.DoneStatus) for s in statuses.values()):
             self._drop_minority(ledger, statuses)
-        key_of = {n: (s.step, schema.point_of(s)) for n, s in statuses.items()}
+        key_of = {n: (s.step, wire.point_of(s)) for n, s in statuses.items()}
         majority, _ = Counter(key_of.values()).most_common(1)[0]
         for node, key in key_of.items():
             if key != majority:
                 ledger.drop(node, f"at sync point {key}, the others at {majority}")
         for node, status in statuses.items():
-            if not isinstance(status, schema.SyncStatus):
+            if not isinstance(status, wire.SyncStatus):
                 ledger.drop(node, f"replied {status.phase!r} during the synchronised step")
         ledger.restart_if_dropped(statuses)
-        sync = {n: s for n, s in statuses.items() if isinstance(s, schema.SyncStatus)}
+        sync = {n: s for n, s in statuses.items() if isinstance(s, wire.SyncStatus)}
         payloads = {n: s.payload for n, s in sync.items()}
         for node, why in payload_kind_mismatches(payloads, masked, "round").items():
             ledger.drop(node, why)
@@ -247,14 +248,14 @@ class RoundDriver:
         and a failure that names no client restarts the attempt."""
         ledger, masked = round_.ledger, state.roster is not None
         try:
-            if point.phase == schema.PHASE_FORWARD:
+            if point.phase == wire.PHASE_FORWARD:
                 self._count_forward(ledger, state, step, count_claims(payloads, masked))
                 round_.saw_forward = True
             aggregate: Union[ForwardStats, BackwardSums]
             if state.roster is not None and self.secure is not None:
                 where = secure.describe_point(round_.server_round, step, point.phase, point.index, point.call)
                 aggregate = self.secure.decode(payloads, state.roster, point.index, where)
-            elif point.phase == schema.PHASE_FORWARD:
+            elif point.phase == wire.PHASE_FORWARD:
                 aggregate = pool_forward_stats(payloads, point.channels, state.limit, self.options.max_growth)
             else:
                 aggregate = sum_backward_sums(payloads, point.channels, state.limit, self.options.max_growth)
@@ -299,7 +300,7 @@ class RoundDriver:
                 state.step_examples[node] = claim.num_examples
                 state.synchronised[node] += claim.num_examples
 
-    def _note_progress(self, ledger: RoundLedger, statuses: dict[int, schema.Status], index: int,
+    def _note_progress(self, ledger: RoundLedger, statuses: dict[int, wire.Status], index: int,
                        attempt: int) -> None:
         """The progress line of the attempt's exchange ``index`` (from 1), described by the
         sync point most replies reached. Its seconds count towards the round's median and
@@ -308,22 +309,22 @@ class RoundDriver:
         if timing is None or not statuses:
             return
         (phase, step, point), _ = Counter(
-            (s.phase, s.step, schema.point_of(s)) for s in statuses.values()
+            (s.phase, s.step, wire.point_of(s)) for s in statuses.values()
         ).most_common(1)[0]
         if ledger.batchnorm_calls is None:
-            if point is not None and point.phase == schema.PHASE_BACKWARD and step == 0:
+            if point is not None and point.phase == wire.PHASE_BACKWARD and step == 0:
                 ledger.batchnorm_calls = point.index  # forward points are 0..L-1 of every step
-            elif phase == schema.PHASE_DONE:
+            elif phase == wire.PHASE_DONE:
                 ledger.batchnorm_calls = 0
         total = None if ledger.batchnorm_calls is None else 2 * ledger.batchnorm_calls * self.options.sync_steps + 1
         number = f"{index}" if total is None else f"{index}/{total}"
         if point is None:
-            what = "local steps and final models" if phase == schema.PHASE_DONE else phase
+            what = "local steps and final models" if phase == wire.PHASE_DONE else phase
         else:
             what = f"step {step + 1}, {point.phase}, BatchNorm call {point.call}"
         if attempt:
             what += f", attempt {attempt + 1}"
-        final = phase == schema.PHASE_DONE
+        final = phase == wire.PHASE_DONE
         ledger.progress.record(timing, f"{number} ({what})", force=index == 1 or final, counted=not final)
 
     # ------------------------------------------------------------------ secure statistics
@@ -333,7 +334,7 @@ class RoundDriver:
         session, ledger = self.secure, exchanges.ledger
         assert session is not None
         session.new_round(exchanges.server_round)
-        content = schema.encode_keys(exchanges.server_round, self.options.sync_steps)
+        content = wire.encode_keys(exchanges.server_round, self.options.sync_steps)
         for _ in range(self.options.max_restarts + 1):
             participants = [n for n in participants if n not in ledger.dropped]
             try:
@@ -349,12 +350,12 @@ class RoundDriver:
         that canary (and nothing else), and the client whose canary or masks do not add up
         is dropped (:func:`flwr_fedtan.secure.blame_canary`)."""
         length = int(next(iter(payloads.values())).masked.shape[1])
-        content = schema.encode_blame(exchanges.server_round, self.options.sync_steps, exchange, length)
+        content = wire.encode_blame(exchanges.server_round, self.options.sync_steps, exchange, length)
         try:
             statuses = exchanges.send({n: content for n in payloads}).statuses
         except Restart:  # whoever did not answer is dropped already
             return
-        revealed = {n: s.canary_masks for n, s in statuses.items() if isinstance(s, schema.BlameStatus)}
+        revealed = {n: s.canary_masks for n, s in statuses.items() if isinstance(s, wire.BlameStatus)}
         try:
             blamed = secure.blame_canary(payloads, roster, revealed)
         except Exception as error:  # pylint: disable=broad-except
@@ -365,8 +366,8 @@ class RoundDriver:
             exchanges.ledger.drop(node, f"masks did not cancel at exchange {exchange}: {why}")
 
     @staticmethod
-    def _drop_minority(ledger: RoundLedger, statuses: dict[int, schema.Status]) -> None:
-        done = [n for n, s in statuses.items() if isinstance(s, schema.DoneStatus)]
+    def _drop_minority(ledger: RoundLedger, statuses: dict[int, wire.Status]) -> None:
+        done = [n for n, s in statuses.items() if isinstance(s, wire.DoneStatus)]
         busy = [n for n in statuses if n not in done]
         for node in done if len(done) <= len(busy) else busy:
             ledger.drop(node, "finished its synchronised steps early" if node in done
@@ -380,7 +381,7 @@ def _first_bad_payload(payloads: dict, point: SyncPoint, masked: bool) -> tuple[
         try:
             if not masked:
                 check_payload(node, payload, point.phase, point.channels)
-            elif point.phase == schema.PHASE_FORWARD and not (
+            elif point.phase == wire.PHASE_FORWARD and not (
                 isinstance(payload.count, float) and isinstance(payload.num_examples, int)
             ):
                 raise PayloadError(node, "masked forward payload without its clear counts")

@@ -29,7 +29,8 @@ from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from .. import schema, secure
+from .. import secure
+from . import wire
 from ..aggregation import (
     DEFAULT_MAX_GROWTH,
     ForwardStats,
@@ -55,8 +56,8 @@ from .exchange import (
 __all__ = ["DEFAULT_STATISTICS_EXAMPLES", "PassOptions", "PassOutcome", "StatisticsPassDriver", "pass_seed"]
 
 DEFAULT_STATISTICS_EXAMPLES = 256
-"""Examples each client forwards in a pass (all of its data if it has fewer); see the
-README's measurement for why."""
+"""Examples each client forwards in a pass (all of its data if it has fewer); why, measured:
+docs/protocol.md, "Exact BatchNorm statistics: the statistics pass" ("Why these defaults")."""
 
 
 
@@ -249,7 +250,7 @@ class StatisticsPassDriver:
             if len(participants) < self.min_clients:
                 raise Restart()
             roster = self._secure.roster(participants)
-        begin = schema.encode_stats_begin(
+        begin = wire.encode_stats_begin(
             arrays, server_round, seed, self.examples, attempt,
             roster, None if self._secure is None else self._secure.shifts,
         )
@@ -257,7 +258,7 @@ class StatisticsPassDriver:
         self._note_progress(outcome, statuses, 1, attempt)
         examples: dict[int, int] = {}
         while True:
-            done = {n: s for n, s in statuses.items() if isinstance(s, schema.StatsDoneStatus)}
+            done = {n: s for n, s in statuses.items() if isinstance(s, wire.StatsDoneStatus)}
             if len(done) == len(statuses):
                 examples = examples or {n: s.num_examples for n, s in done.items()}
                 return self._agreed_buffers(outcome, done, examples), examples
@@ -276,28 +277,28 @@ class StatisticsPassDriver:
             for node, claim in claims.items():
                 examples.setdefault(node, int(claim.num_examples))
             released.append(aggregate)
-            content = schema.encode_stats_aggregate(server_round, index, aggregate, seed)
+            content = wire.encode_stats_aggregate(server_round, index, aggregate, seed)
             statuses = exchanges.send({n: content for n in statuses}).statuses
             self._note_progress(outcome, statuses, len(released) + 1, attempt)
 
     @staticmethod
-    def _forward_point(outcome: ExchangeLedger, statuses: dict[int, schema.Status], index: int
+    def _forward_point(outcome: ExchangeLedger, statuses: dict[int, wire.Status], index: int
                        ) -> tuple[dict, Optional[int]]:
         """The payloads of BatchNorm call ``index`` and its channels; a client elsewhere, or
         with channels unlike the others', is dropped (restart)."""
         for node, status in statuses.items():
-            point = schema.point_of(status)
-            if status.phase != schema.PHASE_FORWARD or point is None or point.index != index:
+            point = wire.point_of(status)
+            if status.phase != wire.PHASE_FORWARD or point is None or point.index != index:
                 where = status.phase if point is None else f"{status.phase} point {point.index}"
                 outcome.drop(node, f"replied {where} to the statistics pass's BatchNorm call {index}")
-        points = {n: p for n, p in ((n, schema.point_of(s)) for n, s in statuses.items()) if p is not None}
+        points = {n: p for n, p in ((n, wire.point_of(s)) for n, s in statuses.items()) if p is not None}
         channels = Counter(p.channels for p in points.values())
         expected = channels.most_common(1)[0][0] if channels else None
         for node, point in points.items():
             if point.channels != expected:
                 outcome.drop(node, f"{point.channels} channels at BatchNorm call {index}, the others {expected}")
         outcome.restart_if_dropped(statuses)
-        return {n: s.payload for n, s in statuses.items() if isinstance(s, schema.SyncStatus)}, expected
+        return {n: s.payload for n, s in statuses.items() if isinstance(s, wire.SyncStatus)}, expected
 
     def _pool(self, outcome: ExchangeLedger, payloads: dict, roster: Optional[secure.Roster], channels: Optional[int],
               limit: float, server_round: int, index: int) -> ForwardStats:
@@ -321,14 +322,14 @@ class StatisticsPassDriver:
             raise Restart() from None
 
     @staticmethod
-    def _note_progress(outcome: ExchangeLedger, statuses: dict[int, schema.Status], index: int, attempt: int) -> None:
+    def _note_progress(outcome: ExchangeLedger, statuses: dict[int, wire.Status], index: int, attempt: int) -> None:
         """The progress line of the attempt's exchange ``index`` (from 1): ``L + 1`` in all,
         known only when the clients report done."""
         timing = outcome.last_exchange
         if timing is None or not statuses:
             return
-        (phase, point), _ = Counter((s.phase, schema.point_of(s)) for s in statuses.values()).most_common(1)[0]
-        final = phase == schema.PHASE_STATS_DONE
+        (phase, point), _ = Counter((s.phase, wire.point_of(s)) for s in statuses.values()).most_common(1)[0]
+        final = phase == wire.PHASE_STATS_DONE
         if final:
             number, what = f"{index}/{index}", "BatchNorm buffers"
         else:
@@ -338,7 +339,7 @@ class StatisticsPassDriver:
         outcome.progress.record(timing, f"{number} ({what})", force=index == 1 or final)
 
     @staticmethod
-    def _agreed_buffers(outcome: ExchangeLedger, statuses: dict[int, schema.StatsDoneStatus], examples: dict) -> dict:
+    def _agreed_buffers(outcome: ExchangeLedger, statuses: dict[int, wire.StatsDoneStatus], examples: dict) -> dict:
         """The buffer mapping most clients report (it is the model's, the same for all);
         a client reporting another, or examples other than it forwarded, is dropped."""
         def canonical(calls: dict) -> tuple:
@@ -358,7 +359,7 @@ class StatisticsPassDriver:
         session = self._secure
         assert session is not None
         session.new_round(exchanges.server_round)
-        content = schema.encode_stats_keys(exchanges.server_round)
+        content = wire.encode_stats_keys(exchanges.server_round)
         statuses = exchanges.send({n: content for n in participants}, restart=False).statuses
         accept_keys(exchanges.ledger, session, statuses)
         return [n for n in participants if n in session.public_keys]
