@@ -20,7 +20,7 @@ from flwr.supercore import log
 
 from .aggregation import aggregate_arrays, check_arrays, check_layout, check_magnitudes, nonfinite_culprit
 from .errors import PayloadError
-from .protocol.driver import REASON_CHARS, TrainRound
+from .protocol.round_ledger import REASON_CHARS, TrainRound
 from .protocol.exchange import unexpected
 
 __all__ = ["CLIENT_WEIGHTS", "Contributions", "aggregate_finite", "begin_contents", "brief", "check_models",

@@ -25,7 +25,8 @@ from .exact_statistics import pass_due, run_pass
 from .grids import ExchangeGrid, ForwardingGrid
 from .progress import DEFAULT_PROGRESS_INTERVAL
 from .protocol import wire
-from .protocol.driver import RoundDriver, RoundOptions, TrainRound, new_round_ledger, round_summary, skipped_round
+from .protocol.driver import RoundDriver, RoundOptions
+from .protocol.round_ledger import TrainRound, new_round_ledger, round_summary, skipped_round
 from .protocol.pass_driver import DEFAULT_STATISTICS_EXAMPLES, StatisticsPassDriver
 from .quarantine import FailureRecord, Quarantine
 from .round_models import aggregate_finite, begin_contents, brief, check_models, keep_shared_metrics
@@ -34,8 +35,6 @@ from .strategy_options import check_options, forwarded, log_summary
 from .wrapped import FEDAVG_OPTIONS, find_attribute, sampling_seed, wrapped_strategy
 
 __all__ = ["FedTAN", "ForwardingGrid", "derive_seed"]
-
-EvaluateFn = Callable[[int, ArrayRecord], Optional[MetricRecord]]
 
 CHECKPOINT_FORMAT = checkpoint.FORMAT
 
@@ -261,7 +260,7 @@ class FedTAN(Strategy):
         timeout: float = 3600,
         train_config: ConfigRecord | None = None,
         evaluate_config: ConfigRecord | None = None,
-        evaluate_fn: EvaluateFn | None = None,
+        evaluate_fn: Optional[Callable[[int, ArrayRecord], Optional[MetricRecord]]] = None,
         *,
         resume_from: Optional[str | os.PathLike] = None,
     ) -> Result:

@@ -4,7 +4,8 @@ No torch here. :class:`RoundDriver` runs the round :class:`~flwr_fedtan.FedTAN` 
 the secure key exchange, then attempts of the synchronised step(s) (``2L * sync_steps + 1``
 exchanges each), pooling every sync point's payloads, dropping the clients that fail and
 restarting without them, blaming the client whose masks do not cancel, and logging the
-progress. What the round cost and whom it dropped is kept in its :class:`RoundLedger`. The
+progress. What the round cost and whom it dropped is kept in its
+:class:`~flwr_fedtan.protocol.round_ledger.RoundLedger`. The
 statistics pass after aggregation has its own driver
 (:class:`~flwr_fedtan.protocol.pass_driver.StatisticsPassDriver`) over the same exchanges.
 """
@@ -14,11 +15,10 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from logging import INFO, WARNING
+from logging import WARNING
 from typing import Any, Callable, Optional, Union, cast
 
-import numpy as np
-from flwr.app import Message, MetricRecord, RecordDict
+from flwr.app import Message
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
@@ -35,11 +35,9 @@ from ..aggregation import (
     value_limit,
 )
 from ..errors import CanaryMismatchError, FixedPointOverflowError, PayloadError, SecureStatsError
-from ..progress import ExchangeProgress, describe_bytes
 from ..secure import Roster, ServerSession
 from ..seeds import round_seed
 from .exchange import (
-    ExchangeLedger,
     Exchanges,
     Restart,
     accept_keys,
@@ -49,48 +47,9 @@ from .exchange import (
     within_limit,
 )
 from .pass_driver import PassOptions
+from .round_ledger import RoundLedger, TrainRound
 
-__all__ = ["REASON_CHARS", "RoundDriver", "RoundLedger", "RoundOptions", "TrainRound", "new_round_ledger",
-           "round_summary", "skipped_round"]
-
-REASON_CHARS = 400  # a drop reason quotes the client's own text: keep the log readable
-
-
-@dataclass
-class RoundLedger(ExchangeLedger):
-    """What one round cost: counted on the server."""
-
-    sync_seconds: float = 0.0
-    final_exchange_seconds: float = 0.0
-    started: float = field(default_factory=time.perf_counter)
-    batchnorm_calls: Optional[int] = None  # L, known from the first backward sync point
-
-    def metrics(self, clients: int) -> dict:
-        """The round's cost as train metrics (``fedtan-*``)."""
-        return {
-            "fedtan-clients": clients,
-            "fedtan-exchanges": self.exchanges,
-            "fedtan-bytes-sent": self.bytes_sent,
-            "fedtan-bytes-received": self.bytes_received,
-            "fedtan-sync-wall-seconds": self.sync_seconds,
-            "fedtan-final-exchange-seconds": self.final_exchange_seconds,
-            "fedtan-round-seconds": time.perf_counter() - self.started,
-            "fedtan-restarts": self.restarts,
-            "fedtan-dropped": len(self.dropped),
-        }
-
-
-@dataclass
-class TrainRound:
-    """A round in flight: from ``configure_train`` to ``aggregate_train``."""
-
-    server_round: int
-    reference: dict[str, np.ndarray]  # the global model the round started from
-    contents: dict[int, RecordDict]  # each node's begin message
-    ledger: RoundLedger
-    synchronised: dict[int, int] = field(default_factory=dict)  # examples each client synchronised with
-    saw_forward: bool = False
-    statuses: dict[int, wire.DoneStatus] = field(default_factory=dict)  # the final replies
+__all__ = ["RoundDriver", "RoundOptions"]
 
 
 @dataclass
@@ -390,31 +349,3 @@ def _first_bad_payload(payloads: dict, point: SyncPoint, masked: bool) -> tuple[
     return None, ""
 
 
-def new_round_ledger(server_round: int, progress_interval: Optional[float]) -> RoundLedger:
-    """The ledger of a new round: its drop lines and progress lines name the round."""
-    return RoundLedger(title=f"FedTAN round {server_round}", reason_chars=REASON_CHARS,
-                       progress=ExchangeProgress(f"FedTAN round {server_round}", progress_interval))
-
-
-def round_summary(round_: TrainRound, clients: int) -> dict:
-    """Log the round's summary line; return its ``fedtan-*`` metrics."""
-    ledger = round_.ledger
-    replays = sum(int(cast(int, s.metrics.get("replays", 0))) for s in round_.statuses.values())
-    metrics = ledger.metrics(clients)
-    metrics.update(ledger.progress.metrics("fedtan-"))
-    metrics["fedtan-replays"] = replays
-    log(INFO, "FedTAN round %d done in %.1f s: %d exchanges; synchronised step: %s; final exchange %.2f s; "
-        "%s sent, %s received; %d replays; %d restarts; %d dropped", round_.server_round,
-        metrics["fedtan-round-seconds"], ledger.exchanges, ledger.progress.describe(),
-        ledger.final_exchange_seconds, describe_bytes(ledger.bytes_sent), describe_bytes(ledger.bytes_received),
-        replays, ledger.restarts, len(ledger.dropped))
-    return metrics
-
-
-def skipped_round(round_: TrainRound) -> MetricRecord:
-    """Log why the round was skipped; return its metrics (``fedtan-skipped`` and the summary's)."""
-    reason = "; ".join(f"node {n}: {why}" for n, why in round_.ledger.dropped.items()) or "too few clients"
-    log(WARNING, "Round %d skipped, global model kept (%s)", round_.server_round, reason)
-    metrics = MetricRecord({"fedtan-skipped": 1})
-    metrics.update(round_summary(round_, 0))
-    return metrics
