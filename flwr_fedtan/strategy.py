@@ -58,8 +58,9 @@ class FedTAN(Strategy):
     client's averaging weight is checked is in docs/protocol.md ("How a round runs");
     reproducible and resumable runs (node sampling seeded by ``(seed, round)``, the clients'
     batches by ``(seed, round, attempt)``, checkpoints and ``start(..., resume_from=...)``)
-    are in docs/strategies.md. Each option below is also an attribute: set between rounds,
-    it is checked as here and takes effect from the next round.
+    are in docs/strategies.md. The options from ``sync_steps`` on are attributes too: set
+    between rounds, they take effect from the next round (the drivers' and the quarantine's
+    are checked as here).
 
     Parameters
     ----------
