@@ -110,7 +110,7 @@ class FedTAN(Strategy):
     secure_stats : bool (default: False)
         Secure aggregation of the BatchNorm statistics (:mod:`flwr_fedtan.secure`, one more
         exchange a round, the statistics pass masked alike): an honest-but-curious server
-        learns only their sums over clients (and each client's batch size); a malicious
+        learns only the sums over clients (and each client's batch size); a malicious
         server is out of scope (docs/security.md, "What FedTAN trusts"). The returned models
         stay in the clear.
     statistics : {"exact", "running"} (default: "exact")
