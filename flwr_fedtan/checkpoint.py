@@ -19,7 +19,7 @@ import json
 import re
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
@@ -31,7 +31,7 @@ from .private_files import private_dir, read_private_file, write_private_file
 from .errors import UnsafePathError
 
 __all__ = ["FORMAT", "SUFFIX", "checkpoint_name", "round_of", "list_checkpoints", "write", "read",
-           "encode_state", "decode_state", "Unsupported", "save_run", "load_run"]
+           "encode_state", "decode_state", "Unsupported", "save_run", "load_run", "evaluate_after"]
 
 FORMAT = 2  # format 1 was a pickle: never loaded
 SUFFIX = ".fedtan-ckpt"
@@ -223,6 +223,20 @@ def load_run(path: Path, strategy: Strategy, seed: int) -> tuple[int, ArrayRecor
     failures = {int(n): FailureRecord(**r) for n, r in payload["failures"]}
     log(INFO, "FedTAN: resuming after round %d from %s", payload["round"], file)
     return int(payload["round"]), state["arrays"], failures
+
+
+def evaluate_after(
+    done: int, evaluate_fn: Optional[Callable[[int, ArrayRecord], Optional[MetricRecord]]]
+) -> Optional[Callable[[int, ArrayRecord], Optional[MetricRecord]]]:
+    """``evaluate_fn`` for a run resumed after round ``done``: the rounds before it were
+    evaluated by the interrupted run (round ``done``, the checkpoint's model, is evaluated)."""
+    if evaluate_fn is None:
+        return None
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> Optional[MetricRecord]:
+        return None if server_round < done else evaluate_fn(server_round, arrays)
+
+    return evaluate
 
 
 def _capture_state(obj: Any) -> dict:

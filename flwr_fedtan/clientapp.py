@@ -17,7 +17,8 @@ from typing import Any, Callable, Optional, Union, cast
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from . import schema, settings
+from . import settings
+from .protocol import wire as schema
 from .client import FedTANClient, _client_from, client_seed_key
 from .node import session
 from .runtime import run_at_home

@@ -36,6 +36,7 @@ from .protocol.pass_driver import (
 )
 
 __all__ = [
+    "STATISTICS_CHECKS",
     "STATISTICS_MODES",
     "DEFAULT_STATISTICS_EXAMPLES",
     "ExactStatistics",
@@ -45,6 +46,7 @@ __all__ = [
     "apply_buffers",
     "check_statistics_options",
     "pass_due",
+    "run_pass",
     "pass_seed",
 ]
 
@@ -61,16 +63,26 @@ def pass_due(server_round: int, every: int, num_rounds: Optional[int]) -> bool:
     return server_round % every == 0 or (num_rounds is not None and server_round >= num_rounds)
 
 
+STATISTICS_CHECKS: dict[str, Callable[[ArgumentChecks, Any], object]] = {
+    "statistics": lambda checks, value: checks.choice(
+        "statistics", value, STATISTICS_MODES,
+        fix="'exact' (the statistics pass after aggregation) or 'running' (averaged running statistics)"),
+    "statistics_examples": lambda checks, value: checks.integer(
+        "statistics_examples", value, 1, fix="give the training examples per client of the pass, >= 1"),
+    "statistics_every": lambda checks, value: checks.integer(
+        "statistics_every", value, 1, fix="give a whole number >= 1 (1: a pass after every round)"),
+}
+"""How each statistics option is checked (:class:`~flwr_fedtan.arguments.ArgumentChecks`)."""
+
+
 def check_statistics_options(statistics: str, examples: int, every: int,
                              checks: Optional[ArgumentChecks] = None) -> None:
     """Refuse invalid statistics options with the fix (all of them in one error); with
     ``checks``, add the problems to it instead of raising."""
     own = checks is None
     checks = ArgumentChecks("statistics options") if checks is None else checks
-    checks.choice("statistics", statistics, STATISTICS_MODES,
-                  fix="'exact' (the statistics pass after aggregation) or 'running' (averaged running statistics)")
-    checks.integer("statistics_examples", examples, 1, fix="give the training examples per client of the pass, >= 1")
-    checks.integer("statistics_every", every, 1, fix="give a whole number >= 1 (1: a pass after every round)")
+    for name, value in zip(STATISTICS_CHECKS, (statistics, examples, every)):
+        STATISTICS_CHECKS[name](checks, value)
     if own:
         checks.raise_if_any()
 
@@ -178,3 +190,14 @@ def apply_buffers(arrays: ArrayRecord, buffers: Optional[dict[str, np.ndarray]])
         return arrays
     return ArrayRecord({k: (Array(np.ascontiguousarray(buffers[k])) if k in buffers else v) for k, v in arrays.items()})
 
+
+def run_pass(driver: StatisticsPassDriver, grid: Grid, nodes: list[int], arrays: ArrayRecord, server_round: int,
+             metrics: MetricRecord, dropped: dict[int, str]) -> ArrayRecord:
+    """A FedTAN round's statistics pass over its aggregated ``arrays``: returns them with the
+    pass's buffers (unchanged if it failed); its metrics go into ``metrics`` and the nodes it
+    dropped into the round's ``dropped`` (``"statistics pass: <why>"``, after the round's own)."""
+    outcome = driver.run(grid, nodes, arrays, server_round)
+    metrics.update(outcome.metrics())
+    for node, why in outcome.dropped.items():
+        dropped.setdefault(node, f"statistics pass: {why}")
+    return apply_buffers(arrays, outcome.buffers)

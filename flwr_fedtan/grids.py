@@ -13,7 +13,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-from . import schema
+from .protocol import wire
 
 __all__ = ["ExchangeGrid", "ForwardingGrid"]
 
@@ -74,7 +74,7 @@ class ExchangeGrid(ForwardingGrid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: Optional[float] = None) -> Iterable[Message]:
         """A FedTAN round for FedTAN's messages; forwarded otherwise."""
         messages = list(messages)
-        if messages and all(m.metadata.message_type == schema.MESSAGE_TYPE for m in messages):
+        if messages and all(m.metadata.message_type == wire.MESSAGE_TYPE for m in messages):
             return self.run_round(self.inner, messages)
         if not messages:
             return []

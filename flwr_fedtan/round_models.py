@@ -1,8 +1,10 @@
-"""The end of a FedTAN round on the server: the clients' returned models, checked and
+"""The models of a FedTAN round on the server: the global model going out with the round's
+first exchange (:func:`begin_contents`), and the clients' returned models, checked and
 weighed, aggregated by the wrapped strategy, merged with the pooled BatchNorm buffers.
 
-No torch here. Used by :class:`~flwr_fedtan.FedTAN`'s ``aggregate_train``; a client whose
-model fails a check is dropped in the round's ledger, with the reason.
+No torch here. Used by :class:`~flwr_fedtan.FedTAN`'s ``configure_train`` and
+``aggregate_train``; a client whose model fails a check is dropped in the round's ledger,
+with the reason.
 """
 
 from __future__ import annotations
@@ -12,18 +14,18 @@ from logging import WARNING
 from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from .aggregation import aggregate_arrays, check_arrays, check_layout, check_magnitudes, nonfinite_culprit
 from .errors import PayloadError
 from .ordering import canonical_items, canonical_permutation
-from .protocol.driver import REASON_CHARS, TrainRound
+from .protocol.round_ledger import REASON_CHARS, TrainRound
 from .protocol.exchange import unexpected
 
-__all__ = ["CLIENT_WEIGHTS", "Contributions", "aggregate_finite", "brief", "canonical_replies", "check_models",
-           "keep_shared_metrics"]
+__all__ = ["CLIENT_WEIGHTS", "Contributions", "aggregate_finite", "begin_contents", "brief", "canonical_replies",
+           "check_models", "keep_shared_metrics"]
 
 CLIENT_WEIGHTS = ("synchronised", "reported")
 
@@ -34,6 +36,38 @@ Contributions = dict[int, tuple[dict[str, np.ndarray], float]]
 def brief(text: str) -> str:
     """``text`` cut to a drop reason's length (it may quote a client's own text)."""
     return text if len(text) <= REASON_CHARS else text[:REASON_CHARS] + "..."
+
+
+def begin_contents(
+    strategy: Strategy,
+    messages: Iterable[Message],
+    arrays: ArrayRecord,
+    is_buffer: Callable[[str], bool],
+    encode: Callable[[ArrayRecord, ConfigRecord], RecordDict],
+) -> dict[int, RecordDict]:
+    """The round's first FedTAN message for each node of the wrapped ``strategy``'s
+    ``configure_train`` ``messages``: the model it sent with the global BatchNorm buffers
+    of ``arrays`` put back, and its config, through ``encode``. A message that is not one
+    model and at most one config, or that leaves out arrays, is refused naming the strategy."""
+    buffers = {k: v for k, v in arrays.items() if is_buffer(k)}
+    contents: dict[int, RecordDict] = {}
+    for message in messages:
+        node = message.metadata.dst_node_id
+        array_records = list(message.content.array_records.values())
+        config_records = list(message.content.config_records.values())
+        if len(array_records) != 1 or len(config_records) > 1:
+            raise ValueError(
+                f"{type(strategy).__name__}.configure_train sent node {node} "
+                f"{len(array_records)} ArrayRecords and {len(config_records)} ConfigRecords; FedTAN "
+                "needs one ArrayRecord (the model) and at most one ConfigRecord"
+            )
+        sent = array_records[0]
+        missing = [k for k in arrays.keys() if k not in sent and k not in buffers]
+        if missing:
+            raise ValueError(f"{type(strategy).__name__}.configure_train left out arrays {missing[:5]}")
+        full = ArrayRecord({k: (buffers[k] if k in buffers else sent[k]) for k in arrays.keys()})
+        contents[node] = encode(full, config_records[0] if config_records else ConfigRecord())
+    return contents
 
 
 def check_models(

@@ -14,27 +14,27 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
 
-from . import checkpoint, schema
-from .arguments import ArgumentChecks
+from . import checkpoint
 from .aggregation import DEFAULT_MAX_GROWTH, is_batchnorm_buffer
-from .exact_statistics import apply_buffers, check_statistics_options, pass_due
+from .exact_statistics import pass_due, run_pass
 from .grids import ExchangeGrid, ForwardingGrid
 from .progress import DEFAULT_PROGRESS_INTERVAL
-from .protocol.driver import RoundDriver, TrainRound, new_round_ledger, round_summary, skipped_round
-from .protocol.pass_driver import DEFAULT_STATISTICS_EXAMPLES, PassOptions, StatisticsPassDriver
+from .protocol import wire
+from .protocol.driver import RoundDriver, RoundOptions
+from .protocol.round_ledger import TrainRound, new_round_ledger, round_summary, skipped_round
+from .protocol.pass_driver import DEFAULT_STATISTICS_EXAMPLES, StatisticsPassDriver
 from .quarantine import FailureRecord, Quarantine
-from .round_models import CLIENT_WEIGHTS, aggregate_finite, brief, canonical_replies, check_models, keep_shared_metrics
+from .round_models import aggregate_finite, begin_contents, brief, canonical_replies, check_models, keep_shared_metrics
 from .seeds import derive_seed
+from .strategy_options import check_options, forwarded, log_summary
 from .wrapped import FEDAVG_OPTIONS, find_attribute, sampling_seed, wrapped_strategy
 
 __all__ = ["FedTAN", "ForwardingGrid", "derive_seed"]
-
-EvaluateFn = Callable[[int, ArrayRecord], Optional[MetricRecord]]
 
 CHECKPOINT_FORMAT = checkpoint.FORMAT
 
@@ -43,62 +43,24 @@ class FedTAN(Strategy):
     """FedTAN around any Flower strategy: its first local step(s) use the pooled batch's
     BatchNorm statistics, and BatchNorm buffers always take the pooled aggregate.
 
-    Each round: the wrapped strategy's ``configure_train`` chooses the nodes and the config
-    and its arrays go out with FedTAN's first exchange; ``2L`` exchanges (one per BatchNorm
-    call forward, one per call backward) drive each of the ``sync_steps`` synchronised
-    steps; the clients finish their local steps and return their models with the last
-    exchange (``2L * sync_steps + 1`` exchanges a round). The wrapped strategy's
-    ``aggregate_train`` then aggregates the clients' models for the *parameters* (FedAvg,
-    a server optimiser such as FedAdam or FedAvgM, a DP wrapper...), and FedTAN sets the
-    BatchNorm *buffers* to the pooled aggregate: ``running_mean``/``running_var`` as the
-    moments of the pooled data, ``num_batches_tracked`` as an integer. The wrapped strategy
-    never sees the buffers, so no optimiser can drive a variance negative, and its state
-    (e.g. FedAdam's moments) covers parameters only. Evaluation goes through the wrapped
-    strategy unchanged.
+    Each round: the wrapped strategy's ``configure_train`` chooses the nodes and the config;
+    ``2L`` exchanges (one per BatchNorm call forward and backward) drive each of the
+    ``sync_steps`` synchronised steps, and the clients return their models with the last
+    (``2L * sync_steps + 1`` exchanges a round). The wrapped strategy's ``aggregate_train``
+    aggregates the *parameters* (FedAvg, FedAdam, FedAvgM, a DP wrapper...); FedTAN sets the
+    BatchNorm *buffers* to the pooled aggregate, which the wrapped strategy never sees (its
+    state, e.g. FedAdam's moments, covers parameters only). Evaluation is the wrapped
+    strategy's, unchanged.
 
-    Buffers are recognised by name (``is_buffer``; default: the ``state_dict`` suffixes of
-    ``torch.nn.BatchNorm*``, ``running_mean``, ``running_var`` and
-    ``num_batches_tracked``), so the server needs no model and no torch.
-
-    **Drops.** A client that replies with an error, a malformed payload (NaN or Inf
-    statistics, wrong shapes, counts inconsistent across its payloads), or not at all
-    within ``exchange_timeout`` is dropped, with one log line naming the node and the
-    reason, and the synchronised step restarts without it (at most ``max_restarts`` times a
-    round); if too few remain the round is skipped and the global model kept. A final model
-    that fails the checks (keys, shapes, dtypes, NaN, negative running variance, a weight
-    that does not match what the client synchronised with, values beyond ``max_growth`` times
-    the global model's) is left out of the average, also logged; so is a client whose model
-    makes the aggregated model non-finite. Any unexpected error while handling one client's
-    reply drops that client; it never ends the run. The reasons are kept in ``dropped[round][node]``.
-
-    **Repeat offenders.** A node dropped in ``quarantine_after`` consecutive rounds sits out
-    the next round; each further consecutive failure doubles its time out (1, 2, 4, ...
-    rounds, at most ``max_quarantine_rounds``), and one round completed without a drop
-    clears its record. A round in which no client got through charges nobody (the cause is
-    then unlikely to be one node). So a node that fails the same way every round (e.g. data holding NaN)
-    costs a restart in a shrinking fraction of the rounds instead of in every round, and
-    still gets retried. Nodes sitting out are removed from the wrapped strategy's sample and
-    logged.
-
-    **Averaging weight.** With ``client_weight="synchronised"`` (default) a client's weight
-    is the number of examples it synchronised with (the ``num-examples`` of its forward
-    payloads, summed over the round's synchronised steps). Every forward payload of one
-    step must carry the same ``num-examples``; its per-channel count must be a whole
-    multiple of it (the layer's positions per example); with ``uniform_positions`` that
-    multiple must equal the other clients' at the same call (same input size). The
-    ``num-examples`` the client reports with its model must equal the synchronised count.
-    A mismatch drops the client. ``client_weight="reported"`` weighs by the reported value
-    instead (for clients that legitimately weigh by something else, e.g. all their local
-    samples); the forward checks still apply.
-
-    **Reproducible, resumable runs.** Node sampling (the wrapped strategy's, through
-    ``random``) is seeded by ``(seed, round)`` and the clients' batches by ``(seed, round,
-    attempt)``; the caller's ``random`` state is left untouched. With ``checkpoint_dir`` a
-    checkpoint is written after each round's aggregation (global arrays, the wrapped
-    strategy's state, e.g. FedAdam's ``m_t``/``v_t``, and FedTAN's failure records);
-    ``start(..., resume_from=path)`` continues from it, with the same models for the later
-    rounds as an uninterrupted run (noise drawn from NumPy's global generator, as in
-    Flower's DP wrappers, is not reproduced unless the caller seeds it).
+    What the round does when a client fails (it is dropped with one log line naming it and
+    the reason, the synchronised step restarts without it; ``dropped[round][node]`` keeps the
+    reasons), when a node fails round after round (it sits out, for ever longer), and how a
+    client's averaging weight is checked is in docs/protocol.md ("How a round runs");
+    reproducible and resumable runs (node sampling seeded by ``(seed, round)``, the clients'
+    batches by ``(seed, round, attempt)``, checkpoints and ``start(..., resume_from=...)``)
+    are in docs/strategies.md. The options from ``sync_steps`` on are attributes too: set
+    between rounds, they take effect from the next round (the drivers' and the quarantine's
+    are checked as here).
 
     Parameters
     ----------
@@ -119,17 +81,20 @@ class FedTAN(Strategy):
     max_restarts : int (default: 2)
         Restarts of a round's synchronised step after clients failed.
     poll_interval : float (default: 0.02)
-        Seconds between two pulls of replies (Flower's own ``send_and_receive`` sleeps
-        3 s between pulls in deployment, which FedTAN would pay ``2L`` times a round).
+        Seconds between two pulls of replies (Flower's ``send_and_receive`` sleeps 3 s in deployment).
     seed : int (default: 0)
         Seeds node sampling and the clients' batch sampling.
     client_weight : str (default: "synchronised")
-        ``"synchronised"`` or ``"reported"``, see above.
+        ``"synchronised"``: a client's averaging weight is the number of examples it
+        synchronised with (a model reported with another ``num-examples`` is dropped);
+        ``"reported"``: the ``num-examples`` it reports.
     uniform_positions : bool (default: True)
         Require every client to have the same values per example at each BatchNorm call
         (same input size). Set ``False`` for models fed inputs of varying size.
     is_buffer : Callable[[str], bool], optional
-        Which array keys are BatchNorm buffers (default: by ``nn.BatchNorm`` naming).
+        Which array keys are BatchNorm buffers (default: the ``state_dict`` suffixes of
+        ``torch.nn.BatchNorm*``, ``running_mean``, ``running_var`` and
+        ``num_batches_tracked``): the server needs no model and no torch.
     quarantine_after : int or None (default: 2)
         Consecutive failed rounds before a node sits out; ``None`` never benches a node.
     max_quarantine_rounds : int (default: 8)
@@ -139,39 +104,31 @@ class FedTAN(Strategy):
     keep_checkpoints : int (default: 2)
         Checkpoints kept in ``checkpoint_dir`` (older ones are deleted); 0 keeps all.
     max_growth : float (default: 1e6)
-        How far a client's returned model may reach: every value within ``max_growth``
-        times the largest magnitude of the same array in the global model it was sent (at
-        least 1; squared for running variances). A client beyond it is left out of the
-        average and charged (a finite but huge value would poison the average for good).
+        A client's returned model may reach ``max_growth`` times the largest magnitude of
+        each array of the global model it was sent (at least 1; squared for running
+        variances); a client beyond it is left out of the average and charged.
     secure_stats : bool (default: False)
-        Secure aggregation of the BatchNorm statistics (:mod:`flwr_fedtan.secure`): one
-        extra exchange a round agrees pairwise keys, every client payload is masked, and
-        an honest-but-curious server (one that follows the protocol) learns only the sums
-        over clients (and each client's batch size, its averaging weight); a malicious
-        server is out of scope (README, "What FedTAN trusts"). The models returned at the
-        end of a round stay in the clear.
-        The statistics pass is masked the same way (its own key exchange).
+        Secure aggregation of the BatchNorm statistics (:mod:`flwr_fedtan.secure`, one more
+        exchange a round, the statistics pass masked alike): an honest-but-curious server
+        learns only the sums over clients (and each client's batch size); a malicious
+        server is out of scope (docs/security.md, "What FedTAN trusts"). The returned models
+        stay in the clear.
     statistics : {"exact", "running"} (default: "exact")
-        The BatchNorm statistics of the global model. ``"exact"``: after aggregation (and
-        before evaluation) the round's clients run a statistics pass over the new global
-        model (:mod:`flwr_fedtan.exact_statistics`, ``L + 1`` more exchanges): its
-        ``running_mean``/``running_var`` become the pooled mean and unbiased variance of
-        the clients' examples at every BatchNorm call, exactly what precise-BN on their
-        union gives. ``"running"``: the pooled aggregate of the running averages the
-        clients collected during the round (models drifting apart over the local steps
-        collect statistics that are not the averaged model's). If the pass fails (too
-        few clients left), the round keeps the aggregated statistics, logged.
+        The BatchNorm statistics of the global model. ``"exact"``: after aggregation the
+        round's clients run a statistics pass over the new global model
+        (:mod:`flwr_fedtan.exact_statistics`, ``L + 1`` more exchanges): precise-BN on the
+        union of their examples. ``"running"``: the pooled aggregate of the running averages
+        the clients collected during the round. If the pass fails (too few clients left),
+        the round keeps the aggregated statistics, logged.
     statistics_examples : int (default: 256)
         Examples each client forwards in the pass (all of its data if it has fewer).
     statistics_every : int (default: 1)
         Run the pass every this many rounds, and always after the last round.
     progress_interval : float or None (default: 30.0)
-        The ServerApp log gets one INFO line per exchange (the round, the exchange's index
-        out of ``2L * sync_steps + 1``, its phase and BatchNorm call, its seconds and the
-        node that replied last), at most one every ``progress_interval`` seconds besides
-        the first and last exchange of a round (0: every exchange; ``None``: none), and one
-        summary line per round and per statistics pass. The figures are in the round's
-        train metrics either way (README, "Metrics").
+        At most one INFO line per exchange every this many seconds, besides the first and
+        last exchange of a round (0: every exchange; ``None``: none), and one summary line
+        per round and per statistics pass; the figures are in the round's train metrics
+        either way (docs/protocol.md, "Progress of a long round").
 
     Examples
     --------
@@ -218,52 +175,29 @@ class FedTAN(Strategy):
             fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, min_available_nodes,
             weighted_by_key, arrayrecord_key, configrecord_key, train_metrics_aggr_fn, evaluate_metrics_aggr_fn,
         ))))
-        checks = ArgumentChecks("FedTAN")
-        checks.integer("sync_steps", sync_steps, 1)
-        checks.number("exchange_timeout", exchange_timeout, above=0, fix="give the seconds to wait for a reply, > 0")
-        checks.integer("max_restarts", max_restarts, 0)
-        checks.number("poll_interval", poll_interval, above=0)
-        checks.integer("seed", seed)
-        checks.choice("client_weight", client_weight, CLIENT_WEIGHTS)
-        if quarantine_after is not None:
-            checks.integer("quarantine_after", quarantine_after, 1, fix="give a whole number >= 1, or None")
-        checks.integer("max_quarantine_rounds", max_quarantine_rounds, 1)
-        checks.integer("keep_checkpoints", keep_checkpoints, 0, fix="give a whole number >= 0 (0 keeps all)")
-        checks.boolean("secure_stats", secure_stats)
-        checks.number("max_growth", max_growth, above=1)
-        if progress_interval is not None:
-            checks.number("progress_interval", progress_interval, at_least=0,
-                          fix="give the seconds between two progress lines, >= 0, or None for no such line")
-        check_statistics_options(statistics, statistics_examples, statistics_every, checks)
-        checks.raise_if_any()
+        check_options(dict(
+            sync_steps=sync_steps, exchange_timeout=exchange_timeout, max_restarts=max_restarts,
+            poll_interval=poll_interval, seed=seed, client_weight=client_weight, quarantine_after=quarantine_after,
+            max_quarantine_rounds=max_quarantine_rounds, keep_checkpoints=keep_checkpoints, secure_stats=secure_stats,
+            max_growth=max_growth, progress_interval=progress_interval, statistics=statistics,
+            statistics_examples=statistics_examples, statistics_every=statistics_every,
+        ))
         self.strategy = strategy
-        self.sync_steps = sync_steps
-        self.exchange_timeout = exchange_timeout
-        self.max_restarts = max_restarts
-        self.poll_interval = poll_interval
-        self.seed = seed
         self.client_weight = client_weight
-        self.uniform_positions = uniform_positions
         self.is_buffer = is_buffer or is_batchnorm_buffer
-        self.quarantine_after = quarantine_after
-        self.max_quarantine_rounds = max_quarantine_rounds
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.keep_checkpoints = keep_checkpoints
-        self.secure_stats = bool(secure_stats)
-        self.max_growth = float(max_growth)
-        self.progress_interval = None if progress_interval is None else float(progress_interval)
         self.statistics = statistics
         self.statistics_every = int(statistics_every)
-        self.driver = RoundDriver(
+        # One object for the options the drivers read: setting one of FedTAN's attributes
+        # below after construction reaches the next round and the next statistics pass.
+        self.options = RoundOptions(
             sync_steps=sync_steps, exchange_timeout=exchange_timeout, poll_interval=poll_interval,
-            max_restarts=max_restarts, seed=seed, uniform_positions=uniform_positions, max_growth=self.max_growth,
-            secure_stats=self.secure_stats,
+            max_restarts=max_restarts, seed=seed, uniform_positions=uniform_positions, max_growth=max_growth,
+            secure_stats=secure_stats, examples=statistics_examples, progress_interval=progress_interval,
         )
-        self._statistics_pass = StatisticsPassDriver(PassOptions(
-            examples=statistics_examples, exchange_timeout=exchange_timeout, poll_interval=poll_interval,
-            max_restarts=max_restarts, seed=seed, secure_stats=self.secure_stats,
-            uniform_positions=uniform_positions, max_growth=max_growth, progress_interval=self.progress_interval,
-        ))
+        self.driver = RoundDriver(self.options)
+        self._statistics_pass = StatisticsPassDriver(self.options)
         self.quarantine = Quarantine(quarantine_after, max_quarantine_rounds)
         self._grid: Optional[Grid] = None
         self._num_rounds: Optional[int] = None
@@ -271,6 +205,19 @@ class FedTAN(Strategy):
         self.dropped: dict[int, dict[int, str]] = {}
         self._round: Optional[TrainRound] = None
         self._resumed_through = 0
+
+    sync_steps = forwarded("options", "sync_steps")
+    exchange_timeout = forwarded("options", "exchange_timeout")
+    max_restarts = forwarded("options", "max_restarts")
+    poll_interval = forwarded("options", "poll_interval")
+    seed = forwarded("options", "seed")
+    uniform_positions = forwarded("options", "uniform_positions")
+    max_growth = forwarded("options", "max_growth")
+    secure_stats = forwarded("options", "secure_stats")
+    progress_interval = forwarded("options", "progress_interval")
+    statistics_examples = forwarded("options", "statistics_examples", "examples")
+    quarantine_after = forwarded("quarantine", "quarantine_after", "after")
+    max_quarantine_rounds = forwarded("quarantine", "max_quarantine_rounds", "max_rounds")
 
     @property
     def weighted_by_key(self) -> str:
@@ -297,23 +244,13 @@ class FedTAN(Strategy):
         self.quarantine.failures = records
 
     def round_seed(self, server_round: int, attempt: int) -> int:
-        """The seed of the clients' batches in ``(round, attempt)``, before each mixes in its
-        own key: each client derives it from the run seed the strategy sends
-        (:func:`flwr_fedtan.seeds.round_seed`)."""
+        """The seed of the clients' batches in ``(round, attempt)``, before each mixes in its own
+        key (each derives it from the run seed: :func:`flwr_fedtan.seeds.round_seed`)."""
         return self.driver.round_seed(server_round, attempt)
 
     def summary(self) -> None:
         """Log the strategy's settings, then the wrapped strategy's."""
-        log(INFO, "\t├──> FedTAN around %s:", type(self.strategy).__name__)
-        log(INFO, "\t│\t├── Synchronised steps per round: %d", self.sync_steps)
-        log(INFO, "\t│\t├── Secure statistics: %s", "on" if self.secure_stats else "off")
-        log(INFO, "\t│\t├── Exchange timeout: %.1fs, poll interval %.3fs", self.exchange_timeout, self.poll_interval)
-        log(INFO, "\t│\t├── Max restarts per round: %d; sit out after %s failed rounds (at most %d rounds)",
-            self.max_restarts, self.quarantine_after, self.max_quarantine_rounds)
-        log(INFO, "\t│\t├── BatchNorm statistics: %s", "exact (pass every %d rounds, %d examples per client)" % (
-            self.statistics_every, self._statistics_pass.examples) if self.statistics == "exact" else "running")
-        log(INFO, "\t│\t└── Client weight: %s; seed %d", self.client_weight, self.seed)
-        self.strategy.summary()
+        log_summary(self)
 
     # ------------------------------------------------------------------ Flower's loop
     def start(
@@ -324,16 +261,14 @@ class FedTAN(Strategy):
         timeout: float = 3600,
         train_config: ConfigRecord | None = None,
         evaluate_config: ConfigRecord | None = None,
-        evaluate_fn: EvaluateFn | None = None,
+        evaluate_fn: Optional[Callable[[int, ArrayRecord], Optional[MetricRecord]]] = None,
         *,
         resume_from: Optional[str | os.PathLike] = None,
     ) -> Result:
         """Run ``num_rounds`` rounds with Flower's own round loop (``Strategy.start``).
 
-        ``timeout`` bounds each evaluation exchange; training exchanges use
-        ``exchange_timeout``. Per-round costs (exchanges, bytes, seconds, clients,
-        restarts, drops) are recorded with the clients' train metrics in
-        ``Result.train_metrics_clientapp``.
+        ``timeout`` bounds each evaluation exchange; training exchanges use ``exchange_timeout``.
+        Each round's costs are in its train metrics (``Result.train_metrics_clientapp``).
 
         Parameters
         ----------
@@ -351,7 +286,7 @@ class FedTAN(Strategy):
             if done >= num_rounds:
                 log(WARNING, "FedTAN: checkpoint is at round %d of %d: nothing left to run", done, num_rounds)
             self._resumed_through = done
-            evaluate_fn = self._evaluate_after(done, evaluate_fn)
+            evaluate_fn = checkpoint.evaluate_after(done, evaluate_fn)
         # FedTAN runs inside Flower's round loop: the Grid it hands the loop turns each
         # round's train messages (from configure_train) into FedTAN's exchanges.
         result = super().start(ExchangeGrid(grid, self.run_round), initial_arrays, num_rounds, timeout,
@@ -359,16 +294,6 @@ class FedTAN(Strategy):
         if not len(result.arrays):  # every round skipped: the global model is still the initial one
             result.arrays = initial_arrays
         return result
-
-    @staticmethod
-    def _evaluate_after(done: int, evaluate_fn: EvaluateFn | None) -> EvaluateFn | None:
-        if evaluate_fn is None:
-            return None
-
-        def evaluate(server_round: int, arrays: ArrayRecord) -> Optional[MetricRecord]:
-            return None if server_round < done else evaluate_fn(server_round, arrays)
-
-        return evaluate
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -378,39 +303,18 @@ class FedTAN(Strategy):
         if server_round <= self._resumed_through:
             log(INFO, "FedTAN: round %d was completed before the checkpoint", server_round)
             return []
-        inner = getattr(grid, "inner", grid)
-        self._grid = inner
+        self._grid = inner = getattr(grid, "inner", grid)
         params = ArrayRecord({k: v for k, v in arrays.items() if not self.is_buffer(k)})
-        buffers = {k: v for k, v in arrays.items() if self.is_buffer(k)}
         with sampling_seed(derive_seed(self.seed, server_round)):
-            messages = list(self.strategy.configure_train(server_round, params, config, inner))
-        contents: dict[int, RecordDict] = {}
-        for message in messages:
-            node = message.metadata.dst_node_id
-            if self.quarantine.benched(node, server_round):
-                continue
-            array_records = list(message.content.array_records.values())
-            config_records = list(message.content.config_records.values())
-            if len(array_records) != 1 or len(config_records) > 1:
-                raise ValueError(
-                    f"{type(self.strategy).__name__}.configure_train sent node {node} "
-                    f"{len(array_records)} ArrayRecords and {len(config_records)} ConfigRecords; FedTAN "
-                    "needs one ArrayRecord (the model) and at most one ConfigRecord"
-                )
-            sent = array_records[0]
-            missing = [k for k in arrays.keys() if k not in sent and k not in buffers]
-            if missing:
-                raise ValueError(f"{type(self.strategy).__name__}.configure_train left out arrays {missing[:5]}")
-            full = ArrayRecord({k: (buffers[k] if k in buffers else sent[k]) for k in arrays.keys()})
-            node_config = config_records[0] if config_records else ConfigRecord()
-            contents[node] = schema.encode_begin(
-                full, node_config, server_round, self.sync_steps, self.seed
-            )
+            messages = [m for m in self.strategy.configure_train(server_round, params, config, inner)
+                        if not self.quarantine.benched(m.metadata.dst_node_id, server_round)]
+        contents = begin_contents(self.strategy, messages, arrays, self.is_buffer, lambda model, node_config: (
+            wire.encode_begin(model, node_config, server_round, self.sync_steps, self.seed)))
         ledger = new_round_ledger(server_round, self.progress_interval)
         self.dropped[server_round] = ledger.dropped
         self._round = TrainRound(server_round, {k: v.numpy() for k, v in arrays.items()}, contents, ledger)
         return [
-            Message(content=content, dst_node_id=node, message_type=schema.MESSAGE_TYPE)
+            Message(content=content, dst_node_id=node, message_type=wire.MESSAGE_TYPE)
             for node, content in sorted(contents.items())
         ]
 
@@ -433,24 +337,19 @@ class FedTAN(Strategy):
         aggregated, metrics, merged = aggregate_finite(self.strategy, server_round, round_, contributions,
                                                        wrapped_replies, self.is_buffer)
         if merged is None:
-            self._update_failures(round_, completed=bool(contributions))
-            if self.checkpoint_dir is not None:  # the failure records changed; the model did not
-                unchanged = ArrayRecord({k: Array(v) for k, v in round_.reference.items()})
-                self.save_checkpoint(self.checkpoint_dir, server_round, unchanged)
+            self.quarantine.update(server_round, round_.contents, ledger.dropped, completed=bool(contributions))
+            # The failure records changed; the model did not.
+            self._checkpoint(server_round, ArrayRecord({k: Array(v) for k, v in round_.reference.items()}))
             return None, skipped_round(round_)
         metrics = MetricRecord() if metrics is None else metrics
         if self.statistics == "exact" and self._grid is not None and pass_due(
             server_round, self.statistics_every, self._num_rounds
         ):
-            outcome = self._statistics_pass.run(self._grid, sorted(contributions), merged, server_round)
-            merged = apply_buffers(merged, outcome.buffers)
-            metrics.update(outcome.metrics())
-            for node, why in outcome.dropped.items():
-                ledger.dropped.setdefault(node, f"statistics pass: {why}")
-        self._update_failures(round_, completed=True)
+            merged = run_pass(self._statistics_pass, self._grid, sorted(contributions), merged, server_round,
+                              metrics, ledger.dropped)
+        self.quarantine.update(server_round, round_.contents, ledger.dropped, completed=True)
         metrics.update(round_summary(round_, len(contributions)))
-        if self.checkpoint_dir is not None:
-            self.save_checkpoint(self.checkpoint_dir, server_round, merged)
+        self._checkpoint(server_round, merged)
         return merged, metrics
 
     def configure_evaluate(
@@ -481,20 +380,16 @@ class FedTAN(Strategy):
         participants = sorted(m.metadata.dst_node_id for m in messages)
         return self.driver.run(grid, round_, participants, self.min_train_nodes, self.weighted_by_key)
 
-    def _update_failures(self, round_: TrainRound, completed: bool) -> None:
-        self.quarantine.update(round_.server_round, round_.contents, round_.ledger.dropped, completed)
-
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, path: str | os.PathLike, server_round: int, arrays: ArrayRecord) -> Path:
-        """Write the state after ``server_round`` (atomically); return the file.
+    def _checkpoint(self, server_round: int, arrays: ArrayRecord) -> None:
+        if self.checkpoint_dir is not None:
+            self.save_checkpoint(self.checkpoint_dir, server_round, arrays)
 
-        ``path`` is a folder (the file is ``round-NNNNN.fedtan-ckpt`` in it), created or
-        verified private (``0700``, this user's, not a link); the file is ``0600``. It holds
-        the global arrays, the wrapped strategy's state (every attribute that is plain
-        data: e.g. FedAdam's ``current_arrays``, ``m_t``, ``v_t``; FedAvgM's momentum),
-        FedTAN's failure records and seed, as a NumPy archive with a JSON document: no
-        pickle, so loading a checkpoint runs no code.
-        """
+    def save_checkpoint(self, path: str | os.PathLike, server_round: int, arrays: ArrayRecord) -> Path:
+        """Write the state after ``server_round`` (atomically) in the folder ``path``
+        (``round-NNNNN.fedtan-ckpt``); return the file. It holds the global arrays, the
+        wrapped strategy's plain-data state (e.g. FedAdam's ``m_t``, ``v_t``), FedTAN's
+        failure records and seed; no pickle, private files (:mod:`flwr_fedtan.checkpoint`)."""
         return checkpoint.save_run(Path(path), server_round, arrays, self.strategy, self.seed, self.failures,
                                    self.keep_checkpoints)
 

@@ -141,7 +141,7 @@ def run_deployment_benchmark(grid: Grid, config: Mapping[str, Any], initial: Arr
 
 def _run_deployment_benchmark(grid: Grid, config: Mapping[str, Any], initial: ArrayRecord, counter: dict) -> dict:
     from flwr_fedtan import FedTAN
-    from flwr_fedtan.schema import MESSAGE_TYPE
+    from flwr_fedtan.protocol.wire import MESSAGE_TYPE
 
     timing = TimingGrid(grid)
     nodes = sorted(grid.get_node_ids())

@@ -33,7 +33,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from flwr_fedtan import FedTAN
 from flwr_fedtan.exact_statistics import DEFAULT_STATISTICS_EXAMPLES
-from flwr_fedtan.schema import record_bytes
+from flwr_fedtan.protocol.wire import record_bytes
 
 PING = "query.ping"
 

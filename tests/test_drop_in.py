@@ -26,7 +26,8 @@ from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler, TensorDataset
 
-from flwr_fedtan import FedTAN, FedTANClient, add_fedtan, fedtan_client_app, schema, settings
+from flwr_fedtan import FedTAN, FedTANClient, add_fedtan, fedtan_client_app, settings
+from flwr_fedtan.protocol import wire as schema
 from flwr_fedtan.client import clear_live_rounds
 
 from _grid import LocalGrid

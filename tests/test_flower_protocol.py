@@ -14,7 +14,7 @@ from flwr.app import Array, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
 from flwr_fedtan import FedTAN, FedTANClient, fedtan_client_app
-from flwr_fedtan import schema
+from flwr_fedtan.protocol import wire as schema
 from flwr_fedtan.client import clear_live_rounds, client_seed_key
 from flwr_fedtan.reference import fedtan_round_in_process
 from flwr_fedtan.training import derive_seed
@@ -291,3 +291,37 @@ def test_plain_fedavg_uses_the_same_client_app():
     assert max_diff(final, to_numpy(initial_arrays())) > 0
     assert all(np.all(np.isfinite(v)) for v in final.values())
     assert "eval-accuracy" in result.evaluate_metrics_clientapp[1]
+
+
+def test_options_set_after_construction_reach_the_round_and_the_statistics_pass(monkeypatch):
+    """``strategy.exchange_timeout = ...`` (and ``poll_interval``) set after construction is
+    what every exchange of the round and of the statistics pass waits with."""
+    import flwr_fedtan.protocol.exchange as exchange_module
+
+    waits = []
+    real_exchange = exchange_module.exchange
+
+    def recording_exchange(grid, contents, **kwargs):
+        control = next(iter(contents.values())).config_records[schema.CONTROL]
+        waits.append((control["phase"], kwargs["timeout"], kwargs["poll_interval"]))
+        return real_exchange(grid, contents, **kwargs)
+
+    monkeypatch.setattr(exchange_module, "exchange", recording_exchange)
+    grid = LocalGrid(fedtan_client_app(make_client), 3, {})
+    strategy = FedTAN(min_available_nodes=3, fraction_evaluate=0.0, exchange_timeout=120.0, poll_interval=0.02)
+    strategy.exchange_timeout, strategy.poll_interval = 7.5, 0.001
+    strategy.start(grid, initial_arrays(), num_rounds=1)
+    phases = {phase for phase, _, _ in waits}
+    assert {"begin", "aggregate", "stats-begin", "stats-aggregate"} <= phases, phases
+    assert {(timeout, poll) for _, timeout, poll in waits} == {(7.5, 0.001)}
+
+
+def test_an_option_set_after_construction_is_checked_as_the_constructor_checks_it():
+    strategy = FedTAN()
+    with pytest.raises(ValueError, match="exchange_timeout.*give the seconds to wait for a reply"):
+        strategy.exchange_timeout = -1
+    with pytest.raises(ValueError, match="quarantine_after"):
+        strategy.quarantine_after = 0
+    assert strategy.exchange_timeout == 120.0 and strategy.quarantine_after == 2
+    strategy.max_quarantine_rounds = 3
+    assert strategy.quarantine.max_rounds == 3

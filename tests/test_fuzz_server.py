@@ -24,7 +24,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.app.error import Error
 from flwr.serverapp.strategy import FedAdam
 
-from flwr_fedtan import FedTAN, schema, secure
+from flwr_fedtan import FedTAN, secure
+from flwr_fedtan.protocol import wire as schema
 from flwr_fedtan.aggregation import BackwardSums, ForwardStats, SyncPoint
 
 from _grid import LocalGrid

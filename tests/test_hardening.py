@@ -24,7 +24,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from flwr_fedtan import FedTAN, FedTANClient, convert_batchnorm, fedtan_client_app, private_files, schema
+from flwr_fedtan import FedTAN, FedTANClient, convert_batchnorm, fedtan_client_app, private_files
+from flwr_fedtan.protocol import wire as schema
 from flwr_fedtan.aggregation import BackwardSums, ForwardStats, SyncPoint
 from flwr_fedtan.client import clear_live_rounds, client_seed_key
 from flwr_fedtan.private_files import private_dir, read_private_file, write_private_file

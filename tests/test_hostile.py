@@ -19,7 +19,8 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
-from flwr_fedtan import FedTAN, fedtan_client_app, schema
+from flwr_fedtan import FedTAN, fedtan_client_app
+from flwr_fedtan.protocol import wire as schema
 from flwr_fedtan.aggregation import aggregate_arrays
 from flwr_fedtan.errors import PayloadError
 from flwr_fedtan.client import clear_live_rounds

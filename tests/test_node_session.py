@@ -8,7 +8,8 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from flwr_fedtan import FedTAN, FedTANClient, client as client_module, fedtan_client_app, schema
+from flwr_fedtan import FedTAN, FedTANClient, client as client_module, fedtan_client_app
+from flwr_fedtan.protocol import wire as schema
 from flwr_fedtan.client import clear_live_rounds
 from flwr_fedtan.errors import ClientDataError, ServerMessageError
 

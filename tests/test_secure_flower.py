@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from flwr.app import Array
 
-from flwr_fedtan import FedTAN, fedtan_client_app, schema
+from flwr_fedtan import FedTAN, fedtan_client_app
+from flwr_fedtan.protocol import wire as schema
 from flwr_fedtan.client import clear_live_rounds
 
 from _grid import LocalGrid

@@ -20,7 +20,8 @@ from flwr.app.error import Error
 from flwr.serverapp.strategy import FedAdam, FedAvg
 from torch.utils.data import TensorDataset
 
-from flwr_fedtan import FedTAN, FedTANClient, fedtan_client_app, schema
+from flwr_fedtan import FedTAN, FedTANClient, fedtan_client_app
+from flwr_fedtan.protocol import wire as schema
 from flwr_fedtan.client import clear_live_rounds
 from flwr_fedtan.exact_statistics import ExactStatistics
 from tests._models import build, single_thread  # noqa: F401 (an autouse fixture)
@@ -286,3 +287,40 @@ def test_an_unexpected_error_in_the_pass_keeps_the_aggregated_statistics_and_the
     assert all(result.train_metrics_clientapp[r]["fedtan-stats-applied"] == 0 for r in (1, 2))
     for key, value in running.arrays.items():
         np.testing.assert_array_equal(result.arrays[key].numpy(), value.numpy(), err_msg=key)
+
+
+def test_a_key_reply_raising_in_the_secure_pass_drops_that_node_with_the_reason(monkeypatch, caplog):
+    """A key reply whose handling raises an error no check foresaw, in the statistics pass's
+    key exchange, drops that node (named, with the error) and the pass goes on without it,
+    as in the round's own key exchange."""
+    from flwr_fedtan import secure
+
+    holder: dict = {"in_pass": False}
+
+    def intercept(node: int, msg: Message):
+        control = msg.content.config_records.get(schema.CONTROL)
+        holder["in_pass"] |= control.get("phase") == schema.PHASE_STATS_KEYS
+        return None
+
+    real_accept = secure.ServerSession.accept_public_key
+
+    def accept(session, node, key):
+        if holder["in_pass"] and node == holder["bad"]:
+            raise RuntimeError("key store broke")
+        return real_accept(session, node, key)
+
+    monkeypatch.setattr(secure.ServerSession, "accept_public_key", accept)
+    grid = LocalGrid(fedtan_client_app(client_fn), len(SIZES), {}, intercept=intercept)
+    holder["bad"] = bad = grid.node_ids[1]
+    strategy = FedTAN(min_available_nodes=3, fraction_evaluate=0.0, statistics_examples=ALL, secure_stats=True,
+                      quarantine_after=None)
+    with caplog.at_level(logging.WARNING):
+        result, _ = run(strategy, rounds=1, grid=grid)
+    assert strategy.dropped[1] == {
+        bad: "statistics pass: its reply could not be handled (RuntimeError: key store broke)"}
+    assert f"dropping node {bad}" in caplog.text
+    metrics = result.train_metrics_clientapp[1]
+    assert metrics["fedtan-stats-applied"] == 1 and metrics["fedtan-stats-clients"] == 2
+    assert metrics["fedtan-clients"] == 3  # the round's own key exchange was not affected
+    survivors = [p for p, node in enumerate(grid.node_ids) if node != bad]
+    assert_precise_bn(result.arrays, partitions=survivors, tol=1e-9)

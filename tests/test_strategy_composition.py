@@ -25,7 +25,8 @@ from flwr.serverapp.strategy import (
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from flwr_fedtan import FedTAN, FedTANClient, convert_batchnorm, fedtan_client_app, schema
+from flwr_fedtan import FedTAN, FedTANClient, convert_batchnorm, fedtan_client_app
+from flwr_fedtan.protocol import wire as schema
 from flwr_fedtan.client import clear_live_rounds, client_seed_key
 from flwr_fedtan.reference import fedtan_round_in_process
 from flwr_fedtan.strategy import derive_seed as server_derive_seed

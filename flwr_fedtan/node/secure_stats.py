@@ -12,7 +12,8 @@ from typing import Optional, Union
 
 from flwr.app import Message
 
-from .. import schema, secure
+from .. import secure
+from ..protocol import wire as schema
 from ..errors import KeyAgreementError, ServerMessageError
 from .state import PassProgress, RoundProgress, SecureKey
 from .turn import Turn

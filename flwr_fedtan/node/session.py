@@ -26,7 +26,8 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord
 from flwr.app.typing import MetricRecordValues
 
-from .. import schema, settings
+from .. import settings
+from ..protocol import wire as schema
 from ..aggregation import ForwardStats
 from ..client import FedTANClient, client_seed_key
 from ..runtime import live_rounds

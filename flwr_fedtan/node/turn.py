@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from flwr.app import Context, Message
 
-from .. import schema
+from ..protocol import wire as schema
 from ..client import FedTANClient, _client_from
 from .state import NodeState
 

@@ -4,7 +4,7 @@ Statistics (:class:`~flwr_fedtan.aggregation.ForwardStats`), sums
 (:class:`~flwr_fedtan.aggregation.BackwardSums`), masked payloads
 (:class:`~flwr_fedtan.secure.MaskedPayload`), rosters and public shifts become an
 ``ArrayRecord`` plus a few scalars here and nowhere else. The wire
-(:mod:`flwr_fedtan.schema`) and the node's replay log (:mod:`flwr_fedtan.node.state`)
+(:mod:`flwr_fedtan.protocol.wire`) and the node's replay log (:mod:`flwr_fedtan.node.state`)
 both use it, so a log entry is checked exactly like the message it came from, and a
 corrupt log raises the same :class:`ServerMessageError` as a corrupt message.
 

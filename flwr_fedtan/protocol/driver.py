@@ -4,7 +4,8 @@ No torch here. :class:`RoundDriver` runs the round :class:`~flwr_fedtan.FedTAN` 
 the secure key exchange, then attempts of the synchronised step(s) (``2L * sync_steps + 1``
 exchanges each), pooling every sync point's payloads, dropping the clients that fail and
 restarting without them, blaming the client whose masks do not cancel, and logging the
-progress. What the round cost and whom it dropped is kept in its :class:`RoundLedger`. The
+progress. What the round cost and whom it dropped is kept in its
+:class:`~flwr_fedtan.protocol.round_ledger.RoundLedger`. The
 statistics pass after aggregation has its own driver
 (:class:`~flwr_fedtan.protocol.pass_driver.StatisticsPassDriver`) over the same exchanges.
 """
@@ -14,15 +15,15 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from logging import INFO, WARNING
-from typing import Optional, Union, cast
+from logging import WARNING
+from typing import Any, Callable, Optional, Union, cast
 
-import numpy as np
-from flwr.app import Message, MetricRecord, RecordDict
+from flwr.app import Message
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from .. import schema, secure
+from .. import secure
+from . import wire
 from ..aggregation import (
     BackwardSums,
     ForwardStats,
@@ -34,59 +35,21 @@ from ..aggregation import (
     value_limit,
 )
 from ..errors import CanaryMismatchError, FixedPointOverflowError, PayloadError, SecureStatsError
-from ..progress import ExchangeProgress, describe_bytes
+from ..secure import Roster, ServerSession
 from ..seeds import round_seed
 from .exchange import (
-    ExchangeLedger,
     Exchanges,
     Restart,
+    accept_keys,
     count_claims,
     payload_kind_mismatches,
     unexpected,
     within_limit,
 )
+from .pass_driver import PassOptions
+from .round_ledger import RoundLedger, TrainRound
 
-__all__ = ["REASON_CHARS", "RoundDriver", "RoundLedger", "TrainRound", "new_round_ledger", "round_summary",
-           "skipped_round"]
-
-REASON_CHARS = 400  # a drop reason quotes the client's own text: keep the log readable
-
-
-@dataclass
-class RoundLedger(ExchangeLedger):
-    """What one round cost: counted on the server."""
-
-    sync_seconds: float = 0.0
-    final_exchange_seconds: float = 0.0
-    started: float = field(default_factory=time.perf_counter)
-    batchnorm_calls: Optional[int] = None  # L, known from the first backward sync point
-
-    def metrics(self, clients: int) -> dict:
-        """The round's cost as train metrics (``fedtan-*``)."""
-        return {
-            "fedtan-clients": clients,
-            "fedtan-exchanges": self.exchanges,
-            "fedtan-bytes-sent": self.bytes_sent,
-            "fedtan-bytes-received": self.bytes_received,
-            "fedtan-sync-wall-seconds": self.sync_seconds,
-            "fedtan-final-exchange-seconds": self.final_exchange_seconds,
-            "fedtan-round-seconds": time.perf_counter() - self.started,
-            "fedtan-restarts": self.restarts,
-            "fedtan-dropped": len(self.dropped),
-        }
-
-
-@dataclass
-class TrainRound:
-    """A round in flight: from ``configure_train`` to ``aggregate_train``."""
-
-    server_round: int
-    reference: dict[str, np.ndarray]  # the global model the round started from
-    contents: dict[int, RecordDict]  # each node's begin message
-    ledger: RoundLedger
-    synchronised: dict[int, int] = field(default_factory=dict)  # examples each client synchronised with
-    saw_forward: bool = False
-    statuses: dict[int, schema.DoneStatus] = field(default_factory=dict)  # the final replies
+__all__ = ["RoundDriver", "RoundOptions"]
 
 
 @dataclass
@@ -95,7 +58,7 @@ class _Attempt:
 
     seed: int
     number: int
-    roster: Optional[secure.Roster]
+    roster: Optional[Roster]
     limit: float
     synchronised: dict[int, int]
     received: int = 0  # aggregates sent so far
@@ -103,40 +66,69 @@ class _Attempt:
     step_examples: dict[int, int] = field(default_factory=dict)
 
 
+@dataclass
+class RoundOptions(PassOptions):
+    """The options of FedTAN's rounds and of its statistics passes, in one object that
+    :class:`~flwr_fedtan.FedTAN` holds and both drivers read at each round and pass: a
+    change between rounds (``strategy.exchange_timeout = 30``) reaches both.
+
+    The fields are :class:`~flwr_fedtan.FedTAN`'s arguments of the same names
+    (``examples`` is its ``statistics_examples``); ``min_clients`` is the statistics
+    pass's (a round's is the wrapped strategy's ``min_train_nodes``).
+    """
+
+    sync_steps: int = 1
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        convert = _KEPT_AS.get(name)
+        super().__setattr__(name, value if convert is None else convert(value))
+
+
+_KEPT_AS: dict[str, Callable[[Any], Any]] = {
+    "max_growth": float,
+    "secure_stats": bool,
+    "progress_interval": lambda value: None if value is None else float(value),
+}
+"""The options kept converted, as the drivers read them."""
+
+
 class RoundDriver:
     """Drives FedTAN rounds on a Grid (server side, no torch, no strategy logic).
 
-    Parameters are :class:`~flwr_fedtan.FedTAN`'s of the same names; ``secure_stats``
-    masks every payload (a key exchange before the first attempt and after each restart).
+    ``options`` (:class:`RoundOptions`) are read at each round; with ``secure_stats`` every
+    payload is masked (a key exchange before the first attempt and after each restart).
     """
 
-    def __init__(self, *, sync_steps: int, exchange_timeout: float, poll_interval: float, max_restarts: int,
-                 seed: int, uniform_positions: bool, max_growth: float, secure_stats: bool) -> None:
-        self.sync_steps = sync_steps
-        self.exchange_timeout = exchange_timeout
-        self.poll_interval = poll_interval
-        self.max_restarts = max_restarts
-        self.seed = seed
-        self.uniform_positions = uniform_positions
-        self.max_growth = max_growth
-        self.secure = secure.ServerSession() if secure_stats else None
+    def __init__(self, options: RoundOptions) -> None:
+        self.options = options
+        self._session: Optional[ServerSession] = None
+
+    @property
+    def secure(self) -> Optional[ServerSession]:
+        """The rounds' key agreement with secure statistics, ``None`` without."""
+        if not self.options.secure_stats:
+            return None
+        if self._session is None:
+            self._session = ServerSession()
+        return self._session
 
     def round_seed(self, server_round: int, attempt: int) -> int:
         """The seed of the clients' batches in ``(round, attempt)`` (each derives it itself)."""
-        return round_seed(self.seed, server_round, attempt)
+        return round_seed(self.options.seed, server_round, attempt)
 
     def run(self, grid: Grid, round_: TrainRound, participants: list[int], min_clients: int,
             weighted_by_key: str) -> list[Message]:
         """Drive the synchronised step(s) of ``round_`` on ``participants``; return the
         clients' final replies (empty if fewer than ``min_clients`` got through)."""
-        exchanges = Exchanges(grid, round_.ledger, server_round=round_.server_round, timeout=self.exchange_timeout,
-                              poll_interval=self.poll_interval, weighted_by_key=weighted_by_key)
+        options = self.options
+        exchanges = Exchanges(grid, round_.ledger, server_round=round_.server_round, timeout=options.exchange_timeout,
+                              poll_interval=options.poll_interval, weighted_by_key=weighted_by_key)
         ledger = round_.ledger
         if self.secure is not None:
             participants = self._key_exchange(exchanges, participants)
         # Secure statistics need two clients: one client's statistics cannot hide in a sum.
         least = max(2, min_clients) if self.secure is not None else min_clients
-        for attempt in range(self.max_restarts + 1):
+        for attempt in range(self.options.max_restarts + 1):
             if len(participants) < least:
                 break
             try:
@@ -145,7 +137,7 @@ class RoundDriver:
             except Restart:
                 failed = [n for n in participants if n in ledger.dropped]
                 participants = [n for n in participants if n not in ledger.dropped]
-                if len(participants) < least or attempt == self.max_restarts:
+                if len(participants) < least or attempt == self.options.max_restarts:
                     break
                 ledger.restarts += 1
                 log(WARNING, "Round %d: restarting the synchronised step with %d clients (without %s)",
@@ -158,11 +150,11 @@ class RoundDriver:
     # ------------------------------------------------------------------ one attempt
     def _attempt(self, exchanges: Exchanges, round_: TrainRound, participants: list[int], seed: int,
                  number: int) -> list[Message]:
-        begin = {n: schema.with_attempt(round_.contents[n], number) for n in participants}
+        begin = {n: wire.with_attempt(round_.contents[n], number) for n in participants}
         roster = None
         if self.secure is not None:
             roster = self.secure.roster(participants)
-            begin = {n: schema.with_roster(c, number, roster, self.secure.shifts) for n, c in begin.items()}
+            begin = {n: wire.with_roster(c, number, roster, self.secure.shifts) for n, c in begin.items()}
         state = _Attempt(seed, number, roster, value_limit(round_.reference), {n: 0 for n in participants})
         ledger = round_.ledger
         started = time.perf_counter()
@@ -171,14 +163,14 @@ class RoundDriver:
         round_.saw_forward = False
         while True:
             statuses = result.statuses
-            if all(isinstance(s, schema.DoneStatus) for s in statuses.values()):
-                round_.statuses = {n: s for n, s in statuses.items() if isinstance(s, schema.DoneStatus)}
+            if all(isinstance(s, wire.DoneStatus) for s in statuses.values()):
+                round_.statuses = {n: s for n, s in statuses.items() if isinstance(s, wire.DoneStatus)}
                 round_.synchronised = state.synchronised
                 return [result.replies[n] for n in sorted(statuses)]
             point, step, payloads = self._at_one_point(ledger, statuses, roster is not None)
             aggregate = self._pool(exchanges, round_, state, point, step, payloads)
-            content = schema.encode_aggregate(round_.server_round, step, state.received, point, aggregate,
-                                              self.sync_steps, seed)
+            content = wire.encode_aggregate(round_.server_round, step, state.received, point, aggregate,
+                                              self.options.sync_steps, seed)
             state.received += 1
             sent = time.perf_counter()
             result = exchanges.send({n: content for n in statuses})
@@ -186,22 +178,22 @@ class RoundDriver:
             ledger.sync_seconds = sent - started
             self._note_progress(ledger, result.statuses, state.received + 1, number)
 
-    def _at_one_point(self, ledger: RoundLedger, statuses: dict[int, schema.Status], masked: bool
+    def _at_one_point(self, ledger: RoundLedger, statuses: dict[int, wire.Status], masked: bool
                       ) -> tuple[SyncPoint, int, dict]:
         """The sync point and step every client reached, and their payloads; the clients
         elsewhere (the minority), or with the wrong kind of payload, are dropped (restart)."""
-        if any(isinstance(s, schema.DoneStatus) for s in statuses.values()):
+        if any(isinstance(s, wire.DoneStatus) for s in statuses.values()):
             self._drop_minority(ledger, statuses)
-        key_of = {n: (s.step, schema.point_of(s)) for n, s in statuses.items()}
+        key_of = {n: (s.step, wire.point_of(s)) for n, s in statuses.items()}
         majority, _ = Counter(key_of.values()).most_common(1)[0]
         for node, key in key_of.items():
             if key != majority:
                 ledger.drop(node, f"at sync point {key}, the others at {majority}")
         for node, status in statuses.items():
-            if not isinstance(status, schema.SyncStatus):
+            if not isinstance(status, wire.SyncStatus):
                 ledger.drop(node, f"replied {status.phase!r} during the synchronised step")
         ledger.restart_if_dropped(statuses)
-        sync = {n: s for n, s in statuses.items() if isinstance(s, schema.SyncStatus)}
+        sync = {n: s for n, s in statuses.items() if isinstance(s, wire.SyncStatus)}
         payloads = {n: s.payload for n, s in sync.items()}
         for node, why in payload_kind_mismatches(payloads, masked, "round").items():
             ledger.drop(node, why)
@@ -215,17 +207,17 @@ class RoundDriver:
         and a failure that names no client restarts the attempt."""
         ledger, masked = round_.ledger, state.roster is not None
         try:
-            if point.phase == schema.PHASE_FORWARD:
+            if point.phase == wire.PHASE_FORWARD:
                 self._count_forward(ledger, state, step, count_claims(payloads, masked))
                 round_.saw_forward = True
             aggregate: Union[ForwardStats, BackwardSums]
             if state.roster is not None and self.secure is not None:
                 where = secure.describe_point(round_.server_round, step, point.phase, point.index, point.call)
                 aggregate = self.secure.decode(payloads, state.roster, point.index, where)
-            elif point.phase == schema.PHASE_FORWARD:
-                aggregate = pool_forward_stats(payloads, point.channels, state.limit, self.max_growth)
+            elif point.phase == wire.PHASE_FORWARD:
+                aggregate = pool_forward_stats(payloads, point.channels, state.limit, self.options.max_growth)
             else:
-                aggregate = sum_backward_sums(payloads, point.channels, state.limit, self.max_growth)
+                aggregate = sum_backward_sums(payloads, point.channels, state.limit, self.options.max_growth)
             if not within_limit(aggregate, state.limit):  # clear pooling names the client; masked sums cannot
                 raise FixedPointOverflowError(
                     f"round {round_.server_round}: the pooled {point.phase} statistics of BatchNorm call "
@@ -257,7 +249,7 @@ class RoundDriver:
         count each client's examples once per synchronised step."""
         if step != state.step:
             state.step, state.step_examples = step, {}
-        violations = forward_count_violations(claims, state.step_examples, self.uniform_positions)
+        violations = forward_count_violations(claims, state.step_examples, self.options.uniform_positions)
         for node, why in violations.items():
             ledger.drop(node, why)
         if violations:
@@ -267,7 +259,7 @@ class RoundDriver:
                 state.step_examples[node] = claim.num_examples
                 state.synchronised[node] += claim.num_examples
 
-    def _note_progress(self, ledger: RoundLedger, statuses: dict[int, schema.Status], index: int,
+    def _note_progress(self, ledger: RoundLedger, statuses: dict[int, wire.Status], index: int,
                        attempt: int) -> None:
         """The progress line of the attempt's exchange ``index`` (from 1), described by the
         sync point most replies reached. Its seconds count towards the round's median and
@@ -276,22 +268,22 @@ class RoundDriver:
         if timing is None or not statuses:
             return
         (phase, step, point), _ = Counter(
-            (s.phase, s.step, schema.point_of(s)) for s in statuses.values()
+            (s.phase, s.step, wire.point_of(s)) for s in statuses.values()
         ).most_common(1)[0]
         if ledger.batchnorm_calls is None:
-            if point is not None and point.phase == schema.PHASE_BACKWARD and step == 0:
+            if point is not None and point.phase == wire.PHASE_BACKWARD and step == 0:
                 ledger.batchnorm_calls = point.index  # forward points are 0..L-1 of every step
-            elif phase == schema.PHASE_DONE:
+            elif phase == wire.PHASE_DONE:
                 ledger.batchnorm_calls = 0
-        total = None if ledger.batchnorm_calls is None else 2 * ledger.batchnorm_calls * self.sync_steps + 1
+        total = None if ledger.batchnorm_calls is None else 2 * ledger.batchnorm_calls * self.options.sync_steps + 1
         number = f"{index}" if total is None else f"{index}/{total}"
         if point is None:
-            what = "local steps and final models" if phase == schema.PHASE_DONE else phase
+            what = "local steps and final models" if phase == wire.PHASE_DONE else phase
         else:
             what = f"step {step + 1}, {point.phase}, BatchNorm call {point.call}"
         if attempt:
             what += f", attempt {attempt + 1}"
-        final = phase == schema.PHASE_DONE
+        final = phase == wire.PHASE_DONE
         ledger.progress.record(timing, f"{number} ({what})", force=index == 1 or final, counted=not final)
 
     # ------------------------------------------------------------------ secure statistics
@@ -301,36 +293,28 @@ class RoundDriver:
         session, ledger = self.secure, exchanges.ledger
         assert session is not None
         session.new_round(exchanges.server_round)
-        content = schema.encode_keys(exchanges.server_round, self.sync_steps)
-        for _ in range(self.max_restarts + 1):
+        content = wire.encode_keys(exchanges.server_round, self.options.sync_steps)
+        for _ in range(self.options.max_restarts + 1):
             participants = [n for n in participants if n not in ledger.dropped]
             try:
                 statuses = exchanges.send({n: content for n in participants}).statuses
             except Restart:
                 continue
-            for node, status in statuses.items():
-                try:
-                    if not isinstance(status, schema.KeysStatus):
-                        raise PayloadError(node, f"replied {status.phase!r} to the key exchange")
-                    session.accept_public_key(node, status.public_key)
-                except PayloadError as error:
-                    ledger.drop(node, str(error))
-                except Exception as error:  # pylint: disable=broad-except
-                    ledger.drop(node, unexpected(error))
+            accept_keys(ledger, session, statuses)
             return [n for n in participants if n in session.public_keys]
         return []
 
-    def _blame(self, exchanges: Exchanges, roster: secure.Roster, payloads: dict, exchange: int) -> None:
+    def _blame(self, exchanges: Exchanges, roster: Roster, payloads: dict, exchange: int) -> None:
         """The canaries of ``exchange`` did not cancel: every client reveals its pair masks of
         that canary (and nothing else), and the client whose canary or masks do not add up
         is dropped (:func:`flwr_fedtan.secure.blame_canary`)."""
         length = int(next(iter(payloads.values())).masked.shape[1])
-        content = schema.encode_blame(exchanges.server_round, self.sync_steps, exchange, length)
+        content = wire.encode_blame(exchanges.server_round, self.options.sync_steps, exchange, length)
         try:
             statuses = exchanges.send({n: content for n in payloads}).statuses
         except Restart:  # whoever did not answer is dropped already
             return
-        revealed = {n: s.canary_masks for n, s in statuses.items() if isinstance(s, schema.BlameStatus)}
+        revealed = {n: s.canary_masks for n, s in statuses.items() if isinstance(s, wire.BlameStatus)}
         try:
             blamed = secure.blame_canary(payloads, roster, revealed)
         except Exception as error:  # pylint: disable=broad-except
@@ -341,8 +325,8 @@ class RoundDriver:
             exchanges.ledger.drop(node, f"masks did not cancel at exchange {exchange}: {why}")
 
     @staticmethod
-    def _drop_minority(ledger: RoundLedger, statuses: dict[int, schema.Status]) -> None:
-        done = [n for n, s in statuses.items() if isinstance(s, schema.DoneStatus)]
+    def _drop_minority(ledger: RoundLedger, statuses: dict[int, wire.Status]) -> None:
+        done = [n for n, s in statuses.items() if isinstance(s, wire.DoneStatus)]
         busy = [n for n in statuses if n not in done]
         for node in done if len(done) <= len(busy) else busy:
             ledger.drop(node, "finished its synchronised steps early" if node in done
@@ -356,7 +340,7 @@ def _first_bad_payload(payloads: dict, point: SyncPoint, masked: bool) -> tuple[
         try:
             if not masked:
                 check_payload(node, payload, point.phase, point.channels)
-            elif point.phase == schema.PHASE_FORWARD and not (
+            elif point.phase == wire.PHASE_FORWARD and not (
                 isinstance(payload.count, float) and isinstance(payload.num_examples, int)
             ):
                 raise PayloadError(node, "masked forward payload without its clear counts")
@@ -365,31 +349,3 @@ def _first_bad_payload(payloads: dict, point: SyncPoint, masked: bool) -> tuple[
     return None, ""
 
 
-def new_round_ledger(server_round: int, progress_interval: Optional[float]) -> RoundLedger:
-    """The ledger of a new round: its drop lines and progress lines name the round."""
-    return RoundLedger(title=f"FedTAN round {server_round}", reason_chars=REASON_CHARS,
-                       progress=ExchangeProgress(f"FedTAN round {server_round}", progress_interval))
-
-
-def round_summary(round_: TrainRound, clients: int) -> dict:
-    """Log the round's summary line; return its ``fedtan-*`` metrics."""
-    ledger = round_.ledger
-    replays = sum(int(cast(int, s.metrics.get("replays", 0))) for s in round_.statuses.values())
-    metrics = ledger.metrics(clients)
-    metrics.update(ledger.progress.metrics("fedtan-"))
-    metrics["fedtan-replays"] = replays
-    log(INFO, "FedTAN round %d done in %.1f s: %d exchanges; synchronised step: %s; final exchange %.2f s; "
-        "%s sent, %s received; %d replays; %d restarts; %d dropped", round_.server_round,
-        metrics["fedtan-round-seconds"], ledger.exchanges, ledger.progress.describe(),
-        ledger.final_exchange_seconds, describe_bytes(ledger.bytes_sent), describe_bytes(ledger.bytes_received),
-        replays, ledger.restarts, len(ledger.dropped))
-    return metrics
-
-
-def skipped_round(round_: TrainRound) -> MetricRecord:
-    """Log why the round was skipped; return its metrics (``fedtan-skipped`` and the summary's)."""
-    reason = "; ".join(f"node {n}: {why}" for n, why in round_.ledger.dropped.items()) or "too few clients"
-    log(WARNING, "Round %d skipped, global model kept (%s)", round_.server_round, reason)
-    metrics = MetricRecord({"fedtan-skipped": 1})
-    metrics.update(round_summary(round_, 0))
-    return metrics

@@ -21,11 +21,12 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from .. import progress, schema
+from .. import progress
+from . import wire
 from ..aggregation import BackwardSums, ForwardStats
 from ..errors import PayloadError
 from ..progress import ExchangeProgress, ExchangeTiming
-from ..secure import MaskedPayload
+from ..secure import MaskedPayload, ServerSession
 
 _ANSI_CODES = re.compile(r"\x1b\[[0-9;]*m")
 _CLIENTAPP_MESSAGE = "occurred. Message: "  # flwr.clientapp.ClientAppException's wording
@@ -49,6 +50,7 @@ def client_error_text(reason: str) -> str:
 
 __all__ = [
     "ExchangeLedger",
+    "accept_keys",
     "ExchangeResult",
     "Exchanges",
     "Restart",
@@ -71,7 +73,7 @@ def unexpected(error: Exception) -> str:
 class ExchangeResult:
     """What one exchange brought back."""
 
-    statuses: dict[int, schema.Status] = field(default_factory=dict)  # valid replies, by node
+    statuses: dict[int, wire.Status] = field(default_factory=dict)  # valid replies, by node
     replies: dict[int, Message] = field(default_factory=dict)  # every reply received, by node
     failures: dict[int, str] = field(default_factory=dict)  # node -> why it failed, in the order found
     bytes_sent: int = 0
@@ -96,8 +98,8 @@ def exchange(
     result = ExchangeResult()
     messages = []
     for node, content in contents.items():
-        messages.append(Message(content=content, dst_node_id=node, message_type=schema.MESSAGE_TYPE))
-        result.bytes_sent += schema.record_bytes(content)
+        messages.append(Message(content=content, dst_node_id=node, message_type=wire.MESSAGE_TYPE))
+        result.bytes_sent += wire.record_bytes(content)
     started, slowest = progress.clock(), None
     message_ids = {mid: msg.metadata.dst_node_id for mid, msg in zip(grid.push_messages(messages), messages)}
     deadline = time.monotonic() + timeout
@@ -121,8 +123,8 @@ def exchange(
             if reply.has_error():
                 result.failures[node] = f"error reply: {client_error_text(reply.error.reason or '')}"
                 continue
-            result.bytes_received += schema.record_bytes(reply.content)
-            status = schema.decode_reply(reply.content, node, weighted_by_key)
+            result.bytes_received += wire.record_bytes(reply.content)
+            status = wire.decode_reply(reply.content, node, weighted_by_key)
             if status.round != server_round:
                 raise PayloadError(node, f"replied for round {status.round} during round {server_round}")
             result.statuses[node] = status
@@ -198,6 +200,22 @@ class Exchanges:
         if restart and len(result.statuses) != len(contents):
             raise Restart()
         return result
+
+
+def accept_keys(ledger: ExchangeLedger, session: ServerSession, statuses: Mapping[int, wire.Status]) -> None:
+    """Take each node's public key from its reply to a key exchange (a round's or a
+    statistics pass's) into ``session``; a node that replied another phase or a key the
+    session refuses is dropped with the reason, and so is one whose reply raised anything
+    else: it ends that node, never the round."""
+    for node, status in statuses.items():
+        try:
+            if not isinstance(status, wire.KeysStatus):
+                raise PayloadError(node, f"replied {status.phase!r} to the key exchange")
+            session.accept_public_key(node, status.public_key)
+        except PayloadError as error:
+            ledger.drop(node, str(error))
+        except Exception as error:  # pylint: disable=broad-except
+            ledger.drop(node, unexpected(error))
 
 
 def payload_kind_mismatches(payloads: Mapping[int, object], masked: bool, what: str) -> dict[int, str]:

@@ -29,7 +29,8 @@ from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from .. import schema, secure
+from .. import secure
+from . import wire
 from ..aggregation import (
     DEFAULT_MAX_GROWTH,
     ForwardStats,
@@ -42,19 +43,28 @@ from ..aggregation import (
 from ..errors import PayloadError, SecureStatsError
 from ..progress import DEFAULT_PROGRESS_INTERVAL, ExchangeProgress, describe_bytes
 from ..seeds import pass_seed
-from .exchange import ExchangeLedger, Exchanges, Restart, count_claims, payload_kind_mismatches, within_limit
+from .exchange import (
+    ExchangeLedger,
+    Exchanges,
+    Restart,
+    accept_keys,
+    count_claims,
+    payload_kind_mismatches,
+    within_limit,
+)
 
 __all__ = ["DEFAULT_STATISTICS_EXAMPLES", "PassOptions", "PassOutcome", "StatisticsPassDriver", "pass_seed"]
 
 DEFAULT_STATISTICS_EXAMPLES = 256
-"""Examples each client forwards in a pass (all of its data if it has fewer); see the
-README's measurement for why."""
+"""Examples each client forwards in a pass (all of its data if it has fewer); why, measured:
+docs/protocol.md, "Exact BatchNorm statistics: the statistics pass" ("Why these defaults")."""
 
 
 
-@dataclass(frozen=True)
+@dataclass
 class PassOptions:
-    """The options of the statistics pass, with their defaults.
+    """The options of the statistics pass, with their defaults. The driver reads them at
+    each pass, so a change between passes reaches the next one.
 
     Attributes
     ----------
@@ -135,13 +145,33 @@ class StatisticsPassDriver:
     """
 
     def __init__(self, options: Optional[PassOptions] = None, **changes: Any) -> None:
-        options = dataclasses.replace(options or PassOptions(), **changes)
-        self.options = options
-        self.examples = int(options.examples)
-        self.max_growth = float(options.max_growth)
-        low = 2 if options.secure_stats else 1
-        self.min_clients = max(low, options.min_clients)
-        self._secure = secure.ServerSession() if options.secure_stats else None
+        options = options or PassOptions()
+        self.options = dataclasses.replace(options, **changes) if changes else options
+        self._session: Optional[secure.ServerSession] = None
+
+    @property
+    def examples(self) -> int:
+        """At most this many examples per client."""
+        return int(self.options.examples)
+
+    @property
+    def max_growth(self) -> float:
+        """How far one client's statistics may reach beyond the others' (``PassOptions``)."""
+        return float(self.options.max_growth)
+
+    @property
+    def min_clients(self) -> int:
+        """Fewest clients a pass may pool (2 at least with secure statistics)."""
+        return max(2 if self.options.secure_stats else 1, self.options.min_clients)
+
+    @property
+    def _secure(self) -> Optional[secure.ServerSession]:
+        """The key agreement of the passes with secure statistics, ``None`` without."""
+        if not self.options.secure_stats:
+            return None
+        if self._session is None:
+            self._session = secure.ServerSession()
+        return self._session
 
     def run(self, grid: Grid, nodes: Iterable[int], arrays: ArrayRecord, server_round: int) -> PassOutcome:
         """Run the pass of ``server_round`` over ``arrays`` (the aggregated global model) on
@@ -220,7 +250,7 @@ class StatisticsPassDriver:
             if len(participants) < self.min_clients:
                 raise Restart()
             roster = self._secure.roster(participants)
-        begin = schema.encode_stats_begin(
+        begin = wire.encode_stats_begin(
             arrays, server_round, seed, self.examples, attempt,
             roster, None if self._secure is None else self._secure.shifts,
         )
@@ -228,7 +258,7 @@ class StatisticsPassDriver:
         self._note_progress(outcome, statuses, 1, attempt)
         examples: dict[int, int] = {}
         while True:
-            done = {n: s for n, s in statuses.items() if isinstance(s, schema.StatsDoneStatus)}
+            done = {n: s for n, s in statuses.items() if isinstance(s, wire.StatsDoneStatus)}
             if len(done) == len(statuses):
                 examples = examples or {n: s.num_examples for n, s in done.items()}
                 return self._agreed_buffers(outcome, done, examples), examples
@@ -247,28 +277,28 @@ class StatisticsPassDriver:
             for node, claim in claims.items():
                 examples.setdefault(node, int(claim.num_examples))
             released.append(aggregate)
-            content = schema.encode_stats_aggregate(server_round, index, aggregate, seed)
+            content = wire.encode_stats_aggregate(server_round, index, aggregate, seed)
             statuses = exchanges.send({n: content for n in statuses}).statuses
             self._note_progress(outcome, statuses, len(released) + 1, attempt)
 
     @staticmethod
-    def _forward_point(outcome: ExchangeLedger, statuses: dict[int, schema.Status], index: int
+    def _forward_point(outcome: ExchangeLedger, statuses: dict[int, wire.Status], index: int
                        ) -> tuple[dict, Optional[int]]:
         """The payloads of BatchNorm call ``index`` and its channels; a client elsewhere, or
         with channels unlike the others', is dropped (restart)."""
         for node, status in statuses.items():
-            point = schema.point_of(status)
-            if status.phase != schema.PHASE_FORWARD or point is None or point.index != index:
+            point = wire.point_of(status)
+            if status.phase != wire.PHASE_FORWARD or point is None or point.index != index:
                 where = status.phase if point is None else f"{status.phase} point {point.index}"
                 outcome.drop(node, f"replied {where} to the statistics pass's BatchNorm call {index}")
-        points = {n: p for n, p in ((n, schema.point_of(s)) for n, s in statuses.items()) if p is not None}
+        points = {n: p for n, p in ((n, wire.point_of(s)) for n, s in statuses.items()) if p is not None}
         channels = Counter(p.channels for p in points.values())
         expected = channels.most_common(1)[0][0] if channels else None
         for node, point in points.items():
             if point.channels != expected:
                 outcome.drop(node, f"{point.channels} channels at BatchNorm call {index}, the others {expected}")
         outcome.restart_if_dropped(statuses)
-        return {n: s.payload for n, s in statuses.items() if isinstance(s, schema.SyncStatus)}, expected
+        return {n: s.payload for n, s in statuses.items() if isinstance(s, wire.SyncStatus)}, expected
 
     def _pool(self, outcome: ExchangeLedger, payloads: dict, roster: Optional[secure.Roster], channels: Optional[int],
               limit: float, server_round: int, index: int) -> ForwardStats:
@@ -292,14 +322,14 @@ class StatisticsPassDriver:
             raise Restart() from None
 
     @staticmethod
-    def _note_progress(outcome: ExchangeLedger, statuses: dict[int, schema.Status], index: int, attempt: int) -> None:
+    def _note_progress(outcome: ExchangeLedger, statuses: dict[int, wire.Status], index: int, attempt: int) -> None:
         """The progress line of the attempt's exchange ``index`` (from 1): ``L + 1`` in all,
         known only when the clients report done."""
         timing = outcome.last_exchange
         if timing is None or not statuses:
             return
-        (phase, point), _ = Counter((s.phase, schema.point_of(s)) for s in statuses.values()).most_common(1)[0]
-        final = phase == schema.PHASE_STATS_DONE
+        (phase, point), _ = Counter((s.phase, wire.point_of(s)) for s in statuses.values()).most_common(1)[0]
+        final = phase == wire.PHASE_STATS_DONE
         if final:
             number, what = f"{index}/{index}", "BatchNorm buffers"
         else:
@@ -309,7 +339,7 @@ class StatisticsPassDriver:
         outcome.progress.record(timing, f"{number} ({what})", force=index == 1 or final)
 
     @staticmethod
-    def _agreed_buffers(outcome: ExchangeLedger, statuses: dict[int, schema.StatsDoneStatus], examples: dict) -> dict:
+    def _agreed_buffers(outcome: ExchangeLedger, statuses: dict[int, wire.StatsDoneStatus], examples: dict) -> dict:
         """The buffer mapping most clients report (it is the model's, the same for all);
         a client reporting another, or examples other than it forwarded, is dropped."""
         def canonical(calls: dict) -> tuple:
@@ -329,13 +359,7 @@ class StatisticsPassDriver:
         session = self._secure
         assert session is not None
         session.new_round(exchanges.server_round)
-        content = schema.encode_stats_keys(exchanges.server_round)
+        content = wire.encode_stats_keys(exchanges.server_round)
         statuses = exchanges.send({n: content for n in participants}, restart=False).statuses
-        for node, status in statuses.items():
-            try:
-                if not isinstance(status, schema.KeysStatus):
-                    raise PayloadError(node, f"replied {status.phase!r} to the key exchange")
-                session.accept_public_key(node, status.public_key)
-            except PayloadError as error:
-                exchanges.ledger.drop(node, str(error))
+        accept_keys(exchanges.ledger, session, statuses)
         return [n for n in participants if n in session.public_keys]

@@ -26,7 +26,7 @@ from flwr_fedtan import FedTAN, convert_batchnorm
 from flwr_fedtan.client import evaluate_model
 from flwr_fedtan.exact_statistics import DEFAULT_STATISTICS_EXAMPLES, ExactStatistics
 from flwr_fedtan.progress import DEFAULT_PROGRESS_INTERVAL
-from flwr_fedtan.schema import record_bytes
+from flwr_fedtan.protocol.wire import record_bytes
 from flwr_fedtan.strategy import ForwardingGrid
 
 from .baselines import (
