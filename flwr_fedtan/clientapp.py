@@ -18,7 +18,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from . import settings
-from .protocol import wire as schema
+from .protocol import wire
 from .client import FedTANClient, _client_from, client_seed_key
 from .node import session
 from .runtime import run_at_home
@@ -145,8 +145,8 @@ def add_fedtan(
             "every message to its client_fn and cannot take one more handler. Use "
             "fedtan_client_app(client_fn) with a client_fn returning a FedTANClient instead"
         )
-    if schema.MESSAGE_TYPE in getattr(app, "_registered_funcs", {}):
-        raise ValueError(f"this ClientApp already handles {schema.MESSAGE_TYPE!r} (add_fedtan called twice?)")
+    if wire.MESSAGE_TYPE in getattr(app, "_registered_funcs", {}):
+        raise ValueError(f"this ClientApp already handles {wire.MESSAGE_TYPE!r} (add_fedtan called twice?)")
     options = Options(replay_store, state_dir, max_live_rounds, live_home, bool(require_secure_stats), live_memory)
     if client_fn is None:
 
@@ -162,7 +162,7 @@ def add_fedtan(
     if not callable(client_fn):
         raise TypeError(f"add_fedtan: client_fn must be a function of the Context, got {type(client_fn).__name__}")
 
-    @app.train(schema.ACTION)
+    @app.train(wire.ACTION)
     def fedtan_train(msg: Message, context: Context) -> Message:
         # Runs where the node's live rounds are kept (this process, a Ray home, the node worker).
         home = settings.live_home(options.live_home)

@@ -160,7 +160,7 @@ class MaskMismatchError(SecureStatsError):
     in the clear do not add up to the pooled count decoded from the masked sums.
 
     Only the masks are checked: a client that encodes false statistics under the right
-    masks is outside the threat model (see the README's "Secure statistics")."""
+    masks is outside the threat model (see docs/security.md, "Secure statistics")."""
 
 
 class CanaryMismatchError(MaskMismatchError):

@@ -11,7 +11,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
 from flwr_fedtan import secure
-from flwr_fedtan.protocol import wire as schema
+from flwr_fedtan.protocol import wire
 from flwr_fedtan.aggregation import BackwardSums, ForwardStats, SyncPoint
 from flwr_fedtan.node import state as node_state
 from flwr_fedtan.node.state import NodeState, ReplayLog, RoundProgress, SecureKey
@@ -50,8 +50,8 @@ def point_of(aggregate, index: int = 0) -> SyncPoint:
 
 def through_wire(aggregate):
     """Server -> client: the aggregate of an ``aggregate`` message."""
-    content = schema.encode_aggregate(3, 0, 0, point_of(aggregate), aggregate, 1, 11)
-    return schema.decode_control(content).aggregate
+    content = wire.encode_aggregate(3, 0, 0, point_of(aggregate), aggregate, 1, 11)
+    return wire.decode_control(content).aggregate
 
 
 def through_log(aggregates):
@@ -84,8 +84,8 @@ def test_aggregates_round_trip_through_the_stored_node_state():
 
 @pytest.mark.parametrize("payload", [forward(), backward()], ids=["forward", "backward"])
 def test_client_payloads_round_trip_through_the_wire(payload):
-    content = schema.encode_request(3, 0, point_of(payload), payload)
-    status = schema.decode_reply(content, sender=9, weighted_by_key="num-examples")
+    content = wire.encode_request(3, 0, point_of(payload), payload)
+    status = wire.decode_reply(content, sender=9, weighted_by_key="num-examples")
     assert same(status.payload, payload)
 
 
@@ -102,8 +102,8 @@ def test_masked_payloads_round_trip_through_the_wire(make):
     shift = RNG.normal(size=CHANNELS) if isinstance(payload, ForwardStats) else None
     masked = secure.client_encode(payload, node_id=1, private_key=pairs[1].private, roster=roster, round=3,
                                   attempt=0, exchange=0, shift=shift)
-    content = schema.encode_request(3, 0, point_of(payload), masked)
-    decoded = schema.decode_reply(content, sender=1, weighted_by_key="num-examples").payload
+    content = wire.encode_request(3, 0, point_of(payload), masked)
+    decoded = wire.decode_reply(content, sender=1, weighted_by_key="num-examples").payload
     assert same(decoded, masked)
 
 
@@ -112,7 +112,7 @@ def test_rosters_and_shifts_round_trip_through_the_wire_and_the_node_state():
     roster = secure.Roster.from_keys(public)
     shifts = {0: RNG.normal(size=CHANNELS), 2: RNG.normal(size=3)}
     arrays = ArrayRecord({"w": Array(np.zeros(2))})
-    control = schema.decode_control(schema.encode_begin(arrays, ConfigRecord(), 3, 1, 11, 1, roster, shifts))
+    control = wire.decode_control(wire.encode_begin(arrays, ConfigRecord(), 3, 1, 11, 1, roster, shifts))
     context = Context(run_id=1, node_id=4, node_config={}, state=RecordDict(), run_config={})
     node_state.store(context, NodeState(round_key=SecureKey(round=3, private_key=b"k" * 32, attempt=1, begun=1,
                                                             roster=roster, shifts=shifts)))
@@ -159,13 +159,13 @@ def test_a_corrupt_log_entry_fails_like_a_corrupt_message(case, make):
     corrupt, reason = CORRUPTIONS[case]
     aggregate = make()
 
-    message = schema.encode_aggregate(3, 0, 0, point_of(aggregate), aggregate, 1, 11)
-    record = message.array_records[schema.STATS]
+    message = wire.encode_aggregate(3, 0, 0, point_of(aggregate), aggregate, 1, 11)
+    record = message.array_records[wire.STATS]
     arrays = {name: record[name].numpy() for name in record.keys()}
     corrupt(arrays)
-    message[schema.STATS] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    message[wire.STATS] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
     with pytest.raises(ServerMessageError, match=reason) as from_message:
-        schema.decode_control(message)
+        wire.decode_control(message)
 
     log = ReplayLog()
     log.append(0, forward())
@@ -195,6 +195,6 @@ def test_a_log_entry_with_a_bad_count_or_missing_entry_is_refused():
 
 
 def test_the_backward_array_names_are_spelled_once_in_the_package():
-    package = pathlib.Path(schema.__file__).parents[1]
+    package = pathlib.Path(wire.__file__).parents[1]
     spelled = sum(path.read_text().count('"sum-grad"') for path in package.rglob("*.py"))
     assert spelled == 1

@@ -85,11 +85,6 @@ def test_the_reference_stands_on_the_core_alone():
     assert done.stdout.strip() == "[]"
 
 
-# Still over ~400 lines after issue 23; each waits for its own split.
-_NOT_SPLIT_YET: set[str] = set()
-
-
 def test_no_module_is_over_about_400_lines():
-    long = {path.stem: n for path in PACKAGE.rglob("*.py")
-            if (n := len(path.read_text().splitlines())) > 400 and path.stem not in _NOT_SPLIT_YET}
+    long = {path.stem: n for path in PACKAGE.rglob("*.py") if (n := len(path.read_text().splitlines())) > 400}
     assert not long, long

@@ -27,7 +27,7 @@ from flwr.clientapp import ClientApp
 from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler, TensorDataset
 
 from flwr_fedtan import FedTAN, FedTANClient, add_fedtan, fedtan_client_app, settings
-from flwr_fedtan.protocol import wire as schema
+from flwr_fedtan.protocol import wire
 from flwr_fedtan.client import clear_live_rounds
 
 from _grid import LocalGrid
@@ -157,10 +157,10 @@ def test_one_fedtan_round_of_the_switched_app_equals_centralised_sgd(dropin, tmp
     diff = max_abs_diff(centralised_sgd_step(dropin["task"]), final)
     assert diff <= TOLERANCE, f"FedTAN round differs from centralised SGD by {diff:g}"
     kinds = {kind for kind, _ in grid.replies}
-    assert kinds == {schema.MESSAGE_TYPE, "evaluate"}, kinds  # no plain "train" message
+    assert kinds == {wire.MESSAGE_TYPE, "evaluate"}, kinds  # no plain "train" message
     assert {"eval_loss", "eval_acc", "num-examples"} <= grid.metric_names("evaluate")
-    assert {"train-loss", "num-examples"} <= grid.metric_names(schema.MESSAGE_TYPE)
-    replays = [m["replays"] for kind, m in grid.replies if kind == schema.MESSAGE_TYPE and "replays" in m]
+    assert {"train-loss", "num-examples"} <= grid.metric_names(wire.MESSAGE_TYPE)
+    replays = [m["replays"] for kind, m in grid.replies if kind == wire.MESSAGE_TYPE and "replays" in m]
     assert replays == [4.0 if separate_processes else 0.0] * NUM_NODES  # 2L = 4 aggregates, each replayed
 
 

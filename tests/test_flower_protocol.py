@@ -14,7 +14,7 @@ from flwr.app import Array, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
 from flwr_fedtan import FedTAN, FedTANClient, fedtan_client_app
-from flwr_fedtan.protocol import wire as schema
+from flwr_fedtan.protocol import wire
 from flwr_fedtan.client import clear_live_rounds, client_seed_key
 from flwr_fedtan.reference import fedtan_round_in_process
 from flwr_fedtan.training import derive_seed
@@ -118,8 +118,8 @@ def test_replay_without_the_node_local_weights_drops_the_node_with_a_clear_reaso
         def push_messages(self, messages):
             messages = list(messages)
             for msg in messages:
-                if msg.metadata.dst_node_id == 1007 and schema.CONTROL in msg.content.config_records:
-                    if msg.content.config_records[schema.CONTROL]["phase"] != schema.PHASE_BEGIN:
+                if msg.metadata.dst_node_id == 1007 and wire.CONTROL in msg.content.config_records:
+                    if msg.content.config_records[wire.CONTROL]["phase"] != wire.PHASE_BEGIN:
                         for path in tmp_path.rglob("node-1007.npz"):
                             path.unlink()
             return super().push_messages(messages)
@@ -189,7 +189,7 @@ class FaultyGrid(LocalGrid):
         messages = list(messages)
         ids = super().push_messages(messages)
         for msg, mid in zip(messages, ids):
-            if msg.metadata.dst_node_id != self.bad or msg.metadata.message_type != schema.MESSAGE_TYPE:
+            if msg.metadata.dst_node_id != self.bad or msg.metadata.message_type != wire.MESSAGE_TYPE:
                 continue
             self.seen += 1
             if self.seen <= self.from_exchange:
@@ -197,8 +197,8 @@ class FaultyGrid(LocalGrid):
             reply = self._replies.get(mid)
             if self.fault == "silent":
                 self._replies.pop(mid, None)
-            elif reply is not None and not reply.has_error() and schema.STATS in reply.content.array_records:
-                stats = reply.content.array_records[schema.STATS]
+            elif reply is not None and not reply.has_error() and wire.STATS in reply.content.array_records:
+                stats = reply.content.array_records[wire.STATS]
                 name = next(iter(stats.keys()))
                 values = stats[name].numpy().copy()
                 if self.fault == "nan":
@@ -207,7 +207,7 @@ class FaultyGrid(LocalGrid):
                 elif self.fault == "shape":
                     stats[name] = Array(np.concatenate([values, values]))
             elif reply is not None and not reply.has_error() and self.fault == "nan-model":
-                arrays = reply.content.array_records[schema.ARRAYS]
+                arrays = reply.content.array_records[wire.ARRAYS]
                 key = next(iter(arrays.keys()))
                 bad = arrays[key].numpy().copy()
                 bad.flat[0] = np.nan
@@ -269,17 +269,17 @@ def test_round_skipped_when_too_few_clients_survive():
 
 
 def test_schema_rejects_malformed_replies_naming_the_node():
-    content = schema.encode_request(1, 0, schema.SyncPoint(0, "forward", 0, 3),
-                                    schema.ForwardStats(4.0, 2, np.zeros(3), -np.ones(3)))
-    status = schema.decode_reply(content, 42, "num-examples")
+    content = wire.encode_request(1, 0, wire.SyncPoint(0, "forward", 0, 3),
+                                    wire.ForwardStats(4.0, 2, np.zeros(3), -np.ones(3)))
+    status = wire.decode_reply(content, 42, "num-examples")
     with pytest.raises(Exception, match="client 42: var has negative"):
         from flwr_fedtan.aggregation import pool_forward_stats
         pool_forward_stats({42: status.payload})
-    del content.config_records[schema.STATUS]["count"]
+    del content.config_records[wire.STATUS]["count"]
     with pytest.raises(Exception, match="client 42: .*count"):
-        schema.decode_reply(content, 42, "num-examples")
+        wire.decode_reply(content, 42, "num-examples")
     with pytest.raises(Exception, match="client 7: reply has no ConfigRecord"):
-        schema.decode_reply(RecordDict(), 7, "num-examples")
+        wire.decode_reply(RecordDict(), 7, "num-examples")
 
 
 def test_plain_fedavg_uses_the_same_client_app():
@@ -302,7 +302,7 @@ def test_options_set_after_construction_reach_the_round_and_the_statistics_pass(
     real_exchange = exchange_module.exchange
 
     def recording_exchange(grid, contents, **kwargs):
-        control = next(iter(contents.values())).config_records[schema.CONTROL]
+        control = next(iter(contents.values())).config_records[wire.CONTROL]
         waits.append((control["phase"], kwargs["timeout"], kwargs["poll_interval"]))
         return real_exchange(grid, contents, **kwargs)
 

@@ -1,7 +1,7 @@
 """Seeded fuzzing of FedTAN's server side through the real strategy and Flower's round loop.
 
 The clients are NumPy stand-ins that speak FedTAN's wire protocol exactly (the real
-``schema`` encoders and decoders, the real ``secure`` masking): their statistics are
+``wire`` encoders and decoders, the real ``secure`` masking): their statistics are
 random but well-formed, their models the global one plus a little noise. In every case
 one reply of one node (chosen at random: a key, a forward or backward payload, masked or
 clear, the final model and metrics, or a reply in the statistics pass after the round) is
@@ -25,7 +25,7 @@ from flwr.app.error import Error
 from flwr.serverapp.strategy import FedAdam
 
 from flwr_fedtan import FedTAN, secure
-from flwr_fedtan.protocol import wire as schema
+from flwr_fedtan.protocol import wire
 from flwr_fedtan.aggregation import BackwardSums, ForwardStats, SyncPoint
 
 from _grid import LocalGrid
@@ -71,29 +71,29 @@ class FakeClient:
     in_pass: bool = False  # answering the statistics pass (forward only), not a round
 
     def handle(self, content: RecordDict) -> RecordDict:
-        control = schema.decode_control(content)  # the clients' own checks of server messages
-        if control.phase in (schema.PHASE_KEYS, schema.PHASE_STATS_KEYS):
+        control = wire.decode_control(content)  # the clients' own checks of server messages
+        if control.phase in (wire.PHASE_KEYS, wire.PHASE_STATS_KEYS):
             self.key = secure.generate_key_pair()
-            return schema.encode_public_key(control.round, self.key.public)
-        if control.phase == schema.PHASE_BLAME:  # reveal the canary masks of a payload it sent
+            return wire.encode_public_key(control.round, self.key.public)
+        if control.phase == wire.PHASE_BLAME:  # reveal the canary masks of a payload it sent
             if not 0 <= control.exchange < len(self.lengths) or self.lengths[control.exchange] != control.length:
                 raise RuntimeError(f"blame for exchange {control.exchange} of length {control.length}")
             masks = secure.canary_masks(self.key.private, self.node, self.roster, self.round, self.attempt,
                                         control.exchange, control.length)
-            return schema.encode_canary_masks(self.round, masks)
-        if control.phase in (schema.PHASE_BEGIN, schema.PHASE_STATS_BEGIN):
+            return wire.encode_canary_masks(self.round, masks)
+        if control.phase in (wire.PHASE_BEGIN, wire.PHASE_STATS_BEGIN):
             self.round, self.attempt, self.received, self.lengths = control.round, control.attempt, 0, []
             self.roster, self.shifts = control.roster, control.shifts or {}
-            self.in_pass = control.phase == schema.PHASE_STATS_BEGIN
+            self.in_pass = control.phase == wire.PHASE_STATS_BEGIN
             if not self.in_pass:
-                self.model = {k: v.numpy() for k, v in content.array_records[schema.ARRAYS].items()}
+                self.model = {k: v.numpy() for k, v in content.array_records[wire.ARRAYS].items()}
         else:
             if control.point != self.received:
                 raise RuntimeError(f"aggregate {control.point}, expected {self.received}")
             self.received += 1
         if self.in_pass and self.received == len(CHANNELS):
             buffers = {f"bn{i}.running_{kind}": (kind, [i]) for i in range(len(CHANNELS)) for kind in ("mean", "var")}
-            return schema.encode_stats_done(self.round, buffers, EXAMPLES[self.node])
+            return wire.encode_stats_done(self.round, buffers, EXAMPLES[self.node])
         if self.received == 2 * len(CHANNELS):
             return self.done()
         return self.request()
@@ -118,7 +118,7 @@ class FakeClient:
                                            roster=self.roster, round=self.round, attempt=self.attempt,
                                            exchange=self.received, shift=shift)
             self.lengths = self.lengths[:self.received] + [payload.masked.shape[1]]
-        return schema.encode_request(self.round, 0, point, payload)
+        return wire.encode_request(self.round, 0, point, payload)
 
     def done(self) -> RecordDict:
         trained = {}
@@ -129,7 +129,7 @@ class FakeClient:
             else:
                 trained[key] = np.asarray(value + 1, dtype=value.dtype)
         metrics = MetricRecord({"num-examples": EXAMPLES[self.node], "train-loss": float(self.rng.uniform(0, 2))})
-        return schema.encode_done(self.round, ArrayRecord({k: Array(v) for k, v in trained.items()}), metrics)
+        return wire.encode_done(self.round, ArrayRecord({k: Array(v) for k, v in trained.items()}), metrics)
 
 
 # ---------------------------------------------------------------------- mutations
@@ -177,11 +177,11 @@ def mutate(content: RecordDict, rng: np.random.Generator) -> str:
         del content[name]
         return f"deleted record {name}"
     if action == 1:
-        content[str(rng.choice(["fedtan.extra", schema.STATS, schema.SECURE, schema.ARRAYS]))] = ArrayRecord(
+        content[str(rng.choice(["fedtan.extra", wire.STATS, wire.SECURE, wire.ARRAYS]))] = ArrayRecord(
             {"junk": Array(np.arange(3.0))})
         return "added or replaced an array record"
     if action == 2:
-        content[str(rng.choice(["fedtan.other", schema.STATUS, schema.METRICS]))] = ConfigRecord({"phase": "done"})
+        content[str(rng.choice(["fedtan.other", wire.STATUS, wire.METRICS]))] = ConfigRecord({"phase": "done"})
         return "added or replaced a config record"
     name = str(rng.choice(records))
     record = content[name]

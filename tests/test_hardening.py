@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from flwr_fedtan import FedTAN, FedTANClient, convert_batchnorm, fedtan_client_app, private_files
-from flwr_fedtan.protocol import wire as schema
+from flwr_fedtan.protocol import wire
 from flwr_fedtan.aggregation import BackwardSums, ForwardStats, SyncPoint
 from flwr_fedtan.client import clear_live_rounds, client_seed_key
 from flwr_fedtan.private_files import private_dir, read_private_file, write_private_file
@@ -349,7 +349,7 @@ def _context() -> Context:
 
 def _deliver(app, content: RecordDict, context: Context) -> Message:
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    message = Message(content, 5, schema.MESSAGE_TYPE, group_id="1")
+    message = Message(content, 5, wire.MESSAGE_TYPE, group_id="1")
     message.metadata.__dict__["_message_id"] = "m"
     return app(message, context)
 
@@ -368,39 +368,39 @@ def _set(record: ArrayRecord, **arrays) -> None:
 
 MALFORMED = {
     # the wrong phase: backward sums where the step waits for forward statistics
-    "phase": (lambda c: (c.config_records[schema.CONTROL].__setitem__("sync-phase", "backward"),
-                         c.__setitem__(schema.STATS, ArrayRecord({"sum-grad": Array(np.zeros(CHANNELS)),
+    "phase": (lambda c: (c.config_records[wire.CONTROL].__setitem__("sync-phase", "backward"),
+                         c.__setitem__(wire.STATS, ArrayRecord({"sum-grad": Array(np.zeros(CHANNELS)),
                                                                   "sum-grad-xhat": Array(np.zeros(CHANNELS))}))),
               "sync point 0 needs ForwardStats"),
     # an aggregate for a later sync point than the one the client waits at
-    "sync-point": (lambda c: c.config_records[schema.CONTROL].__setitem__("point", 1),
+    "sync-point": (lambda c: c.config_records[wire.CONTROL].__setitem__("point", 1),
                    "aggregate for point 1 of round 1, but 0 aggregates were received"),
-    "round": (lambda c: c.config_records[schema.CONTROL].__setitem__("round", 2),
+    "round": (lambda c: c.config_records[wire.CONTROL].__setitem__("round", 2),
               "got an aggregate for round 2 but holds no state for it"),
-    "channels": (lambda c: _set(c.array_records[schema.STATS], mean=np.zeros(7), var=np.ones(7)),
+    "channels": (lambda c: _set(c.array_records[wire.STATS], mean=np.zeros(7), var=np.ones(7)),
                  f"sync point 0: expected {CHANNELS} channels"),
-    "channels-differ": (lambda c: _set(c.array_records[schema.STATS], var=np.ones(CHANNELS + 1)),
+    "channels-differ": (lambda c: _set(c.array_records[wire.STATS], var=np.ones(CHANNELS + 1)),
                         f"'mean' has {CHANNELS} channels but 'var' has {CHANNELS + 1}"),
-    "dtype-float32": (lambda c: _set(c.array_records[schema.STATS], mean=np.zeros(CHANNELS, np.float32)),
+    "dtype-float32": (lambda c: _set(c.array_records[wire.STATS], mean=np.zeros(CHANNELS, np.float32)),
                       "'mean' has dtype float32, FedTAN sends aggregates as float64"),
-    "dtype-text": (lambda c: _set(c.array_records[schema.STATS], var=np.array(["1"] * CHANNELS)),
+    "dtype-text": (lambda c: _set(c.array_records[wire.STATS], var=np.array(["1"] * CHANNELS)),
                    "'var' has dtype <U1"),
-    "shape-2d": (lambda c: _set(c.array_records[schema.STATS], mean=np.zeros((CHANNELS, 1))),
+    "shape-2d": (lambda c: _set(c.array_records[wire.STATS], mean=np.zeros((CHANNELS, 1))),
                  f"'mean' has shape ({CHANNELS}, 1), expected one value per channel"),
-    "nan": (lambda c: _set(c.array_records[schema.STATS], mean=np.array([0.0, np.nan, 0.0, 0.0])),
+    "nan": (lambda c: _set(c.array_records[wire.STATS], mean=np.array([0.0, np.nan, 0.0, 0.0])),
             "'mean' contains NaN or Inf"),
-    "negative-var": (lambda c: _set(c.array_records[schema.STATS], var=-np.ones(CHANNELS)),
+    "negative-var": (lambda c: _set(c.array_records[wire.STATS], var=-np.ones(CHANNELS)),
                      "pooled 'var' has negative entries"),
-    "count-nan": (lambda c: c.config_records[schema.CONTROL].__setitem__("count", float("nan")),
+    "count-nan": (lambda c: c.config_records[wire.CONTROL].__setitem__("count", float("nan")),
                   "pooled 'count' must be a finite number >= 1, got nan"),
-    "examples-zero": (lambda c: c.config_records[schema.CONTROL].__setitem__("num-examples", 0),
+    "examples-zero": (lambda c: c.config_records[wire.CONTROL].__setitem__("num-examples", 0),
                       "pooled 'num-examples' must be an int >= 1, got 0"),
-    "examples-fewer-than-own": (lambda c: c.config_records[schema.CONTROL].__setitem__("num-examples", 1),
+    "examples-fewer-than-own": (lambda c: c.config_records[wire.CONTROL].__setitem__("num-examples", 1),
                                 "smaller than this client's own"),
-    "missing-stats": (lambda c: c.__delitem__(schema.STATS), "no ArrayRecord 'fedtan.stats'"),
-    "unknown-sync-phase": (lambda c: c.config_records[schema.CONTROL].__setitem__("sync-phase", "sideways"),
+    "missing-stats": (lambda c: c.__delitem__(wire.STATS), "no ArrayRecord 'fedtan.stats'"),
+    "unknown-sync-phase": (lambda c: c.config_records[wire.CONTROL].__setitem__("sync-phase", "sideways"),
                            "'sync-phase' must be 'forward' or 'backward', got 'sideways'"),
-    "unknown-phase": (lambda c: c.config_records[schema.CONTROL].__setitem__("phase", "abort"),
+    "unknown-phase": (lambda c: c.config_records[wire.CONTROL].__setitem__("phase", "abort"),
                       "unknown phase 'abort'"),
 }
 
@@ -412,11 +412,11 @@ def test_malformed_aggregate_fails_on_the_client_with_a_clear_error(case):
     into an error reply and the server drops the node) and takes no step with it."""
     app = fedtan_client_app(make_client, replay_store="context")
     context = _context()
-    reply = _deliver(app, schema.encode_begin(initial_arrays(), ConfigRecord({}), 1, 1, 3), context)
-    status = reply.content.config_records[schema.STATUS]
+    reply = _deliver(app, wire.encode_begin(initial_arrays(), ConfigRecord({}), 1, 1, 3), context)
+    status = reply.content.config_records[wire.STATUS]
     assert (status["phase"], status["point"], status["channels"]) == ("forward", 0, CHANNELS)
 
-    content = schema.encode_aggregate(1, 0, 0, SyncPoint(0, "forward", 0, CHANNELS), _forward_aggregate(status), 1, 3)
+    content = wire.encode_aggregate(1, 0, 0, SyncPoint(0, "forward", 0, CHANNELS), _forward_aggregate(status), 1, 3)
     tamper, expected = MALFORMED[case]
     tamper(content)
     started = time.perf_counter()
@@ -432,20 +432,20 @@ def test_well_formed_aggregates_complete_the_round_after_a_rejected_one():
     the client through its round to ``done``, also after a malformed one was refused."""
     app = fedtan_client_app(make_client, replay_store="context")
     context = _context()
-    reply = _deliver(app, schema.encode_begin(initial_arrays(), ConfigRecord({}), 1, 1, 3), context)
-    status = reply.content.config_records[schema.STATUS]
-    good = schema.encode_aggregate(1, 0, 0, SyncPoint(0, "forward", 0, CHANNELS), _forward_aggregate(status), 1, 3)
-    bad = schema.encode_aggregate(1, 0, 0, SyncPoint(0, "forward", 0, CHANNELS), _forward_aggregate(status), 1, 3)
-    _set(bad.array_records[schema.STATS], mean=np.zeros(CHANNELS, np.float32))
+    reply = _deliver(app, wire.encode_begin(initial_arrays(), ConfigRecord({}), 1, 1, 3), context)
+    status = reply.content.config_records[wire.STATUS]
+    good = wire.encode_aggregate(1, 0, 0, SyncPoint(0, "forward", 0, CHANNELS), _forward_aggregate(status), 1, 3)
+    bad = wire.encode_aggregate(1, 0, 0, SyncPoint(0, "forward", 0, CHANNELS), _forward_aggregate(status), 1, 3)
+    _set(bad.array_records[wire.STATS], mean=np.zeros(CHANNELS, np.float32))
     with pytest.raises(ServerMessageError):
         _deliver(app, bad, context)
     reply = _deliver(app, good, context)
-    status = reply.content.config_records[schema.STATUS]
+    status = reply.content.config_records[wire.STATUS]
     assert (status["phase"], status["point"]) == ("backward", 1)
     sums = BackwardSums(sum_grad=np.zeros(CHANNELS), sum_grad_xhat=np.zeros(CHANNELS))
-    reply = _deliver(app, schema.encode_aggregate(1, 0, 1, SyncPoint(1, "backward", 0, CHANNELS), sums, 1, 3),
+    reply = _deliver(app, wire.encode_aggregate(1, 0, 1, SyncPoint(1, "backward", 0, CHANNELS), sums, 1, 3),
                      context)
-    assert reply.content.config_records[schema.STATUS]["phase"] == "done"
+    assert reply.content.config_records[wire.STATUS]["phase"] == "done"
 
 
 def test_a_node_sent_a_malformed_aggregate_is_dropped_and_the_round_completes():
@@ -455,12 +455,12 @@ def test_a_node_sent_a_malformed_aggregate_is_dropped_and_the_round_completes():
     victim = 1007
 
     def corrupt(node, message):
-        control = message.content.config_records.get(schema.CONTROL)
-        if node == victim and control is not None and control["phase"] == schema.PHASE_AGGREGATE:
+        control = message.content.config_records.get(wire.CONTROL)
+        if node == victim and control is not None and control["phase"] == wire.PHASE_AGGREGATE:
             # A new content for this node only: the server shares one aggregate among nodes.
-            stats = message.content.array_records[schema.STATS]
+            stats = message.content.array_records[wire.STATS]
             corrupted = ArrayRecord({k: Array(v.numpy().astype(np.float32)) for k, v in stats.items()})
-            message.content = RecordDict({schema.CONTROL: ConfigRecord(dict(control)), schema.STATS: corrupted})
+            message.content = RecordDict({wire.CONTROL: ConfigRecord(dict(control)), wire.STATS: corrupted})
         return None  # let the ClientApp handle the (altered) message
 
     grid = LocalGrid(fedtan_client_app(make_client), 3, {}, intercept=corrupt)

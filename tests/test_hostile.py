@@ -20,7 +20,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
 from flwr_fedtan import FedTAN, fedtan_client_app
-from flwr_fedtan.protocol import wire as schema
+from flwr_fedtan.protocol import wire
 from flwr_fedtan.aggregation import aggregate_arrays
 from flwr_fedtan.errors import PayloadError
 from flwr_fedtan.client import clear_live_rounds
@@ -68,12 +68,12 @@ def all_finite(arrays) -> bool:
 
 
 def first_forward_reply(node, control, reply, bad=BAD):
-    status = reply.content.config_records.get(schema.STATUS)
+    status = reply.content.config_records.get(wire.STATUS)
     return node == bad and status is not None and status["phase"] == "forward" and status["point"] == 0
 
 
 def final_reply(node, reply, bad=BAD):
-    return node == bad and schema.ARRAYS in reply.content.array_records
+    return node == bad and wire.ARRAYS in reply.content.array_records
 
 
 # ---------------------------------------------------------------------- 1: crash-proof server
@@ -82,7 +82,7 @@ def test_secure_forward_payload_without_clear_counts_drops_that_client_not_the_r
     pass decoding and raise a TypeError out of strategy.start."""
     def strip_counts(node, control, reply):
         if first_forward_reply(node, control, reply):
-            status = reply.content.config_records[schema.STATUS]
+            status = reply.content.config_records[wire.STATUS]
             del status["count"]
             del status["num-examples"]
 
@@ -98,14 +98,14 @@ def test_secure_forward_payload_without_clear_counts_drops_that_client_not_the_r
 def test_an_unexpected_exception_reading_one_reply_drops_that_client_not_the_run(monkeypatch):
     """The general rule: whatever goes wrong while handling one client's reply (here the
     decoder itself raises for that node) drops that client, named, and the round goes on."""
-    real = schema.decode_reply
+    real = wire.decode_reply
 
     def decode(content, sender, key):
         if sender == BAD:
             raise RuntimeError("boom in the decoder")
         return real(content, sender, key)
 
-    monkeypatch.setattr(schema, "decode_reply", decode)
+    monkeypatch.setattr(wire, "decode_reply", decode)
     grid, strategy, result = run(None)
     assert strategy.dropped[1][BAD] == "its reply could not be handled (RuntimeError: boom in the decoder)"
     assert result.train_metrics_clientapp[1]["fedtan-clients"] == 2 and sorted(grid.finals[1]) == HONEST
@@ -115,7 +115,7 @@ def test_a_client_whose_metrics_differ_from_the_others_does_not_end_the_run(capl
     """Flower's FedAvg raises on replies whose metrics have different keys: one client adding
     a metric (or sending a non-finite one) used to end the run from aggregate_train."""
     def odd_metrics(node, control, reply):
-        metrics = reply.content.metric_records.get(schema.METRICS)
+        metrics = reply.content.metric_records.get(wire.METRICS)
         if node == BAD and metrics is not None:
             metrics["extra"] = 1.0
             metrics["train-loss"] = float("nan")
@@ -133,7 +133,7 @@ def test_a_client_whose_metrics_differ_from_the_others_does_not_end_the_run(capl
 def poison_running_mean(value, key="bn1.running_mean", rounds=(1,)):
     def alter(node, control, reply):
         if final_reply(node, reply) and int(control["round"]) in rounds:
-            arrays = reply.content.array_records[schema.ARRAYS]
+            arrays = reply.content.array_records[wire.ARRAYS]
             mean = arrays[key].numpy().copy()
             mean[0] = value
             arrays[key] = Array(mean)
@@ -188,7 +188,7 @@ def test_an_aggregated_model_that_is_not_finite_is_never_used_its_cause_is_dropp
     and the aggregation redone without it."""
     def poison(node, control, reply):
         if final_reply(node, reply):
-            arrays = reply.content.array_records[schema.ARRAYS]
+            arrays = reply.content.array_records[wire.ARRAYS]
             arrays["fc2.bias"] = Array(np.full_like(arrays["fc2.bias"].numpy(), 5e37))
 
     wrapped = SumThenDivide(fraction_evaluate=0.0, min_available_nodes=3, min_train_nodes=2)
@@ -212,10 +212,10 @@ def test_finite_payloads_whose_pooled_aggregate_would_be_inf_drop_that_client(wh
     value = float(value)
 
     def inflate(node, control, reply):
-        status = reply.content.config_records.get(schema.STATUS)
+        status = reply.content.config_records.get(wire.STATUS)
         if node != BAD or status is None or status["phase"] != phase:
             return
-        stats = reply.content.array_records[schema.STATS]
+        stats = reply.content.array_records[wire.STATS]
         name = "mean" if phase == "forward" else "sum-grad"
         array = stats[name].numpy().copy()
         array[0] = value
@@ -433,7 +433,7 @@ def test_node_worker_survives_a_huge_frame_claim_and_a_silent_peer(tmp_path_fact
 def test_a_reply_for_another_round_drops_its_client():
     def other_round(node, control, reply):
         if first_forward_reply(node, control, reply):
-            reply.content.config_records[schema.STATUS]["round"] = 7
+            reply.content.config_records[wire.STATUS]["round"] = 7
 
     grid, strategy, result = run(other_round)
     assert strategy.dropped[1][BAD].endswith("replied for round 7 during round 1")
@@ -452,7 +452,7 @@ def test_unknown_arrays_in_a_masked_payload_are_refused_before_anything_is_decod
 
     def junk(node, control, reply):
         if first_forward_reply(node, control, reply):
-            reply.content.array_records[schema.STATS]["junk"] = Array(
+            reply.content.array_records[wire.STATS]["junk"] = Array(
                 dtype="float64", shape=(2**30,), stype="numpy.ndarray", data=b"junk")
             monkeypatch.setattr(Array, "numpy", spying_numpy)
 
@@ -481,7 +481,7 @@ def test_a_small_order_public_key_is_refused_on_receipt_and_the_others_finish():
     failed its key agreement and was dropped, nobody charged. Now the server refuses the
     key on receipt and drops its sender."""
     def zero_key(node, control, reply):
-        record = reply.content.array_records.get(schema.SECURE)
+        record = reply.content.array_records.get(wire.SECURE)
         if node == BAD and record is not None:
             record["public-key"] = Array(np.zeros(32, dtype=np.uint8))
 
@@ -510,7 +510,7 @@ class _HandDriven:
         self.nodes = self.grid.node_ids
 
     def send(self, node, content):
-        (reply,) = self.grid.send_and_receive([Message(content, dst_node_id=node, message_type=schema.MESSAGE_TYPE)])
+        (reply,) = self.grid.send_and_receive([Message(content, dst_node_id=node, message_type=wire.MESSAGE_TYPE)])
         return reply
 
     def roster(self):
@@ -518,14 +518,14 @@ class _HandDriven:
 
         keys = {}
         for node in self.nodes:
-            reply = self.send(node, schema.encode_keys(1, 1))
-            keys[node] = reply.content.array_records[schema.SECURE]["public-key"].numpy().tobytes()
+            reply = self.send(node, wire.encode_keys(1, 1))
+            keys[node] = reply.content.array_records[wire.SECURE]["public-key"].numpy().tobytes()
         return Roster.from_keys(keys)
 
     def begin(self, node, attempt=0, roster=None, shifts=None, seed=5):
         from flwr.app import ConfigRecord
 
-        return self.send(node, schema.encode_begin(initial_arrays(), ConfigRecord(), 1, 1, seed, attempt, roster,
+        return self.send(node, wire.encode_begin(initial_arrays(), ConfigRecord(), 1, 1, seed, attempt, roster,
                                                    shifts))
 
 
@@ -536,7 +536,7 @@ def test_a_repeated_begin_with_the_same_attempt_is_refused_so_masks_are_never_re
     roster = driven.roster()
     node = driven.nodes[0]
     first = driven.begin(node, 0, roster, {0: np.zeros(6)})
-    assert not first.has_error() and first.content.config_records[schema.STATUS]["phase"] == "forward"
+    assert not first.has_error() and first.content.config_records[wire.STATUS]["phase"] == "forward"
     again = driven.begin(node, 0, roster, {0: np.ones(6)})
     assert again.has_error() and "already began attempt 0 with this key" in again.error.reason
     assert driven.begin(node, 1, roster, {0: np.ones(6)}).has_error() is False  # a later attempt is fine
@@ -575,9 +575,9 @@ def test_a_restart_on_the_same_samples_is_refused_so_sums_cannot_be_differenced(
     client's statistics. Now a survivor whose first step would use the same samples again
     after it received the superset's aggregates refuses the restart."""
     def break_second_payload(node, control, reply):
-        status = reply.content.config_records.get(schema.STATUS)
+        status = reply.content.config_records.get(wire.STATUS)
         if node == BAD and status is not None and status["phase"] == "forward" and status["point"] == 1:
-            stats = reply.content.array_records[schema.STATS]
+            stats = reply.content.array_records[wire.STATS]
             stats["masked"] = Array(stats["masked"].numpy()[:, :-1].copy())
 
     grid = RecordingGrid(fedtan_client_app(make_whole_data_client), 3, {}, alter=break_second_payload)
@@ -597,14 +597,14 @@ def corrupt_canary(cover_with_peer=None):
     def alter(node, control, reply):
         if node != BAD:
             return
-        status = reply.content.config_records.get(schema.STATUS)
+        status = reply.content.config_records.get(wire.STATUS)
         if first_forward_reply(node, control, reply):
-            stats = reply.content.array_records[schema.STATS]
+            stats = reply.content.array_records[wire.STATS]
             masked = stats["masked"].numpy().copy()
             masked[0, -1] += np.uint64(1)
             stats["masked"] = Array(masked)
         elif status is not None and status["phase"] == "blame" and cover_with_peer is not None:
-            record = reply.content.array_records[schema.SECURE]
+            record = reply.content.array_records[wire.SECURE]
             peers, masks = list(record["peers"].numpy()), record["masks"].numpy().copy()
             column = peers.index(cover_with_peer)
             masks[0, column] += np.uint64(1) if BAD < cover_with_peer else np.uint64(2**64 - 1)
@@ -640,14 +640,14 @@ def test_a_client_reveals_only_the_canary_of_a_payload_it_sent():
     roster = driven.roster()
     node = driven.nodes[0]
     first = driven.begin(node, 0, roster, {})
-    length = first.content.array_records[schema.STATS]["masked"].numpy().shape[1]
-    wrong = driven.send(node, schema.encode_blame(1, 1, 0, length - 1))
+    length = first.content.array_records[wire.STATS]["masked"].numpy().shape[1]
+    wrong = driven.send(node, wire.encode_blame(1, 1, 0, length - 1))
     assert wrong.has_error() and "reveals only the canary of a payload it sent" in wrong.error.reason
-    later = driven.send(node, schema.encode_blame(1, 1, 1, length))
+    later = driven.send(node, wire.encode_blame(1, 1, 1, length))
     assert later.has_error()
-    right = driven.send(node, schema.encode_blame(1, 1, 0, length))
+    right = driven.send(node, wire.encode_blame(1, 1, 0, length))
     assert not right.has_error()
-    record = right.content.array_records[schema.SECURE]
+    record = right.content.array_records[wire.SECURE]
     assert list(record["peers"].numpy()) == [driven.nodes[1]] and record["masks"].numpy().shape == (2, 1)
 
 
@@ -659,11 +659,11 @@ def test_the_weight_check_is_consistency_not_truth_and_the_readme_says_so():
     def scale(node, control, reply):
         if node != BAD:
             return
-        status = reply.content.config_records.get(schema.STATUS)
+        status = reply.content.config_records.get(wire.STATUS)
         if status is not None and status["phase"] == "forward":
             status["count"] = float(status["count"]) * 1000
             status["num-examples"] = int(status["num-examples"]) * 1000
-        metrics = reply.content.metric_records.get(schema.METRICS)
+        metrics = reply.content.metric_records.get(wire.METRICS)
         if metrics is not None:
             metrics["num-examples"] = int(metrics["num-examples"]) * 1000
 
@@ -691,11 +691,11 @@ def test_a_restart_back_on_an_earlier_attempts_samples_is_refused_too():
     driven = _HandDriven()
     roster = driven.roster()
     node = driven.nodes[0]
-    status = driven.begin(node, 0, roster, {}, seed=5).content.config_records[schema.STATUS]
+    status = driven.begin(node, 0, roster, {}, seed=5).content.config_records[wire.STATUS]
     pooled = ForwardStats(count=2 * status["count"], num_examples=2 * status["num-examples"],
                           mean=np.zeros(status["channels"]), var=np.ones(status["channels"]))
     point = SyncPoint(0, "forward", 0, status["channels"])
-    assert not driven.send(node, schema.encode_aggregate(1, 0, 0, point, pooled, 1, 5)).has_error()
+    assert not driven.send(node, wire.encode_aggregate(1, 0, 0, point, pooled, 1, 5)).has_error()
     switched = driven.begin(node, 1, roster, {}, seed=6)
     assert switched.has_error() and "run seed 6, but this node's run began with run seed 5" in switched.error.reason
     assert not driven.begin(node, 1, roster, {}, seed=5).has_error()  # other samples: fine
@@ -719,8 +719,8 @@ def test_unknown_arrays_in_a_final_model_are_refused_before_anything_is_decoded(
             for msg, mid in zip(messages, ids):
                 reply = self._replies.get(mid)
                 if msg.metadata.dst_node_id == BAD and reply is not None and not reply.has_error() \
-                        and schema.ARRAYS in reply.content.array_records:
-                    reply.content.array_records[schema.ARRAYS]["junk"] = Array(
+                        and wire.ARRAYS in reply.content.array_records:
+                    reply.content.array_records[wire.ARRAYS]["junk"] = Array(
                         dtype="float64", shape=(2**30,), stype="numpy.ndarray", data=b"junk")
                     monkeypatch.setattr(Array, "numpy", spying_numpy)
             return ids

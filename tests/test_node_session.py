@@ -9,7 +9,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from flwr_fedtan import FedTAN, FedTANClient, client as client_module, fedtan_client_app
-from flwr_fedtan.protocol import wire as schema
+from flwr_fedtan.protocol import wire
 from flwr_fedtan.client import clear_live_rounds
 from flwr_fedtan.errors import ClientDataError, ServerMessageError
 
@@ -82,7 +82,7 @@ def test_a_node_whose_data_holds_nan_is_refused_with_the_same_message():
     app = fedtan_client_app(bad_client)
     context = Context(run_id=1, node_id=42, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    begin = Message(schema.encode_begin(initial_arrays(), ConfigRecord({}), 1, 1, 3), 42, schema.MESSAGE_TYPE,
+    begin = Message(wire.encode_begin(initial_arrays(), ConfigRecord({}), 1, 1, 3), 42, wire.MESSAGE_TYPE,
                     group_id="1")
     begin.metadata.__dict__["_message_id"] = "m"
     for _ in range(2):  # refused at every message, not only the first
@@ -92,13 +92,13 @@ def test_a_node_whose_data_holds_nan_is_refused_with_the_same_message():
 
 def _deliver(app, content: RecordDict, context: Context) -> Message:
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    message = Message(content, 5, schema.MESSAGE_TYPE, group_id="1")
+    message = Message(content, 5, wire.MESSAGE_TYPE, group_id="1")
     message.metadata.__dict__["_message_id"] = "m"
     return app(message, context)
 
 
 def _begin(round_no: int, run_seed: int, attempt: int = 0) -> RecordDict:
-    return schema.encode_begin(initial_arrays(), ConfigRecord({}), round_no, 1, run_seed, attempt)
+    return wire.encode_begin(initial_arrays(), ConfigRecord({}), round_no, 1, run_seed, attempt)
 
 
 def test_the_node_derives_its_batch_seed_from_the_run_seed_round_and_attempt():
@@ -109,7 +109,7 @@ def test_the_node_derives_its_batch_seed_from_the_run_seed_round_and_attempt():
     app = fedtan_client_app(make_client)
     context = Context(run_id=1, node_id=5, node_config={"partition-id": 1}, state=RecordDict(), run_config={})
     reply = _deliver(app, _begin(4, 17, attempt=2), context)
-    mean = reply.content.array_records[schema.STATS]["mean"].numpy()
+    mean = reply.content.array_records[wire.STATS]["mean"].numpy()
     client = make_client(context)
     client.load_arrays(initial_arrays())
     inputs, _ = client.sample_batch(derive_seed(derive_seed(derive_seed(17, 4, 2), 1), 0))
@@ -133,7 +133,7 @@ def test_a_begin_with_another_run_seed_or_a_stale_attempt_or_round_is_refused_by
     _deliver(app, _begin(2, 3), context)
     with pytest.raises(ServerMessageError, match="round 1, but this node already began round 2"):
         _deliver(app, _begin(1, 3, attempt=5), context)
-    stats_begin = schema.encode_stats_begin(initial_arrays(), 2, 9, 4)
+    stats_begin = wire.encode_stats_begin(initial_arrays(), 2, 9, 4)
     with pytest.raises(ServerMessageError, match="stats-begin of round 2 with run seed 9"):
         _deliver(app, stats_begin, context)
 
@@ -154,7 +154,7 @@ def test_an_aggregate_for_a_round_the_node_finished_is_refused_by_name():
     finished = state.load(context).round
     assert finished is not None and finished.round == 1 and finished.log is None
     pooled = ForwardStats(count=12.0, num_examples=12, mean=np.zeros(4), var=np.ones(4))
-    late = schema.encode_aggregate(1, 0, finished.received, SyncPoint(finished.received, "forward", 0, 4), pooled,
+    late = wire.encode_aggregate(1, 0, finished.received, SyncPoint(finished.received, "forward", 0, 4), pooled,
                                    1, 0)
     with pytest.raises(ServerMessageError, match=f"node {node}: aggregate of round 1, which this node has already "
                                                  "finished"):

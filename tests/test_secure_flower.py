@@ -11,7 +11,7 @@ import pytest
 from flwr.app import Array
 
 from flwr_fedtan import FedTAN, fedtan_client_app
-from flwr_fedtan.protocol import wire as schema
+from flwr_fedtan.protocol import wire
 from flwr_fedtan.client import clear_live_rounds
 
 from _grid import LocalGrid
@@ -63,8 +63,8 @@ def test_secure_rounds_equal_the_clear_reference_and_the_server_sees_only_masks(
 
     payloads = 0
     for reply in grid.seen:
-        status = reply.content.config_records[schema.STATUS]
-        if status["phase"] in (schema.PHASE_FORWARD, schema.PHASE_BACKWARD):
+        status = reply.content.config_records[wire.STATUS]
+        if status["phase"] in (wire.PHASE_FORWARD, wire.PHASE_BACKWARD):
             payloads += 1
             assert status["masked"] is True
             # In the clear: only the batch size (the model's averaging weight, public anyway) and
@@ -72,7 +72,7 @@ def test_secure_rounds_equal_the_clear_reference_and_the_server_sees_only_masks(
             if status["phase"] == "forward":
                 assert set(status.keys()) == {"phase", "round", "step", "point", "call", "channels", "masked",
                                               "count", "num-examples"}
-            stats = reply.content.array_records[schema.STATS]
+            stats = reply.content.array_records[wire.STATS]
             expected_keys = {"masked", "roster-digest"} | ({"shift"} if status["phase"] == "forward" else set())
             assert set(stats.keys()) == expected_keys
             assert stats["masked"].numpy().dtype == np.uint64
@@ -122,8 +122,8 @@ class WrongKeyGrid(LocalGrid):
         for msg, mid in zip(messages, ids):
             reply = self._replies.get(mid)
             if (msg.metadata.dst_node_id == 1007 and reply is not None and not reply.has_error()
-                    and schema.SECURE in reply.content.array_records):
-                record = reply.content.array_records[schema.SECURE]
+                    and wire.SECURE in reply.content.array_records):
+                record = reply.content.array_records[wire.SECURE]
                 record["public-key"] = Array(np.frombuffer(bytes(range(1, 33)), dtype=np.uint8).copy())
         return ids
 
@@ -146,10 +146,10 @@ def test_begin_without_the_key_exchange_is_refused_by_the_client():
     from flwr_fedtan.secure import Roster, generate_key_pair
 
     roster = Roster.from_keys({n: generate_key_pair().public for n in grid.node_ids})
-    begin = schema.encode_begin(initial_arrays(), schema.ConfigRecord(), 1, 1, 0, 0, roster, {})
+    begin = wire.encode_begin(initial_arrays(), wire.ConfigRecord(), 1, 1, 0, 0, roster, {})
     from flwr.app import Message
 
-    message = Message(begin, dst_node_id=1000, message_type=schema.MESSAGE_TYPE)
+    message = Message(begin, dst_node_id=1000, message_type=wire.MESSAGE_TYPE)
     (reply,) = grid.send_and_receive([message])
     assert reply.has_error()
     assert "holds no private key for that round (it missed the key exchange)" in reply.error.reason
@@ -216,7 +216,7 @@ class StaleReplyGrid(LocalGrid):
             reply = self._replies.get(mid)
             if msg.metadata.dst_node_id != 1007 or reply is None or reply.has_error():
                 continue
-            stats = reply.content.array_records.get(schema.STATS)
+            stats = reply.content.array_records.get(wire.STATS)
             if stats is None:
                 continue
             self.payloads_of_bad.append(stats["masked"].numpy().copy())

@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg
 from torch.utils.data import TensorDataset
 
 from flwr_fedtan import FedTAN, FedTANClient, fedtan_client_app
-from flwr_fedtan.protocol import wire as schema
+from flwr_fedtan.protocol import wire
 from flwr_fedtan.client import clear_live_rounds
 from flwr_fedtan.exact_statistics import ExactStatistics
 from tests._models import build, single_thread  # noqa: F401 (an autouse fixture)
@@ -150,22 +150,22 @@ def _grid_with_hostile_node(mode: str) -> tuple[LocalGrid, int]:
     holder: dict = {}
 
     def intercept(node: int, msg: Message):
-        control = msg.content.config_records.get(schema.CONTROL)
+        control = msg.content.config_records.get(wire.CONTROL)
         if node != holder["bad"] or not str(control.get("phase", "")).startswith("stats"):
             return None
         if mode == "error":
             return Message(Error(code=0, reason="ClientApp crashed in the statistics pass"), reply_to=msg)
         reply = app(msg, holder["grid"].contexts[node])
-        if mode == "nan" and schema.STATS in reply.content.array_records:
-            stats = reply.content.array_records[schema.STATS]
+        if mode == "nan" and wire.STATS in reply.content.array_records:
+            stats = reply.content.array_records[wire.STATS]
             mean = stats["mean"].numpy().copy()
             mean[0] = np.nan
             stats["mean"] = Array(mean)
-        status = reply.content.config_records.get(schema.STATUS)
+        status = reply.content.config_records.get(wire.STATUS)
         if mode == "count" and status is not None and status.get("point", 0) >= 1:  # another n_k than at call 0
             status["num-examples"] = int(status["num-examples"]) + 1
-        if mode == "mapping" and schema.STATS_BUFFERS in reply.content.config_records:
-            record = reply.content.config_records[schema.STATS_BUFFERS]
+        if mode == "mapping" and wire.STATS_BUFFERS in reply.content.config_records:
+            record = reply.content.config_records[wire.STATS_BUFFERS]
             record[next(iter(record.keys()))] = [1]  # the first buffer is fed by call 0
         return reply
 
@@ -298,8 +298,8 @@ def test_a_key_reply_raising_in_the_secure_pass_drops_that_node_with_the_reason(
     holder: dict = {"in_pass": False}
 
     def intercept(node: int, msg: Message):
-        control = msg.content.config_records.get(schema.CONTROL)
-        holder["in_pass"] |= control.get("phase") == schema.PHASE_STATS_KEYS
+        control = msg.content.config_records.get(wire.CONTROL)
+        holder["in_pass"] |= control.get("phase") == wire.PHASE_STATS_KEYS
         return None
 
     real_accept = secure.ServerSession.accept_public_key

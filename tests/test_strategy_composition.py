@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from flwr_fedtan import FedTAN, FedTANClient, convert_batchnorm, fedtan_client_app
-from flwr_fedtan.protocol import wire as schema
+from flwr_fedtan.protocol import wire
 from flwr_fedtan.client import clear_live_rounds, client_seed_key
 from flwr_fedtan.reference import fedtan_round_in_process
 from flwr_fedtan.strategy import derive_seed as server_derive_seed
@@ -133,21 +133,21 @@ class RecordingGrid(LocalGrid):
         messages = list(messages)
         ids = super().push_messages(messages)
         for msg, mid in zip(messages, ids):
-            if msg.metadata.message_type != schema.MESSAGE_TYPE:
+            if msg.metadata.message_type != wire.MESSAGE_TYPE:
                 continue
             node = msg.metadata.dst_node_id
-            control = msg.content.config_records[schema.CONTROL]
-            if control["phase"] == schema.PHASE_BEGIN:
-                self.train_configs[node] = dict(msg.content.config_records[schema.CONFIG])
+            control = msg.content.config_records[wire.CONTROL]
+            if control["phase"] == wire.PHASE_BEGIN:
+                self.train_configs[node] = dict(msg.content.config_records[wire.CONFIG])
             reply = self._replies.get(mid)
             if reply is None or reply.has_error():
                 continue
             if self.alter is not None:
                 self.alter(node, control, reply)
-            status = reply.content.config_records[schema.STATUS]
-            if status["phase"] == schema.PHASE_DONE:
-                arrays = to_numpy(reply.content.array_records[schema.ARRAYS])
-                metrics = dict(reply.content.metric_records[schema.METRICS])
+            status = reply.content.config_records[wire.STATUS]
+            if status["phase"] == wire.PHASE_DONE:
+                arrays = to_numpy(reply.content.array_records[wire.ARRAYS])
+                metrics = dict(reply.content.metric_records[wire.METRICS])
                 self.finals.setdefault(int(control["round"]), {})[node] = (arrays, metrics)
         return ids
 
@@ -387,7 +387,7 @@ def test_sampling_is_seeded_and_leaves_the_global_random_stream_alone():
 # ---------------------------------------------------------------------- bound weights
 def test_client_inflating_num_examples_is_dropped_and_model_is_the_honest_average(caplog):
     def inflate(node, control, reply):
-        metrics = reply.content.metric_records.get(schema.METRICS)
+        metrics = reply.content.metric_records.get(wire.METRICS)
         if node == 1007 and metrics is not None:
             metrics["num-examples"] = 1e9
 
@@ -407,7 +407,7 @@ def test_client_inflating_num_examples_is_dropped_and_model_is_the_honest_averag
 
 def test_reported_weight_option_trusts_the_client():
     def inflate(node, control, reply):
-        metrics = reply.content.metric_records.get(schema.METRICS)
+        metrics = reply.content.metric_records.get(wire.METRICS)
         if node == 1007 and metrics is not None:
             metrics["num-examples"] = 90
 
@@ -424,7 +424,7 @@ def test_reported_weight_option_trusts_the_client():
 @pytest.mark.parametrize("lie", ["count", "num-examples"])
 def test_forward_counts_inconsistent_across_layers_drop_the_client(lie):
     def alter(node, control, reply):
-        status = reply.content.config_records.get(schema.STATUS)
+        status = reply.content.config_records.get(wire.STATUS)
         # The second BatchNorm call's forward payload (the reply to the first aggregate).
         if node == 1007 and status is not None and status["phase"] == "forward" and status["point"] == 1:
             if lie == "count":
@@ -517,7 +517,7 @@ def test_error_replies_and_malformed_done_replies_do_not_reach_the_wrapped_strat
             return super().aggregate_train(server_round, replies)
 
     def nan_model(node, control, reply):
-        arrays = reply.content.array_records.get(schema.ARRAYS)
+        arrays = reply.content.array_records.get(wire.ARRAYS)
         if node == 1014 and arrays is not None:
             bad = arrays["fc2.bias"].numpy().copy()
             bad[0] = np.nan

@@ -13,7 +13,7 @@ from typing import Optional, Union
 from flwr.app import Message
 
 from .. import secure
-from ..protocol import wire as schema
+from ..protocol import wire
 from ..errors import KeyAgreementError, ServerMessageError
 from .state import PassProgress, RoundProgress, SecureKey
 from .turn import Turn
@@ -26,11 +26,11 @@ def keys(turn: Turn) -> Message:
     key pair, whose private key the node keeps for that round or pass."""
     pair = secure.generate_key_pair()
     key = SecureKey(round=turn.control.round, private_key=pair.private)
-    if turn.control.phase == schema.PHASE_KEYS:
+    if turn.control.phase == wire.PHASE_KEYS:
         turn.node.round_key = key
     else:
         turn.node.pass_key = key
-    return turn.reply(schema.encode_public_key(turn.control.round, pair.public))
+    return turn.reply(wire.encode_public_key(turn.control.round, pair.public))
 
 
 def blame(turn: Turn) -> Message:
@@ -48,7 +48,7 @@ def blame(turn: Turn) -> Message:
         )
     masks = secure.canary_masks(key.private_key, turn.context.node_id, key.roster, control.round, key.attempt,
                                 control.exchange, control.length)
-    return turn.reply(schema.encode_canary_masks(control.round, masks))
+    return turn.reply(wire.encode_canary_masks(control.round, masks))
 
 
 def begin_secure(turn: Turn, key: Optional[SecureKey]) -> None:
@@ -109,7 +109,7 @@ def masked(turn: Turn, key: Optional[SecureKey], progress: Union[RoundProgress, 
         attempt=key.attempt,
         exchange=exchange,
         shift=secure.shift_for(key.shifts or {}, point.index, point.channels)
-        if point.phase == schema.PHASE_FORWARD else None,
+        if point.phase == wire.PHASE_FORWARD else None,
         where=secure.describe_point(round_no, step, point.phase, point.index, point.call),
     )
     # The length of each exchange's payload: a blame request may reveal only that canary's masks.

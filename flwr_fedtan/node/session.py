@@ -27,7 +27,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord
 from flwr.app.typing import MetricRecordValues
 
 from .. import settings
-from ..protocol import wire as schema
+from ..protocol import wire
 from ..aggregation import ForwardStats
 from ..client import FedTANClient, client_seed_key
 from ..runtime import live_rounds
@@ -63,7 +63,7 @@ class _Live:
 def handle(msg: Message, context: Context, client_fn: Callable[[Context], Any], options: Any) -> Message:
     """Serve one ``train.fedtan`` message of a node. The node's state is stored only when
     the message is served (an error leaves it as it was)."""
-    control = schema.decode_control(msg.content)
+    control = wire.decode_control(msg.content)
     turn = Turn(msg, context, client_fn, options, control, state.load(context))
     reply = _HANDLERS[control.phase](turn)
     state.store(context, turn.node)
@@ -74,7 +74,7 @@ def handle(msg: Message, context: Context, client_fn: Callable[[Context], Any], 
 def _begin(turn: Turn) -> Message:
     control, context, node = turn.control, turn.context, turn.node
     client, seed = _start(turn, RoundProgress, node.round_key, round_seed)
-    config = dict(turn.msg.content.config_records.get(schema.CONFIG, ConfigRecord()))
+    config = dict(turn.msg.content.config_records.get(wire.CONFIG, ConfigRecord()))
     batch = _batch_digest(client, seed)
     pooled = _pooled_batches(node.round, control.round)
     if control.roster is not None and batch in pooled:
@@ -125,7 +125,7 @@ def _start(turn: Turn, kind: type, key: Optional[SecureKey],
     live_rounds().forget(_cache_key(turn, kind))
     secure_stats.begin_secure(turn, key)
     client = turn.client()
-    client.load_arrays(turn.msg.content.array_records[schema.ARRAYS])
+    client.load_arrays(turn.msg.content.array_records[wire.ARRAYS])
     previous = turn.node.round if kind is RoundProgress else turn.node.stats_pass
     seed = derive_seed(_attempt_seed(turn, previous, derive), client_seed_key(turn.context))
     return client, seed
@@ -297,7 +297,7 @@ def _after_step(turn: Turn, progress: Progress, live: _Live, request: Any) -> Me
     step = live.work.step_index if isinstance(live.work, ClientRound) else 0
     secure_key = turn.node.round_key if isinstance(progress, RoundProgress) else turn.node.pass_key
     payload = secure_stats.masked(turn, secure_key, progress, step, point, payload)
-    return turn.reply(schema.encode_request(turn.control.round, step, point, payload))
+    return turn.reply(wire.encode_request(turn.control.round, step, point, payload))
 
 
 def _done(turn: Turn, progress: RoundProgress, live: _Live) -> Message:
@@ -310,7 +310,7 @@ def _done(turn: Turn, progress: RoundProgress, live: _Live) -> Message:
     progress.log = None
     node.discard_weights()
     node.round_key = None
-    return turn.reply(schema.encode_done(turn.control.round, live.client.arrays(), MetricRecord(metrics)))
+    return turn.reply(wire.encode_done(turn.control.round, live.client.arrays(), MetricRecord(metrics)))
 
 
 def _stats_done(turn: Turn, progress: PassProgress, live: _Live) -> Message:
@@ -319,7 +319,7 @@ def _stats_done(turn: Turn, progress: PassProgress, live: _Live) -> Message:
     progress.log = None
     node.pass_key = None
     node.discard_weights()
-    return turn.reply(schema.encode_stats_done(turn.control.round, stats_pass.buffer_calls or {},
+    return turn.reply(wire.encode_stats_done(turn.control.round, stats_pass.buffer_calls or {},
                                                stats_pass.num_examples))
 
 
@@ -329,11 +329,11 @@ def _cache_key(turn: Turn, kind: type) -> tuple:
 
 
 _HANDLERS: dict[str, Callable[[Turn], Message]] = {
-    schema.PHASE_KEYS: secure_stats.keys,
-    schema.PHASE_BLAME: secure_stats.blame,
-    schema.PHASE_BEGIN: _begin,
-    schema.PHASE_AGGREGATE: _aggregate,
-    schema.PHASE_STATS_KEYS: secure_stats.keys,
-    schema.PHASE_STATS_BEGIN: _stats_begin,
-    schema.PHASE_STATS_AGGREGATE: _stats_aggregate,
+    wire.PHASE_KEYS: secure_stats.keys,
+    wire.PHASE_BLAME: secure_stats.blame,
+    wire.PHASE_BEGIN: _begin,
+    wire.PHASE_AGGREGATE: _aggregate,
+    wire.PHASE_STATS_KEYS: secure_stats.keys,
+    wire.PHASE_STATS_BEGIN: _stats_begin,
+    wire.PHASE_STATS_AGGREGATE: _stats_aggregate,
 }

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from flwr.app import Context, Message
 
-from ..protocol import wire as schema
+from ..protocol import wire
 from ..client import FedTANClient, _client_from
 from .state import NodeState
 
@@ -22,7 +22,7 @@ class Turn:
     context: Context
     client_fn: Callable[[Context], Any]
     options: Any  # flwr_fedtan.clientapp.Options
-    control: schema.Control
+    control: wire.Control
     node: NodeState
 
     def client(self) -> FedTANClient:
