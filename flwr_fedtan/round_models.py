@@ -107,9 +107,11 @@ def check_models(
             round_.ledger.drop(node, f"model left out of the average: {unexpected(error)}")
             continue
         contributions[node] = (arrays, weight)
-    # Canonical order (flwr_fedtan.ordering): the wrapped strategy and the buffer average
-    # add the models up in an order that does not depend on Flower's random node ids.
-    contributions = dict(canonical_items(contributions, lambda contribution: contribution))
+    # Canonical order (flwr_fedtan.ordering): the wrapped strategy adds the models up in an
+    # order that does not depend on Flower's random node ids. Keyed by the parameters only,
+    # so that the weights never depend on the BatchNorm buffers (training does not read them).
+    contributions = dict(canonical_items(
+        contributions, lambda c: ({k: v for k, v in c[0].items() if not is_buffer(k)}, c[1])))
     return contributions, {node: wrapped_replies[node] for node in contributions}
 
 
