@@ -18,18 +18,24 @@ FedTAN rounds with ``secure_stats=True`` (masked statistics, one extra key excha
 round): seconds and bytes per round against clear FedTAN. Last, FedTAN with its default
 ``statistics="exact"``: the statistics pass's seconds, exchanges and bytes per round against
 the round alone (target for ResNet-20: pass <= 0.5 x round).
+
+The FedTAN variants share the run's nodes, which refuse a round they have already passed:
+they all have the same seed, and each starts from the initial model at the round after the
+last one run (see :class:`FedTANRounds`).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
+from pathlib import Path
 from typing import Any, Mapping
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
 
 from flwr_fedtan import FedTAN
 from flwr_fedtan.exact_statistics import DEFAULT_STATISTICS_EXAMPLES
@@ -51,13 +57,48 @@ def empty_exchange(grid: Grid, nodes: list[int], poll_interval: float) -> float:
     return time.perf_counter() - started
 
 
+class FedTANRounds:
+    """Runs FedTAN variants one after another in one Flower run, numbering their rounds on.
+
+    A node refuses a begin for a round it has already passed, or with another run seed (a
+    server must not make it redraw a batch): so every variant here has the same ``seed``,
+    and each ``run`` starts from ``initial`` through a checkpoint written at the last round
+    run so far, so its rounds are the next ones.
+    """
+
+    def __init__(self, grid: Grid, initial: ArrayRecord, train_config: ConfigRecord, folder: Path) -> None:
+        self.grid, self.initial, self.train_config, self.folder = grid, initial, train_config, folder
+        self.done = 0
+
+    def run(self, strategy: FedTAN, num_rounds: int) -> tuple[Result, list[int], float]:
+        """``num_rounds`` rounds of ``strategy`` from ``initial``: its result, the round numbers
+        it ran, and its wall seconds per round."""
+        first = self.done + 1
+        resume_from = None
+        if self.done:
+            resume_from = self.folder / f"after-round-{self.done}"
+            strategy.save_checkpoint(resume_from, self.done, self.initial)
+        started = time.perf_counter()
+        result = strategy.start(grid=self.grid, initial_arrays=self.initial, num_rounds=self.done + num_rounds,
+                                train_config=self.train_config, resume_from=resume_from)
+        seconds = (time.perf_counter() - started) / num_rounds
+        self.done += num_rounds
+        return result, list(range(first, self.done + 1)), seconds
+
+
 def run_exchange_benchmark(grid: Grid, config: Mapping[str, Any], initial: ArrayRecord) -> dict:
     """Server side of the benchmark; returns the measurements as a dict."""
+    with tempfile.TemporaryDirectory(prefix="fedtan-bench-") as folder:
+        return _measure(grid, config, initial, Path(folder))
+
+
+def _measure(grid: Grid, config: Mapping[str, Any], initial: ArrayRecord, folder: Path) -> dict:
     nodes = sorted(grid.get_node_ids())
     rounds = int(config.get("bench-rounds", 3))
+    seed = int(config.get("seed", 0))
     train_config = ConfigRecord({"lr": float(config["lr"]), "local-steps": int(config["local-steps"])})
     fedtan = FedTAN(fraction_evaluate=0.0, min_available_nodes=len(nodes), min_train_nodes=len(nodes),
-                    statistics="running")
+                    statistics="running", seed=seed)
     empty_exchange(grid, nodes, fedtan.poll_interval)  # warm-up: actors start, imports
     empty = [empty_exchange(grid, nodes, fedtan.poll_interval) for _ in range(10)]
 
@@ -67,28 +108,23 @@ def run_exchange_benchmark(grid: Grid, config: Mapping[str, Any], initial: Array
     fedavg.start(grid=grid, initial_arrays=initial, num_rounds=rounds, train_config=train_config)
     fedavg_round = (time.perf_counter() - started) / rounds
 
-    fedtan.start(grid=grid, initial_arrays=initial, num_rounds=1, train_config=train_config)  # warm-up
-    started = time.perf_counter()
-    result = fedtan.start(grid=grid, initial_arrays=initial, num_rounds=rounds, train_config=train_config)
-    fedtan_round = (time.perf_counter() - started) / rounds
+    fedtan_rounds = FedTANRounds(grid, initial, train_config, folder)
+    fedtan_rounds.run(fedtan, 1)  # warm-up
+    result, timed, fedtan_round = fedtan_rounds.run(fedtan, rounds)
 
     secure = FedTAN(fraction_evaluate=0.0, min_available_nodes=len(nodes), min_train_nodes=len(nodes),
-                    secure_stats=True, statistics="running")
-    secure.start(grid=grid, initial_arrays=initial, num_rounds=1, train_config=train_config)  # warm-up
-    started = time.perf_counter()
-    secure_result = secure.start(grid=grid, initial_arrays=initial, num_rounds=rounds, train_config=train_config)
-    secure_round = (time.perf_counter() - started) / rounds
-    secure_last = secure_result.train_metrics_clientapp[rounds]
+                    secure_stats=True, statistics="running", seed=seed)
+    fedtan_rounds.run(secure, 1)  # warm-up
+    secure_result, secure_timed, secure_round = fedtan_rounds.run(secure, rounds)
+    secure_last = secure_result.train_metrics_clientapp[secure_timed[-1]]
 
     exact = FedTAN(fraction_evaluate=0.0, min_available_nodes=len(nodes), min_train_nodes=len(nodes),
-                   statistics="exact",
+                   statistics="exact", seed=seed,
                    statistics_examples=int(config.get("statistics-examples", DEFAULT_STATISTICS_EXAMPLES)))
-    started = time.perf_counter()
-    exact_result = exact.start(grid=grid, initial_arrays=initial, num_rounds=rounds, train_config=train_config)
-    exact_round = (time.perf_counter() - started) / rounds
-    passes = [exact_result.train_metrics_clientapp[r] for r in range(1, rounds + 1)]
+    exact_result, exact_timed, exact_round = fedtan_rounds.run(exact, rounds)
+    passes = [exact_result.train_metrics_clientapp[r] for r in exact_timed]
 
-    last = result.train_metrics_clientapp[rounds]
+    last = result.train_metrics_clientapp[timed[-1]]
     exchanges = int(last["fedtan-exchanges"])
     calls = (exchanges - 1) // 2
     empty_seconds = statistics.median(empty)
@@ -108,7 +144,7 @@ def run_exchange_benchmark(grid: Grid, config: Mapping[str, Any], initial: Array
         "client-sync-seconds": float(last.get("sync-seconds", float("nan"))),
         "client-local-seconds": float(last.get("local-seconds", float("nan"))),
         "client-replays": [float(result.train_metrics_clientapp[r].get("replays", float("nan")))
-                           for r in range(1, rounds + 1)],
+                           for r in timed],
         "ratio": fedtan_round / (fedavg_round + 2 * calls * empty_seconds),
         "secure-round-seconds": secure_round,
         "secure-exchanges-per-round": int(secure_last["fedtan-exchanges"]),
