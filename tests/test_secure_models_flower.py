@@ -252,3 +252,15 @@ def test_strategies_that_need_individual_updates_are_refused_with_the_fix(inner)
         strategy.secure_models = True
     assert strategy.secure_models is False
 
+
+def test_the_app_run_config_key_reaches_fedtan_and_is_refused_for_other_methods():
+    from simulations.app.run_config import run_config_problems
+    from simulations.app.server_app import make_strategy
+    from test_misconfiguration import app_config
+
+    assert run_config_problems(app_config(**{"secure-models": True})) == []
+    assert make_strategy(app_config(**{"secure-models": True})).secure_models is True
+    assert make_strategy(app_config()).secure_models is False
+    problems = run_config_problems(app_config(**{"secure-models": True, "strategy": "fedbn"}))
+    assert [p.name for p in problems] == ["secure-models"] and "in the clear" in str(problems[0])
+    assert [p.name for p in run_config_problems(app_config(**{"secure-models": 1}))] == ["secure-models"]
