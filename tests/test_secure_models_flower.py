@@ -12,7 +12,9 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 from flwr.app import Array, ArrayRecord
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedMedian
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping, DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedMedian,
+)
 
 from flwr_fedtan import FedTAN, FedTANClient, fedtan_client_app
 from flwr_fedtan.client import clear_live_rounds
@@ -264,3 +266,15 @@ def test_the_app_run_config_key_reaches_fedtan_and_is_refused_for_other_methods(
     problems = run_config_problems(app_config(**{"secure-models": True, "strategy": "fedbn"}))
     assert [p.name for p in problems] == ["secure-models"] and "in the clear" in str(problems[0])
     assert [p.name for p in run_config_problems(app_config(**{"secure-models": 1}))] == ["secure-models"]
+
+
+def test_client_side_dp_composes_and_without_noise_gives_the_plain_average():
+    def dp_fedavg():
+        return DifferentialPrivacyClientSideFixedClipping(
+            FedAvg(fraction_evaluate=0.0, min_available_nodes=3), noise_multiplier=0.0, clipping_norm=1.0,
+            num_sampled_clients=3)
+
+    _, clear = run(grid_of(), dp_fedavg())
+    _, secure = run(grid_of(), dp_fedavg(), secure_models=True)
+    assert secure.train_metrics_clientapp[ROUNDS]["fedtan-clients"] == 3
+    assert model_relative_diff(to_numpy(secure.arrays), to_numpy(clear.arrays)) <= 1e-6
