@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from logging import WARNING
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, cast
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -24,8 +24,8 @@ from .ordering import canonical_items, canonical_permutation
 from .protocol.round_ledger import REASON_CHARS, TrainRound
 from .protocol.exchange import unexpected
 
-__all__ = ["CLIENT_WEIGHTS", "Contributions", "aggregate_finite", "begin_contents", "brief", "canonical_replies",
-           "check_models", "keep_shared_metrics"]
+__all__ = ["CLIENT_WEIGHTS", "Contributions", "aggregate_finite", "aggregate_round", "aggregate_secure",
+           "begin_contents", "brief", "canonical_replies", "check_models", "keep_shared_metrics", "secure_replies"]
 
 CLIENT_WEIGHTS = ("synchronised", "reported")
 
@@ -170,7 +170,8 @@ def aggregate_finite(
             if aggregated is None:
                 log(WARNING, "Round %d: %s returned no arrays, global model kept", server_round, name)
                 return None, None, None
-            merged = _merge(name, aggregated, contributions, round_.reference, is_buffer)
+            merged = _merge(name, aggregated, round_.reference, _pooled_buffers(contributions, round_.reference,
+                                                                                is_buffer))
         except Exception as error:  # pylint: disable=broad-except
             _restore_snapshot(strategy, saved)
             log(WARNING, "Round %d: %s.aggregate_train failed (%s: %s), global model kept", server_round,
@@ -190,20 +191,24 @@ def aggregate_finite(
     return None, None, None
 
 
+def _pooled_buffers(contributions: Contributions, reference: dict[str, np.ndarray],
+                    is_buffer: Callable[[str], bool]) -> dict[str, np.ndarray]:
+    """The BatchNorm buffers pooled over ``contributions``."""
+    buffer_keys = [k for k in reference if is_buffer(k)]
+    if not buffer_keys:
+        return {}
+    subset = {n: ({k: a[k] for k in buffer_keys}, w) for n, (a, w) in contributions.items()}
+    return aggregate_arrays(subset, {k: reference[k] for k in buffer_keys})
+
+
 def _merge(
     name: str,
     aggregated: ArrayRecord,
-    contributions: Contributions,
     reference: dict[str, np.ndarray],
-    is_buffer: Callable[[str], bool],
+    buffers: dict[str, np.ndarray],
 ) -> ArrayRecord:
-    """The global model: the buffers pooled over ``contributions``, the rest from the
-    wrapped strategy's (``name``) ``aggregated``, in the global model's dtypes."""
-    buffer_keys = [k for k in reference if is_buffer(k)]
-    buffers: dict[str, np.ndarray] = {}
-    if buffer_keys:
-        subset = {n: ({k: a[k] for k in buffer_keys}, w) for n, (a, w) in contributions.items()}
-        buffers = aggregate_arrays(subset, {k: reference[k] for k in buffer_keys})
+    """The global model: the pooled ``buffers``, the rest from the wrapped strategy's
+    (``name``) ``aggregated``, in the global model's dtypes."""
     merged = ArrayRecord()
     for key, ref in reference.items():
         if key in buffers:
@@ -219,6 +224,79 @@ def _merge(
         # Server optimisers compute in float64; the global model keeps its dtypes.
         merged[key] = Array(np.ascontiguousarray(value, dtype=ref.dtype))
     return merged
+
+
+def secure_replies(round_: TrainRound, replies: list[Message], *, weight_key: str, arrayrecord_key: str,
+                   is_buffer: Callable[[str], bool]) -> list[Message]:
+    """Secure models: what the wrapped strategy sees instead of the clients' models. For each
+    of the ``K`` clients one reply holding the released average's parameters, the weight
+    ``W / K`` and the clients' metrics averaged by their weights: a weighted average of them
+    is the average, and client-side DP (which wants one reply per sampled client, of equal
+    weights) sees the count it expects. No reply holds any one client's model."""
+    average = round_.secure_average
+    assert average is not None  # the driver released it before returning the replies
+    by_node = {reply.metadata.src_node_id: reply for reply in replies}
+    nodes = sorted(round_.statuses)
+    own = {n: Message(content=RecordDict({"metrics": MetricRecord(dict(round_.statuses[n].metrics))}),  # type: ignore[call-overload]
+                      metadata=by_node[n].metadata) for n in nodes}
+    keep_shared_metrics(round_.server_round, own, weight_key)
+    records = {n: own[n].content.metric_records["metrics"] for n in nodes}
+    weights = {n: float(cast(float, records[n][weight_key])) for n in nodes}
+    pooled: dict[str, Any] = {}
+    for key in records[nodes[0]].keys():
+        values = [np.asarray(records[n][key], dtype=np.float64) * weights[n] for n in nodes]
+        mean = np.sum(values, axis=0) / average.total_weight
+        pooled[key] = mean.tolist() if mean.ndim else float(mean)
+    pooled[weight_key] = average.total_weight / len(nodes)
+    params = ArrayRecord({k: Array(average.arrays[k]) for k in round_.reference if not is_buffer(k)})
+    return [Message(content=RecordDict({arrayrecord_key: params, "metrics": MetricRecord(pooled)}),  # type: ignore[call-overload]
+                    metadata=by_node[n].metadata) for n in nodes]
+
+
+def aggregate_round(
+    strategy: Strategy, server_round: int, round_: TrainRound, replies: list[Message], *, weight_key: str,
+    arrayrecord_key: str, is_buffer: Callable[[str], bool], max_growth: float, client_weight: str,
+) -> tuple[list[int], Optional[MetricRecord], Optional[ArrayRecord]]:
+    """The round's clients that count, the wrapped strategy's metrics and the new global
+    model (``None`` if the round has none): from the released secure average with secure
+    models, else from the checked clear models (:func:`check_models`, :func:`aggregate_finite`)."""
+    if round_.secure_average is not None:
+        wrapped = secure_replies(round_, replies, weight_key=weight_key, arrayrecord_key=arrayrecord_key,
+                                 is_buffer=is_buffer)
+        merged, metrics = aggregate_secure(strategy, server_round, round_, wrapped, is_buffer)
+        return sorted(round_.statuses), metrics, merged
+    contributions, wrapped_replies = check_models(
+        round_, replies, weight_key=weight_key, arrayrecord_key=arrayrecord_key, is_buffer=is_buffer,
+        max_growth=max_growth, client_weight=client_weight,
+    )
+    keep_shared_metrics(server_round, wrapped_replies, weight_key)
+    _, metrics, merged = aggregate_finite(strategy, server_round, round_, contributions, wrapped_replies, is_buffer)
+    return list(contributions), metrics, merged
+
+
+def aggregate_secure(strategy: Strategy, server_round: int, round_: TrainRound, replies: list[Message],
+                     is_buffer: Callable[[str], bool]) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
+    """Secure models: the wrapped strategy's aggregate of ``replies`` (:func:`secure_replies`)
+    merged with the released average's buffers; ``(None, None)`` (state restored, logged) if
+    it fails or is not finite: no client can be named, the server holds their sum only."""
+    average, name = round_.secure_average, type(strategy).__name__
+    assert average is not None
+    saved = _snapshot(strategy)
+    try:
+        aggregated, metrics = strategy.aggregate_train(server_round, replies)
+        if aggregated is None:
+            log(WARNING, "Round %d: %s returned no arrays, global model kept", server_round, name)
+            return None, None
+        buffers = {k: v for k, v in average.arrays.items() if is_buffer(k)}
+        merged = _merge(name, aggregated, round_.reference, buffers)
+        if not all(np.isfinite(v.numpy()).all() for v in merged.values()):
+            raise ValueError("the aggregate holds NaN or Inf")
+    except Exception as error:  # pylint: disable=broad-except
+        _restore_snapshot(strategy, saved)
+        log(WARNING, "Round %d: %s.aggregate_train failed on the secure average (%s: %s), global model kept",
+            server_round, name, type(error).__name__, brief(str(error)))
+        return None, None
+    return merged, metrics
 
 
 def _snapshot(obj: Any) -> dict:

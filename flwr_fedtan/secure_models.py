@@ -2,7 +2,8 @@
 models and the total weight, and returns the same average as
 :func:`~flwr_fedtan.aggregation.aggregate_arrays`.
 
-Arithmetic ready, not yet wired into FedTAN (no ``FedTAN(secure_models=True)`` yet). Pure
+The arithmetic of ``FedTAN(secure_models=True)`` (wired in
+:mod:`flwr_fedtan.protocol.model_release` and :func:`flwr_fedtan.node.secure_stats.masked_model`). Pure
 functions on NumPy arrays, built on the primitives of :mod:`flwr_fedtan.secure` (fixed point
 in the ring of integers modulo ``2**128``, pairwise masks from the round's X25519 keys); no
 torch, no Flower.

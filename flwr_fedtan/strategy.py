@@ -28,8 +28,9 @@ from .protocol import wire
 from .protocol.driver import RoundDriver, RoundOptions
 from .protocol.round_ledger import TrainRound, new_round_ledger, round_summary, skipped_round
 from .protocol.pass_driver import DEFAULT_STATISTICS_EXAMPLES, StatisticsPassDriver
-from .quarantine import FailureRecord, Quarantine
-from .round_models import aggregate_finite, begin_contents, brief, canonical_replies, check_models, keep_shared_metrics
+from .quarantine import Quarantine
+from .round_models import aggregate_round, begin_contents, brief, canonical_replies
+from .secure_composition import check_secure_models_composes
 from .seeds import derive_seed
 from .strategy_options import check_options, forwarded, log_summary
 from .wrapped import FEDAVG_OPTIONS, find_attribute, sampling_seed, wrapped_strategy
@@ -52,15 +53,11 @@ class FedTAN(Strategy):
     state, e.g. FedAdam's moments, covers parameters only). Evaluation is the wrapped
     strategy's, unchanged.
 
-    What the round does when a client fails (it is dropped with one log line naming it and
-    the reason, the synchronised step restarts without it; ``dropped[round][node]`` keeps the
-    reasons), when a node fails round after round (it sits out, for ever longer), and how a
-    client's averaging weight is checked is in docs/protocol.md ("How a round runs");
-    reproducible and resumable runs (node sampling seeded by ``(seed, round)``, the clients'
-    batches by ``(seed, round, attempt)``, checkpoints and ``start(..., resume_from=...)``)
-    are in docs/strategies.md. The options from ``sync_steps`` on are attributes too: set
-    between rounds, they take effect from the next round (the drivers' and the quarantine's
-    are checked as here).
+    Failing clients (dropped with the reason in ``dropped[round][node]``, the step restarts
+    without them), nodes that fail round after round (they sit out) and the clients'
+    weights: docs/protocol.md ("How a round runs"); seeding, checkpoints and
+    ``start(..., resume_from=...)``: docs/strategies.md. The options from ``sync_steps`` on
+    are attributes too, checked as here, taking effect from the next round.
 
     Parameters
     ----------
@@ -112,7 +109,12 @@ class FedTAN(Strategy):
         exchange a round, the statistics pass masked alike): an honest-but-curious server
         learns only the sums over clients (and each client's batch size); a malicious
         server is out of scope (docs/security.md, "What FedTAN trusts"). The returned models
-        stay in the clear.
+        stay in the clear unless ``secure_models``.
+    secure_models : bool (default: False)
+        Secure aggregation of the returned models, with or without ``secure_stats``: the
+        server learns only their weighted average and total weight ``W``, which the wrapped
+        strategy gets as one reply per client of weight ``W / K`` (docs/security.md); one
+        that needs individual updates (server-side DP, robust aggregation) is refused here.
     statistics : {"exact", "running"} (default: "exact")
         The BatchNorm statistics of the global model. ``"exact"``: after aggregation the
         round's clients run a statistics pass over the new global model
@@ -165,6 +167,7 @@ class FedTAN(Strategy):
         checkpoint_dir: Optional[str | os.PathLike] = None,
         keep_checkpoints: int = 2,
         secure_stats: bool = False,
+        secure_models: bool = False,
         statistics: str = "exact",
         statistics_examples: int = DEFAULT_STATISTICS_EXAMPLES,
         statistics_every: int = 1,
@@ -179,11 +182,13 @@ class FedTAN(Strategy):
             sync_steps=sync_steps, exchange_timeout=exchange_timeout, max_restarts=max_restarts,
             poll_interval=poll_interval, seed=seed, client_weight=client_weight, quarantine_after=quarantine_after,
             max_quarantine_rounds=max_quarantine_rounds, keep_checkpoints=keep_checkpoints, secure_stats=secure_stats,
+            secure_models=secure_models,
             max_growth=max_growth, progress_interval=progress_interval, statistics=statistics,
             statistics_examples=statistics_examples, statistics_every=statistics_every,
         ))
+        if secure_models:
+            check_secure_models_composes(strategy)
         self.strategy = strategy
-        self.client_weight = client_weight
         self.is_buffer = is_buffer or is_batchnorm_buffer
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.keep_checkpoints = keep_checkpoints
@@ -195,6 +200,7 @@ class FedTAN(Strategy):
             sync_steps=sync_steps, exchange_timeout=exchange_timeout, poll_interval=poll_interval,
             max_restarts=max_restarts, seed=seed, uniform_positions=uniform_positions, max_growth=max_growth,
             secure_stats=secure_stats, examples=statistics_examples, progress_interval=progress_interval,
+            secure_models=secure_models, client_weight=client_weight,
         )
         self.driver = RoundDriver(self.options)
         self._statistics_pass = StatisticsPassDriver(self.options)
@@ -214,6 +220,9 @@ class FedTAN(Strategy):
     uniform_positions = forwarded("options", "uniform_positions")
     max_growth = forwarded("options", "max_growth")
     secure_stats = forwarded("options", "secure_stats")
+    secure_models = forwarded("options", "secure_models", check=lambda fedtan, on: (
+        check_secure_models_composes(fedtan.strategy) if on else None))
+    client_weight = forwarded("options", "client_weight")
     progress_interval = forwarded("options", "progress_interval")
     statistics_examples = forwarded("options", "statistics_examples", "examples")
     quarantine_after = forwarded("quarantine", "quarantine_after", "after")
@@ -234,14 +243,7 @@ class FedTAN(Strategy):
         """Fewest clients a synchronised step may run with (the wrapped strategy's, >= 1)."""
         return max(1, int(find_attribute(self.strategy, "min_train_nodes", 1) or 1))
 
-    @property
-    def failures(self) -> dict[int, FailureRecord]:
-        """Each repeat offender's failure record, by node (:mod:`flwr_fedtan.quarantine`)."""
-        return self.quarantine.failures
-
-    @failures.setter
-    def failures(self, records: dict[int, FailureRecord]) -> None:
-        self.quarantine.failures = records
+    failures = forwarded("quarantine", "failures")  # each repeat offender's FailureRecord, by node
 
     def round_seed(self, server_round: int, attempt: int) -> int:
         """The seed of the clients' batches in ``(round, attempt)``, before each mixes in its own
@@ -328,14 +330,12 @@ class FedTAN(Strategy):
         if server_round <= self._resumed_through or round_ is None or round_.server_round != server_round:
             return None, None
         self._round = None
-        ledger, key = round_.ledger, self.weighted_by_key
-        contributions, wrapped_replies = check_models(
-            round_, replies, weight_key=key, arrayrecord_key=self.arrayrecord_key, is_buffer=self.is_buffer,
-            max_growth=self.max_growth, client_weight=self.client_weight,
+        ledger = round_.ledger
+        contributions, metrics, merged = aggregate_round(
+            self.strategy, server_round, round_, replies, weight_key=self.weighted_by_key,
+            arrayrecord_key=self.arrayrecord_key, is_buffer=self.is_buffer, max_growth=self.max_growth,
+            client_weight=self.client_weight,
         )
-        keep_shared_metrics(server_round, wrapped_replies, key)
-        aggregated, metrics, merged = aggregate_finite(self.strategy, server_round, round_, contributions,
-                                                       wrapped_replies, self.is_buffer)
         if merged is None:
             self.quarantine.update(server_round, round_.contents, ledger.dropped, completed=bool(contributions))
             # The failure records changed; the model did not.

@@ -38,6 +38,7 @@ OPTION_CHECKS: dict[str, Callable[[ArgumentChecks, Any], object]] = {
     "keep_checkpoints": lambda checks, value: checks.integer(
         "keep_checkpoints", value, 0, fix="give a whole number >= 0 (0 keeps all)"),
     "secure_stats": lambda checks, value: checks.boolean("secure_stats", value),
+    "secure_models": lambda checks, value: checks.boolean("secure_models", value),
     "max_growth": lambda checks, value: checks.number("max_growth", value, above=1),
     "progress_interval": lambda checks, value: value is None or checks.number(
         "progress_interval", value, at_least=0,
@@ -57,9 +58,11 @@ def check_options(values: Mapping[str, Any], owner: str = "FedTAN") -> None:
     checks.raise_if_any()
 
 
-def forwarded(holder: str, name: str, field: Optional[str] = None) -> property:
+def forwarded(holder: str, name: str, field: Optional[str] = None,
+              check: Optional[Callable[[FedTAN, Any], object]] = None) -> property:
     """FedTAN's attribute ``name``: ``self.<holder>.<field>`` (``field`` defaults to
-    ``name``), read where it is used; setting it checks the value first."""
+    ``name``), read where it is used; setting it checks the value first (and calls
+    ``check(strategy, value)``, which raises to refuse it)."""
     field = field or name
 
     def get(strategy: FedTAN) -> Any:
@@ -67,6 +70,8 @@ def forwarded(holder: str, name: str, field: Optional[str] = None) -> property:
 
     def set_(strategy: FedTAN, value: Any) -> None:
         check_options({name: value})
+        if check is not None:
+            check(strategy, value)
         setattr(getattr(strategy, holder), field, value)
 
     return property(get, set_, doc=f"FedTAN's ``{name}`` (see its parameters); settable between rounds.")
@@ -76,7 +81,8 @@ def log_summary(strategy: FedTAN) -> None:
     """Log FedTAN's settings (Flower's ``summary``), then the wrapped strategy's."""
     log(INFO, "\t├──> FedTAN around %s:", type(strategy.strategy).__name__)
     log(INFO, "\t│\t├── Synchronised steps per round: %d", strategy.sync_steps)
-    log(INFO, "\t│\t├── Secure statistics: %s", "on" if strategy.secure_stats else "off")
+    log(INFO, "\t│\t├── Secure statistics: %s; secure models: %s", "on" if strategy.secure_stats else "off",
+        "on" if strategy.secure_models else "off")
     log(INFO, "\t│\t├── Exchange timeout: %.1fs, poll interval %.3fs", strategy.exchange_timeout,
         strategy.poll_interval)
     log(INFO, "\t│\t├── Max restarts per round: %d; sit out after %s failed rounds (at most %d rounds)",

@@ -8,17 +8,19 @@ model.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Callable, Mapping, Optional, Union
 
-from flwr.app import Message
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message
 
 from .. import secure
 from ..protocol import wire
 from ..errors import KeyAgreementError, ServerMessageError
+from ..secure_models import mask_model
 from .state import PassProgress, RoundProgress, SecureKey
 from .turn import Turn
 
-__all__ = ["begin_secure", "blame", "keys", "masked"]
+__all__ = ["begin_secure", "blame", "keys", "masked", "masked_model"]
 
 
 def keys(turn: Turn) -> Message:
@@ -60,7 +62,8 @@ def begin_secure(turn: Turn, key: Optional[SecureKey]) -> None:
     pair keys and exchange numbers would mask other data with the same masks)."""
     control = turn.control
     if key is not None:
-        key.roster = key.shifts = None
+        key.roster = key.shifts = key.model_weight_key = None
+        key.mask_stats = True
     keyed = key is not None and key.round == control.round
     if control.roster is None:
         if turn.options.require_secure_stats:
@@ -74,6 +77,11 @@ def begin_secure(turn: Turn, key: Optional[SecureKey]) -> None:
                 "statistics would go out in the clear"
             )
         return
+    if turn.options.require_secure_stats and not control.mask_stats:
+        raise ServerMessageError(
+            f"begin of round {control.round} with a roster for the models only: this node requires secure "
+            "statistics (require_secure_stats=True) and never sends its statistics in the clear"
+        )
     if key is None or not keyed:
         raise KeyAgreementError(
             f"node {turn.context.node_id}: begin of round {control.round} with secure statistics, but this "
@@ -86,13 +94,14 @@ def begin_secure(turn: Turn, key: Optional[SecureKey]) -> None:
         )
     key.attempt = key.begun = control.attempt
     key.roster, key.shifts = control.roster, dict(control.shifts or {})
+    key.mask_stats, key.model_weight_key = control.mask_stats, control.model_weight_key
 
 
 def masked(turn: Turn, key: Optional[SecureKey], progress: Union[RoundProgress, PassProgress], step: int, point,
            payload):
     """The payload masked for this exchange (the number of aggregates received so far in
     the attempt); in an attempt in the clear, the payload itself."""
-    if key is None or key.roster is None:
+    if key is None or key.roster is None or not key.mask_stats:
         return payload
     round_no = turn.control.round
     if key.round != round_no:
@@ -115,3 +124,28 @@ def masked(turn: Turn, key: Optional[SecureKey], progress: Union[RoundProgress, 
     # The length of each exchange's payload: a blame request may reveal only that canary's masks.
     progress.masked_lengths = progress.masked_lengths[:exchange] + [int(encoded.masked.shape[1])]
     return encoded
+
+
+def masked_model(turn: Turn, key: Optional[SecureKey], arrays: ArrayRecord, reference: Callable[[], ArrayRecord],
+                 metrics: Mapping) -> ArrayRecord:
+    """Secure models: the final model ``arrays`` (every array: parameters and BatchNorm
+    buffers) weighed and masked with the attempt's keys against the global model
+    ``reference()`` it started from (read only then); in an attempt without secure models, ``arrays`` itself.
+
+    Both sides lay the model out in sorted key order, so the masks line up whatever order
+    the model's ``state_dict`` has."""
+    if key is None or key.roster is None or key.model_weight_key is None:
+        return arrays
+    node_id = turn.context.node_id
+    if key.model_weight_key not in metrics:
+        raise KeyAgreementError(
+            f"node {node_id}: secure models weigh the model by metric {key.model_weight_key!r}, which this "
+            f"client does not report (it reports {sorted(metrics)})"
+        )
+    start = reference()
+    masked = mask_model(
+        {k: arrays[k].numpy() for k in sorted(arrays.keys())}, float(metrics[key.model_weight_key]),
+        {k: start[k].numpy() for k in sorted(start.keys())}, node_id=node_id,
+        private_key=key.private_key, roster=key.roster, round=turn.control.round, attempt=key.attempt,
+    )
+    return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in masked.to_arrays().items()})

@@ -77,7 +77,7 @@ def _begin(turn: Turn) -> Message:
     config = dict(turn.msg.content.config_records.get(wire.CONFIG, ConfigRecord()))
     batch = _batch_digest(client, seed)
     pooled = _pooled_batches(node.round, control.round)
-    if control.roster is not None and batch in pooled:
+    if control.roster is not None and control.mask_stats and batch in pooled:
         raise SecureStatsError(
             f"node {context.node_id}: round {control.round} restarted (attempt {control.attempt}) on the same "
             "samples this node already pooled in an earlier attempt (its batch is all of its data): the "
@@ -307,10 +307,11 @@ def _done(turn: Turn, progress: RoundProgress, live: _Live) -> Message:
     metrics["sync-seconds"] = float(progress.sync_seconds)
     metrics["replays"] = float(progress.replays)
     metrics["live-bytes"] = float(live_rounds().peak_bytes)  # the home's paused rounds at their peak
+    arrays = secure_stats.masked_model(turn, node.round_key, live.client.arrays(), node.load_weights, metrics)
     progress.log = None
     node.discard_weights()
     node.round_key = None
-    return turn.reply(wire.encode_done(turn.control.round, live.client.arrays(), MetricRecord(metrics)))
+    return turn.reply(wire.encode_done(turn.control.round, arrays, MetricRecord(metrics)))
 
 
 def _stats_done(turn: Turn, progress: PassProgress, live: _Live) -> Message:

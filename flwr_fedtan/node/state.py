@@ -75,6 +75,8 @@ class SecureKey:
     begun: int = -1  # the last attempt begun with this key (masks must never be reused)
     roster: Optional[Roster] = None
     shifts: Optional[dict] = None
+    mask_stats: bool = True  # the attempt masks its statistics (secure_stats)
+    model_weight_key: Optional[str] = None  # the attempt masks its final model, weighed by this metric
 
 
 @dataclass
@@ -274,7 +276,10 @@ def _key_from(state: RecordDict, key: str, roster: str, shifts: str) -> Optional
     if record is None:
         return None
     secure = SecureKey(round=_int(record["round"]), private_key=bytes(cast(bytes, record["private-key"])),
-                       attempt=_int(record["attempt"]), begun=_int(record.get("begun", -1)))
+                       attempt=_int(record["attempt"]), begun=_int(record.get("begun", -1)),
+                       mask_stats=bool(record.get("mask-stats", True)))
+    if "model-weight-key" in record:
+        secure.model_weight_key = str(record["model-weight-key"])
     if roster in state.array_records:
         secure.roster, secure.shifts = codec.secure_from_records(
             state.array_records[roster], state.array_records.get(shifts), "the node's stored roster"
@@ -283,9 +288,13 @@ def _key_from(state: RecordDict, key: str, roster: str, shifts: str) -> Optional
 
 
 def _put_key(state: RecordDict, secure: Optional[SecureKey], key: str, roster: str, shifts: str) -> None:
-    _put(state, key, None if secure is None else ConfigRecord(
-        {"round": secure.round, "attempt": secure.attempt, "begun": secure.begun, "private-key": secure.private_key}
-    ))
+    record = None if secure is None else ConfigRecord(
+        {"round": secure.round, "attempt": secure.attempt, "begun": secure.begun, "private-key": secure.private_key,
+         "mask-stats": secure.mask_stats}
+    )
+    if record is not None and secure is not None and secure.model_weight_key is not None:
+        record["model-weight-key"] = secure.model_weight_key
+    _put(state, key, record)
     if secure is not None and secure.roster is not None:  # the attempt is secure
         _put(state, roster, codec.roster_record(secure.roster))
         _put(state, shifts, codec.shifts_record(secure.shifts))

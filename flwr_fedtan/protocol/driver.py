@@ -46,6 +46,8 @@ from .exchange import (
     unexpected,
     within_limit,
 )
+from ..secure_releases import ReleaseLedger
+from .model_release import release_round_average
 from .pass_driver import PassOptions
 from .round_ledger import RoundLedger, TrainRound
 
@@ -78,6 +80,8 @@ class RoundOptions(PassOptions):
     """
 
     sync_steps: int = 1
+    secure_models: bool = False
+    client_weight: str = "synchronised"
 
     def __setattr__(self, name: str, value: Any) -> None:
         convert = _KEPT_AS.get(name)
@@ -87,6 +91,7 @@ class RoundOptions(PassOptions):
 _KEPT_AS: dict[str, Callable[[Any], Any]] = {
     "max_growth": float,
     "secure_stats": bool,
+    "secure_models": bool,
     "progress_interval": lambda value: None if value is None else float(value),
 }
 """The options kept converted, as the drivers read them."""
@@ -96,17 +101,19 @@ class RoundDriver:
     """Drives FedTAN rounds on a Grid (server side, no torch, no strategy logic).
 
     ``options`` (:class:`RoundOptions`) are read at each round; with ``secure_stats`` every
-    payload is masked (a key exchange before the first attempt and after each restart).
+    payload is masked, with ``secure_models`` the final models (a key exchange before the
+    first attempt and after each restart, for either).
     """
 
     def __init__(self, options: RoundOptions) -> None:
         self.options = options
         self._session: Optional[ServerSession] = None
+        self.releases = ReleaseLedger()  # secure models: the masked-model sums of the run's rounds
 
     @property
     def secure(self) -> Optional[ServerSession]:
-        """The rounds' key agreement with secure statistics, ``None`` without."""
-        if not self.options.secure_stats:
+        """The rounds' key agreement with secure statistics or models, ``None`` without."""
+        if not (self.options.secure_stats or self.options.secure_models):
             return None
         if self._session is None:
             self._session = ServerSession()
@@ -124,6 +131,7 @@ class RoundDriver:
         exchanges = Exchanges(grid, round_.ledger, server_round=round_.server_round, timeout=options.exchange_timeout,
                               poll_interval=options.poll_interval, weighted_by_key=weighted_by_key)
         ledger = round_.ledger
+        self.releases.forget_before(round_.server_round)
         if self.secure is not None:
             participants = self._key_exchange(exchanges, participants)
         # Secure statistics need two clients: one client's statistics cannot hide in a sum.
@@ -133,7 +141,7 @@ class RoundDriver:
                 break
             try:
                 seed = self.round_seed(round_.server_round, attempt)
-                return self._attempt(exchanges, round_, participants, seed, attempt)
+                return self._attempt(exchanges, round_, participants, seed, attempt, weighted_by_key)
             except Restart:
                 failed = [n for n in participants if n in ledger.dropped]
                 participants = [n for n in participants if n not in ledger.dropped]
@@ -149,13 +157,17 @@ class RoundDriver:
 
     # ------------------------------------------------------------------ one attempt
     def _attempt(self, exchanges: Exchanges, round_: TrainRound, participants: list[int], seed: int,
-                 number: int) -> list[Message]:
+                 number: int, weighted_by_key: str) -> list[Message]:
         begin = {n: wire.with_attempt(round_.contents[n], number) for n in participants}
         roster = None
+        options = self.options
         if self.secure is not None:
             roster = self.secure.roster(participants)
-            begin = {n: wire.with_roster(c, number, roster, self.secure.shifts) for n, c in begin.items()}
-        state = _Attempt(seed, number, roster, value_limit(round_.reference), {n: 0 for n in participants})
+            weight_key = weighted_by_key if options.secure_models else None
+            begin = {n: wire.with_roster(c, number, roster, self.secure.shifts, options.secure_stats, weight_key)
+                     for n, c in begin.items()}
+        stats_roster = roster if options.secure_stats else None
+        state = _Attempt(seed, number, stats_roster, value_limit(round_.reference), {n: 0 for n in participants})
         ledger = round_.ledger
         started = time.perf_counter()
         result = exchanges.send(begin)
@@ -164,10 +176,19 @@ class RoundDriver:
         while True:
             statuses = result.statuses
             if all(isinstance(s, wire.DoneStatus) for s in statuses.values()):
-                round_.statuses = {n: s for n, s in statuses.items() if isinstance(s, wire.DoneStatus)}
+                done = {n: s for n, s in statuses.items() if isinstance(s, wire.DoneStatus)}
+                if options.secure_models and roster is not None:
+                    checked = options.client_weight == "synchronised" and round_.saw_forward
+                    average = release_round_average(self.releases, round_, done, roster,
+                                                    weighted_by_key=weighted_by_key,
+                                                    synchronised=state.synchronised if checked else None)
+                    if average is None:
+                        return []
+                    round_.secure_average = average
+                round_.statuses = done
                 round_.synchronised = state.synchronised
                 return [result.replies[n] for n in sorted(statuses)]
-            point, step, payloads = self._at_one_point(ledger, statuses, roster is not None)
+            point, step, payloads = self._at_one_point(ledger, statuses, stats_roster is not None)
             aggregate = self._pool(exchanges, round_, state, point, step, payloads)
             content = wire.encode_aggregate(round_.server_round, step, state.received, point, aggregate,
                                               self.options.sync_steps, seed)

@@ -17,6 +17,7 @@ import numpy as np
 from flwr.app import MetricRecord, RecordDict
 from flwr.supercore import log
 
+from ..secure_models import SecureAverage
 from ..progress import ExchangeProgress, describe_bytes
 from . import wire
 from .exchange import ExchangeLedger
@@ -61,6 +62,7 @@ class TrainRound:
     synchronised: dict[int, int] = field(default_factory=dict)  # examples each client synchronised with
     saw_forward: bool = False
     statuses: dict[int, wire.DoneStatus] = field(default_factory=dict)  # the final replies
+    secure_average: Optional[SecureAverage] = None  # secure models: the released average, not the replies'
 
 
 def new_round_ledger(server_round: int, progress_interval: Optional[float]) -> RoundLedger:

@@ -94,6 +94,8 @@ class Control:
     examples: int = 0  # statistics pass: examples each client forwards (stats-begin)
     exchange: int = -1  # blame: the exchange whose canary masks are asked for
     length: int = 0  # blame: the length of the masked payloads of that exchange
+    mask_stats: bool = True  # begin with a roster: whether the statistics are masked (secure_stats)
+    model_weight_key: Optional[str] = None  # begin, secure models: the metric that weighs the masked model
 
 
 # ---------------------------------------------------------------------- server -> client
@@ -148,10 +150,16 @@ def with_attempt(content: RecordDict, attempt: int) -> RecordDict:
     return out
 
 
-def with_roster(content: RecordDict, attempt: int, roster: Roster, shifts: Optional[dict]) -> RecordDict:
-    """A ``begin`` message with secure statistics: the attempt, its roster and the shifts added."""
+def with_roster(content: RecordDict, attempt: int, roster: Roster, shifts: Optional[dict], mask_stats: bool = True,
+                model_weight_key: Optional[str] = None) -> RecordDict:
+    """A ``begin`` message with the attempt's roster and shifts added: secure statistics
+    (``mask_stats``) and/or secure models (``model_weight_key``: the metric the client
+    weighs its masked model by)."""
     control = ConfigRecord(dict(content.config_records[CONTROL]))
     control["attempt"] = attempt
+    control["secure-stats"] = bool(mask_stats)
+    if model_weight_key is not None:
+        control["secure-models"] = str(model_weight_key)
     out = RecordDict(dict(content.items()))
     out[CONTROL] = control
     out[SECURE] = roster_record(roster)
@@ -249,6 +257,8 @@ def decode_control(content: RecordDict) -> Control:
     if fields["sync-steps"] < 1:
         raise ServerMessageError(f"'sync-steps' must be >= 1, got {fields['sync-steps']}")
     roster, shifts, attempt, examples, exchange, length = None, None, 0, 0, -1, 0
+    mask_stats: bool = True
+    model_weight_key: Optional[str] = None
     if phase in (PHASE_KEYS, PHASE_STATS_KEYS):
         aggregate = None
     elif phase == PHASE_BLAME:
@@ -269,6 +279,13 @@ def decode_control(content: RecordDict) -> Control:
             roster, shifts = secure_from_records(
                 content.array_records[SECURE], content.array_records.get(SHIFTS), "begin message"
             )
+            stats_flag, weight_key = control.get("secure-stats", True), control.get("secure-models")
+            if not isinstance(stats_flag, bool) or not (weight_key is None or isinstance(weight_key, str)):
+                raise ServerMessageError(
+                    f"'secure-stats' must be a bool and 'secure-models' a metric name, got {stats_flag!r} and "
+                    f"{weight_key!r}"
+                )
+            mask_stats, model_weight_key = stats_flag, weight_key
     else:
         if fields["point"] < 0:
             raise ServerMessageError(f"aggregate index 'point' must be >= 0, got {fields['point']}")
@@ -280,6 +297,7 @@ def decode_control(content: RecordDict) -> Control:
         phase=phase, round=fields["round"], step=fields["step"], point=fields["point"],
         sync_steps=fields["sync-steps"], seed=fields["seed"], aggregate=aggregate,
         attempt=attempt, roster=roster, shifts=shifts, examples=examples, exchange=exchange, length=length,
+        mask_stats=mask_stats, model_weight_key=model_weight_key,
     )
 
 

@@ -58,8 +58,9 @@ def run_config_problems(config: Mapping[str, Any]) -> list[ArgumentProblem]:
             checks.integer(key, config[key], minimum, fix=_FIXES.get(key))
     _check_numbers(checks, config)
     _check_names(checks, config)
-    if "secure-stats" in config:
-        checks.boolean("secure-stats", config["secure-stats"])
+    for key in ("secure-stats", "secure-models"):
+        if key in config:
+            checks.boolean(key, config[key])
     if "device" in config:
         problem = device_problem(str(config["device"]))
         if problem is not None:
@@ -141,6 +142,9 @@ def _check_combinations(checks: ArgumentChecks, config: Mapping[str, Any]) -> No
     if config.get("secure-stats") is True and strategy in METHODS and strategy not in SECURE_METHODS:
         checks.add("secure-stats", True, f"strategy={strategy!r} has no statistics to protect",
                    f"use strategy {' or '.join(map(repr, SECURE_METHODS))}, or secure-stats=false")
+    if config.get("secure-models") is True and strategy in METHODS and strategy != "fedtan":
+        checks.add("secure-models", True, f"strategy={strategy!r} returns the models in the clear",
+                   "use strategy 'fedtan', or secure-models=false")
     optimizer = config.get("server-optimizer", "none")
     if strategy in METHODS and strategy not in SERVER_OPTIMIZER_METHODS:
         if isinstance(optimizer, str) and optimizer.lower() != "none":

@@ -140,7 +140,7 @@ def make_strategy(config) -> Strategy:
         return FedTAN(strategy=server_optimizer(config, **common), sync_steps=int(config.get("sync-steps", 1)),
                       statistics=str(config.get("statistics", "exact")),
                       progress_interval=float(config.get("progress-interval", DEFAULT_PROGRESS_INTERVAL)),
-                      **statistics, **exchanges)
+                      secure_models=bool(config.get("secure-models", False)), **statistics, **exchanges)
     if name == "fedavg-exact":
         return ExactStatistics(server_optimizer(config, **common), **statistics, **exchanges)
     if name in ("fedavg", "fedgn"):
