@@ -37,9 +37,8 @@ def content_digest(parts: Iterable[Any]) -> bytes:
 
 def _update(digest: Any, part: Any) -> None:
     if isinstance(part, np.ndarray):
-        array = np.ascontiguousarray(part)
-        digest.update(f"a|{array.dtype.str}|{array.shape}|".encode())
-        digest.update(array.view(np.uint8).reshape(-1).tobytes() if array.size else b"")
+        digest.update(f"a|{part.dtype.str}|{part.shape}|".encode())
+        digest.update(part.tobytes())  # C order whatever the strides
     elif isinstance(part, Mapping):
         digest.update(f"m|{len(part)}|".encode())
         for key in sorted(part, key=repr):
@@ -63,4 +62,6 @@ def canonical_items(mapping: Mapping[K, V], content: Callable[[V], Iterable[Any]
     """``mapping``'s items in canonical order: by the digest of ``content(value)``; the keys
     (client ids) play no part."""
     items = list(mapping.items())
+    if len(items) < 2:
+        return items
     return [items[i] for i in canonical_permutation([content(value) for _, value in items])]

@@ -92,6 +92,19 @@ def run_exchange_benchmark(grid: Grid, config: Mapping[str, Any], initial: Array
         return _measure(grid, config, initial, Path(folder))
 
 
+def flower_floor(grid: Grid, nodes: list[int], initial: ArrayRecord, train_config: ConfigRecord,
+                 poll_interval: float, rounds: int, empties: int) -> tuple[list[float], float]:
+    """What Flower itself costs on these nodes, after a warm-up of each: the seconds of
+    ``empties`` empty exchanges, and of a Flower FedAvg round (mean over ``rounds``)."""
+    empty_exchange(grid, nodes, poll_interval)  # warm-up: actors start, imports
+    empty = [empty_exchange(grid, nodes, poll_interval) for _ in range(empties)]
+    fedavg = FedAvg(fraction_evaluate=0.0, min_available_nodes=len(nodes), min_train_nodes=len(nodes))
+    fedavg.start(grid=grid, initial_arrays=initial, num_rounds=1, train_config=train_config)  # warm-up
+    started = time.perf_counter()
+    fedavg.start(grid=grid, initial_arrays=initial, num_rounds=rounds, train_config=train_config)
+    return empty, (time.perf_counter() - started) / rounds
+
+
 def _measure(grid: Grid, config: Mapping[str, Any], initial: ArrayRecord, folder: Path) -> dict:
     nodes = sorted(grid.get_node_ids())
     rounds = int(config.get("bench-rounds", 3))
@@ -99,14 +112,7 @@ def _measure(grid: Grid, config: Mapping[str, Any], initial: ArrayRecord, folder
     train_config = ConfigRecord({"lr": float(config["lr"]), "local-steps": int(config["local-steps"])})
     fedtan = FedTAN(fraction_evaluate=0.0, min_available_nodes=len(nodes), min_train_nodes=len(nodes),
                     statistics="running", seed=seed)
-    empty_exchange(grid, nodes, fedtan.poll_interval)  # warm-up: actors start, imports
-    empty = [empty_exchange(grid, nodes, fedtan.poll_interval) for _ in range(10)]
-
-    fedavg = FedAvg(fraction_evaluate=0.0, min_available_nodes=len(nodes), min_train_nodes=len(nodes))
-    fedavg.start(grid=grid, initial_arrays=initial, num_rounds=1, train_config=train_config)  # warm-up
-    started = time.perf_counter()
-    fedavg.start(grid=grid, initial_arrays=initial, num_rounds=rounds, train_config=train_config)
-    fedavg_round = (time.perf_counter() - started) / rounds
+    empty, fedavg_round = flower_floor(grid, nodes, initial, train_config, fedtan.poll_interval, rounds, empties=10)
 
     fedtan_rounds = FedTANRounds(grid, initial, train_config, folder)
     fedtan_rounds.run(fedtan, 1)  # warm-up

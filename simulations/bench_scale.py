@@ -35,11 +35,10 @@ from typing import Any, Mapping, Optional
 
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 
 from flwr_fedtan import FedTAN
 
-from .bench_flower import empty_exchange
+from .bench_flower import flower_floor
 
 DEFAULT_POINTS = tuple(f"cnn:{n}" for n in (5, 20, 50, 100, 200)) + tuple(
     f"resnet20:{n}" for n in (5, 20, 50, 100)) + ("resnet20:200:16",)
@@ -52,14 +51,7 @@ def run_scale_benchmark(grid: Grid, config: Mapping[str, Any], initial: ArrayRec
     train_config = ConfigRecord({"lr": float(config["lr"]), "local-steps": int(config["local-steps"])})
     fedtan = FedTAN(fraction_evaluate=0.0, min_available_nodes=len(nodes), min_train_nodes=len(nodes),
                     statistics="running")
-    empty_exchange(grid, nodes, fedtan.poll_interval)  # warm-up: actors start, imports
-    empty = [empty_exchange(grid, nodes, fedtan.poll_interval) for _ in range(5)]
-
-    fedavg = FedAvg(fraction_evaluate=0.0, min_available_nodes=len(nodes), min_train_nodes=len(nodes))
-    fedavg.start(grid=grid, initial_arrays=initial, num_rounds=1, train_config=train_config)  # warm-up
-    started = time.perf_counter()
-    fedavg.start(grid=grid, initial_arrays=initial, num_rounds=rounds, train_config=train_config)
-    fedavg_round = (time.perf_counter() - started) / rounds
+    empty, fedavg_round = flower_floor(grid, nodes, initial, train_config, fedtan.poll_interval, rounds, empties=5)
 
     # One run of 1 + rounds rounds, the first a warm-up (homes start): a node refuses a second
     # run's round 1 as stale. The warm-up's time outside its exchanges stays in (conservative).
