@@ -53,9 +53,19 @@ def _update(digest: Any, part: Any) -> None:
 
 
 def canonical_permutation(contents: Sequence[Iterable[Any]]) -> list[int]:
-    """Indices of ``contents`` sorted by :func:`content_digest` (stable for equal content)."""
-    digests = [content_digest(parts) for parts in contents]
-    return sorted(range(len(digests)), key=digests.__getitem__)
+    """Indices of ``contents`` sorted by their content (stable for equal content)."""
+    keys = [_sort_key(parts) for parts in contents]
+    return sorted(range(len(keys)), key=keys.__getitem__)
+
+
+def _sort_key(parts: Iterable[Any]) -> bytes:
+    """Flat arrays and numbers (a sync point's statistics: small, on the step's path) sort by
+    their bytes directly; anything else (a model's arrays) by its :func:`content_digest`."""
+    parts = list(parts)
+    if all(isinstance(p, (np.ndarray, int, float)) for p in parts):
+        return b"|".join(p.dtype.str.encode() + p.tobytes() if isinstance(p, np.ndarray) else repr(p).encode()
+                         for p in parts)
+    return content_digest(parts)
 
 
 def canonical_items(mapping: Mapping[K, V], content: Callable[[V], Iterable[Any]]) -> list[tuple[K, V]]:
