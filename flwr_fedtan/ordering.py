@@ -5,7 +5,8 @@ can differ in the last bits, and those bits grow over a run. Flower draws node i
 in every ``flwr run`` (and replies arrive in any order), so ordering by node id or by
 arrival makes two runs of the same seed differ. Every reduction of the server (pooled
 statistics, backward sums, BatchNorm buffers, the replies the wrapped strategy averages)
-takes its contributions in *canonical order* instead: sorted by a digest of their content.
+takes its contributions in *canonical order* instead: sorted by their content (the bytes of
+a sync point's statistics, a digest of a model's arrays).
 The result then depends only on what the clients sent, not on who sent it or when, so a
 deployment operator has nothing to set. Identical contributions tie, and their order does
 not change the sum.
@@ -69,8 +70,8 @@ def _sort_key(parts: Iterable[Any]) -> bytes:
 
 
 def canonical_items(mapping: Mapping[K, V], content: Callable[[V], Iterable[Any]]) -> list[tuple[K, V]]:
-    """``mapping``'s items in canonical order: by the digest of ``content(value)``; the keys
-    (client ids) play no part."""
+    """``mapping``'s items in canonical order: by ``content(value)``
+    (:func:`canonical_permutation`); the keys (client ids) play no part."""
     items = list(mapping.items())
     if len(items) < 2:
         return items
