@@ -54,9 +54,9 @@ from typing import Hashable, Mapping
 import numpy as np
 
 from .aggregation import check_arrays, running_stat_keys, value_limit
-from .errors import CanaryMismatchError, FixedPointOverflowError, MissingPayloadError, PayloadError
+from .errors import FixedPointOverflowError, MissingPayloadError, PayloadError
 from .secure import (
-    DEFAULT_FRACTIONAL_BITS, Roster, decode_fixed_point, encode_fixed_point, pairwise_masks, ring_sum, value_bound,
+    DEFAULT_FRACTIONAL_BITS, Roster, encode_fixed_point, pairwise_masks, ring_sum, unmask_sum, value_bound,
 )
 
 __all__ = [
@@ -302,13 +302,7 @@ def unmask_average(
                 node, f"{where}: masked model is {payload.masked.dtype} {payload.masked.shape}, expected uint64 "
                 f"(2, {layout.length})"
             )
-    total = ring_sum([payloads[node].masked for node in roster.node_ids])
-    if total[0, -1] != 0 or total[1, -1] != 0:
-        raise CanaryMismatchError(
-            f"{where}: the masks of nodes {list(roster.node_ids)} did not cancel; some client used another key, "
-            "round or attempt (a stale or replayed payload?)"
-        )
-    sums = decode_fixed_point(total[:, :-1], fractional_bits, where)
+    sums = unmask_sum([payloads[node].masked for node in roster.node_ids], roster.node_ids, fractional_bits, where)
     weight = float(sums[0])
     if not weight > 0:
         raise FixedPointOverflowError(f"{where}: the total weight decodes to {weight!r}, not a positive number")

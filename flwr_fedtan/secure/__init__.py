@@ -54,7 +54,7 @@ One job per module, all importable from here:
 from __future__ import annotations
 
 from .fixed_point import (
-    DEFAULT_FRACTIONAL_BITS, RING_BITS, decode_fixed_point, encode_fixed_point, ring_sum, value_bound,
+    DEFAULT_FRACTIONAL_BITS, RING_BITS, decode_fixed_point, encode_fixed_point, ring_sum, unmask_sum, value_bound,
 )
 from .fixed_point import _ring_neg as _ring_neg  # tests/test_secure.py checks mask cancellation with it
 from .keys import KeyPair, Roster, check_public_key, generate_key_pair
@@ -74,6 +74,7 @@ __all__ = [
     "encode_fixed_point",
     "decode_fixed_point",
     "ring_sum",
+    "unmask_sum",
     "pairwise_masks",
     "client_encode",
     "server_decode",

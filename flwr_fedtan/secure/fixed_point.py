@@ -12,10 +12,10 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import FixedPointOverflowError
+from ..errors import CanaryMismatchError, FixedPointOverflowError
 
 __all__ = ["RING_BITS", "DEFAULT_FRACTIONAL_BITS", "ring_sum", "value_bound", "encode_fixed_point",
-           "decode_fixed_point"]
+           "decode_fixed_point", "unmask_sum"]
 
 RING_BITS = 128
 DEFAULT_FRACTIONAL_BITS = 64
@@ -141,3 +141,15 @@ def decode_fixed_point(
         )
     value = magnitude[1].astype(np.float64) * _TWO_64 + magnitude[0].astype(np.float64)
     return np.ldexp(np.where(negative, -value, value), -fractional_bits)
+
+
+def unmask_sum(masked: Sequence[np.ndarray], node_ids: Sequence[int], fractional_bits: int, where: str) -> np.ndarray:
+    """The decoded sum of the roster's masked payloads, their last entry (the canary, whose
+    masks alone must cancel) checked and dropped; :class:`CanaryMismatchError` if it is not 0."""
+    total = ring_sum(list(masked))
+    if total[0, -1] != 0 or total[1, -1] != 0:
+        raise CanaryMismatchError(
+            f"{where}: the masks of nodes {list(node_ids)} did not cancel; some client used another key, "
+            "round, attempt or exchange index (a stale or replayed payload?)"
+        )
+    return decode_fixed_point(total[:, :-1], fractional_bits, where)

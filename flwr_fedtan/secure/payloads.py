@@ -12,11 +12,11 @@ import numpy as np
 
 from ..aggregation import BackwardSums, ForwardStats
 from ..errors import (
-    CanaryMismatchError, FixedPointOverflowError, MaskMismatchError, MissingPayloadError, PayloadError,
+    FixedPointOverflowError, MaskMismatchError, MissingPayloadError, PayloadError,
 )
 from .fixed_point import (
-    _U64, DEFAULT_FRACTIONAL_BITS, _check_fractional_bits, _ring_add, decode_fixed_point, encode_fixed_point,
-    ring_sum,
+    _U64, DEFAULT_FRACTIONAL_BITS, _check_fractional_bits, _ring_add, encode_fixed_point,
+    unmask_sum,
 )
 from .keys import Roster
 from .masks import pairwise_masks
@@ -263,13 +263,7 @@ def server_decode(
             )
     if first.phase == "forward":
         _check_shared_shift(payloads, where)
-    total = ring_sum([payloads[node].masked for node in roster.node_ids])
-    if total[0, -1] != 0 or total[1, -1] != 0:
-        raise CanaryMismatchError(
-            f"{where}: the masks of nodes {list(roster.node_ids)} did not cancel; some client used "
-            "another key, round, attempt or exchange index (a stale or replayed payload?)"
-        )
-    sums = decode_fixed_point(total[:, :-1], fractional_bits, where)
+    sums = unmask_sum([payloads[node].masked for node in roster.node_ids], roster.node_ids, fractional_bits, where)
     channels = first.channels
     if first.phase == "backward":
         return BackwardSums(sum_grad=sums[:channels], sum_grad_xhat=sums[channels:])
