@@ -92,3 +92,16 @@ class LocalGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: Optional[float] = None) -> Iterable[Message]:
         return self.pull_messages(list(self.push_messages(messages)))
+
+
+class RecordingGrid(LocalGrid):
+    """A LocalGrid that keeps every reply the server pulls: what an honest-but-curious server sees."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen = []
+
+    def pull_messages(self, message_ids):
+        replies = list(super().pull_messages(message_ids))
+        self.seen.extend(replies)
+        return replies

@@ -14,7 +14,7 @@ from flwr_fedtan import FedTAN, fedtan_client_app
 from flwr_fedtan.protocol import wire
 from flwr_fedtan.client import clear_live_rounds
 
-from _grid import LocalGrid
+from _grid import LocalGrid, RecordingGrid
 from test_flower_protocol import (
     NUM_BN_CALLS,
     FaultyGrid,
@@ -33,19 +33,6 @@ def _fresh_live_rounds():
     clear_live_rounds()
     yield
     clear_live_rounds()
-
-
-class RecordingGrid(LocalGrid):
-    """Keeps every reply the server pulls: what an honest-but-curious server sees."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.seen = []
-
-    def pull_messages(self, message_ids):
-        replies = list(super().pull_messages(message_ids))
-        self.seen.extend(replies)
-        return replies
 
 
 @pytest.mark.parametrize("separate_processes", [False, True], ids=["live", "replay"])

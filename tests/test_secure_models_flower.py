@@ -22,7 +22,7 @@ from flwr_fedtan.errors import InvalidArgumentsError
 from flwr_fedtan.protocol import wire
 from flwr_fedtan.secure_releases import revealed_clients
 
-from _grid import LocalGrid
+from _grid import LocalGrid, RecordingGrid
 from _runtime_app import SmallNet, client_data, convert_batchnorm, to_numpy
 from test_flower_protocol import BATCH_SIZES, FaultyGrid
 
@@ -85,19 +85,6 @@ def recording(strategy: FedAvg) -> list:
 
     strategy.aggregate_train = aggregate_train  # type: ignore[method-assign]
     return seen
-
-
-class RecordingGrid(LocalGrid):
-    """Keeps every reply the server pulls."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.seen = []
-
-    def pull_messages(self, message_ids):
-        replies = list(super().pull_messages(message_ids))
-        self.seen.extend(replies)
-        return replies
 
 
 def run(grid, strategy=None, **kwargs):
