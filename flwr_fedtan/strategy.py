@@ -30,7 +30,7 @@ from .protocol.round_ledger import TrainRound, new_round_ledger, round_summary, 
 from .protocol.pass_driver import DEFAULT_STATISTICS_EXAMPLES, StatisticsPassDriver
 from .quarantine import Quarantine
 from .round_models import aggregate_round, begin_contents, brief, canonical_replies
-from .secure_composition import check_secure_models_composes
+from .secure.composition import check_secure_models_composes
 from .seeds import derive_seed
 from .strategy_options import check_options, forwarded, log_summary
 from .wrapped import FEDAVG_OPTIONS, find_attribute, sampling_seed, wrapped_strategy

@@ -22,11 +22,11 @@ from flwr_fedtan.errors import (
     SecureStatsError,
 )
 from flwr_fedtan.secure import KeyPair, Roster
-from flwr_fedtan.secure_composition import check_secure_models_composes, secure_models_problems
-from flwr_fedtan.secure_models import (
+from flwr_fedtan.secure.composition import check_secure_models_composes, secure_models_problems
+from flwr_fedtan.secure.models import (
     MODEL_EXCHANGE, MaskedModel, ModelLayout, mask_model, model_vector, unmask_average,
 )
-from flwr_fedtan.secure_releases import ReleaseLedger, release_average, revealed_clients
+from flwr_fedtan.secure.releases import ReleaseLedger, release_average, revealed_clients
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -525,7 +525,7 @@ def test_custom_aggregation_is_refused_unless_vouched_for():
 
 # ---------------------------------------------------------------------- layering
 def test_the_server_arithmetic_imports_neither_torch_nor_flower():
-    code = ("import sys, flwr_fedtan.secure_models, flwr_fedtan.secure_releases, flwr_fedtan.secure_composition; "
+    code = ("import sys, flwr_fedtan.secure.models, flwr_fedtan.secure.releases, flwr_fedtan.secure.composition; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'flwr')))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})

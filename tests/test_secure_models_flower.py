@@ -2,7 +2,7 @@
 
 References: the same run with the models in the clear (FedTAN's own path, itself checked
 against the in-process reference in test_flower_protocol), the release rule of
-:mod:`flwr_fedtan.secure_releases`, and the replies the wrapped strategy receives.
+:mod:`flwr_fedtan.secure.releases`, and the replies the wrapped strategy receives.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from flwr_fedtan import FedTAN, FedTANClient, fedtan_client_app
 from flwr_fedtan.client import clear_live_rounds
 from flwr_fedtan.errors import InvalidArgumentsError
 from flwr_fedtan.protocol import wire
-from flwr_fedtan.secure_releases import revealed_clients
+from flwr_fedtan.secure.releases import revealed_clients
 
 from _grid import LocalGrid, RecordingGrid
 from _runtime_app import SmallNet, client_data, convert_batchnorm, to_numpy

@@ -16,7 +16,7 @@ from flwr.app import Array, ArrayRecord, Message
 from .. import secure
 from ..protocol import wire
 from ..errors import KeyAgreementError, ServerMessageError
-from ..secure_models import mask_model
+from ..secure.models import mask_model
 from .state import PassProgress, RoundProgress, SecureKey
 from .turn import Turn
 

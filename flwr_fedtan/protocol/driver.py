@@ -46,7 +46,7 @@ from .exchange import (
     unexpected,
     within_limit,
 )
-from ..secure_releases import ReleaseLedger
+from ..secure.releases import ReleaseLedger
 from .model_release import release_round_average
 from .pass_driver import PassOptions
 from .round_ledger import RoundLedger, TrainRound

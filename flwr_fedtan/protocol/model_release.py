@@ -2,8 +2,8 @@
 weighted average out (:func:`release_round_average`), or a restart without the clients at fault.
 
 No torch here. Called by :class:`~flwr_fedtan.protocol.driver.RoundDriver` once every client
-of an attempt replied ``done`` with its masked model (:mod:`flwr_fedtan.secure_models`). The
-arithmetic and the release rule are :func:`~flwr_fedtan.secure_releases.release_average`'s;
+of an attempt replied ``done`` with its masked model (:mod:`flwr_fedtan.secure.models`). The
+arithmetic and the release rule are :func:`~flwr_fedtan.secure.releases.release_average`'s;
 this module names the clients it can (a malformed payload, a weight that is not the one it
 synchronised with) and turns the rest into a restart with fresh keys, or into a round that
 ends without a new model when releasing would reveal a client.
@@ -19,8 +19,8 @@ from flwr.supercore import log
 
 from ..errors import CanaryMismatchError, FixedPointOverflowError, PayloadError, SecureStatsError
 from ..secure import Roster
-from ..secure_models import MaskedModel, ModelLayout, SecureAverage
-from ..secure_releases import ReleaseLedger, release_average
+from ..secure.models import MaskedModel, ModelLayout, SecureAverage
+from ..secure.releases import ReleaseLedger, release_average
 from . import wire
 from .exchange import Restart
 from .round_ledger import TrainRound

@@ -17,7 +17,7 @@ import numpy as np
 from flwr.app import MetricRecord, RecordDict
 from flwr.supercore import log
 
-from ..secure_models import SecureAverage
+from ..secure.models import SecureAverage
 from ..progress import ExchangeProgress, describe_bytes
 from . import wire
 from .exchange import ExchangeLedger

@@ -49,6 +49,13 @@ One job per module, all importable from here:
 - :mod:`.masks`: pair keys, pairwise masks, canary tracing;
 - :mod:`.payloads`: a client's masked payload and the server's unmasked sum;
 - :mod:`.server`: the server's session over a run, and the public shifts.
+
+Secure models (``FedTAN(secure_models=True)``) build on these, importable from their own
+modules (not from here, to keep the statistics' import light):
+
+- :mod:`.models`: a client's masked model and the server's unmasked weighted average;
+- :mod:`.releases`: which sums may be released without revealing a client (differencing);
+- :mod:`.composition`: which wrapped strategies can work on one averaged reply.
 """
 
 from __future__ import annotations

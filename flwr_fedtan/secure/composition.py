@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import ArgumentProblem, InvalidArgumentsError
+from ..errors import ArgumentProblem, InvalidArgumentsError
 
 __all__ = ["secure_models_problems", "check_secure_models_composes"]
 

@@ -53,11 +53,11 @@ from typing import Hashable, Mapping
 
 import numpy as np
 
-from .aggregation import check_arrays, running_stat_keys, value_limit
-from .errors import FixedPointOverflowError, MissingPayloadError, PayloadError
-from .secure import (
-    DEFAULT_FRACTIONAL_BITS, Roster, encode_fixed_point, pairwise_masks, ring_sum, unmask_sum, value_bound,
-)
+from ..aggregation import check_arrays, running_stat_keys, value_limit
+from ..errors import FixedPointOverflowError, MissingPayloadError, PayloadError
+from .fixed_point import DEFAULT_FRACTIONAL_BITS, encode_fixed_point, ring_sum, unmask_sum, value_bound
+from .keys import Roster
+from .masks import pairwise_masks
 
 __all__ = [
     "MODEL_EXCHANGE",
@@ -268,7 +268,7 @@ def unmask_average(
     MissingPayloadError
         Some roster members sent nothing: the others' sum stays masked; restart the exchange
         with the survivors (a new attempt: fresh keys and masks), subject to
-        :class:`~flwr_fedtan.secure_releases.ReleaseLedger`.
+        :class:`~flwr_fedtan.secure.releases.ReleaseLedger`.
     PayloadError
         Naming the client: not in the roster, masked under another roster, or a vector of
         another length than the global model's layout.

@@ -34,9 +34,10 @@ from typing import Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .errors import MissingPayloadError, SecureStatsError
-from .secure import DEFAULT_FRACTIONAL_BITS, Roster
-from .secure_models import MaskedModel, SecureAverage, unmask_average
+from ..errors import MissingPayloadError, SecureStatsError
+from .fixed_point import DEFAULT_FRACTIONAL_BITS
+from .keys import Roster
+from .models import MaskedModel, SecureAverage, unmask_average
 
 __all__ = ["revealed_clients", "ReleaseLedger", "release_average"]
 
@@ -145,7 +146,7 @@ def release_average(
     fractional_bits: int = DEFAULT_FRACTIONAL_BITS,
 ) -> SecureAverage:
     """The server's one call once an attempt's masked models are in: the release rule, then
-    :func:`~flwr_fedtan.secure_models.unmask_average`.
+    :func:`~flwr_fedtan.secure.models.unmask_average`.
 
     With a member missing nothing is computable and nothing is recorded
     (:class:`MissingPayloadError`: restart with the survivors). With all present, the roster
@@ -160,7 +161,7 @@ def release_average(
         The sum, with the round's computable sums, would reveal a client: discard these
         payloads unread.
     PayloadError, CanaryMismatchError, FixedPointOverflowError
-        As :func:`~flwr_fedtan.secure_models.unmask_average`.
+        As :func:`~flwr_fedtan.secure.models.unmask_average`.
     """
     missing = [node for node in roster.node_ids if node not in payloads]
     if missing:
