@@ -41,7 +41,6 @@ from ..errors import CanaryMismatchError, FixedPointOverflowError, PayloadError,
 from ..secure import Roster, ServerSession
 from ..seeds import round_seed
 from .exchange import (
-    ExchangeResult,
     Exchanges,
     Restart,
     accept_keys,
@@ -51,7 +50,7 @@ from .exchange import (
     within_limit,
 )
 from ..secure.releases import ReleaseLedger
-from .model_release import FinalRestart, release_round_average
+from .model_release import FinalRestart, release_final, remask, unless_final_exchange
 from .pass_driver import PassOptions
 from .round_ledger import RoundLedger, TrainRound
 
@@ -146,7 +145,10 @@ class RoundDriver:
                 break
             try:
                 if kept is not None:
-                    return self._remask(exchanges, round_, participants, attempt, kept, weighted_by_key)
+                    assert self.secure is not None  # secure models run a key exchange before every attempt
+                    return remask(self.releases, self.secure, exchanges, round_, participants, attempt, kept,
+                                  weighted_by_key=weighted_by_key, sync_steps=self.options.sync_steps,
+                                  check_weights=self.options.client_weight == "synchronised", blame=self._blame_models)
                 seed = self.round_seed(round_.server_round, attempt)
                 return self._attempt(exchanges, round_, participants, seed, attempt, weighted_by_key)
             except FinalRestart as restart:
@@ -181,16 +183,19 @@ class RoundDriver:
         ledger = round_.ledger
         started = time.perf_counter()
         final_alone = options.secure_models and roster is not None  # a drop at the final exchange: re-mask
-        result = exchanges.send(begin, restart=not final_alone)
-        self._unless_final_exchange(begin, result.statuses, state.synchronised)
-        self._note_progress(ledger, result.statuses, 1, number)
         round_.saw_forward = False
+        result = exchanges.send(begin, restart=not final_alone)
+        self._note_progress(ledger, result.statuses, 1, number)
+        unless_final_exchange(begin, result.statuses, state.synchronised)
         while True:
             statuses = result.statuses
             if all(isinstance(s, wire.DoneStatus) for s in statuses.values()):
                 round_.synchronised = state.synchronised
                 if options.secure_models and roster is not None:
-                    return self._release(exchanges, round_, result, roster, weighted_by_key)
+                    return release_final(self.releases, exchanges, round_, result, roster,
+                                         weighted_by_key=weighted_by_key,
+                                         check_weights=options.client_weight == "synchronised",
+                                         blame=self._blame_models)
                 round_.statuses = {n: s for n, s in statuses.items() if isinstance(s, wire.DoneStatus)}
                 return [result.replies[n] for n in sorted(statuses)]
             point, step, payloads = self._at_one_point(ledger, statuses, stats_roster is not None)
@@ -200,10 +205,10 @@ class RoundDriver:
             state.received += 1
             sent = time.perf_counter()
             result = exchanges.send({n: content for n in statuses}, restart=not final_alone)
-            self._unless_final_exchange(statuses, result.statuses, state.synchronised)
             ledger.final_exchange_seconds = time.perf_counter() - sent
             ledger.sync_seconds = sent - started
             self._note_progress(ledger, result.statuses, state.received + 1, number)
+            unless_final_exchange(statuses, result.statuses, state.synchronised)
 
     def _at_one_point(self, ledger: RoundLedger, statuses: dict[int, wire.Status], masked: bool
                       ) -> tuple[SyncPoint, int, dict]:
@@ -355,69 +360,9 @@ class RoundDriver:
                 exchanges.ledger.drop(node, f"masks did not cancel at exchange {exchange}: {why}")
         return blamed
 
-    # ------------------------------------------------------------------ secure models' final exchange
-    @staticmethod
-    def _unless_final_exchange(sent: Mapping[int, Any], statuses: dict[int, wire.Status],
-                               synchronised: dict[int, int]) -> None:
-        """After an exchange sent without restarting on failures (secure models), if some
-        clients failed: when every other client is done (the final exchange), it restarts
-        alone (:class:`FinalRestart`: the survivors keep their models); otherwise the attempt
-        restarts."""
-        if len(statuses) == len(sent):
-            return
-        if statuses and all(isinstance(s, wire.DoneStatus) for s in statuses.values()):
-            raise FinalRestart(synchronised)
-        raise Restart()
-
-    def _release(self, exchanges: Exchanges, round_: TrainRound, result: ExchangeResult, roster: Roster,
-                 weighted_by_key: str) -> list[Message]:
-        """Release the average of the final exchange's masked models (secure models) and
-        return the replies; a failure restarts the final exchange alone (:class:`FinalRestart`,
-        carrying each client's synchronised examples for the re-mask's weight check)."""
-        done = {n: s for n, s in result.statuses.items() if isinstance(s, wire.DoneStatus)}
-        checked = self.options.client_weight == "synchronised" and round_.saw_forward
-        try:
-            average = release_round_average(
-                self.releases, round_, done, roster, weighted_by_key=weighted_by_key,
-                synchronised=round_.synchronised if checked else None,
-                blame=lambda payloads: self._blame(exchanges, roster, payloads, None))
-        except FinalRestart as restart:
-            restart.synchronised = round_.synchronised
-            raise
-        if average is None:
-            return []
-        round_.secure_average = average
-        round_.statuses = done
-        return [result.replies[n] for n in sorted(done)]
-
-    def _remask(self, exchanges: Exchanges, round_: TrainRound, participants: list[int], attempt: int,
-                synchronised: dict[int, int], weighted_by_key: str) -> list[Message]:
-        """Restart the final exchange alone: the survivors (who just sent fresh keys) mask the
-        final models they kept under the new roster; released as in :meth:`_release`. Not
-        sent if the survivors' sum, with the round's computable sums, would reveal a client."""
-        assert self.secure is not None  # secure models run a key exchange before every attempt
-        ledger, server_round = round_.ledger, round_.server_round
-        try:
-            self.releases.check(server_round, participants)
-        except SecureStatsError as error:
-            log(WARNING, "Round %d: the final exchange is not restarted: %s", server_round, error)
-            return []
-        roster = self.secure.roster(participants)
-        content = wire.encode_remask(server_round, self.options.sync_steps, attempt, roster)
-        sent = time.perf_counter()
-        result = exchanges.send({n: content for n in participants}, restart=False)
-        ledger.final_exchange_seconds += time.perf_counter() - sent
-        for node, status in result.statuses.items():
-            if not isinstance(status, wire.DoneStatus):
-                ledger.drop(node, f"replied {status.phase!r} to the re-mask of its final model")
-        timing = ledger.last_exchange
-        if timing is not None:
-            ledger.progress.record(timing, f"re-mask of the final models, attempt {attempt + 1}", force=True,
-                                   counted=False)
-        if len(result.statuses) != len(participants) or any(n in ledger.dropped for n in result.statuses):
-            raise FinalRestart(synchronised)
-        round_.synchronised = synchronised
-        return self._release(exchanges, round_, result, roster, weighted_by_key)
+    def _blame_models(self, exchanges: Exchanges, roster: Roster, payloads: Mapping[int, Any]) -> dict[int, str]:
+        """The masked models' canary did not cancel: whose canary or masks do not add up."""
+        return self._blame(exchanges, roster, payloads, None)
 
     @staticmethod
     def _drop_minority(ledger: RoundLedger, statuses: dict[int, wire.Status]) -> None:
