@@ -19,6 +19,8 @@ from flwr.serverapp.strategy import (
 from flwr_fedtan import FedTAN, FedTANClient, fedtan_client_app
 from flwr_fedtan.client import clear_live_rounds
 from flwr_fedtan.errors import InvalidArgumentsError
+from flwr_fedtan.aggregation import aggregate_arrays
+from flwr_fedtan.node import state as node_state
 from flwr_fedtan.protocol import wire
 from flwr_fedtan.secure.releases import revealed_clients
 
@@ -166,13 +168,13 @@ def test_a_client_that_drops_after_masking_is_left_out_and_its_model_stays_hidde
     # the only sum the server could compute is the survivors' (fresh keys): it reveals nobody
     assert [set(r) for r in strategy.driver.releases.computable(1)] == [{1000, 1014}]
     assert revealed_clients(strategy.driver.releases.computable(1)) == []
-    # the same drop in the clear (one exchange fewer: no key exchange) gives the same model
-    clear_grid = grid_of(FaultyGrid, bad=1007, fault="silent", from_exchange=6)
-    clear_strategy = FedTAN(strategy=FedAvg(fraction_evaluate=0.0, min_available_nodes=3, min_train_nodes=2),
-                            statistics="running", exchange_timeout=0.5)
-    clear = clear_strategy.start(clear_grid, initial_arrays(), num_rounds=1)
-    assert 1007 in clear_strategy.dropped[1]
-    assert model_relative_diff(to_numpy(secure.arrays), to_numpy(clear.arrays)) <= 1e-6
+    # only the final exchange restarted: the survivors' own final models (kept on the nodes,
+    # trained once), averaged in the clear, are the new model (tests/test_secure_models_restart.py)
+    kept = {}
+    for node in (1000, 1014):
+        final = node_state.load(secure_grid.contexts[node]).final
+        kept[node] = ({k: v.numpy() for k, v in final.arrays.items()}, float(final.metrics["num-examples"]))
+    assert relative_diff(to_numpy(secure.arrays), aggregate_arrays(kept)) <= 1e-6
 
 
 class CanaryThenDropGrid(LocalGrid):

@@ -73,6 +73,7 @@ def handle(msg: Message, context: Context, client_fn: Callable[[Context], Any], 
 # ---------------------------------------------------------------------- begin
 def _begin(turn: Turn) -> Message:
     control, context, node = turn.control, turn.context, turn.node
+    secure_stats.end_final(node)  # the starting weights it kept are replaced below
     client, seed = _start(turn, RoundProgress, node.round_key, round_seed)
     config = dict(turn.msg.content.config_records.get(wire.CONFIG, ConfigRecord()))
     batch = _batch_digest(client, seed)
@@ -103,6 +104,7 @@ def _begin(turn: Turn) -> Message:
 
 def _stats_begin(turn: Turn) -> Message:
     control, node = turn.control, turn.node
+    secure_stats.end_final(node)  # a statistics pass follows the round's release
     client, seed = _start(turn, PassProgress, node.pass_key, pass_seed)
     progress = node.stats_pass = PassProgress(round=control.round, seed=seed, examples=control.examples,
                                               attempt=control.attempt)
@@ -309,8 +311,9 @@ def _done(turn: Turn, progress: RoundProgress, live: _Live) -> Message:
     metrics["live-bytes"] = float(live_rounds().peak_bytes)  # the home's paused rounds at their peak
     arrays = secure_stats.masked_model(turn, node.round_key, live.client.arrays(), node.load_weights, metrics)
     progress.log = None
-    node.discard_weights()
-    node.round_key = None
+    if node.final is None:  # with secure models the model, key and weights are kept until the round ends
+        node.discard_weights()
+        node.round_key = None
     return turn.reply(wire.encode_done(turn.control.round, arrays, MetricRecord(metrics)))
 
 
@@ -333,6 +336,7 @@ _HANDLERS: dict[str, Callable[[Turn], Message]] = {
     wire.PHASE_KEYS: secure_stats.keys,
     wire.PHASE_BLAME: secure_stats.blame,
     wire.PHASE_BEGIN: _begin,
+    wire.PHASE_REMASK: secure_stats.remask,
     wire.PHASE_AGGREGATE: _aggregate,
     wire.PHASE_STATS_KEYS: secure_stats.keys,
     wire.PHASE_STATS_BEGIN: _stats_begin,

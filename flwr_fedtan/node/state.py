@@ -17,15 +17,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Union, cast
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
 from ..aggregation import BackwardSums, ForwardStats
 from ..protocol import codec
 from ..secure import Roster
 from .weights import WeightsRef, discard_weights, load_weights, save_weights
 
-__all__ = ["NodeState", "PassProgress", "ReplayLog", "RoundProgress", "SecureKey", "load", "records", "replace",
-           "store"]
+__all__ = ["FinalModel", "NodeState", "PassProgress", "ReplayLog", "RoundProgress", "SecureKey", "load", "records",
+           "replace", "store"]
 
 Aggregate = Union[ForwardStats, BackwardSums]
 
@@ -43,6 +43,9 @@ _PASS_LOG_SCALARS = "fedtan.stats-log-scalars"
 _PASS_KEY = "fedtan.stats-secure-key"
 _PASS_ROSTER = "fedtan.stats-secure-roster"
 _PASS_SHIFTS = "fedtan.stats-secure-shifts"
+_FINAL = "fedtan.final"  # secure models: the round's final model kept for a re-mask (round, attempt, weight)
+_FINAL_ARRAYS = "fedtan.final-arrays"  # ArrayRecord: that model
+_FINAL_METRICS = "fedtan.final-metrics"  # MetricRecord: its train metrics
 _WEIGHTS_REF = "fedtan.weights-ref"  # store, path, sha256 ("disk" store)
 _WEIGHTS = "fedtan.weights"  # ArrayRecord: the starting weights ("context" store)
 
@@ -77,6 +80,21 @@ class SecureKey:
     shifts: Optional[dict] = None
     mask_stats: bool = True  # the attempt masks its statistics (secure_stats)
     model_weight_key: Optional[str] = None  # the attempt masks its final model, weighed by this metric
+    model_masked: bool = False  # this key masked a final model (a re-mask needs a fresh key)
+
+
+@dataclass
+class FinalModel:
+    """Secure models: a node's trained final model of a round, kept after its masked model
+    went out until the round ends (its next round or statistics pass begins), so that the
+    server can restart only the final exchange: the same model, masked under fresh keys."""
+
+    round: int
+    attempt: int  # the attempt (or re-mask) whose keys last masked it
+    weight: float  # the weight it is masked with (the metric the begin named)
+    masked_length: int  # ring elements of its masked vector (a blame request must name it)
+    arrays: ArrayRecord = field(default_factory=ArrayRecord)
+    metrics: MetricRecord = field(default_factory=MetricRecord)
 
 
 @dataclass
@@ -123,6 +141,7 @@ class NodeState:
     stats_pass: Optional[PassProgress] = None
     pass_key: Optional[SecureKey] = None
     weights: Optional[WeightsRef] = None  # the starting weights of the round or pass in flight
+    final: Optional[FinalModel] = None  # secure models: the finished round's model, until the round ends
 
     def save_weights(self, arrays: ArrayRecord, store: str, run_id: int, node_id: int,
                      directory=None, max_age_hours: Optional[float] = None) -> None:
@@ -163,6 +182,7 @@ def load(context: Context) -> NodeState:
         stats_pass=_pass_from(state),
         pass_key=_key_from(state, _PASS_KEY, _PASS_ROSTER, _PASS_SHIFTS),
         weights=_weights_from(state),
+        final=_final_from(state),
     )
 
 
@@ -176,6 +196,12 @@ def store(context: Context, node: NodeState) -> None:
     _put(state, _PASS, None if node.stats_pass is None else _pass_record(node.stats_pass))
     _put_log(state, node.stats_pass.log if node.stats_pass is not None else None, _PASS_LOG, _PASS_LOG_SCALARS)
     _put_key(state, node.pass_key, _PASS_KEY, _PASS_ROSTER, _PASS_SHIFTS)
+    final = node.final
+    _put(state, _FINAL, None if final is None else ConfigRecord(
+        {"round": final.round, "attempt": final.attempt, "weight": float(final.weight),
+         "masked-length": final.masked_length}))
+    _put(state, _FINAL_ARRAYS, None if final is None else final.arrays)
+    _put(state, _FINAL_METRICS, None if final is None else final.metrics)
     ref = node.weights
     _put(state, _WEIGHTS, ref.arrays if ref is not None else None)
     _put(state, _WEIGHTS_REF, None if ref is None or ref.path is None else ConfigRecord(
@@ -189,6 +215,16 @@ def _weights_from(state: RecordDict) -> Optional[WeightsRef]:
     if ref is None:
         return None
     return WeightsRef(str(ref["store"]), path=str(ref["path"]), sha256=str(ref["sha256"]))
+
+
+def _final_from(state: RecordDict) -> Optional[FinalModel]:
+    record = state.config_records.get(_FINAL)
+    if record is None:
+        return None
+    return FinalModel(round=_int(record["round"]), attempt=_int(record["attempt"]), weight=_float(record["weight"]),
+                      masked_length=_int(record["masked-length"]),
+                      arrays=state.array_records.get(_FINAL_ARRAYS, ArrayRecord()),
+                      metrics=state.metric_records.get(_FINAL_METRICS, MetricRecord()))
 
 
 def _put(state: RecordDict, name: str, record) -> None:
@@ -277,7 +313,8 @@ def _key_from(state: RecordDict, key: str, roster: str, shifts: str) -> Optional
         return None
     secure = SecureKey(round=_int(record["round"]), private_key=bytes(cast(bytes, record["private-key"])),
                        attempt=_int(record["attempt"]), begun=_int(record.get("begun", -1)),
-                       mask_stats=bool(record.get("mask-stats", True)))
+                       mask_stats=bool(record.get("mask-stats", True)),
+                       model_masked=bool(record.get("model-masked", False)))
     if "model-weight-key" in record:
         secure.model_weight_key = str(record["model-weight-key"])
     if roster in state.array_records:
@@ -290,7 +327,7 @@ def _key_from(state: RecordDict, key: str, roster: str, shifts: str) -> Optional
 def _put_key(state: RecordDict, secure: Optional[SecureKey], key: str, roster: str, shifts: str) -> None:
     record = None if secure is None else ConfigRecord(
         {"round": secure.round, "attempt": secure.attempt, "begun": secure.begun, "private-key": secure.private_key,
-         "mask-stats": secure.mask_stats}
+         "mask-stats": secure.mask_stats, "model-masked": secure.model_masked}
     )
     if record is not None and secure is not None and secure.model_weight_key is not None:
         record["model-weight-key"] = secure.model_weight_key

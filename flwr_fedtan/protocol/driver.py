@@ -4,7 +4,10 @@ No torch here. :class:`RoundDriver` runs the round :class:`~flwr_fedtan.FedTAN` 
 the secure key exchange, then attempts of the synchronised step(s) (``2L * sync_steps + 1``
 exchanges each), pooling every sync point's payloads, dropping the clients that fail and
 restarting without them, blaming the client whose masks do not cancel, and logging the
-progress. What the round cost and whom it dropped is kept in its
+progress. With secure models a failure in the final exchange restarts that exchange alone:
+the survivors keep their trained models and mask them again under fresh keys (``remask``),
+as far as the release rule (:class:`~flwr_fedtan.secure.releases.ReleaseLedger`) allows.
+What the round cost and whom it dropped is kept in its
 :class:`~flwr_fedtan.protocol.round_ledger.RoundLedger`. The
 statistics pass after aggregation has its own driver
 (:class:`~flwr_fedtan.protocol.pass_driver.StatisticsPassDriver`) over the same exchanges.
@@ -16,7 +19,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from logging import WARNING
-from typing import Any, Callable, Optional, Union, cast
+from typing import Any, Callable, Mapping, Optional, Union, cast
 
 from flwr.app import Message
 from flwr.serverapp import Grid
@@ -47,7 +50,7 @@ from .exchange import (
     within_limit,
 )
 from ..secure.releases import ReleaseLedger
-from .model_release import release_round_average
+from .model_release import FinalRestart, release_final, remask, unless_final_exchange
 from .pass_driver import PassOptions
 from .round_ledger import RoundLedger, TrainRound
 
@@ -136,23 +139,32 @@ class RoundDriver:
             participants = self._key_exchange(exchanges, participants)
         # Secure statistics need two clients: one client's statistics cannot hide in a sum.
         least = max(2, min_clients) if self.secure is not None else min_clients
+        kept: Optional[dict[int, int]] = None  # secure models: survivors hold their final models (synchronised)
         for attempt in range(self.options.max_restarts + 1):
             if len(participants) < least:
                 break
             try:
+                if kept is not None:
+                    assert self.secure is not None  # secure models run a key exchange before every attempt
+                    return remask(self.releases, self.secure, exchanges, round_, participants, attempt, kept,
+                                  weighted_by_key=weighted_by_key, sync_steps=self.options.sync_steps,
+                                  check_weights=self.options.client_weight == "synchronised", blame=self._blame_models)
                 seed = self.round_seed(round_.server_round, attempt)
                 return self._attempt(exchanges, round_, participants, seed, attempt, weighted_by_key)
+            except FinalRestart as restart:
+                kept = restart.synchronised
             except Restart:
-                failed = [n for n in participants if n in ledger.dropped]
-                participants = [n for n in participants if n not in ledger.dropped]
-                if len(participants) < least or attempt == self.options.max_restarts:
-                    break
-                ledger.restarts += 1
-                log(WARNING, "Round %d: restarting the synchronised step with %d clients (without %s)",
-                    round_.server_round, len(participants),
-                    "; ".join(f"node {n}: {ledger.dropped[n]}" for n in failed))
-                if self.secure is not None:  # fresh keys: clients that finished have dropped theirs
-                    participants = self._key_exchange(exchanges, participants)
+                pass
+            failed = [n for n in participants if n in ledger.dropped]
+            participants = [n for n in participants if n not in ledger.dropped]
+            if len(participants) < least or attempt == self.options.max_restarts:
+                break
+            ledger.restarts += 1
+            log(WARNING, "Round %d: restarting %s with %d clients (without %s)", round_.server_round,
+                "the synchronised step" if kept is None else "the final exchange alone (the kept models, re-masked)",
+                len(participants), "; ".join(f"node {n}: {ledger.dropped[n]}" for n in failed) or "none dropped")
+            if self.secure is not None:  # fresh keys: no mask is ever used twice
+                participants = self._key_exchange(exchanges, participants)
         return []
 
     # ------------------------------------------------------------------ one attempt
@@ -170,23 +182,21 @@ class RoundDriver:
         state = _Attempt(seed, number, stats_roster, value_limit(round_.reference), {n: 0 for n in participants})
         ledger = round_.ledger
         started = time.perf_counter()
-        result = exchanges.send(begin)
-        self._note_progress(ledger, result.statuses, 1, number)
+        final_alone = options.secure_models and roster is not None  # a drop at the final exchange: re-mask
         round_.saw_forward = False
+        result = exchanges.send(begin, restart=not final_alone)
+        self._note_progress(ledger, result.statuses, 1, number)
+        unless_final_exchange(begin, result.statuses, state.synchronised)
         while True:
             statuses = result.statuses
             if all(isinstance(s, wire.DoneStatus) for s in statuses.values()):
-                done = {n: s for n, s in statuses.items() if isinstance(s, wire.DoneStatus)}
-                if options.secure_models and roster is not None:
-                    checked = options.client_weight == "synchronised" and round_.saw_forward
-                    average = release_round_average(self.releases, round_, done, roster,
-                                                    weighted_by_key=weighted_by_key,
-                                                    synchronised=state.synchronised if checked else None)
-                    if average is None:
-                        return []
-                    round_.secure_average = average
-                round_.statuses = done
                 round_.synchronised = state.synchronised
+                if options.secure_models and roster is not None:
+                    return release_final(self.releases, exchanges, round_, result, roster,
+                                         weighted_by_key=weighted_by_key,
+                                         check_weights=options.client_weight == "synchronised",
+                                         blame=self._blame_models)
+                round_.statuses = {n: s for n, s in statuses.items() if isinstance(s, wire.DoneStatus)}
                 return [result.replies[n] for n in sorted(statuses)]
             point, step, payloads = self._at_one_point(ledger, statuses, stats_roster is not None)
             aggregate = self._pool(exchanges, round_, state, point, step, payloads)
@@ -194,10 +204,11 @@ class RoundDriver:
                                               self.options.sync_steps, seed)
             state.received += 1
             sent = time.perf_counter()
-            result = exchanges.send({n: content for n in statuses})
+            result = exchanges.send({n: content for n in statuses}, restart=not final_alone)
             ledger.final_exchange_seconds = time.perf_counter() - sent
             ledger.sync_seconds = sent - started
             self._note_progress(ledger, result.statuses, state.received + 1, number)
+            unless_final_exchange(statuses, result.statuses, state.synchronised)
 
     def _at_one_point(self, ledger: RoundLedger, statuses: dict[int, wire.Status], masked: bool
                       ) -> tuple[SyncPoint, int, dict]:
@@ -325,25 +336,33 @@ class RoundDriver:
             return [n for n in participants if n in session.public_keys]
         return []
 
-    def _blame(self, exchanges: Exchanges, roster: Roster, payloads: dict, exchange: int) -> None:
-        """The canaries of ``exchange`` did not cancel: every client reveals its pair masks of
-        that canary (and nothing else), and the client whose canary or masks do not add up
-        is dropped (:func:`flwr_fedtan.secure.blame_canary`)."""
+    def _blame(self, exchanges: Exchanges, roster: Roster, payloads: Mapping[int, Any], exchange: Optional[int]
+               ) -> dict[int, str]:
+        """The canaries of ``exchange`` (``None``: of the masked final models) did not cancel:
+        every client reveals its pair masks of that canary (and nothing else), and the client
+        whose canary or masks do not add up is dropped (:func:`flwr_fedtan.secure.blame_canary`)
+        and returned with the reason."""
         length = int(next(iter(payloads.values())).masked.shape[1])
-        content = wire.encode_blame(exchanges.server_round, self.options.sync_steps, exchange, length)
+        content = wire.encode_blame(exchanges.server_round, self.options.sync_steps,
+                                    -1 if exchange is None else exchange, length, model=exchange is None)
+        result = exchanges.send({n: content for n in payloads}, restart=False)
+        if len(result.statuses) != len(payloads):  # whoever did not answer is dropped already
+            return {}
+        revealed = {n: s.canary_masks for n, s in result.statuses.items() if isinstance(s, wire.BlameStatus)}
         try:
-            statuses = exchanges.send({n: content for n in payloads}).statuses
-        except Restart:  # whoever did not answer is dropped already
-            return
-        revealed = {n: s.canary_masks for n, s in statuses.items() if isinstance(s, wire.BlameStatus)}
-        try:
-            blamed = secure.blame_canary(payloads, roster, revealed)
+            blamed = secure.blame_canary(payloads, roster, revealed)  # reads each payload's .masked canary
         except Exception as error:  # pylint: disable=broad-except
             log(WARNING, "Round %d: could not tell whose canary failed (%s: %s)", exchanges.server_round,
                 type(error).__name__, error)
-            return
-        for node, why in blamed.items():
-            exchanges.ledger.drop(node, f"masks did not cancel at exchange {exchange}: {why}")
+            return {}
+        if exchange is not None:
+            for node, why in blamed.items():
+                exchanges.ledger.drop(node, f"masks did not cancel at exchange {exchange}: {why}")
+        return blamed
+
+    def _blame_models(self, exchanges: Exchanges, roster: Roster, payloads: Mapping[int, Any]) -> dict[int, str]:
+        """The masked models' canary did not cancel: whose canary or masks do not add up."""
+        return self._blame(exchanges, roster, payloads, None)
 
     @staticmethod
     def _drop_minority(ledger: RoundLedger, statuses: dict[int, wire.Status]) -> None:

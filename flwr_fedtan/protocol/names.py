@@ -21,6 +21,7 @@ __all__ = [
     "PHASE_KEYS",
     "PHASE_BLAME",
     "PHASE_BEGIN",
+    "PHASE_REMASK",
     "PHASE_AGGREGATE",
     "PHASE_FORWARD",
     "PHASE_BACKWARD",
@@ -48,6 +49,7 @@ STATS_BUFFERS = "fedtan.stats-buffers"  # ConfigRecord: "mean:<key>"/"var:<key>"
 PHASE_KEYS = "keys"  # secure statistics: the round's key exchange, before begin
 PHASE_BLAME = "blame"  # secure statistics: after canaries failed, each client reveals their pair masks
 PHASE_BEGIN = "begin"
+PHASE_REMASK = "remask"  # secure models, after a drop in the final exchange: the kept model under fresh keys
 PHASE_AGGREGATE = "aggregate"
 PHASE_FORWARD = "forward"
 PHASE_BACKWARD = "backward"

@@ -16,6 +16,10 @@ exchange    server -> client                           client -> server
             + ``fedtan.stats`` (the aggregate)
 2LS         last aggregate                             ``arrays`` (trained model),
                                                        ``metrics``, ``fedtan.status`` (done)
+(keys)      secure models, after a drop in the final   a fresh public key
+            exchange: ``keys`` among the survivors
+(remask)    ``fedtan.control`` (``remask``: attempt)   ``done``: the same model, masked under
+            + ``fedtan.secure`` (the new roster)       the fresh keys
 ==========  =========================================  ======================================
 
 ``L`` is the number of synchronised BatchNorm calls of the model and ``S`` the number of
@@ -52,7 +56,7 @@ from .codec import Payload, ServerMessageError, payload_record, roster_record, s
 from .codec import pooled_aggregate as _aggregate_from
 from .names import (
     ACTION, MESSAGE_TYPE, ARRAYS, CONFIG, METRICS, CONTROL, STATUS, STATS, SECURE, SHIFTS, STATS_BUFFERS,
-    PHASE_KEYS, PHASE_BLAME, PHASE_BEGIN, PHASE_AGGREGATE, PHASE_FORWARD, PHASE_BACKWARD, PHASE_DONE,
+    PHASE_KEYS, PHASE_BLAME, PHASE_BEGIN, PHASE_REMASK, PHASE_AGGREGATE, PHASE_FORWARD, PHASE_BACKWARD, PHASE_DONE,
     PHASE_STATS_KEYS, PHASE_STATS_BEGIN, PHASE_STATS_AGGREGATE, PHASE_STATS_DONE, STATS_PHASES,
 )
 from .status import (
@@ -61,10 +65,11 @@ from .status import (
 )
 
 __all__ = [  # the wire format: this module's names, the names of .names and the replies of .status
-    "Control", "encode_keys", "encode_blame", "encode_begin", "with_attempt", "with_roster", "encode_aggregate",
-    "encode_stats_keys", "encode_stats_begin", "encode_stats_aggregate", "decode_control", "record_bytes", "ACTION",
+    "Control", "encode_keys", "encode_blame", "encode_begin", "encode_remask", "with_attempt", "with_roster",
+    "encode_aggregate", "encode_stats_keys", "encode_stats_begin", "encode_stats_aggregate", "decode_control",
+    "record_bytes", "ACTION",
     "MESSAGE_TYPE", "ARRAYS", "CONFIG", "METRICS", "CONTROL", "STATUS", "STATS", "SECURE", "SHIFTS",
-    "STATS_BUFFERS", "PHASE_KEYS", "PHASE_BLAME", "PHASE_BEGIN", "PHASE_AGGREGATE", "PHASE_FORWARD",
+    "STATS_BUFFERS", "PHASE_KEYS", "PHASE_BLAME", "PHASE_BEGIN", "PHASE_REMASK", "PHASE_AGGREGATE", "PHASE_FORWARD",
     "PHASE_BACKWARD", "PHASE_DONE", "PHASE_STATS_KEYS", "PHASE_STATS_BEGIN", "PHASE_STATS_AGGREGATE",
     "PHASE_STATS_DONE", "STATS_PHASES", "Status", "KeysStatus", "BlameStatus", "SyncStatus", "DoneStatus",
     "StatsDoneStatus", "point_of", "encode_public_key", "encode_canary_masks", "encode_request", "encode_done",
@@ -89,10 +94,11 @@ class Control:
     seed: int
     aggregate: Optional[Payload] = None
     attempt: int = 0
-    roster: Optional[Roster] = None  # secure statistics: the attempt's roster (begin)
+    roster: Optional[Roster] = None  # secure statistics or models: the attempt's roster (begin, remask)
     shifts: Optional[dict] = None  # secure statistics: public shifts by sync-point index (begin)
     examples: int = 0  # statistics pass: examples each client forwards (stats-begin)
     exchange: int = -1  # blame: the exchange whose canary masks are asked for
+    model: bool = False  # blame: the canary asked for is the masked final model's (not an exchange's)
     length: int = 0  # blame: the length of the masked payloads of that exchange
     mask_stats: bool = True  # begin with a roster: whether the statistics are masked (secure_stats)
     model_weight_key: Optional[str] = None  # begin, secure models: the metric that weighs the masked model
@@ -107,14 +113,26 @@ def encode_keys(round: int, sync_steps: int) -> RecordDict:
     return RecordDict({CONTROL: control})
 
 
-def encode_blame(round: int, sync_steps: int, exchange: int, length: int) -> RecordDict:
+def encode_blame(round: int, sync_steps: int, exchange: int, length: int, model: bool = False) -> RecordDict:
     """Secure statistics: the canaries of ``exchange`` did not cancel; ask each client for the
-    canary's pair masks (:func:`flwr_fedtan.secure.canary_masks`)."""
+    canary's pair masks (:func:`flwr_fedtan.secure.canary_masks`). With ``model`` (secure
+    models) the canary is the masked final model's, ``exchange`` is ignored."""
     control = ConfigRecord(
         {"phase": PHASE_BLAME, "round": round, "step": 0, "point": -1, "sync-steps": sync_steps, "seed": 0,
-         "exchange": exchange, "length": length}
+         "exchange": -1 if model else exchange, "length": length, "model": bool(model)}
     )
     return RecordDict({CONTROL: control})
+
+
+def encode_remask(round: int, sync_steps: int, attempt: int, roster: Roster) -> RecordDict:
+    """Secure models, after a drop between masking and unmasking: ask the survivors (who
+    just sent fresh public keys) for the round's final model they kept, masked under
+    ``roster`` for ``attempt`` (the round's attempt count goes on: never an earlier one)."""
+    control = ConfigRecord(
+        {"phase": PHASE_REMASK, "round": round, "step": 0, "point": -1, "sync-steps": sync_steps, "seed": 0,
+         "attempt": attempt}
+    )
+    return RecordDict({CONTROL: control, SECURE: roster_record(roster)})
 
 
 def encode_begin(
@@ -248,7 +266,7 @@ def decode_control(content: RecordDict) -> Control:
     if control is None:
         raise ServerMessageError(f"no ConfigRecord '{CONTROL}'")
     phase = control.get("phase")
-    known = (PHASE_KEYS, PHASE_BEGIN, PHASE_AGGREGATE, PHASE_BLAME, *STATS_PHASES)
+    known = (PHASE_KEYS, PHASE_BEGIN, PHASE_AGGREGATE, PHASE_BLAME, PHASE_REMASK, *STATS_PHASES)
     if phase not in known:
         raise ServerMessageError(
             f"unknown phase {phase!r} (expected one of {', '.join(repr(p) for p in known)})"
@@ -259,11 +277,24 @@ def decode_control(content: RecordDict) -> Control:
     roster, shifts, attempt, examples, exchange, length = None, None, 0, 0, -1, 0
     mask_stats: bool = True
     model_weight_key: Optional[str] = None
+    model = False
     if phase in (PHASE_KEYS, PHASE_STATS_KEYS):
         aggregate = None
     elif phase == PHASE_BLAME:
         aggregate = None
         exchange, length = _server_int(control, "exchange"), _server_int(control, "length")
+        model_flag = control.get("model", False)
+        if not isinstance(model_flag, bool):
+            raise ServerMessageError(f"'{CONTROL}' field 'model' must be a bool, got {model_flag!r}")
+        model = model_flag
+    elif phase == PHASE_REMASK:
+        aggregate = None
+        attempt = _server_int(control, "attempt")
+        if attempt < 1:
+            raise ServerMessageError(f"remask 'attempt' must be >= 1 (it follows the round's first), got {attempt}")
+        if SECURE not in content.array_records:
+            raise ServerMessageError(f"remask message has no ArrayRecord '{SECURE}' (the new roster)")
+        roster, _ = secure_from_records(content.array_records[SECURE], None, "remask message")
     elif phase in (PHASE_BEGIN, PHASE_STATS_BEGIN):
         if ARRAYS not in content.array_records:
             raise ServerMessageError(f"{phase} message has no ArrayRecord '{ARRAYS}'")
@@ -297,7 +328,7 @@ def decode_control(content: RecordDict) -> Control:
         phase=phase, round=fields["round"], step=fields["step"], point=fields["point"],
         sync_steps=fields["sync-steps"], seed=fields["seed"], aggregate=aggregate,
         attempt=attempt, roster=roster, shifts=shifts, examples=examples, exchange=exchange, length=length,
-        mask_stats=mask_stats, model_weight_key=model_weight_key,
+        mask_stats=mask_stats, model_weight_key=model_weight_key, model=model,
     )
 
 

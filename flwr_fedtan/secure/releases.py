@@ -30,7 +30,7 @@ Exact rational arithmetic on small integer matrices (the rosters of a round are 
 from __future__ import annotations
 
 from fractions import Fraction
-from typing import Collection, Iterable, Mapping, Sequence
+from typing import Collection, Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -49,19 +49,24 @@ def revealed_clients(rosters: Iterable[Collection[int]]) -> list[int]:
     indicator matrix is the unit vector of ``i`` (the row space holds that unit vector
     exactly then). Sorted; empty if the sums reveal nobody.
     """
-    rows = [frozenset(int(node) for node in roster) for roster in rosters]
-    clients = sorted(set().union(*rows)) if rows else []
-    column = {node: index for index, node in enumerate(clients)}
-    matrix = [[Fraction(0)] * len(clients) for _ in rows]
+    return sorted(int(c) for c in _revealed_unknowns([frozenset(int(n) for n in r) for r in rosters])
+                  if isinstance(c, int))
+
+
+def _revealed_unknowns(rows: Sequence[frozenset[Hashable]]) -> list[Hashable]:
+    """The unknowns (columns) that the sums over ``rows`` determine on their own."""
+    unknowns = list(dict.fromkeys(u for row in rows for u in sorted(row, key=repr)))
+    column = {u: index for index, u in enumerate(unknowns)}
+    matrix = [[Fraction(0)] * len(unknowns) for _ in rows]
     for row, members in zip(matrix, rows):
-        for node in members:
-            row[column[node]] = Fraction(1)
-    reduced = _row_echelon(matrix, len(clients))
-    return sorted(
-        clients[nonzero[0]]
+        for u in members:
+            row[column[u]] = Fraction(1)
+    reduced = _row_echelon(matrix, len(unknowns))
+    return [
+        unknowns[nonzero[0]]
         for row in reduced
         if len(nonzero := [index for index, value in enumerate(row) if value != 0]) == 1
-    )
+    ]
 
 
 def _row_echelon(matrix: list[list[Fraction]], width: int) -> list[list[Fraction]]:
@@ -91,19 +96,33 @@ class ReleaseLedger:
 
     Assumes, conservatively, that every client sends the same model in every attempt of a
     round (what a restart of the final exchange does); across rounds the models differ and
-    nothing is combined.
+    nothing is combined. A client *spoiled* a sum (:meth:`spoil`) when its own payload is
+    shown not to be its model masked under the roster (its canary is not the sum of the
+    masks it revealed, or it masked under another roster): its term in that sum counts as
+    an unknown of its own, so the others' later sum is released. Honest clients stay
+    covered; a client that broke the protocol is not (had it spoiled its canary only, the
+    difference is its model).
     """
 
     def __init__(self) -> None:
-        self._computable: dict[int, list[frozenset[int]]] = {}
+        self._computable: dict[int, list[tuple[frozenset[int], frozenset[int]]]] = {}
 
     def computable(self, round: int) -> Sequence[frozenset[int]]:
         """The rosters of ``round`` recorded so far, in order."""
-        return tuple(self._computable.get(int(round), ()))
+        return tuple(members for members, _ in self._computable.get(int(round), ()))
+
+    def spoiled(self, round: int) -> Sequence[frozenset[int]]:
+        """For each roster of :meth:`computable`, the members that spoiled its sum."""
+        return tuple(spoiled for _, spoiled in self._computable.get(int(round), ()))
+
+    def _rows(self, round: int) -> list[frozenset[Hashable]]:
+        return [frozenset(members - spoiled) | frozenset(("spoiled", index, n) for n in spoiled)
+                for index, (members, spoiled) in enumerate(self._computable.get(int(round), ()))]
 
     def revealed_by(self, round: int, roster: Collection[int]) -> list[int]:
         """The clients that ``roster``'s sum, with the round's computable sums, would reveal."""
-        return revealed_clients([*self._computable.get(int(round), ()), frozenset(int(n) for n in roster)])
+        rows = [*self._rows(round), frozenset(int(n) for n in roster)]
+        return sorted(int(c) for c in _revealed_unknowns(rows) if isinstance(c, int))
 
     def check(self, round: int, roster: Collection[int]) -> None:
         """Refuse a sum over ``roster`` that would reveal a client.
@@ -115,7 +134,7 @@ class ReleaseLedger:
         """
         revealed = self.revealed_by(round, roster)
         if revealed:
-            earlier = [sorted(r) for r in self._computable.get(int(round), ())]
+            earlier = [sorted(r) for r in self.computable(round)]
             raise SecureStatsError(
                 f"round {round}: the sum of the masked models of nodes {sorted(int(n) for n in roster)}, with the "
                 f"sums of rosters {earlier} of this round, would reveal the model of nodes {revealed}; it is not "
@@ -126,10 +145,20 @@ class ReleaseLedger:
     def record(self, round: int, roster: Collection[int]) -> None:
         """Record that the server holds every payload of ``roster`` (checked first)."""
         self.check(round, roster)
-        members = frozenset(int(n) for n in roster)
+        row = (frozenset(int(n) for n in roster), frozenset[int]())
         known = self._computable.setdefault(int(round), [])
-        if members not in known:
-            known.append(members)
+        if row not in known:
+            known.append(row)
+
+    def spoil(self, round: int, roster: Collection[int], nodes: Iterable[int]) -> None:
+        """Mark ``nodes`` as having spoiled the last recorded sum over ``roster`` (see the class)."""
+        members = frozenset(int(n) for n in roster)
+        known = self._computable.get(int(round), [])
+        for index in range(len(known) - 1, -1, -1):
+            if known[index][0] == members:
+                known[index] = (members, known[index][1] | (members & frozenset(int(n) for n in nodes)))
+                return
+        raise ValueError(f"round {round}: no recorded sum over {sorted(members)} to mark as spoiled")
 
     def forget_before(self, round: int) -> None:
         """Drop the rosters of the rounds before ``round`` (their models are not sent again)."""
