@@ -1,0 +1,335 @@
+"""Benchmark: FedTAN's secure rounds against its clear ones and against Flower's SecAgg+.
+
+Run::
+
+    python -m simulations.bench_secure [--model cnn|resnet20] [--supernodes 5] [--rounds 3] [--json F]
+
+One ``flwr run`` of the app with ``mode = "bench-secure"`` (Flower simulation, Ray
+backend): the ServerApp runs on the same nodes, one after another, each configuration for a
+warm-up round and ``--rounds`` timed rounds:
+
+- FedTAN clear, with secure statistics, with secure models, with both (``statistics =
+  "running"``: the round alone, as in :mod:`simulations.bench_flower`);
+- Flower's legacy FedAvg (``DefaultWorkflow``) in the clear, and under SecAgg+
+  (``SecAggPlusWorkflow``, :mod:`simulations.app.secaggplus`).
+
+All use the same model, synthetic data, batch size and ``local-steps``. Per configuration
+it prints the median over the timed rounds of the round's wall seconds and of its bytes
+(every message the server sent and received, counted the same way for all: Flower's
+``count_bytes`` of each message's records, by :class:`ExchangeRecorder` around the Grid),
+and for FedTAN the final exchange (the last aggregate out, the models back): its seconds
+(the round ledger's ``fedtan-final-exchange-seconds``) and bytes. Then the ratios: FedTAN
+secure (statistics and models) / FedTAN clear round (target <= 1.5); secure / clear final
+exchange; FedTAN secure / FedAvg + SecAgg+ per round (target < 1); SecAgg+ / legacy clear.
+
+A round's seconds run from the end of one round's aggregation to the end of the next's
+(the strategies' ``evaluate_fn``, called after each round). The FedTAN configurations
+number their rounds on (:class:`simulations.bench_flower.FedTANRounds`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid
+
+from flwr_fedtan import FedTAN
+from flwr_fedtan.grids import ForwardingGrid
+from flwr_fedtan.protocol.wire import record_bytes
+
+FEDTAN_CONFIGURATIONS: dict[str, dict[str, bool]] = {
+    "fedtan-clear": {},
+    "fedtan-secure-stats": {"secure_stats": True},
+    "fedtan-secure-models": {"secure_models": True},
+    "fedtan-secure": {"secure_stats": True, "secure_models": True},
+}
+"""FedTAN's configurations: name -> FedTAN's secure flags."""
+
+LEGACY_CONFIGURATIONS: dict[str, bool] = {"fedavg-legacy": False, "fedavg-secaggplus": True}
+"""Flower's legacy FedAvg: name -> under SecAgg+."""
+
+ROUND_TIME_TARGET = 1.5
+"""FedTAN secure (statistics and models) / FedTAN clear round time, at most."""
+
+
+def message_bytes(content: RecordDict) -> int:
+    """Bytes of a message's records, as Flower's ``count_bytes`` (and FedTAN's ledger,
+    :func:`flwr_fedtan.protocol.wire.record_bytes`) count them, except that an empty list in
+    a ``ConfigRecord`` (SecAgg+ sends some) counts its key only where Flower's count fails."""
+    total = 0
+    for record in content.values():
+        if isinstance(record, ConfigRecord):
+            total += sum(_config_item_bytes(k, v) for k, v in record.items())
+        else:
+            total += record_bytes(RecordDict({"record": record}))
+    return total
+
+
+def _config_item_bytes(key: str, value: Any) -> int:
+    if isinstance(value, list) and not value:
+        return len(key)
+    return ConfigRecord({key: value}).count_bytes()
+
+
+class ExchangeRecorder(ForwardingGrid):
+    """A Grid that forwards everything and records each batch of messages it pushes (one
+    ``push_messages`` or ``send_and_receive``): message type, bytes sent and bytes of the
+    replies (error replies count 0), as Flower's ``count_bytes`` of the records."""
+
+    def __init__(self, grid: Grid) -> None:
+        super().__init__(grid)
+        self.batches: list[dict[str, Any]] = []
+        self._batch_of: dict[str, dict[str, Any]] = {}
+
+    def _open(self, messages: list[Message]) -> dict[str, Any]:
+        batch = {"type": messages[0].metadata.message_type if messages else "", "messages": len(messages),
+                 "sent": sum(message_bytes(m.content) for m in messages), "received": 0, "replies": 0}
+        self.batches.append(batch)
+        return batch
+
+    @staticmethod
+    def _count_reply(reply: Message, batch: Optional[dict[str, Any]]) -> None:
+        if batch is None:
+            return
+        batch["replies"] += 1
+        if not reply.has_error():
+            batch["received"] += message_bytes(reply.content)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Forwarded; recorded."""
+        messages = list(messages)
+        batch = self._open(messages)
+        ids = list(self.inner.push_messages(messages))
+        for message_id in ids:
+            if message_id:
+                self._batch_of[message_id] = batch
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Forwarded; recorded."""
+        replies = list(self.inner.pull_messages(message_ids))
+        for reply in replies:
+            self._count_reply(reply, self._batch_of.pop(reply.metadata.reply_to_message_id, None))
+        return replies
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: Optional[float] = None) -> Iterable[Message]:
+        """Forwarded; recorded."""
+        messages = list(messages)
+        batch = self._open(messages)
+        replies = list(self.inner.send_and_receive(messages, timeout=timeout))
+        for reply in replies:
+            self._count_reply(reply, batch)
+        return replies
+
+    def total_bytes(self) -> int:
+        """Bytes sent and received so far."""
+        return sum(b["sent"] + b["received"] for b in self.batches)
+
+
+class _RoundMarks:
+    """The ``evaluate_fn`` of a FedTAN run: per round, its wall seconds and the batches the
+    recorder saw during it; the model after the last round."""
+
+    def __init__(self, recorder: ExchangeRecorder) -> None:
+        self.recorder = recorder
+        self.seconds: dict[int, float] = {}
+        self.batches: dict[int, list[dict[str, Any]]] = {}
+        self.arrays: Optional[ArrayRecord] = None
+        self._time: Optional[float] = None
+        self._seen = 0
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> None:
+        now, seen = time.perf_counter(), len(self.recorder.batches)
+        if self._time is not None:
+            self.seconds[server_round] = now - self._time
+            self.batches[server_round] = self.recorder.batches[self._seen:seen]
+            self.arrays = arrays
+        self._time, self._seen = now, seen
+        return None
+
+
+def model_check(arrays: Optional[ArrayRecord], initial: ArrayRecord) -> dict[str, Any]:
+    """What the run's final model is: its entries, whether all are finite, and how far its
+    floating-point entries moved from ``initial`` (0: no training reached it)."""
+    if arrays is None or not len(arrays):
+        return {"entries": 0, "finite": False, "change": 0.0}
+    change, finite = 0.0, True
+    for key in initial.keys():
+        if key not in arrays:
+            return {"entries": len(arrays), "finite": False, "change": 0.0, "missing": key}
+        value = np.asarray(arrays[key].numpy(), dtype=np.float64)
+        finite = finite and bool(np.isfinite(value).all())
+        if np.issubdtype(initial[key].numpy().dtype, np.floating):
+            change = max(change, float(np.abs(value - initial[key].numpy()).max(initial=0.0)))
+    return {"entries": len(arrays), "finite": finite, "change": change}
+
+
+def _median(values: Iterable[float]) -> float:
+    values = list(values)
+    return statistics.median(values) if values else float("nan")
+
+
+def run_secure_benchmark(grid: Grid, context: Context, initial: ArrayRecord) -> dict:
+    """Server side of the benchmark; returns the measurements as a dict (see the module)."""
+    from .app.secaggplus import run_legacy_fedavg
+    from .bench_flower import FedTANRounds
+
+    config = context.run_config
+    rounds = int(config.get("bench-rounds", 3))
+    seed = int(config.get("seed", 0))
+    recorder = ExchangeRecorder(grid)
+    nodes = sorted(recorder.get_node_ids())
+    train_config = ConfigRecord({"lr": float(config["lr"]), "local-steps": int(config["local-steps"])})
+    measured: dict[str, Any] = {"nodes": len(nodes), "timed-rounds": rounds,
+                                "model-bytes": record_bytes(_records(initial)), "configurations": {}}
+
+    for name, secure in LEGACY_CONFIGURATIONS.items():
+        run = run_legacy_fedavg(recorder, context, config, initial, 1 + rounds, secure=secure)
+        timed = sorted(run.round_seconds)[1:]  # round 1 is the warm-up
+        measured["configurations"][name] = {
+            "round-seconds": _median(run.round_seconds[r] for r in timed),
+            "round-bytes": _median(run.round_bytes[r] for r in timed),
+            "rounds-seconds": [run.round_seconds[r] for r in timed],
+            "model": model_check(run.arrays, initial),
+        }
+
+    with tempfile.TemporaryDirectory(prefix="fedtan-bench-secure-") as folder:
+        fedtan_rounds = FedTANRounds(recorder, initial, train_config, Path(folder))
+        for name, flags in FEDTAN_CONFIGURATIONS.items():
+            strategy = FedTAN(fraction_evaluate=0.0, min_available_nodes=len(nodes), min_train_nodes=len(nodes),
+                              statistics="running", seed=seed, **flags)
+            marks = _RoundMarks(recorder)
+            result, ran, _ = fedtan_rounds.run(strategy, 1 + rounds, evaluate_fn=marks)
+            timed = ran[1:]  # the first is the warm-up
+            ledger = [result.train_metrics_clientapp[r] for r in timed]
+            finals = [_final_exchange(marks.batches[r]) for r in timed]
+            measured["configurations"][name] = {
+                "round-seconds": _median(marks.seconds[r] for r in timed),
+                "round-bytes": _median(sum(b["sent"] + b["received"] for b in marks.batches[r]) for r in timed),
+                "rounds-seconds": [marks.seconds[r] for r in timed],
+                "exchanges": _median(len(marks.batches[r]) for r in timed),
+                "ledger-bytes": _median(int(m["fedtan-bytes-sent"]) + int(m["fedtan-bytes-received"])
+                                        for m in ledger),
+                "final-exchange-seconds": _median(float(m["fedtan-final-exchange-seconds"]) for m in ledger),
+                "final-exchange-bytes": _median(b["sent"] + b["received"] for b in finals),
+                "restarts": sum(int(m.get("fedtan-restarts", 0)) for m in ledger),
+                "model": model_check(marks.arrays, initial),
+            }
+    measured["ratios"] = ratios(measured["configurations"])
+    return measured
+
+
+def _records(arrays: ArrayRecord) -> RecordDict:
+    return RecordDict({"arrays": arrays})
+
+
+def _final_exchange(batches: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round's final exchange: its last batch of FedTAN messages (the last aggregate out,
+    the models back)."""
+    fedtan = [b for b in batches if b["type"].startswith("train")]
+    if not fedtan:
+        raise RuntimeError(f"no FedTAN exchange recorded in a round: {batches}")
+    return fedtan[-1]
+
+
+def ratios(configurations: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """The benchmark's ratios (see the module's docstring)."""
+    def ratio(a: str, b: str, key: str) -> float:
+        denominator = float(configurations[b][key])
+        return float(configurations[a][key]) / denominator if denominator else math.nan
+
+    return {
+        "secure-over-clear-round-seconds": ratio("fedtan-secure", "fedtan-clear", "round-seconds"),
+        "secure-over-clear-round-bytes": ratio("fedtan-secure", "fedtan-clear", "round-bytes"),
+        "secure-stats-over-clear-round-seconds": ratio("fedtan-secure-stats", "fedtan-clear", "round-seconds"),
+        "secure-models-over-clear-round-seconds": ratio("fedtan-secure-models", "fedtan-clear", "round-seconds"),
+        "secure-over-clear-final-seconds": ratio("fedtan-secure", "fedtan-clear", "final-exchange-seconds"),
+        "secure-over-clear-final-bytes": ratio("fedtan-secure", "fedtan-clear", "final-exchange-bytes"),
+        "secure-models-over-clear-final-seconds": ratio("fedtan-secure-models", "fedtan-clear",
+                                                        "final-exchange-seconds"),
+        "secure-models-over-clear-final-bytes": ratio("fedtan-secure-models", "fedtan-clear",
+                                                      "final-exchange-bytes"),
+        "fedtan-secure-over-secaggplus-round-seconds": ratio("fedtan-secure", "fedavg-secaggplus", "round-seconds"),
+        "fedtan-secure-over-secaggplus-round-bytes": ratio("fedtan-secure", "fedavg-secaggplus", "round-bytes"),
+        "secaggplus-over-legacy-round-seconds": ratio("fedavg-secaggplus", "fedavg-legacy", "round-seconds"),
+        "secaggplus-over-legacy-round-bytes": ratio("fedavg-secaggplus", "fedavg-legacy", "round-bytes"),
+    }
+
+
+def format_report(bench: Mapping[str, Any]) -> str:
+    """The benchmark's table, as printed."""
+    lines = [f"nodes {bench['nodes']}, median of {bench['timed-rounds']} timed rounds after a warm-up; "
+             f"model {bench['model-bytes'] / 1e6:.3f} MB"]
+    width = max(map(len, bench["configurations"]))
+    for name, c in bench["configurations"].items():
+        line = (f"{name.ljust(width)}  round {c['round-seconds'] * 1e3:8.1f} ms  "
+                f"{c['round-bytes'] / 1e6:7.3f} MB")
+        if "final-exchange-seconds" in c:
+            line += (f"  final exchange {c['final-exchange-seconds'] * 1e3:7.1f} ms "
+                     f"{c['final-exchange-bytes'] / 1e6:6.3f} MB  ({c['exchanges']:.0f} exchanges, "
+                     f"ledger {c['ledger-bytes'] / 1e6:.3f} MB, restarts {c['restarts']})")
+        model = c["model"]
+        line += f"  model: {model['entries']} entries, finite {model['finite']}, moved {model['change']:.3g}"
+        lines.append(line)
+    r = bench["ratios"]
+    time_ok = r["secure-over-clear-round-seconds"] <= ROUND_TIME_TARGET
+    cheaper = max(r["fedtan-secure-over-secaggplus-round-seconds"], r["fedtan-secure-over-secaggplus-round-bytes"]) < 1
+    lines += [
+        f"FedTAN secure (stats+models) / clear round: {r['secure-over-clear-round-seconds']:.2f} x time "
+        f"(target <= {ROUND_TIME_TARGET}: {'met' if time_ok else 'NOT met'}), "
+        f"{r['secure-over-clear-round-bytes']:.2f} x bytes",
+        f"  secure stats only: {r['secure-stats-over-clear-round-seconds']:.2f} x time; "
+        f"secure models only: {r['secure-models-over-clear-round-seconds']:.2f} x time",
+        f"Final exchange, secure (stats+models) / clear: {r['secure-over-clear-final-seconds']:.2f} x time, "
+        f"{r['secure-over-clear-final-bytes']:.2f} x bytes; secure models only / clear: "
+        f"{r['secure-models-over-clear-final-seconds']:.2f} x time, "
+        f"{r['secure-models-over-clear-final-bytes']:.2f} x bytes",
+        f"FedTAN secure / FedAvg + SecAgg+ round: {r['fedtan-secure-over-secaggplus-round-seconds']:.2f} x time, "
+        f"{r['fedtan-secure-over-secaggplus-round-bytes']:.2f} x bytes (target < 1: {'met' if cheaper else 'NOT met'})",
+        f"SecAgg+ / legacy FedAvg clear round: {r['secaggplus-over-legacy-round-seconds']:.2f} x time, "
+        f"{r['secaggplus-over-legacy-round-bytes']:.2f} x bytes",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="cnn", choices=("cnn", "resnet20"))
+    parser.add_argument("--supernodes", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per configuration, after a warm-up")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--local-steps", type=int, default=1)
+    parser.add_argument("--num-cpus-per-client", type=float, default=2.0)
+    parser.add_argument("--json", type=Path, default=None, help="write the measurements here as JSON")
+    args = parser.parse_args(argv)
+    if args.supernodes < 2:
+        parser.error("--supernodes must be at least 2 (secure aggregation needs two clients)")
+
+    from .flower_processes import run_app
+
+    summary = run_app(
+        {"mode": "bench-secure", "bench-rounds": args.rounds, "model": args.model, "dataset": "synthetic",
+         "batch-size": args.batch_size, "local-steps": args.local_steps, "partitioning": "iid"},
+        num_supernodes=args.supernodes,
+        num_cpus_per_client=args.num_cpus_per_client,
+    )
+    bench = summary["bench"]
+    bench["model-name"], bench["wall-seconds"] = args.model, summary.get("wall-seconds")
+    print(format_report(bench))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(bench, indent=2))
+    return bench
+
+
+if __name__ == "__main__":
+    main()
