@@ -16,7 +16,8 @@ warm-up round and ``--rounds`` timed rounds:
 All use the same model, synthetic data, batch size and ``local-steps``. Per configuration
 it prints the median over the timed rounds of the round's wall seconds and of its bytes
 (every message the server sent and received, counted the same way for all: Flower's
-``count_bytes`` of each message's records, by :class:`ExchangeRecorder` around the Grid),
+``count_bytes`` of each message's records, by
+:class:`simulations.app.secaggplus.ExchangeRecorder` around the Grid),
 and for FedTAN the final exchange (the last aggregate out, the models back): its seconds
 (the round ledger's ``fedtan-final-exchange-seconds``) and bytes. Then the ratios: FedTAN
 secure (statistics and models) / FedTAN clear round (target <= 1.5); secure / clear final
@@ -39,12 +40,13 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid
 
 from flwr_fedtan import FedTAN
-from flwr_fedtan.grids import ForwardingGrid
 from flwr_fedtan.protocol.wire import record_bytes
+
+from .app.secaggplus import ExchangeRecorder, run_legacy_fedavg
 
 FEDTAN_CONFIGURATIONS: dict[str, dict[str, bool]] = {
     "fedtan-clear": {},
@@ -59,80 +61,6 @@ LEGACY_CONFIGURATIONS: dict[str, bool] = {"fedavg-legacy": False, "fedavg-secagg
 
 ROUND_TIME_TARGET = 1.5
 """FedTAN secure (statistics and models) / FedTAN clear round time, at most."""
-
-
-def message_bytes(content: RecordDict) -> int:
-    """Bytes of a message's records, as Flower's ``count_bytes`` (and FedTAN's ledger,
-    :func:`flwr_fedtan.protocol.wire.record_bytes`) count them, except that an empty list in
-    a ``ConfigRecord`` (SecAgg+ sends some) counts its key only where Flower's count fails."""
-    total = 0
-    for record in content.values():
-        if isinstance(record, ConfigRecord):
-            total += sum(_config_item_bytes(k, v) for k, v in record.items())
-        else:
-            total += record_bytes(RecordDict({"record": record}))
-    return total
-
-
-def _config_item_bytes(key: str, value: Any) -> int:
-    if isinstance(value, list) and not value:
-        return len(key)
-    return ConfigRecord({key: value}).count_bytes()
-
-
-class ExchangeRecorder(ForwardingGrid):
-    """A Grid that forwards everything and records each batch of messages it pushes (one
-    ``push_messages`` or ``send_and_receive``): message type, bytes sent and bytes of the
-    replies (error replies count 0), as Flower's ``count_bytes`` of the records."""
-
-    def __init__(self, grid: Grid) -> None:
-        super().__init__(grid)
-        self.batches: list[dict[str, Any]] = []
-        self._batch_of: dict[str, dict[str, Any]] = {}
-
-    def _open(self, messages: list[Message]) -> dict[str, Any]:
-        batch = {"type": messages[0].metadata.message_type if messages else "", "messages": len(messages),
-                 "sent": sum(message_bytes(m.content) for m in messages), "received": 0, "replies": 0}
-        self.batches.append(batch)
-        return batch
-
-    @staticmethod
-    def _count_reply(reply: Message, batch: Optional[dict[str, Any]]) -> None:
-        if batch is None:
-            return
-        batch["replies"] += 1
-        if not reply.has_error():
-            batch["received"] += message_bytes(reply.content)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Forwarded; recorded."""
-        messages = list(messages)
-        batch = self._open(messages)
-        ids = list(self.inner.push_messages(messages))
-        for message_id in ids:
-            if message_id:
-                self._batch_of[message_id] = batch
-        return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Forwarded; recorded."""
-        replies = list(self.inner.pull_messages(message_ids))
-        for reply in replies:
-            self._count_reply(reply, self._batch_of.pop(reply.metadata.reply_to_message_id, None))
-        return replies
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: Optional[float] = None) -> Iterable[Message]:
-        """Forwarded; recorded."""
-        messages = list(messages)
-        batch = self._open(messages)
-        replies = list(self.inner.send_and_receive(messages, timeout=timeout))
-        for reply in replies:
-            self._count_reply(reply, batch)
-        return replies
-
-    def total_bytes(self) -> int:
-        """Bytes sent and received so far."""
-        return sum(b["sent"] + b["received"] for b in self.batches)
 
 
 class _RoundMarks:
@@ -180,7 +108,6 @@ def _median(values: Iterable[float]) -> float:
 
 def run_secure_benchmark(grid: Grid, context: Context, initial: ArrayRecord) -> dict:
     """Server side of the benchmark; returns the measurements as a dict (see the module)."""
-    from .app.secaggplus import run_legacy_fedavg
     from .bench_flower import FedTANRounds
 
     config = context.run_config
@@ -193,12 +120,14 @@ def run_secure_benchmark(grid: Grid, context: Context, initial: ArrayRecord) -> 
                                 "model-bytes": record_bytes(_records(initial)), "configurations": {}}
 
     for name, secure in LEGACY_CONFIGURATIONS.items():
+        started = time.perf_counter()
         run = run_legacy_fedavg(recorder, context, config, initial, 1 + rounds, secure=secure)
         timed = sorted(run.round_seconds)[1:]  # round 1 is the warm-up
         measured["configurations"][name] = {
             "round-seconds": _median(run.round_seconds[r] for r in timed),
             "round-bytes": _median(run.round_bytes[r] for r in timed),
             "rounds-seconds": [run.round_seconds[r] for r in timed],
+            "wall-seconds": time.perf_counter() - started,
             "model": model_check(run.arrays, initial),
         }
 
@@ -208,6 +137,7 @@ def run_secure_benchmark(grid: Grid, context: Context, initial: ArrayRecord) -> 
             strategy = FedTAN(fraction_evaluate=0.0, min_available_nodes=len(nodes), min_train_nodes=len(nodes),
                               statistics="running", seed=seed, **flags)
             marks = _RoundMarks(recorder)
+            started = time.perf_counter()
             result, ran, _ = fedtan_rounds.run(strategy, 1 + rounds, evaluate_fn=marks)
             timed = ran[1:]  # the first is the warm-up
             ledger = [result.train_metrics_clientapp[r] for r in timed]
@@ -222,6 +152,7 @@ def run_secure_benchmark(grid: Grid, context: Context, initial: ArrayRecord) -> 
                 "final-exchange-seconds": _median(float(m["fedtan-final-exchange-seconds"]) for m in ledger),
                 "final-exchange-bytes": _median(b["sent"] + b["received"] for b in finals),
                 "restarts": sum(int(m.get("fedtan-restarts", 0)) for m in ledger),
+                "wall-seconds": time.perf_counter() - started,
                 "model": model_check(marks.arrays, initial),
             }
     measured["ratios"] = ratios(measured["configurations"])

@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common import ndarrays_to_parameters
@@ -42,7 +42,11 @@ from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
-__all__ = ["LEGACY_MODES", "LegacyRun", "is_legacy_message", "run_legacy_fedavg", "secaggplus_workflow", "serve"]
+from flwr_fedtan.grids import ForwardingGrid
+from flwr_fedtan.protocol.wire import record_bytes
+
+__all__ = ["ExchangeRecorder", "LEGACY_MODES", "LegacyRun", "is_legacy_message", "message_bytes", "run_legacy",
+           "run_legacy_fedavg", "secaggplus_workflow", "serve"]
 
 LEGACY_MODES = ("legacy-fedavg", "legacy-secaggplus")
 """Values of the run-config key ``mode`` that run this app: clear, and with SecAgg+."""
@@ -78,6 +82,80 @@ def serve(msg: Message, context: Context) -> Message:
 
 
 # ---------------------------------------------------------------------- ServerApp side
+def message_bytes(content: RecordDict) -> int:
+    """Bytes of a message's records, as Flower's ``count_bytes`` (and FedTAN's ledger,
+    :func:`flwr_fedtan.protocol.wire.record_bytes`) count them, except that an empty list in
+    a ``ConfigRecord`` (SecAgg+ sends some) counts its key only where Flower's count fails."""
+    total = 0
+    for record in content.values():
+        if isinstance(record, ConfigRecord):
+            total += sum(_config_item_bytes(k, v) for k, v in record.items())
+        else:
+            total += record_bytes(RecordDict({"record": record}))
+    return total
+
+
+def _config_item_bytes(key: str, value: Any) -> int:
+    if isinstance(value, list) and not value:
+        return len(key)
+    return ConfigRecord({key: value}).count_bytes()
+
+
+class ExchangeRecorder(ForwardingGrid):
+    """A Grid that forwards everything and records each batch of messages it pushes (one
+    ``push_messages`` or ``send_and_receive``): message type, bytes sent and bytes of the
+    replies (error replies count 0), as Flower's ``count_bytes`` of the records."""
+
+    def __init__(self, grid: Grid) -> None:
+        super().__init__(grid)
+        self.batches: list[dict[str, Any]] = []
+        self._batch_of: dict[str, dict[str, Any]] = {}
+
+    def _open(self, messages: list[Message]) -> dict[str, Any]:
+        batch = {"type": messages[0].metadata.message_type if messages else "", "messages": len(messages),
+                 "sent": sum(message_bytes(m.content) for m in messages), "received": 0, "replies": 0}
+        self.batches.append(batch)
+        return batch
+
+    @staticmethod
+    def _count_reply(reply: Message, batch: Optional[dict[str, Any]]) -> None:
+        if batch is None:
+            return
+        batch["replies"] += 1
+        if not reply.has_error():
+            batch["received"] += message_bytes(reply.content)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Forwarded; recorded."""
+        messages = list(messages)
+        batch = self._open(messages)
+        ids = list(self.inner.push_messages(messages))
+        for message_id in ids:
+            if message_id:
+                self._batch_of[message_id] = batch
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Forwarded; recorded."""
+        replies = list(self.inner.pull_messages(message_ids))
+        for reply in replies:
+            self._count_reply(reply, self._batch_of.pop(reply.metadata.reply_to_message_id, None))
+        return replies
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: Optional[float] = None) -> Iterable[Message]:
+        """Forwarded; recorded."""
+        messages = list(messages)
+        batch = self._open(messages)
+        replies = list(self.inner.send_and_receive(messages, timeout=timeout))
+        for reply in replies:
+            self._count_reply(reply, batch)
+        return replies
+
+    def total_bytes(self) -> int:
+        """Bytes sent and received so far."""
+        return sum(b["sent"] + b["received"] for b in self.batches)
+
+
 def secaggplus_workflow(num_nodes: int) -> SecAggPlusWorkflow:
     """Flower's SecAgg+ for ``num_nodes`` clients, every one sampled each round: full
     neighbourhoods and a majority threshold (see the module's docstring)."""
@@ -104,7 +182,7 @@ def run_legacy_fedavg(grid: Grid, context: Context, config: Mapping[str, Any], i
     A round's seconds run from the end of the previous round's aggregation to the end of
     its own (legacy FedAvg calls its ``evaluate_fn`` after each); its bytes are what the
     Grid counted in between, if it counts (a ``total_bytes()`` method, e.g.
-    :class:`simulations.bench_secure.ExchangeRecorder`). ``initial`` is keyed by the
+    :class:`ExchangeRecorder`). ``initial`` is keyed by the
     model's ``state_dict`` names, in order. The workflows keep their state in a fresh
     context of ``context``'s run, so runs can follow one another.
     """
@@ -145,8 +223,6 @@ def run_legacy_fedavg(grid: Grid, context: Context, config: Mapping[str, Any], i
 def run_legacy(grid: Grid, context: Context, initial: ArrayRecord) -> tuple[LegacyRun, dict]:
     """The ServerApp's ``legacy-*`` modes: ``num-server-rounds`` rounds; the run and a
     JSON-ready summary (seconds and bytes per round)."""
-    from ..bench_secure import ExchangeRecorder
-
     config = context.run_config
     secure = str(config["mode"]) == "legacy-secaggplus"
     run = run_legacy_fedavg(ExchangeRecorder(grid), context, config, initial, int(config["num-server-rounds"]),

@@ -374,6 +374,7 @@ def main(grid: Grid, context: Context) -> None:
         initial = ArrayRecord(convert_batchnorm(model_from_config(config)).state_dict())
         result, summary = None, {"config": dict(config), "bench": run_secure_benchmark(grid, context, initial)}
     elif mode in LEGACY_MODES:
+        torch.manual_seed(int(config.get("seed", 0)))  # the same initial model as run_experiment's
         initial = ArrayRecord(convert_batchnorm(model_from_config(config)).state_dict())
         legacy, summary = run_legacy(grid, context, initial)
         result = Result(arrays=legacy.arrays) if legacy.arrays is not None else None
