@@ -5,8 +5,8 @@ Run::
     python -m simulations.bench_secure [--model cnn|resnet20] [--supernodes 5] [--rounds 3] [--json F]
 
 One ``flwr run`` of the app with ``mode = "bench-secure"`` (Flower simulation, Ray
-backend): the ServerApp runs on the same nodes, one after another, each configuration for a
-warm-up round and ``--rounds`` timed rounds:
+backend): the ServerApp runs on the same nodes, taking turns, one round of each
+configuration a pass, a warm-up pass and then ``--rounds`` timed passes:
 
 - FedTAN clear, with secure statistics, with secure models, with both (``statistics =
   "running"``: the round alone, as in :mod:`simulations.bench_flower`);
@@ -24,8 +24,9 @@ secure (statistics and models) / FedTAN clear round (target <= 1.5); secure / cl
 exchange; FedTAN secure / FedAvg + SecAgg+ per round (target < 1); SecAgg+ / legacy clear.
 
 A round's seconds run from the end of one round's aggregation to the end of the next's
-(the strategies' ``evaluate_fn``, called after each round). The FedTAN configurations
-number their rounds on (:class:`simulations.bench_flower.FedTANRounds`).
+(the strategies' ``evaluate_fn``, called after each round). Every round starts from the same
+initial model; the FedTAN configurations number their rounds on
+(:class:`simulations.bench_flower.FedTANRounds`).
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ FEDTAN_CONFIGURATIONS: dict[str, dict[str, bool]] = {
 
 LEGACY_CONFIGURATIONS: dict[str, bool] = {"fedavg-legacy": False, "fedavg-secaggplus": True}
 """Flower's legacy FedAvg: name -> under SecAgg+."""
+
+CONFIGURATIONS = (*LEGACY_CONFIGURATIONS, *FEDTAN_CONFIGURATIONS)
+"""Every configuration, in the order each pass runs them."""
 
 ROUND_TIME_TARGET = 1.5
 """FedTAN secure (statistics and models) / FedTAN clear round time, at most."""
@@ -107,7 +111,13 @@ def _median(values: Iterable[float]) -> float:
 
 
 def run_secure_benchmark(grid: Grid, context: Context, initial: ArrayRecord) -> dict:
-    """Server side of the benchmark; returns the measurements as a dict (see the module)."""
+    """Server side of the benchmark; returns the measurements as a dict (see the module).
+
+    The configurations take turns: each pass runs one round of each, in
+    :data:`CONFIGURATIONS`' order; the first pass is the warm-up, the medians are over the
+    ``bench-rounds`` passes after it, so a drift of the shared machine's speed touches every
+    configuration alike.
+    """
     from .bench_flower import FedTANRounds
 
     config = context.run_config
@@ -116,47 +126,60 @@ def run_secure_benchmark(grid: Grid, context: Context, initial: ArrayRecord) -> 
     recorder = ExchangeRecorder(grid)
     nodes = sorted(recorder.get_node_ids())
     train_config = ConfigRecord({"lr": float(config["lr"]), "local-steps": int(config["local-steps"])})
-    measured: dict[str, Any] = {"nodes": len(nodes), "timed-rounds": rounds,
-                                "model-bytes": record_bytes(_records(initial)), "configurations": {}}
-
-    for name, secure in LEGACY_CONFIGURATIONS.items():
-        started = time.perf_counter()
-        run = run_legacy_fedavg(recorder, context, config, initial, 1 + rounds, secure=secure)
-        timed = sorted(run.round_seconds)[1:]  # round 1 is the warm-up
-        measured["configurations"][name] = {
-            "round-seconds": _median(run.round_seconds[r] for r in timed),
-            "round-bytes": _median(run.round_bytes[r] for r in timed),
-            "rounds-seconds": [run.round_seconds[r] for r in timed],
-            "wall-seconds": time.perf_counter() - started,
-            "model": model_check(run.arrays, initial),
-        }
-
+    strategies = {name: FedTAN(fraction_evaluate=0.0, min_available_nodes=len(nodes), min_train_nodes=len(nodes),
+                               statistics="running", seed=seed, **flags)
+                  for name, flags in FEDTAN_CONFIGURATIONS.items()}
+    samples: dict[str, list[dict[str, Any]]] = {name: [] for name in CONFIGURATIONS}
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fedtan-bench-secure-") as folder:
         fedtan_rounds = FedTANRounds(recorder, initial, train_config, Path(folder))
-        for name, flags in FEDTAN_CONFIGURATIONS.items():
-            strategy = FedTAN(fraction_evaluate=0.0, min_available_nodes=len(nodes), min_train_nodes=len(nodes),
-                              statistics="running", seed=seed, **flags)
-            marks = _RoundMarks(recorder)
-            started = time.perf_counter()
-            result, ran, _ = fedtan_rounds.run(strategy, 1 + rounds, evaluate_fn=marks)
-            timed = ran[1:]  # the first is the warm-up
-            ledger = [result.train_metrics_clientapp[r] for r in timed]
-            finals = [_final_exchange(marks.batches[r]) for r in timed]
-            measured["configurations"][name] = {
-                "round-seconds": _median(marks.seconds[r] for r in timed),
-                "round-bytes": _median(sum(b["sent"] + b["received"] for b in marks.batches[r]) for r in timed),
-                "rounds-seconds": [marks.seconds[r] for r in timed],
-                "exchanges": _median(len(marks.batches[r]) for r in timed),
-                "ledger-bytes": _median(int(m["fedtan-bytes-sent"]) + int(m["fedtan-bytes-received"])
-                                        for m in ledger),
-                "final-exchange-seconds": _median(float(m["fedtan-final-exchange-seconds"]) for m in ledger),
-                "final-exchange-bytes": _median(b["sent"] + b["received"] for b in finals),
-                "restarts": sum(int(m.get("fedtan-restarts", 0)) for m in ledger),
-                "wall-seconds": time.perf_counter() - started,
-                "model": model_check(marks.arrays, initial),
-            }
+        for _ in range(1 + rounds):
+            for name in CONFIGURATIONS:
+                if name in LEGACY_CONFIGURATIONS:
+                    sample = _legacy_round(recorder, context, initial, LEGACY_CONFIGURATIONS[name])
+                else:
+                    sample = _fedtan_round(fedtan_rounds, strategies[name], recorder)
+                samples[name].append(sample)
+    measured: dict[str, Any] = {"nodes": len(nodes), "timed-rounds": rounds,
+                                "model-bytes": record_bytes(_records(initial)),
+                                "benchmark-seconds": time.perf_counter() - started, "configurations": {}}
+    for name, taken in samples.items():
+        timed = taken[1:]  # the first pass is the warm-up
+        summary = {key: _median(sample[key] for sample in timed)
+                   for key in timed[0] if key not in ("arrays", "restarts")}
+        summary["rounds-seconds"] = [sample["round-seconds"] for sample in timed]
+        summary["model"] = model_check(taken[-1]["arrays"], initial)
+        if "restarts" in timed[0]:
+            summary["restarts"] = sum(sample["restarts"] for sample in timed)
+        measured["configurations"][name] = summary
     measured["ratios"] = ratios(measured["configurations"])
     return measured
+
+
+def _legacy_round(recorder: ExchangeRecorder, context: Context, initial: ArrayRecord, secure: bool
+                  ) -> dict[str, Any]:
+    """One round of Flower's legacy FedAvg (under SecAgg+ if ``secure``) from ``initial``."""
+    run = run_legacy_fedavg(recorder, context, context.run_config, initial, 1, secure=secure)
+    return {"round-seconds": run.round_seconds[1], "round-bytes": run.round_bytes[1], "arrays": run.arrays}
+
+
+def _fedtan_round(fedtan_rounds: Any, strategy: FedTAN, recorder: ExchangeRecorder) -> dict[str, Any]:
+    """One FedTAN round of ``strategy`` from the initial model (the next round number)."""
+    marks = _RoundMarks(recorder)
+    result, (server_round,), _ = fedtan_rounds.run(strategy, 1, evaluate_fn=marks)
+    ledger = result.train_metrics_clientapp[server_round]
+    batches = marks.batches[server_round]
+    final = _final_exchange(batches)
+    return {
+        "round-seconds": marks.seconds[server_round],
+        "round-bytes": sum(b["sent"] + b["received"] for b in batches),
+        "exchanges": len(batches),
+        "ledger-bytes": int(ledger["fedtan-bytes-sent"]) + int(ledger["fedtan-bytes-received"]),
+        "final-exchange-seconds": float(ledger["fedtan-final-exchange-seconds"]),
+        "final-exchange-bytes": final["sent"] + final["received"],
+        "restarts": int(ledger.get("fedtan-restarts", 0)),
+        "arrays": marks.arrays,
+    }
 
 
 def _records(arrays: ArrayRecord) -> RecordDict:
@@ -198,7 +221,8 @@ def ratios(configurations: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
 
 def format_report(bench: Mapping[str, Any]) -> str:
     """The benchmark's table, as printed."""
-    lines = [f"nodes {bench['nodes']}, median of {bench['timed-rounds']} timed rounds after a warm-up; "
+    lines = [f"nodes {bench['nodes']}, median of {bench['timed-rounds']} timed rounds (one a pass, after a "
+             "warm-up pass); "
              f"model {bench['model-bytes'] / 1e6:.3f} MB"]
     width = max(map(len, bench["configurations"]))
     for name, c in bench["configurations"].items():
