@@ -22,7 +22,8 @@ client is every other's neighbour, the same pairs FedTAN masks with) and
 ``reconstruction_threshold = N // 2 + 1`` (a majority of the N clients must answer the
 unmask stage: fewer than half may drop, and no minority can reconstruct a secret);
 Flower's defaults for the rest (values clipped to [-8, 8], quantised to 2^22 levels,
-masks mod 2^32, ``max_weight`` 1000 >= the examples a client trains on per round).
+masks mod 2^32), except ``max_weight``: 1000, or ``batch-size`` x ``local-steps`` (a
+client's examples in a round) if larger.
 """
 
 from __future__ import annotations
@@ -156,12 +157,13 @@ class ExchangeRecorder(ForwardingGrid):
         return sum(b["sent"] + b["received"] for b in self.batches)
 
 
-def secaggplus_workflow(num_nodes: int) -> SecAggPlusWorkflow:
+def secaggplus_workflow(num_nodes: int, max_weight: float = 1000.0) -> SecAggPlusWorkflow:
     """Flower's SecAgg+ for ``num_nodes`` clients, every one sampled each round: full
-    neighbourhoods and a majority threshold (see the module's docstring)."""
+    neighbourhoods and a majority threshold (see the module's docstring); ``max_weight``
+    bounds a client's weight (its examples in the round)."""
     if num_nodes < 2:
         raise ValueError(f"SecAgg+ needs at least 2 clients, got {num_nodes}")
-    return SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=num_nodes // 2 + 1)
+    return SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=num_nodes // 2 + 1, max_weight=max_weight)
 
 
 @dataclass
@@ -212,7 +214,9 @@ def run_legacy_fedavg(grid: Grid, context: Context, config: Mapping[str, Any], i
     fresh = Context(run_id=context.run_id, node_id=context.node_id, node_config=dict(context.node_config),
                     state=RecordDict(), run_config=dict(context.run_config))
     legacy = LegacyContext(fresh, config=ServerConfig(num_rounds=num_rounds), strategy=strategy)
-    workflow = DefaultWorkflow(fit_workflow=secaggplus_workflow(nodes)) if secure else DefaultWorkflow()
+    examples = int(config.get("batch-size", 32)) * int(config["local-steps"])  # a client's weight in a round
+    workflow = (DefaultWorkflow(fit_workflow=secaggplus_workflow(nodes, max(1000.0, float(examples))))
+                if secure else DefaultWorkflow())
     workflow(grid, legacy)
     if len(measured.round_seconds) != num_rounds:
         raise RuntimeError(f"legacy FedAvg ({'SecAgg+' if secure else 'clear'}) finished "
