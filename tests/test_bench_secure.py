@@ -48,7 +48,7 @@ def test_the_secure_benchmark_measures_every_configuration_and_each_trains_a_mod
     completed = subprocess.run(
         [sys.executable, "-m", "simulations.bench_secure", "--supernodes", str(NODES), "--rounds", "1",
          "--batch-size", "8", "--json", str(out)],
-        capture_output=True, text=True, timeout=420,  # 215 s at a load average of 30
+        capture_output=True, text=True, timeout=420,  # 51 s at a load average of 4, 215 s at 30
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     bench = json.loads(out.read_text())
