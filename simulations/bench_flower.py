@@ -31,7 +31,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
@@ -70,9 +70,10 @@ class FedTANRounds:
         self.grid, self.initial, self.train_config, self.folder = grid, initial, train_config, folder
         self.done = 0
 
-    def run(self, strategy: FedTAN, num_rounds: int) -> tuple[Result, list[int], float]:
+    def run(self, strategy: FedTAN, num_rounds: int, evaluate_fn: Optional[Callable] = None
+            ) -> tuple[Result, list[int], float]:
         """``num_rounds`` rounds of ``strategy`` from ``initial``: its result, the round numbers
-        it ran, and its wall seconds per round."""
+        it ran, and its wall seconds per round. ``evaluate_fn`` goes to ``strategy.start``."""
         first = self.done + 1
         resume_from = None
         if self.done:
@@ -80,7 +81,7 @@ class FedTANRounds:
             strategy.save_checkpoint(resume_from, self.done, self.initial)
         started = time.perf_counter()
         result = strategy.start(grid=self.grid, initial_arrays=self.initial, num_rounds=self.done + num_rounds,
-                                train_config=self.train_config, resume_from=resume_from)
+                                train_config=self.train_config, evaluate_fn=evaluate_fn, resume_from=resume_from)
         seconds = (time.perf_counter() - started) / num_rounds
         self.done += num_rounds
         return result, list(range(first, self.done + 1)), seconds

@@ -5,7 +5,9 @@
   :func:`flwr_fedtan.fedtan_client_app` (FedTAN's batch sampling and metric names);
 - ``fedbn``, ``silobn``, ``fixbn``, ``fedgn``, ``centralised``: ``train`` and ``evaluate``
   are served by :mod:`simulations.app.baselines` (local BatchNorm entries in
-  ``context.state``, frozen statistics, GroupNorm model, pooled data).
+  ``context.state``, frozen statistics, GroupNorm model, pooled data);
+- Flower's legacy FedAvg, clear or under SecAgg+ (run-config ``mode`` ``legacy-*``): its
+  ``train`` messages are served by :mod:`simulations.app.secaggplus`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from flwr.clientapp import ClientApp
 from flwr_fedtan import FedTANClient, add_fedtan, fedtan_client_app
 from flwr_fedtan.client import _client_from
 
-from . import baselines
+from . import baselines, secaggplus
 from .task import make_client
 
 
@@ -51,7 +53,10 @@ def _node_client(context: Context) -> FedTANClient:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Local training of a round, for the method of ``context.run_config["strategy"]``."""
+    """Local training of a round, for the method of ``context.run_config["strategy"]``, or
+    for Flower's legacy workflows (:mod:`simulations.app.secaggplus`)."""
+    if secaggplus.is_legacy_message(msg):
+        return secaggplus.serve(msg, context)
     if _served_by_baselines(context):
         return baselines.client_train(msg, context, _node_client(context))
     return fedtan_app(msg, context)

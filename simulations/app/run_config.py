@@ -25,7 +25,7 @@ from .partitions import PARTITION_SCHEMES
 
 __all__ = ["check_run_config", "run_config_problems"]
 
-MODES = ("train", "bench", "bench-deployment", "bench-scale")
+MODES = ("train", "bench", "bench-deployment", "bench-scale", "bench-secure", "legacy-fedavg", "legacy-secaggplus")
 """Values of ``mode`` (``bench-deployment`` may carry a suffix, ``bench-deployment-<x>``)."""
 
 SECURE_METHODS = ("fedtan", "fedavg-exact")

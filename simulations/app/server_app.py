@@ -39,6 +39,7 @@ from .baselines import (
     model_norm,
 )
 from .run_config import check_run_config
+from .secaggplus import LEGACY_MODES, run_legacy
 from .task import model_from_config, test_dataset
 
 app = ServerApp()
@@ -367,10 +368,20 @@ def main(grid: Grid, context: Context) -> None:
 
         initial = ArrayRecord(convert_batchnorm(model_from_config(config)).state_dict())
         result, summary = None, {"config": dict(config), "bench": run_deployment_benchmark(grid, config, initial)}
+    elif mode == "bench-secure":
+        from ..bench_secure import run_secure_benchmark
+
+        initial = ArrayRecord(convert_batchnorm(model_from_config(config)).state_dict())
+        result, summary = None, {"config": dict(config), "bench": run_secure_benchmark(grid, context, initial)}
+    elif mode in LEGACY_MODES:
+        torch.manual_seed(int(config.get("seed", 0)))  # the same initial model as run_experiment's
+        initial = ArrayRecord(convert_batchnorm(model_from_config(config)).state_dict())
+        legacy, summary = run_legacy(grid, context, initial)
+        result = Result(arrays=legacy.arrays) if legacy.arrays is not None else None
     elif mode == "train":
         result, summary = run_experiment(grid, config)
     else:
-        raise ValueError(f"unknown mode {mode!r}; choose 'train' or 'bench'")
+        raise ValueError(f"unknown mode {mode!r}; choose 'train', a 'bench*' or a 'legacy-*' mode")
     out = str(config.get("results-file", "") or "")
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
