@@ -177,6 +177,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-cpus-per-client", type=float, default=max(1, (os.cpu_count() or 2) // 2),
                         help="Ray CPUs per ClientApp (default: half the CPUs, so 2 ClientAppActors)")
+    parser.add_argument("--homes", type=int, default=0,
+                        help="Ray home actors (FEDTAN_RAY_HOMES; default: one per ClientAppActor)")
     parser.add_argument("--json", default="", help="also write every point's measurements to this file")
     args = parser.parse_args()
     points = [parse_point(p, args.batch_size) for p in (args.point or DEFAULT_POINTS)]
@@ -186,7 +188,8 @@ def main() -> None:
     results: list[dict] = []
     try:
         for model, nodes, batch in points:
-            results.append(run_point(model, nodes, batch, args.rounds, args.num_cpus_per_client))
+            env = {"FEDTAN_RAY_HOMES": str(args.homes)} if args.homes > 0 else None
+            results.append(run_point(model, nodes, batch, args.rounds, args.num_cpus_per_client, env=env))
             print(format_table(results[-1:]), flush=True)
             if args.json:
                 Path(args.json).write_text(json.dumps(results, indent=2))

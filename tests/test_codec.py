@@ -198,3 +198,37 @@ def test_the_backward_array_names_are_spelled_once_in_the_package():
     package = pathlib.Path(wire.__file__).parents[1]
     spelled = sum(path.read_text().count('"sum-grad"') for path in package.rglob("*.py"))
     assert spelled == 1
+
+
+ARRAY_CASES = [np.arange(16, dtype=np.float64), np.ones((3, 4), np.float32), np.array(3.5), np.zeros(0),
+               np.arange(5, dtype=">i4"), np.arange(6.0).reshape(2, 3).T]  # the last one Fortran-ordered
+
+
+@pytest.mark.parametrize("values", ARRAY_CASES, ids=lambda v: f"{v.dtype.str}{v.shape}")
+def test_payload_arrays_are_flowers_arrays_byte_for_byte_however_often_encoded(values):
+    """The reused headers change no byte: each encoding equals Flower's own, and decodes to
+    the same values, as a writable array, the first time and the later ones."""
+    from flwr_fedtan.protocol.codec import array_values, to_array
+
+    for _ in range(3):
+        ours, flowers = to_array(values), Array(values)
+        assert ours.__dict__ == flowers.__dict__
+        for array in (ours, flowers):
+            decoded, reference = array_values(array), array.numpy()
+            assert decoded.dtype == reference.dtype and decoded.shape == reference.shape
+            assert np.array_equal(decoded, reference) and decoded.flags.writeable
+
+
+def test_a_truncated_or_padded_array_decodes_as_flowers_numpy_would():
+    from flwr_fedtan.protocol.codec import array_values, to_array
+
+    good = to_array(np.arange(8, dtype=np.float64))
+    array_values(good)  # its header is known from now on
+    short = Array(dtype=good.dtype, shape=good.shape, stype=good.stype, data=good.data[:-8])
+    with pytest.raises(Exception) as ours:
+        array_values(short)
+    with pytest.raises(Exception) as flowers:
+        short.numpy()
+    assert type(ours.value) is type(flowers.value) and str(ours.value) == str(flowers.value)
+    padded = Array(dtype=good.dtype, shape=good.shape, stype=good.stype, data=good.data + b"\0" * 8)
+    assert np.array_equal(array_values(padded), padded.numpy())

@@ -53,6 +53,34 @@ def test_budget_evicts_least_recently_used_rounds_until_they_fit_and_says_so_onc
     assert cache.nbytes == 0 and cache.peak_bytes == 10
 
 
+class Keyed(Sized):
+    def __init__(self, name: str, size: int, closed: list, key: tuple) -> None:
+        super().__init__(name, size, closed)
+        self.key = key
+
+    def footprint_key(self) -> tuple:
+        return self.key
+
+
+def test_entries_with_a_footprint_key_are_measured_once_per_run_and_key():
+    measured: list[str] = []
+
+    def measure(entry):
+        measured.append(entry.name)
+        return entry.size
+
+    closed: list[str] = []
+    cache = LiveRounds(budget=10**6, measure=measure)
+    cache.remember((1, 1), Keyed("a", 40, closed, ("round", 3, 0, 0, 32)))
+    cache.remember((1, 2), Keyed("b", 99, closed, ("round", 3, 0, 0, 32)))  # same point, same batch: a's figure
+    cache.remember((1, 3), Keyed("c", 30, closed, ("round", 3, 0, 0, 16)))  # another batch size: measured
+    cache.remember((2, 1), Keyed("d", 20, closed, ("round", 3, 0, 0, 32)))  # another run: measured
+    cache.remember((1, 4), Sized("e", 5, closed))  # no key: measured, every time
+    cache.remember((1, 4), Sized("e", 6, closed))
+    assert measured == ["a", "c", "d", "e", "e"]
+    assert cache.nbytes == 40 + 40 + 30 + 20 + 6
+
+
 def test_fraction_budget_is_of_the_memory_available_shared_by_the_homes(monkeypatch):
     monkeypatch.setattr("flwr_fedtan.runtime.live.memory_available", lambda: 8000)
     monkeypatch.delenv(settings.LIVE_MEMORY_ENV, raising=False)

@@ -59,6 +59,16 @@ class _Live:
     def close(self) -> None:
         self.work.close()
 
+    def footprint_key(self) -> tuple:
+        """What fixes the size of the paused work (:mod:`flwr_fedtan.runtime.live` measures
+        one entry per run and key): its kind, round, sync point and batch size."""
+        work = self.work
+        if isinstance(work, ClientRound):
+            step = getattr(work, "_step", None)
+            return ("round", self.server_round, work.step_index, len(work.received),
+                    None if step is None else step.num_examples)
+        return ("pass", self.server_round, len(work.received), work.num_examples)
+
 
 def handle(msg: Message, context: Context, client_fn: Callable[[Context], Any], options: Any) -> Message:
     """Serve one ``train.fedtan`` message of a node. The node's state is stored only when

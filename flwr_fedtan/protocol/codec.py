@@ -25,6 +25,7 @@ from ..secure import MaskedPayload, Roster, shifts_from_arrays, shifts_to_arrays
 
 __all__ = [
     "BACKWARD",
+    "array_values",
     "FORWARD",
     "Payload",
     "client_payload",
@@ -36,6 +37,7 @@ __all__ = [
     "roster_record",
     "secure_from_records",
     "shifts_record",
+    "to_array",
 ]
 
 FORWARD = "forward"
@@ -45,6 +47,58 @@ _ARRAYS = {FORWARD: ("mean", "var"), BACKWARD: ("sum-grad", "sum-grad-xhat")}
 _MASKED_ARRAYS = {"masked", "roster-digest"}
 
 Payload = Union[ForwardStats, BackwardSums]
+
+
+# ---------------------------------------------------------------------- arrays
+# Flower's Array holds an array as ``np.save`` writes it: a header (format, dtype, shape)
+# and the raw bytes. Building and parsing that header (``np.load`` evaluates it as a Python
+# literal) costs more than the few values a payload holds, at every exchange for every
+# node, on the server and on the node. The payloads of a run have a handful of dtypes and
+# shapes: each header is built and parsed once, and reused byte for byte.
+_NUMPY_STYPE = Array(np.zeros(0)).stype
+_NPY_V1 = b"\x93NUMPY\x01\x00"
+_HEADERS_KEPT = 1024  # beyond that many layouts the tables start over
+_headers: dict[tuple[str, tuple[int, ...]], bytes] = {}  # (dtype, shape) -> the header np.save writes
+_layouts: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}  # header -> (dtype, shape, bytes)
+
+
+def _keep(table: dict, key: Any, value: Any) -> None:
+    if len(table) >= _HEADERS_KEPT:
+        table.clear()
+    table[key] = value
+
+
+def to_array(values: np.ndarray) -> Array:
+    """``Array(values)``, the same bytes, with the header of a known dtype and shape reused."""
+    if not values.flags.c_contiguous or values.dtype.hasobject:
+        return Array(values)
+    key = (values.dtype.str, values.shape)
+    header = _headers.get(key)
+    if header is None:
+        array = Array(values)
+        _keep(_headers, key, array.data[: len(array.data) - values.nbytes])
+        return array
+    return Array(dtype=str(values.dtype), shape=tuple(values.shape), stype=_NUMPY_STYPE,
+                 data=header + values.tobytes())
+
+
+def array_values(array: Array) -> np.ndarray:
+    """``array.numpy()``, with the header of a known dtype and shape recognised without
+    parsing it again. Anything else (another header, a length that does not match it) goes
+    through ``numpy()`` and fails there as it would."""
+    data = array.data
+    if array.stype == _NUMPY_STYPE and isinstance(data, bytes) and data[:8] == _NPY_V1 and len(data) >= 10:
+        end = 10 + int.from_bytes(data[8:10], "little")
+        layout = _layouts.get(data[:end])
+        if layout is not None and len(data) - end == layout[2]:
+            dtype, shape, _ = layout
+            return np.frombuffer(data, dtype=dtype, offset=end).reshape(shape).copy()
+        values = array.numpy()
+        header = data[:end]
+        if b"'fortran_order': False" in header and values.flags.c_contiguous and len(data) - end == values.nbytes:
+            _keep(_layouts, header, (values.dtype, values.shape, values.nbytes))
+        return values
+    return array.numpy()
 
 
 def get_int(sender: Hashable, record: Mapping[str, Any], key: str) -> int:
@@ -64,14 +118,14 @@ def payload_record(payload: Union[Payload, MaskedPayload]) -> tuple[ArrayRecord,
         if payload.count is not None:
             # a masked forward payload carries its examples with its count
             scalars.update({"count": float(payload.count), "num-examples": int(cast(int, payload.num_examples))})
-        return ArrayRecord({k: Array(v) for k, v in payload.to_arrays().items()}), scalars
+        return ArrayRecord({k: to_array(v) for k, v in payload.to_arrays().items()}), scalars
     if isinstance(payload, ForwardStats):
         names, values = _ARRAYS[FORWARD], (payload.mean, payload.var)
         scalars = {"count": float(payload.count), "num-examples": int(payload.num_examples)}
     else:
         names, values = _ARRAYS[BACKWARD], (payload.sum_grad, payload.sum_grad_xhat)
         scalars = {}
-    record = ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=np.float64)) for k, v in zip(names, values)})
+    record = ArrayRecord({k: to_array(np.ascontiguousarray(v, dtype=np.float64)) for k, v in zip(names, values)})
     return record, scalars
 
 
@@ -88,7 +142,7 @@ def client_payload(
         if set(stats.keys()) != expected:  # before decoding anything a client sent
             raise PayloadError(sender, f"masked payload holds {sorted(stats.keys())}, expected {sorted(expected)}")
         try:
-            arrays = {name: stats[name].numpy() for name in expected}
+            arrays = {name: array_values(stats[name]) for name in expected}
         except Exception as error:  # a corrupt Array
             raise PayloadError(sender, f"'{STATS}' cannot be decoded: {error}") from None
         return MaskedPayload.from_arrays(
@@ -99,7 +153,7 @@ def client_payload(
     if set(stats.keys()) != set(names):
         raise PayloadError(sender, f"'{STATS}' holds {sorted(stats.keys())}, expected {list(names)}")
     try:
-        values = {name: stats[name].numpy() for name in names}
+        values = {name: array_values(stats[name]) for name in names}
     except Exception as error:  # a corrupt Array
         raise PayloadError(sender, f"'{STATS}' cannot be decoded: {error}") from None
     if phase == FORWARD:
@@ -139,7 +193,7 @@ def pooled_aggregate(scalars: Mapping[str, Any], stats: Optional[ArrayRecord], w
     values = {}
     for name in names:
         try:
-            value = stats[name].numpy()
+            value = array_values(stats[name])
         except Exception as error:  # a corrupt Array
             raise ServerMessageError(f"{where}: '{name}' cannot be decoded: {error}") from None
         if value.dtype != np.float64:

@@ -94,7 +94,9 @@ def exchange(
     replies: a node that does not answer within ``timeout`` seconds, answers with an error,
     or whose reply does not decode or is for another round, is in ``failures`` with the
     reason. Replies are decoded in node order, not arrival order, so that sums over clients
-    are bitwise reproducible for a given set of node ids."""
+    are bitwise reproducible for a given set of node ids. Each reply is decoded as soon as it
+    is pulled, while the others are still being computed: the last reply's arrival is
+    followed by its own decoding only."""
     result = ExchangeResult()
     messages = []
     for node, content in contents.items():
@@ -104,13 +106,16 @@ def exchange(
     message_ids = {mid: msg.metadata.dst_node_id for mid, msg in zip(grid.push_messages(messages), messages)}
     deadline = time.monotonic() + timeout
     pending = set(message_ids)
+    decoded: dict[int, Union[wire.Status, str]] = {}  # node -> its status, or why its reply failed
     while pending:
         for reply in grid.pull_messages(list(pending)):
             reply_to = reply.metadata.reply_to_message_id
             if reply_to in pending:
                 pending.discard(reply_to)
-                result.replies[message_ids[reply_to]] = reply
-                slowest = message_ids[reply_to]
+                node = message_ids[reply_to]
+                result.replies[node] = reply
+                slowest = node
+                decoded[node] = _decode(reply, node, server_round, weighted_by_key, result)
         if not pending or time.monotonic() >= deadline:
             break
         time.sleep(poll_interval)
@@ -118,21 +123,30 @@ def exchange(
     for mid in pending:
         result.failures[message_ids[mid]] = f"no reply within {timeout:g}s"
     result.replies = dict(sorted(result.replies.items()))
-    for node, reply in result.replies.items():
-        try:
-            if reply.has_error():
-                result.failures[node] = f"error reply: {client_error_text(reply.error.reason or '')}"
-                continue
-            result.bytes_received += wire.record_bytes(reply.content)
-            status = wire.decode_reply(reply.content, node, weighted_by_key)
-            if status.round != server_round:
-                raise PayloadError(node, f"replied for round {status.round} during round {server_round}")
-            result.statuses[node] = status
-        except PayloadError as error:
-            result.failures[node] = str(error)
-        except Exception as error:  # whatever one reply holds, it ends that client, not the run
-            result.failures[node] = unexpected(error)
+    for node in result.replies:  # in node order, as the sums over clients will be
+        outcome = decoded[node]
+        if isinstance(outcome, str):
+            result.failures[node] = outcome
+        else:
+            result.statuses[node] = outcome
     return result
+
+
+def _decode(reply: Message, node: int, server_round: int, weighted_by_key: str,
+            result: ExchangeResult) -> Union[wire.Status, str]:
+    """One reply's status, or why it failed; its bytes are counted in ``result``."""
+    try:
+        if reply.has_error():
+            return f"error reply: {client_error_text(reply.error.reason or '')}"
+        result.bytes_received += wire.record_bytes(reply.content)
+        status = wire.decode_reply(reply.content, node, weighted_by_key)
+        if status.round != server_round:
+            raise PayloadError(node, f"replied for round {status.round} during round {server_round}")
+        return status
+    except PayloadError as error:
+        return str(error)
+    except Exception as error:  # whatever one reply holds, it ends that client, not the run
+        return unexpected(error)
 
 
 class Restart(Exception):
