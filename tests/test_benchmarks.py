@@ -45,6 +45,12 @@ def test_the_scaling_table_and_figure_show_every_run_of_every_point(tmp_path):
     assert rows[3] == "| CNN | 50 | 32 | 6.99 / 7.51 | 1.83 / 1.91 | 0 | 2 | 4.06 / 4.10 | 8.12 / 8.20 |"
     assert rows[4] == "| ResNet-20 | 200 | 16 | 80.00 | 2.00 | ≤ 0.50 | 2 | 9.50 | 19.00 |"
 
+    compact = plot_scale.nodes_table(grouped).splitlines()
+    assert compact[0] == "| model | figure | 5 nodes | 50 nodes | 200 nodes |"
+    assert compact[2] == "| CNN (batch 32) | FedTAN round (s) | 1.1 | 7.2 | - |"  # median of 6.99 and 7.51
+    assert compact[3] == "| CNN (batch 32) | ratio | 0.95 | 1.87 | - |"
+    assert compact[7] == "| ResNet-20 (batch 16) | peak PSS (GB) | - | - | 9.5 |"
+
     figure = tmp_path / "scale.png"
     plot_scale.plot(grouped, figure)
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
