@@ -94,16 +94,16 @@ def plot(grouped: Mapping[Key, list[dict]], out: Path) -> None:
     figure, (time_axes, ratio_axes, memory_axes) = plt.subplots(1, 3, figsize=(15, 4.5))
     for (model, batch, source), series in sorted(lines.items()):
         series.sort(key=lambda item: item[0])
-        nodes = [n for n, _ in series]
+        counts = [n for n, _ in series]
         label = f"{MODEL_NAMES.get(model, model)}, batch {batch} ({source})"
         style = {"marker": "o", "label": label, "linestyle": "--" if "loaded" in source else "-"}
 
         def median(field: str, scale: float = 1.0) -> list[float]:
             return [statistics.median(p[field] * scale for p in points) for _, points in series]
 
-        time_axes.plot(nodes, median("fedtan-round-seconds"), **style)
-        ratio_axes.plot(nodes, median("ratio"), **style)
-        memory_axes.plot(nodes, median("peak-pss-bytes", 1e-9), **style)
+        time_axes.plot(counts, median("fedtan-round-seconds"), **style)
+        ratio_axes.plot(counts, median("ratio"), **style)
+        memory_axes.plot(counts, median("peak-pss-bytes", 1e-9), **style)
     ratio_axes.axhline(1.2, color="grey", linestyle="--", linewidth=1, label="target 1.2")
     for axes, title in ((time_axes, "FedTAN round wall time (s)"),
                         (ratio_axes, "FedTAN / (FedAvg + 2L x empty exchange)"),
